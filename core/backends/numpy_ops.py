@@ -1,0 +1,139 @@
+"""The NumPy reference backend: the living definition of every op.
+
+Every other backend subclasses :class:`NumpyOps` and overrides only what it speeds up; anything it does not
+handle falls through with ``return super().op(...)``. Ops work on arrays of the backend's own kind ("device
+arrays"; plain NumPy here) and write into caller-provided outputs where the signature has ``out`` so the
+training step allocates nothing. Shapes: m rows (batch), d_in/d_out features, C classes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class NumpyOps:
+    """Reference implementation, float32 and float64. Slow paths are fine here: clarity is the point."""
+
+    name = "numpy"
+
+    # ----------------------------------------------------------------- memory
+    def asarray(self, x, dtype=None):
+        """Host or device array -> C-contiguous array of this backend (no copy when already one)."""
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def to_host(self, x, out=None):
+        """Device array -> NumPy array (``out`` reused when given)."""
+        if out is None:
+            return np.array(x, copy=True)
+        np.copyto(out, x)
+        return out
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def is_device_array(self, x) -> bool:
+        """True when ``x`` already lives where this backend computes (no upload needed)."""
+        return isinstance(x, np.ndarray)
+
+    def take_rows(self, x, index, out=None):
+        """Gather rows: (n, ...) [index (k,)] -> (k, ...)."""
+        return np.take(x, index, axis=0, out=out)
+
+    def all_finite(self, x) -> bool:
+        """True when no element is NaN or +-inf."""
+        return bool(np.isfinite(x).all())
+
+    def synchronize(self):
+        """Wait for queued device work (no-op on the CPU)."""
+
+    # ------------------------------------------------------------ linear algebra
+    def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
+        """(m, k) @ (k, n) -> (m, n), with either operand optionally transposed first."""
+        a = a.T if trans_a else a
+        b = b.T if trans_b else b
+        return np.matmul(a, b, out=out)
+
+    # -------------------------------------------------------------- dense layer
+    def bias_add(self, y, b):
+        """In place: y (m, n) += b (n,)."""
+        y += b
+        return y
+
+    def bias_relu(self, y, b):
+        """In place: y (m, n) <- max(0, y + b). The hidden layer's forward after its GEMM."""
+        y += b
+        np.maximum(y, 0, out=y)
+        return y
+
+    def relu(self, x, out=None):
+        """max(0, x), elementwise."""
+        return np.maximum(x, 0, out=out)
+
+    def relu_backward(self, g, y):
+        """In place: g <- g * [y > 0]. ``y`` is the ReLU output (y > 0 exactly where its input was > 0)."""
+        g *= y > 0
+        return g
+
+    def bias_grad(self, g, out):
+        """Column sums: g (m, n) -> out (n,)."""
+        np.sum(g, axis=0, out=out)
+        return out
+
+    # ----------------------------------------------------------- softmax + NLL
+    def softmax(self, z, out=None):
+        """Row-wise softmax (m, C) -> (m, C), max-shifted so large logits do not overflow."""
+        shifted = z - z.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        e /= e.sum(axis=1, keepdims=True)
+        if out is None:
+            return e
+        out[...] = e
+        return out
+
+    def softmax_nll(self, z, labels):
+        """Summed NLL and correct count: z (m, C), labels (m,) int -> (sum_p NLL_p as float, n_correct int).
+
+        NLL_p = log sum_q exp(z'_pq) - z'_{p,y_p} with z' = z - max_row(z). Correct: argmax_row(z) == y.
+        Returns the *sum* over rows (not the mean) so batches of different sizes combine exactly.
+        """
+        rows = np.arange(z.shape[0])
+        shifted = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(shifted).sum(axis=1))
+        loss_sum = float((lse - shifted[rows, labels]).sum(dtype=np.float64))
+        n_correct = int((z.argmax(axis=1) == labels).sum())
+        return loss_sum, n_correct
+
+    def softmax_nll_backward(self, z, labels, scale, out):
+        """dL/dz = (softmax(z) - onehot(y)) * scale -> out (m, C); scale is 1/m for the mean loss."""
+        self.softmax(z, out=out)
+        out[np.arange(z.shape[0]), labels] -= 1
+        out *= scale
+        return out
+
+    def softmax_nll_grad(self, z, labels, scale, out):
+        """Forward and backward in one call: returns (loss_sum, n_correct), writes dL/dz into ``out``.
+
+        Backends fuse this into one pass; the reference simply calls the two ops. ``out`` may alias ``z``.
+        """
+        loss_sum, n_correct = self.softmax_nll(z, labels)
+        self.softmax_nll_backward(z, labels, scale, out)
+        return loss_sum, n_correct
+
+    # --------------------------------------------------------------- optimizers
+    def sgd_update(self, w, g, lr):
+        """In place: w <- w - lr * g over the flat parameter vector."""
+        w -= w.dtype.type(lr) * g
+        return w
+
+    def momentum_update(self, w, v, g, lr, momentum, nesterov=False):
+        """In place: v <- momentum * v - lr * g; w <- w + v (Nesterov: w <- w + momentum * v - lr * g)."""
+        t = w.dtype.type
+        v *= t(momentum)
+        v -= t(lr) * g
+        if nesterov:
+            w += t(momentum) * v - t(lr) * g
+        else:
+            w += v
+        return w

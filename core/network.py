@@ -1,0 +1,245 @@
+"""Feed-forward network (Dense -> ReLU -> ... -> Dense -> softmax-NLL) over one flat parameter vector.
+
+Flat layout (DESIGN.md): for each layer i in order, W_i row-major (d_i x d_{i+1}) then b_i (d_{i+1}).
+Layers are views into that vector; gradients are written into a flat buffer of the same layout. All math goes
+through the backend's ops, so this module never touches cupy or numba.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import get_backend
+from .validation import check_dtype, check_features, check_labels, check_layers, check_params
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """Where one dense layer lives in the flat vector."""
+    d_in: int
+    d_out: int
+    w_start: int   # W occupies [w_start, b_start), row-major (d_in, d_out)
+    b_start: int   # b occupies [b_start, end)
+    end: int
+
+
+def param_layout(layers: list[int]) -> list[LayerSlice]:
+    """Offsets of every W and b in the flat vector; the last ``end`` is num_params."""
+    out, pos = [], 0
+    for d_in, d_out in zip(layers[:-1], layers[1:]):
+        b_start = pos + d_in * d_out
+        out.append(LayerSlice(d_in, d_out, pos, b_start, b_start + d_out))
+        pos = b_start + d_out
+    return out
+
+
+class DeviceData:
+    """Features (and labels) already validated and resident on the backend: reuse it to avoid re-uploads."""
+
+    def __init__(self, X, y, n_rows: int):
+        self.X = X          # (n, d0) backend array, network dtype
+        self.y = y          # (n,) backend int32 array, or None
+        self.n_rows = n_rows
+
+    def __len__(self):
+        return self.n_rows
+
+
+class FeedForwardNetwork:
+    """``FeedForwardNetwork([64, 100, 10], backend="numba", dtype="float32")``.
+
+    ``backend``: "auto" | "cupy" | "numba" | "numpy" | None (None reads $FFPS_BACKEND, default auto) or an ops
+    object. ``device``: CUDA ordinal for cupy. NumPy arrays in and out at the public boundary.
+    """
+
+    _WORKSPACE_SLOTS = 4  # distinct batch sizes kept (full batch, ragged last batch, predict chunks)
+
+    def __init__(self, layers, backend=None, dtype="float32", device=None):
+        self.layers = check_layers(layers)
+        self.dtype = check_dtype(dtype)
+        self.ops = backend if hasattr(backend, "gemm") else get_backend(backend, device=device)
+        self.layout = param_layout(self.layers)
+        self.num_params = self.layout[-1].end
+        self.num_classes = self.layers[-1]
+        self._workspaces: OrderedDict[int, tuple[list, list]] = OrderedDict()
+
+    def __repr__(self):
+        return (f"FeedForwardNetwork(layers={self.layers}, backend={self.ops.name!r}, "
+                f"dtype={self.dtype.name!r}, num_params={self.num_params})")
+
+    @property
+    def backend_name(self) -> str:
+        return self.ops.name
+
+    def flops_per_step(self, batch: int) -> int:
+        """Forward + backward multiply-adds counted as 6 * batch * sum(d_in * d_out)."""
+        return 6 * batch * sum(s.d_in * s.d_out for s in self.layout)
+
+    # ------------------------------------------------------------------ parameters
+    def init_params(self, seed: int = 0) -> np.ndarray:
+        """He-normal weights (std sqrt(2 / d_in)), zero biases; drawn on the host so every backend agrees."""
+        rng = np.random.default_rng(seed)
+        w = np.zeros(self.num_params, dtype=np.float64)
+        for s in self.layout:
+            w[s.w_start:s.b_start] = rng.standard_normal(s.d_in * s.d_out) * np.sqrt(2.0 / s.d_in)
+        return w.astype(self.dtype)
+
+    def unflatten(self, flat) -> list[tuple]:
+        """Views (W (d_in, d_out), b (d_out,)) into a flat vector of this layout (host or device)."""
+        return [(flat[s.w_start:s.b_start].reshape(s.d_in, s.d_out), flat[s.b_start:s.end]) for s in self.layout]
+
+    # ------------------------------------------------------------------------ data
+    def upload(self, X, y=None) -> DeviceData:
+        """Validate once and place features/labels on the backend. Pass the result instead of X (and y)."""
+        Xh = check_features(X, self.layers[0], self.dtype)
+        yd = None
+        if y is not None:
+            yd = self.ops.asarray(check_labels(y, Xh.shape[0], self.num_classes))
+        return DeviceData(self.ops.asarray(Xh), yd, Xh.shape[0])
+
+    def _device_features(self, X):
+        if isinstance(X, DeviceData):
+            return X.X
+        if self.ops.is_device_array(X) and not isinstance(X, np.ndarray):
+            if X.ndim != 2 or X.shape[1] != self.layers[0]:
+                raise ValueError(f"X must have shape (rows, {self.layers[0]}), got {tuple(X.shape)}")
+            if not self.ops.all_finite(X):
+                raise ValueError("X contains a non-finite value (NaN or inf)")
+            return self.ops.asarray(X, dtype=self.dtype)
+        return self.ops.asarray(check_features(X, self.layers[0], self.dtype))
+
+    def _device_labels(self, X, y, n_rows):
+        if y is None:
+            if isinstance(X, DeviceData) and X.y is not None:
+                return X.y
+            raise ValueError("labels are required: pass y, or DeviceData made with labels")
+        if self.ops.is_device_array(y) and not isinstance(y, np.ndarray):
+            y = self.ops.to_host(y)
+        return self.ops.asarray(check_labels(y, n_rows, self.num_classes))
+
+    def _device_params(self, w):
+        if self.ops.is_device_array(w) and not isinstance(w, np.ndarray):
+            if tuple(w.shape) != (self.num_params,):
+                raise ValueError(f"parameter vector must have shape ({self.num_params},), got {tuple(w.shape)}")
+            if not self.ops.all_finite(w):
+                raise ValueError("parameter vector contains a non-finite value (NaN or inf)")
+            return self.ops.asarray(w, dtype=self.dtype)
+        return self.ops.asarray(check_params(w, self.num_params, self.dtype))
+
+    def _workspace(self, m: int):
+        """Per-batch-size buffers: activations (m, d_i) for i >= 1 and deltas (m, d_i) for i >= 1."""
+        ws = self._workspaces.get(m)
+        if ws is None:
+            acts = [self.ops.empty((m, d), self.dtype) for d in self.layers[1:]]
+            deltas = [self.ops.empty((m, d), self.dtype) for d in self.layers[1:-1]]
+            ws = (acts, deltas)
+            self._workspaces[m] = ws
+            while len(self._workspaces) > self._WORKSPACE_SLOTS:
+                self._workspaces.popitem(last=False)
+        else:
+            self._workspaces.move_to_end(m)
+        return ws
+
+    # --------------------------------------------------------------- device-level
+    def forward_device(self, w, X):
+        """Logits for device X (m, d0) with device params -> list of activations, last = logits (m, C)."""
+        ops = self.ops
+        acts, _ = self._workspace(X.shape[0])
+        h = X
+        params = self.unflatten(w)
+        last = len(params) - 1
+        for i, (W, b) in enumerate(params):
+            ops.gemm(h, W, out=acts[i])
+            if i < last:
+                ops.bias_relu(acts[i], b)
+            else:
+                ops.bias_add(acts[i], b)
+            h = acts[i]
+        return acts
+
+    def gradient_device(self, w, X, y, grad):
+        """One forward+backward on device arrays: writes dL/dw (mean loss) into ``grad``.
+
+        w (P,), X (m, d0), y (m,) int32, grad (P,) -> (loss_sum over rows, n_correct). No validation, no
+        allocation after the first call for a batch size: the trainer's hot path.
+        """
+        ops = self.ops
+        m = X.shape[0]
+        acts = self.forward_device(w, X)
+        _, deltas = self._workspace(m)
+        logits = acts[-1]
+        loss_sum, n_correct = ops.softmax_nll_grad(logits, y, 1.0 / m, out=logits)  # logits now hold dL/dz
+        g = logits
+        params = self.unflatten(w)
+        grads = self.unflatten(grad)
+        for i in range(len(params) - 1, -1, -1):
+            inputs = X if i == 0 else acts[i - 1]
+            gW, gb = grads[i]
+            ops.gemm(inputs, g, out=gW, trans_a=True)
+            ops.bias_grad(g, out=gb)
+            if i > 0:
+                prev = deltas[i - 1]
+                ops.gemm(g, params[i][0], out=prev, trans_b=True)
+                ops.relu_backward(prev, acts[i - 1])
+                g = prev
+        return loss_sum, n_correct
+
+    # ------------------------------------------------------------------ public API
+    def loss_grad_and_correct(self, w, X, y=None, out=None):
+        """Mean NLL, its gradient (like w) and the number of correct predictions, from one forward pass.
+
+        w (P,), X (m, d0) or DeviceData, y (m,) ints in 0..C-1 -> (loss float, grad, n_correct int).
+        grad is NumPy unless ``out`` (a host or backend array of shape (P,)) is given, which is filled.
+        """
+        wd = self._device_params(w)
+        Xd = self._device_features(X)
+        yd = self._device_labels(X, y, Xd.shape[0])
+        if out is not None and self.ops.is_device_array(out) and out.dtype == self.dtype \
+                and tuple(out.shape) == (self.num_params,):
+            gd = out
+        else:
+            gd = self.ops.empty((self.num_params,), self.dtype)
+        loss_sum, n_correct = self.gradient_device(wd, Xd, yd, gd)
+        if out is None:
+            grad = self.ops.to_host(gd)
+        elif gd is out:
+            grad = out
+        else:
+            grad = self.ops.to_host(gd, out=out)
+        return loss_sum / Xd.shape[0], grad, n_correct
+
+    def loss_and_grad(self, w, X, y=None, out=None):
+        """(loss = mean NLL as float, grad like w). See :meth:`loss_grad_and_correct`."""
+        loss, grad, _ = self.loss_grad_and_correct(w, X, y, out=out)
+        return loss, grad
+
+    def predict_proba(self, w, X, chunk_rows: int = 8192) -> np.ndarray:
+        """Class probabilities (m, C) as NumPy, computed in chunks so memory stays bounded."""
+        wd = self._device_params(w)
+        Xd = self._device_features(X)
+        out = np.empty((Xd.shape[0], self.num_classes), dtype=self.dtype)
+        for start in range(0, Xd.shape[0], chunk_rows):
+            acts = self.forward_device(wd, Xd[start:start + chunk_rows])
+            probs = self.ops.softmax(acts[-1], out=acts[-1])
+            self.ops.to_host(probs, out=out[start:start + chunk_rows])
+        return out
+
+    def predict(self, w, X) -> np.ndarray:
+        """Predicted class per row (m,) int64."""
+        return self.predict_proba(w, X).argmax(axis=1)
+
+    def evaluate(self, w, X, y=None, chunk_rows: int = 8192) -> tuple[float, float]:
+        """(mean NLL, accuracy) over all rows, without computing gradients."""
+        wd = self._device_params(w)
+        Xd = self._device_features(X)
+        yd = self._device_labels(X, y, Xd.shape[0])
+        loss_sum, correct = 0.0, 0
+        for start in range(0, Xd.shape[0], chunk_rows):
+            acts = self.forward_device(wd, Xd[start:start + chunk_rows])
+            ls, c = self.ops.softmax_nll(acts[-1], yd[start:start + chunk_rows])
+            loss_sum += ls
+            correct += c
+        n = Xd.shape[0]
+        return loss_sum / n, correct / n

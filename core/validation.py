@@ -1,0 +1,92 @@
+"""Input checks shared by the network, the trainer and (later) the Spark stage.
+
+Each raises ``ValueError`` naming the problem and the offending value, before anything is computed or written.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+def check_layers(layers) -> list[int]:
+    """Layer sizes [d0, d1, ..., C]: at least two, each a positive integer."""
+    try:
+        sizes = list(layers)
+    except TypeError:
+        raise ValueError(f"layers must be a list of layer sizes such as [64, 100, 10], got {layers!r}") from None
+    if len(sizes) < 2:
+        raise ValueError(f"layers needs at least two sizes (inputs and classes), got {sizes!r}")
+    out = []
+    for i, s in enumerate(sizes):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) and not (
+                isinstance(s, numbers.Real) and float(s).is_integer()):
+            raise ValueError(f"layer size {s!r} at position {i} of {sizes!r} is not an integer")
+        if int(s) <= 0:
+            raise ValueError(f"layer size {s!r} at position {i} of {sizes!r} must be positive")
+        out.append(int(s))
+    if out[-1] < 2:
+        raise ValueError(f"the last layer size is the number of classes and must be >= 2, got {out[-1]}")
+    return out
+
+
+def check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype) if dtype is not None else np.dtype("float32")
+    if dt.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    return dt
+
+
+def check_features(X, width: int, dtype: np.dtype) -> np.ndarray:
+    """X (m, width) numeric, finite -> C-contiguous array of ``dtype``."""
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise ValueError(f"X must be a 2-D array (rows, features), got {arr.ndim}-D with shape {arr.shape}")
+    if arr.shape[1] != width:
+        raise ValueError(f"X has {arr.shape[1]} features per row but layers[0] is {width}")
+    if arr.shape[0] == 0:
+        raise ValueError("X has no rows")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"X must be numeric, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"X contains a non-finite value {arr[tuple(bad)]} at row {bad[0]}, column {bad[1]}")
+    return arr
+
+
+def check_labels(y, n_rows: int, n_classes: int) -> np.ndarray:
+    """y (m,) integral values in 0..C-1 -> int32 array."""
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array, got shape {arr.shape}")
+    if arr.shape[0] != n_rows:
+        raise ValueError(f"got {arr.shape[0]} labels for {n_rows} rows of X")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"labels must be integers 0..{n_classes - 1}, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"label {arr[i]!r} at row {i} is not an integer class index")
+    out_of_range = (arr < 0) | (arr >= n_classes)
+    if out_of_range.any():
+        i = int(np.argmax(out_of_range))
+        raise ValueError(f"label {arr[i]!r} at row {i} is outside 0..{n_classes - 1} (layers[-1] = {n_classes})")
+    return arr.astype(np.int32)
+
+
+def check_params(w, num_params: int, dtype: np.dtype) -> np.ndarray:
+    """Flat parameter vector of length num_params, finite -> contiguous ``dtype`` array."""
+    arr = np.asarray(w)
+    if arr.ndim != 1 or arr.shape[0] != num_params:
+        raise ValueError(f"parameter vector must have shape ({num_params},), got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        i = int(np.argmax(~np.isfinite(arr)))
+        raise ValueError(f"parameter vector contains a non-finite value {arr[i]} at index {i}")
+    return arr
