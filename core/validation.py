@@ -53,7 +53,7 @@ def check_features(X, width: int, dtype: np.dtype) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(f"X contains a non-finite value {arr[tuple(bad)]} at row {bad[0]}, column {bad[1]}")
+        raise ValueError(f"X contains a non-finite value {arr[tuple(bad)].item()} at row {bad[0]}, column {bad[1]}")
     return arr
 
 
@@ -72,11 +72,11 @@ def check_labels(y, n_rows: int, n_classes: int) -> np.ndarray:
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"label {arr[i]!r} at row {i} is not an integer class index")
+            raise ValueError(f"label {arr[i].item()} at row {i} is not an integer class index")
     out_of_range = (arr < 0) | (arr >= n_classes)
     if out_of_range.any():
         i = int(np.argmax(out_of_range))
-        raise ValueError(f"label {arr[i]!r} at row {i} is outside 0..{n_classes - 1} (layers[-1] = {n_classes})")
+        raise ValueError(f"label {arr[i].item()} at row {i} is outside 0..{n_classes - 1} (layers[-1] = {n_classes})")
     return arr.astype(np.int32)
 
 
@@ -88,5 +88,5 @@ def check_params(w, num_params: int, dtype: np.dtype) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
         i = int(np.argmax(~np.isfinite(arr)))
-        raise ValueError(f"parameter vector contains a non-finite value {arr[i]} at index {i}")
+        raise ValueError(f"parameter vector contains a non-finite value {arr[i].item()} at index {i}")
     return arr

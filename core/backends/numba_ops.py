@@ -1,0 +1,213 @@
+"""Numba CPU backend: GEMMs stay in BLAS (NumPy's), the memory-bound ops are jitted and fused.
+
+Each fused kernel exists twice, serial and ``parallel=True`` (prange over rows): on small arrays the cost of
+waking the thread pool exceeds the work, so the dispatcher picks by element count. Reductions over rows use
+per-thread partial buffers merged afterwards: no prange iteration ever accumulates into a shared slice.
+Jitting is lazy (no signatures), so importing this module compiles nothing; ``cache=True`` keeps the machine
+code between processes.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .numpy_ops import NumpyOps
+
+# Fast-math that keeps NaN/inf semantics: no 'nnan'/'ninf', so a diverging loss is still seen as NaN.
+FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
+PARALLEL_MIN_ELEMENTS = 1 << 15   # below this, the serial kernel wins on 2 cores (bench/step_bench.py)
+
+
+def _jit_pair(fn):
+    """Serial and parallel compilations of one kernel body (prange is plain range when serial)."""
+    serial = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, parallel=False)(fn)
+    parallel = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, parallel=True)(fn)
+    return serial, parallel
+
+
+def _bias_relu(y, b):
+    m, n = y.shape
+    for i in prange(m):
+        for j in range(n):
+            v = y[i, j] + b[j]
+            y[i, j] = v if v > 0 else 0
+
+
+def _bias_add(y, b):
+    m, n = y.shape
+    for i in prange(m):
+        for j in range(n):
+            y[i, j] += b[j]
+
+
+def _relu_backward(g, y):
+    m, n = g.shape
+    for i in prange(m):
+        for j in range(n):
+            if not y[i, j] > 0:
+                g[i, j] = 0
+
+
+def _bias_grad_partials(g, partials):
+    """partials (T, n): row block t of g summed into partials[t]; blocks are disjoint across threads."""
+    m, n = g.shape
+    blocks = partials.shape[0]
+    step = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = partials[t]
+        acc[:] = 0
+        for i in range(t * step, min(m, (t + 1) * step)):
+            for j in range(n):
+                acc[j] += g[i, j]
+
+
+def _softmax_nll_rows(z, labels, scale, out, row_loss, row_ok, write_grad):
+    """Per row p: shifted logits, log-sum-exp, NLL, argmax hit; optionally dL/dz into out (may alias z)."""
+    m, c = z.shape
+    for p in prange(m):
+        zmax = z[p, 0]
+        arg = 0
+        for q in range(1, c):
+            if z[p, q] > zmax:
+                zmax = z[p, q]
+                arg = q
+        total = 0.0
+        for q in range(c):
+            total += math.exp(z[p, q] - zmax)
+        label = labels[p]
+        row_loss[p] = math.log(total) - (z[p, label] - zmax)
+        row_ok[p] = 1 if arg == label else 0
+        if write_grad:
+            inv = 1.0 / total
+            for q in range(c):
+                out[p, q] = math.exp(z[p, q] - zmax) * inv * scale
+            out[p, label] -= scale
+
+
+def _softmax(z, out):
+    m, c = z.shape
+    for p in prange(m):
+        zmax = z[p, 0]
+        for q in range(1, c):
+            zmax = max(zmax, z[p, q])
+        total = 0.0
+        for q in range(c):
+            e = math.exp(z[p, q] - zmax)
+            out[p, q] = e
+            total += e
+        inv = 1.0 / total
+        for q in range(c):
+            out[p, q] *= inv
+
+
+def _sgd(w, g, lr):
+    for i in prange(w.shape[0]):
+        w[i] -= lr * g[i]
+
+
+def _momentum(w, v, g, lr, mu, nesterov):
+    for i in prange(w.shape[0]):
+        vi = mu * v[i] - lr * g[i]
+        v[i] = vi
+        w[i] += mu * vi - lr * g[i] if nesterov else vi
+
+
+def _all_finite(x):
+    for i in range(x.shape[0]):
+        if not math.isfinite(x[i]):
+            return False
+    return True
+
+
+_KERNELS = {name: _jit_pair(fn) for name, fn in [
+    ("bias_relu", _bias_relu), ("bias_add", _bias_add), ("relu_backward", _relu_backward),
+    ("bias_grad_partials", _bias_grad_partials), ("softmax_nll_rows", _softmax_nll_rows),
+    ("softmax", _softmax), ("sgd", _sgd), ("momentum", _momentum)]}
+_all_finite_jit = numba.njit(cache=True)(_all_finite)
+
+
+def _kernel(name, size):
+    serial, parallel = _KERNELS[name]
+    return parallel if size >= PARALLEL_MIN_ELEMENTS else serial
+
+
+class NumbaOps(NumpyOps):
+    """CPU backend: BLAS GEMMs from NumPy plus fused, jitted elementwise and row-wise kernels."""
+
+    name = "numba"
+
+    def __init__(self):
+        self.threads = numba.get_num_threads()
+        self._scratch: dict[tuple, np.ndarray] = {}
+
+    def _buffer(self, key, shape, dtype):
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = np.empty(shape, dtype=dtype)
+            self._scratch[key] = buf
+        return buf
+
+    def all_finite(self, x) -> bool:
+        x = np.asarray(x)
+        if x.dtype.kind != "f" or not x.flags.c_contiguous:
+            return super().all_finite(x)
+        return bool(_all_finite_jit(x.reshape(-1)))
+
+    def bias_add(self, y, b):
+        _kernel("bias_add", y.size)(y, b)
+        return y
+
+    def bias_relu(self, y, b):
+        _kernel("bias_relu", y.size)(y, b)
+        return y
+
+    def relu_backward(self, g, y):
+        _kernel("relu_backward", g.size)(g, y)
+        return g
+
+    def bias_grad(self, g, out):
+        if g.size < PARALLEL_MIN_ELEMENTS:
+            partials = self._buffer("bias_grad", (1, g.shape[1]), g.dtype)
+            _KERNELS["bias_grad_partials"][0](g, partials)
+        else:
+            partials = self._buffer("bias_grad", (self.threads, g.shape[1]), g.dtype)
+            _KERNELS["bias_grad_partials"][1](g, partials)
+        np.sum(partials, axis=0, out=out)
+        return out
+
+    def _rows(self, z, labels, scale, out, write_grad):
+        m = z.shape[0]
+        row_loss = self._buffer(("row_loss", m), (m,), np.float64)
+        row_ok = self._buffer(("row_ok", m), (m,), np.int32)
+        target = out if write_grad else z
+        _kernel("softmax_nll_rows", z.size)(z, labels, z.dtype.type(scale), target, row_loss, row_ok, write_grad)
+        return float(row_loss.sum()), int(row_ok.sum())
+
+    def softmax_nll(self, z, labels):
+        return self._rows(z, labels, 1.0, None, False)
+
+    def softmax_nll_backward(self, z, labels, scale, out):
+        self._rows(z, labels, scale, out, True)
+        return out
+
+    def softmax_nll_grad(self, z, labels, scale, out):
+        """One pass per row: loss, correct and dL/dz together (``out`` may alias ``z``)."""
+        return self._rows(z, labels, scale, out, True)
+
+    def softmax(self, z, out=None):
+        if out is None:
+            out = np.empty_like(z)
+        _kernel("softmax", z.size)(z, out)
+        return out
+
+    def sgd_update(self, w, g, lr):
+        _kernel("sgd", w.size)(w, g, w.dtype.type(lr))
+        return w
+
+    def momentum_update(self, w, v, g, lr, momentum, nesterov=False):
+        t = w.dtype.type
+        _kernel("momentum", w.size)(w, v, g, t(lr), t(momentum), bool(nesterov))
+        return w

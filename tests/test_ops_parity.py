@@ -1,0 +1,171 @@
+"""Every op on every available backend x {float32, float64} against the float64 NumPy reference.
+
+Two shapes per op: a small one (serial Numba kernels) and one above PARALLEL_MIN_ELEMENTS (parallel
+kernels), so every dispatch branch is compared. Inputs are fresh random data, never zeros.
+"""
+import numpy as np
+import pytest
+
+from core import get_backend
+from core.backends.numpy_ops import NumpyOps
+from tests.conftest import BACKEND_PARAMS, DTYPES, tolerance
+
+REF = NumpyOps()
+SHAPES = [(7, 5), (300, 130)]
+
+
+def rand(rng, shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+def check(ops, dtype, got, want):
+    rtol, atol = tolerance(dtype)
+    got = ops.to_host(got) if ops.is_device_array(got) else np.asarray(got)
+    assert got.dtype == np.dtype(dtype), f"{ops.name} returned {got.dtype}, expected {dtype}"
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()))
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def ops(request):
+    return get_backend(request.param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
+def test_gemm(ops, dtype, trans_a, trans_b):
+    rng = np.random.default_rng(1)
+    m, k, n = 33, 17, 21
+    a = rand(rng, (k, m) if trans_a else (m, k))
+    b = rand(rng, (n, k) if trans_b else (k, n))
+    want = REF.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
+    out = ops.empty((m, n), dtype)
+    got = ops.gemm(ops.asarray(a, dtype), ops.asarray(b, dtype), out=out, trans_a=trans_a, trans_b=trans_b)
+    check(ops, dtype, out, want)
+    check(ops, dtype, got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("op", ["bias_add", "bias_relu"])
+def test_bias_ops(ops, dtype, shape, op):
+    rng = np.random.default_rng(2)
+    y, b = rand(rng, shape), rand(rng, shape[1])
+    want = getattr(REF, op)(y.copy(), b)
+    yd = ops.asarray(y, dtype)
+    returned = getattr(ops, op)(yd, ops.asarray(b, dtype))
+    check(ops, dtype, yd, want)
+    check(ops, dtype, returned, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_and_backward(ops, dtype, shape):
+    rng = np.random.default_rng(3)
+    x, g = rand(rng, shape), rand(rng, shape)
+    check(ops, dtype, ops.relu(ops.asarray(x, dtype)), REF.relu(x))
+    y = REF.relu(x)
+    want = REF.relu_backward(g.copy(), y)
+    gd = ops.asarray(g, dtype)
+    ops.relu_backward(gd, ops.asarray(y, dtype))
+    check(ops, dtype, gd, want)
+    assert np.all(want[y <= 0] == 0) and np.any(want != 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(1000, 3)])
+def test_bias_grad(ops, dtype, shape):
+    rng = np.random.default_rng(4)
+    g = rand(rng, shape)
+    want = REF.bias_grad(g, np.empty(shape[1]))
+    out = ops.empty((shape[1],), dtype)
+    ops.bias_grad(ops.asarray(g, dtype), out)
+    check(ops, dtype, out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_softmax_nll_forward_backward_fused(ops, dtype, shape, scale):
+    rng = np.random.default_rng(5)
+    z = rand(rng, shape, scale)
+    labels = rng.integers(0, shape[1], shape[0]).astype(np.int32)
+    want_loss, want_correct = REF.softmax_nll(z, labels)
+    want_grad = REF.softmax_nll_backward(z, labels, 1.0 / shape[0], np.empty(shape))
+    zd, ld = ops.asarray(z, dtype), ops.asarray(labels)
+
+    loss, correct = ops.softmax_nll(zd, ld)
+    rtol, _ = tolerance(dtype)
+    assert loss == pytest.approx(want_loss, rel=rtol, abs=rtol)
+    assert correct == want_correct
+
+    out = ops.empty(shape, dtype)
+    ops.softmax_nll_backward(zd, ld, 1.0 / shape[0], out)
+    check(ops, dtype, out, want_grad)
+
+    # fused, writing the gradient over the logits themselves (the network's layout)
+    loss2, correct2 = ops.softmax_nll_grad(zd, ld, 1.0 / shape[0], out=zd)
+    assert loss2 == pytest.approx(want_loss, rel=rtol, abs=rtol) and correct2 == want_correct
+    check(ops, dtype, zd, want_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax(ops, dtype, shape):
+    z = rand(np.random.default_rng(6), shape, 10.0)
+    want = REF.softmax(z)
+    check(ops, dtype, ops.softmax(ops.asarray(z, dtype)), want)
+    out = ops.empty(shape, dtype)
+    ops.softmax(ops.asarray(z, dtype), out=out)
+    check(ops, dtype, out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [50, 40000])
+def test_sgd_update(ops, dtype, n):
+    rng = np.random.default_rng(7)
+    w, g = rand(rng, n), rand(rng, n)
+    want = REF.sgd_update(w.copy(), g, 0.05)
+    wd = ops.asarray(w, dtype)
+    ops.sgd_update(wd, ops.asarray(g, dtype), 0.05)
+    check(ops, dtype, wd, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [50, 40000])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_update(ops, dtype, n, nesterov):
+    rng = np.random.default_rng(8)
+    w, v, g = rand(rng, n), rand(rng, n), rand(rng, n)
+    wr, vr = w.copy(), v.copy()
+    REF.momentum_update(wr, vr, g, 0.05, 0.9, nesterov=nesterov)
+    wd, vd = ops.asarray(w, dtype), ops.asarray(v, dtype)
+    ops.momentum_update(wd, vd, ops.asarray(g, dtype), 0.05, 0.9, nesterov=nesterov)
+    check(ops, dtype, wd, wr)
+    check(ops, dtype, vd, vr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memory_ops(ops, dtype):
+    rng = np.random.default_rng(9)
+    x = rand(rng, (40, 6))
+    xd = ops.asarray(x, dtype)
+    assert ops.is_device_array(xd)
+    check(ops, dtype, xd, x)
+    idx = rng.permutation(40)
+    check(ops, dtype, ops.take_rows(xd, ops.asarray(idx)), x[idx])
+    out = ops.empty((40, 6), dtype)
+    ops.take_rows(xd, ops.asarray(idx), out=out)
+    check(ops, dtype, out, x[idx])
+    host = np.empty((40, 6), dtype)
+    assert ops.to_host(xd, out=host) is host
+    check(ops, dtype, host, x)
+    assert ops.zeros((3,), dtype).sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite(ops, dtype, bad):
+    x = rand(np.random.default_rng(10), 1000)
+    assert ops.all_finite(ops.asarray(x, dtype)) is True
+    x[777] = bad
+    assert ops.all_finite(ops.asarray(x, dtype)) is False

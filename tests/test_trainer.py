@@ -1,0 +1,121 @@
+"""The single-process mini-batch trainer: digits accuracy, seeded reproducibility, optimizers, divergence."""
+import numpy as np
+import pytest
+
+from core import FeedForwardNetwork, LocalOptimizer, MinibatchTrainer, TrainingDiverged
+from tests.conftest import BACKEND_PARAMS
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_digits_reaches_96_percent(backend, digits_split):
+    Xtr, Xte, ytr, yte = digits_split
+    net = FeedForwardNetwork([64, 100, 10], backend=backend)
+    trainer = MinibatchTrainer(net, batch_size=32, learning_rate=0.1, optimizer="momentum", seed=0)
+    w, history = trainer.fit(Xtr, ytr, epochs=30, validation=(Xte, yte))
+    _, acc = net.evaluate(w, Xte, yte)
+    assert acc >= 0.96, f"{backend}: digits test accuracy {acc:.4f} < 0.96"
+    assert history[-1].val_accuracy == pytest.approx(acc)
+    assert history[-1].loss < history[0].loss / 5
+    assert [s.epoch for s in history] == list(range(1, 31))
+    assert all(s.samples == len(Xtr) for s in history)
+
+
+def test_training_accuracy_comes_from_the_same_forward_pass(digits_split):
+    """Epoch accuracy equals a recount of the per-batch argmax hits (weights change within the epoch)."""
+    Xtr, _, ytr, _ = digits_split
+    net = FeedForwardNetwork([64, 20, 10], backend="numpy", dtype="float64")
+    trainer = MinibatchTrainer(net, batch_size=50, learning_rate=0.05, seed=3)
+    w = net._device_params(net.init_params(0)).copy()
+    data = net.upload(Xtr, ytr)
+    hits, loss = 0, 0.0
+    for Xb, yb in trainer.batches(data):
+        P = net.predict_proba(w, Xb)
+        hits += int((P.argmax(1) == yb).sum())
+        loss -= float(np.log(P[np.arange(len(yb)), yb]).sum())
+        trainer.step(w, Xb, yb)
+    trainer2 = MinibatchTrainer(net, batch_size=50, learning_rate=0.05, seed=3)
+    stats = trainer2.run_epoch(net._device_params(net.init_params(0)).copy(), data, epoch=1)
+    assert stats.accuracy == hits / len(ytr)
+    assert stats.loss == pytest.approx(loss / len(ytr), rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_same_seed_same_weights(backend, digits_split):
+    Xtr, _, ytr, _ = digits_split
+    net = FeedForwardNetwork([64, 30, 10], backend=backend)
+    runs = [MinibatchTrainer(net, batch_size=64, learning_rate=0.1, seed=s).fit(Xtr, ytr, epochs=2)[0]
+            for s in (7, 7, 8)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_numba_follows_numpy_reference_trajectory(digits_split):
+    """Same seed, same batches: numba and numpy weights stay within float32 rounding over 3 epochs."""
+    Xtr, _, ytr, _ = digits_split
+    out = []
+    for backend in ("numpy", "numba"):
+        net = FeedForwardNetwork([64, 40, 10], backend=backend)
+        out.append(MinibatchTrainer(net, batch_size=100, learning_rate=0.05, seed=1).fit(Xtr, ytr, epochs=3)[0])
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-3, atol=1e-4)
+
+
+def test_fit_leaves_callers_initial_weights_alone(digits_split):
+    Xtr, _, ytr, _ = digits_split
+    net = FeedForwardNetwork([64, 10], backend="numpy")
+    w0 = net.init_params(0)
+    keep = w0.copy()
+    w, _ = MinibatchTrainer(net, batch_size=64, seed=0).fit(Xtr, ytr, epochs=1, w0=w0)
+    np.testing.assert_array_equal(w0, keep)
+    assert not np.array_equal(w, w0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
+def test_local_optimizer_matches_formula(optimizer):
+    net = FeedForwardNetwork([3, 2], backend="numpy", dtype="float64")
+    opt = LocalOptimizer(net, optimizer, learning_rate=0.1, momentum=0.5)
+    w = np.ones(net.num_params)
+    g1, g2 = np.full(net.num_params, 2.0), np.full(net.num_params, -1.0)
+    opt.step(w, g1)
+    opt.step(w, g2)
+    if optimizer == "sgd":
+        want = 1 - 0.1 * 2 + 0.1 * 1
+    elif optimizer == "momentum":
+        v1 = -0.2
+        v2 = 0.5 * v1 + 0.1
+        want = 1 + v1 + v2
+    else:
+        v1 = -0.2
+        w1 = 1 + 0.5 * v1 - 0.2
+        v2 = 0.5 * v1 + 0.1
+        want = w1 + 0.5 * v2 + 0.1
+    np.testing.assert_allclose(w, want, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow is the point
+def test_divergence_is_a_clear_error(digits_split):
+    Xtr, _, ytr, _ = digits_split
+    net = FeedForwardNetwork([64, 100, 10], backend="numpy")
+    trainer = MinibatchTrainer(net, batch_size=32, learning_rate=1e30, seed=0)
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1.*lower the learning rate"):
+        trainer.fit(Xtr * 1e3, ytr, epochs=3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+    ({"learning_rate": -1}, "learning_rate must be a positive finite number, got -1"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a positive finite number, got nan"),
+    ({"optimizer": "adam"}, "optimizer must be one of .* got 'adam'"),
+    ({"optimizer": "momentum", "momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+])
+def test_bad_trainer_arguments(kwargs, match):
+    net = FeedForwardNetwork([4, 3], backend="numpy")
+    with pytest.raises(ValueError, match=match):
+        MinibatchTrainer(net, **kwargs)
+
+
+def test_bad_epochs(digits_split):
+    Xtr, _, ytr, _ = digits_split
+    trainer = MinibatchTrainer(FeedForwardNetwork([64, 10], backend="numpy"))
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        trainer.fit(Xtr, ytr, epochs=0)
