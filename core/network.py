@@ -64,6 +64,7 @@ class FeedForwardNetwork:
         self.num_params = self.layout[-1].end
         self.num_classes = self.layers[-1]
         self._workspaces: OrderedDict[int, tuple[list, list]] = OrderedDict()
+        self._view_cache: dict[int, tuple] = {}
 
     def __repr__(self):
         return (f"FeedForwardNetwork(layers={self.layers}, backend={self.ops.name!r}, "
@@ -89,6 +90,18 @@ class FeedForwardNetwork:
     def unflatten(self, flat) -> list[tuple]:
         """Views (W (d_in, d_out), b (d_out,)) into a flat vector of this layout (host or device)."""
         return [(flat[s.w_start:s.b_start].reshape(s.d_in, s.d_out), flat[s.b_start:s.end]) for s in self.layout]
+
+    def _views(self, flat) -> list[tuple]:
+        """unflatten() remembered for the few buffers the hot path reuses (weights, gradient); keyed by
+        identity, holding a reference so the id cannot be recycled while cached."""
+        hit = self._view_cache.get(id(flat))
+        if hit is not None and hit[0] is flat:
+            return hit[1]
+        views = self.unflatten(flat)
+        self._view_cache[id(flat)] = (flat, views)
+        while len(self._view_cache) > 3:  # weights, gradient, one more
+            self._view_cache.pop(next(iter(self._view_cache)))
+        return views
 
     # ------------------------------------------------------------------------ data
     def upload(self, X, y=None) -> DeviceData:
@@ -148,7 +161,7 @@ class FeedForwardNetwork:
         ops = self.ops
         acts, _ = self._workspace(X.shape[0])
         h = X
-        params = self.unflatten(w)
+        params = self._views(w)
         last = len(params) - 1
         for i, (W, b) in enumerate(params):
             ops.gemm(h, W, out=acts[i])
@@ -172,17 +185,18 @@ class FeedForwardNetwork:
         logits = acts[-1]
         loss_sum, n_correct = ops.softmax_nll_grad(logits, y, 1.0 / m, out=logits)  # logits now hold dL/dz
         g = logits
-        params = self.unflatten(w)
-        grads = self.unflatten(grad)
+        params = self._views(w)
+        grads = self._views(grad)
         for i in range(len(params) - 1, -1, -1):
             inputs = X if i == 0 else acts[i - 1]
             gW, gb = grads[i]
             ops.gemm(inputs, g, out=gW, trans_a=True)
-            ops.bias_grad(g, out=gb)
+            if i == len(params) - 1:
+                ops.bias_grad(g, out=gb)  # hidden layers' bias grads come fused with their ReLU backward
             if i > 0:
                 prev = deltas[i - 1]
                 ops.gemm(g, params[i][0], out=prev, trans_b=True)
-                ops.relu_backward(prev, acts[i - 1])
+                ops.relu_backward_bias_grad(prev, acts[i - 1], out=grads[i - 1][1])
                 g = prev
         return loss_sum, n_correct
 

@@ -125,6 +125,7 @@ def test_overrides_return_their_results():
     assert ops.bias_add(y.copy(), b) is not None and ops.bias_relu(y.copy(), b) is not None
     assert ops.relu_backward(y.copy(), y) is not None
     assert ops.bias_grad(y, np.empty(3, np.float32)) is not None
+    assert ops.relu_backward_bias_grad(y.copy(), y, np.empty(3, np.float32)) is not None
     assert ops.softmax(y) is not None and ops.softmax_nll_backward(y, np.zeros(4, np.int32), 0.25, y.copy()) is not None
     assert ops.sgd_update(b.copy(), b, 0.1) is not None
     assert ops.momentum_update(b.copy(), b.copy(), b, 0.1, 0.9) is not None

@@ -83,6 +83,20 @@ def test_bias_grad(ops, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(1000, 3)])
+def test_relu_backward_bias_grad_fused(ops, dtype, shape):
+    rng = np.random.default_rng(14)
+    g, y = rand(rng, shape), REF.relu(rand(rng, shape))
+    want_g = REF.relu_backward(g.copy(), y)
+    want_b = want_g.sum(axis=0)
+    gd, out = ops.asarray(g, dtype), ops.empty((shape[1],), dtype)
+    returned = ops.relu_backward_bias_grad(gd, ops.asarray(y, dtype), out)
+    check(ops, dtype, gd, want_g)
+    check(ops, dtype, out, want_b)
+    check(ops, dtype, returned, want_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_softmax_nll_forward_backward_fused(ops, dtype, shape, scale):

@@ -154,6 +154,11 @@ class CupyOps(NumpyOps):
         cupy.sum(g, axis=0, out=out)
         return out
 
+    def relu_backward_bias_grad(self, g, y, out):
+        _relu_backward(y, g)
+        cupy.sum(g, axis=0, out=out)
+        return out
+
     # ----------------------------------------------------------- softmax + NLL
     def _rows(self, z, labels, scale, out, write_grad):
         if not z.flags.c_contiguous or (out is not None and not out.flags.c_contiguous):

@@ -47,12 +47,12 @@ def _relu_backward(g, y):
     m, n = g.shape
     for i in prange(m):
         for j in range(n):
-            if not y[i, j] > 0:
-                g[i, j] = 0
+            g[i, j] = g[i, j] if y[i, j] > 0 else 0  # a select, not a branch: vectorizes
 
 
 def _bias_grad_partials(g, partials):
-    """partials (T, n): row block t of g summed into partials[t]; blocks are disjoint across threads."""
+    """partials (T, n): row block t of g summed into partials[t]; blocks are disjoint across threads.
+    With T == 1 the caller passes out[None, :] and no merge is needed."""
     m, n = g.shape
     blocks = partials.shape[0]
     step = (m + blocks - 1) // blocks
@@ -64,8 +64,23 @@ def _bias_grad_partials(g, partials):
                 acc[j] += g[i, j]
 
 
-def _softmax_nll_rows(z, labels, scale, out, row_loss, row_ok, write_grad):
-    """Per row p: shifted logits, log-sum-exp, NLL, argmax hit; optionally dL/dz into out (may alias z)."""
+def _relu_backward_partials(g, y, partials):
+    """Fused: g <- g * [y > 0] and its column sums per row block, in one pass over g."""
+    m, n = g.shape
+    blocks = partials.shape[0]
+    step = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = partials[t]
+        acc[:] = 0
+        for i in range(t * step, min(m, (t + 1) * step)):
+            for j in range(n):
+                v = g[i, j] if y[i, j] > 0 else 0
+                g[i, j] = v
+                acc[j] += v
+
+
+def _softmax_shift_rows(z, labels, out, row_loss, row_ok):
+    """Pass 1 per row p: max, argmax hit, -z'_{p,y_p} into row_loss, z' = z - max into out (may alias z)."""
     m, c = z.shape
     for p in prange(m):
         zmax = z[p, 0]
@@ -74,17 +89,31 @@ def _softmax_nll_rows(z, labels, scale, out, row_loss, row_ok, write_grad):
             if z[p, q] > zmax:
                 zmax = z[p, q]
                 arg = q
+        label = labels[p]
+        row_ok[p] = 1 if arg == label else 0
+        row_loss[p] = zmax - z[p, label]
+        for q in range(c):
+            out[p, q] = z[p, q] - zmax
+
+
+def _softmax_finish_rows(e, labels, scale, row_loss, row_ok, write_grad):
+    """Pass 2 per row, on e = exp(z'): NLL = log(sum e) - z'_y; optionally e <- (e / sum e - onehot) * scale.
+    Returns (summed NLL, correct count)."""
+    m, c = e.shape
+    loss_sum = 0.0
+    correct = 0
+    for p in prange(m):
         total = 0.0
         for q in range(c):
-            total += math.exp(z[p, q] - zmax)
-        label = labels[p]
-        row_loss[p] = math.log(total) - (z[p, label] - zmax)
-        row_ok[p] = 1 if arg == label else 0
+            total += e[p, q]
+        loss_sum += row_loss[p] + math.log(total)
+        correct += row_ok[p]
         if write_grad:
-            inv = 1.0 / total
+            inv = scale / total
             for q in range(c):
-                out[p, q] = math.exp(z[p, q] - zmax) * inv * scale
-            out[p, label] -= scale
+                e[p, q] *= inv
+            e[p, labels[p]] -= scale
+    return loss_sum, correct
 
 
 def _softmax(z, out):
@@ -124,7 +153,8 @@ def _all_finite(x):
 
 _KERNELS = {name: _jit_pair(fn) for name, fn in [
     ("bias_relu", _bias_relu), ("bias_add", _bias_add), ("relu_backward", _relu_backward),
-    ("bias_grad_partials", _bias_grad_partials), ("softmax_nll_rows", _softmax_nll_rows),
+    ("bias_grad_partials", _bias_grad_partials), ("relu_backward_partials", _relu_backward_partials), ("softmax_shift_rows", _softmax_shift_rows),
+    ("softmax_finish_rows", _softmax_finish_rows),
     ("softmax", _softmax), ("sgd", _sgd), ("momentum", _momentum)]}
 _all_finite_jit = numba.njit(cache=True)(_all_finite)
 
@@ -168,23 +198,33 @@ class NumbaOps(NumpyOps):
         _kernel("relu_backward", g.size)(g, y)
         return g
 
-    def bias_grad(self, g, out):
-        if g.size < PARALLEL_MIN_ELEMENTS:
-            partials = self._buffer("bias_grad", (1, g.shape[1]), g.dtype)
-            _KERNELS["bias_grad_partials"][0](g, partials)
-        else:
-            partials = self._buffer("bias_grad", (self.threads, g.shape[1]), g.dtype)
-            _KERNELS["bias_grad_partials"][1](g, partials)
+    def _column_sums(self, kernel, args, g, out):
+        if g.size < PARALLEL_MIN_ELEMENTS or self.threads == 1:
+            _KERNELS[kernel][0](*args, out.reshape(1, -1))   # one block, straight into out
+            return out
+        partials = self._buffer(("partials", g.shape[1], g.dtype), (self.threads, g.shape[1]), g.dtype)
+        _KERNELS[kernel][1](*args, partials)
         np.sum(partials, axis=0, out=out)
         return out
 
+    def bias_grad(self, g, out):
+        return self._column_sums("bias_grad_partials", (g,), g, out)
+
+    def relu_backward_bias_grad(self, g, y, out):
+        return self._column_sums("relu_backward_partials", (g, y), g, out)
+
     def _rows(self, z, labels, scale, out, write_grad):
+        """Softmax-NLL in two jitted row passes around NumPy's SIMD exp (LLVM cannot vectorize exp
+        without SVML): shift + argmax + label logit, exp in place, then sum/log/gradient."""
         m = z.shape[0]
         row_loss = self._buffer(("row_loss", m), (m,), np.float64)
         row_ok = self._buffer(("row_ok", m), (m,), np.int32)
-        target = out if write_grad else z
-        _kernel("softmax_nll_rows", z.size)(z, labels, z.dtype.type(scale), target, row_loss, row_ok, write_grad)
-        return float(row_loss.sum()), int(row_ok.sum())
+        e = out if write_grad else self._buffer(("exp", z.shape), z.shape, z.dtype)
+        _kernel("softmax_shift_rows", z.size)(z, labels, e, row_loss, row_ok)
+        np.exp(e, out=e)
+        loss_sum, correct = _kernel("softmax_finish_rows", z.size)(e, labels, z.dtype.type(scale), row_loss,
+                                                                  row_ok, write_grad)
+        return float(loss_sum), int(correct)
 
     def softmax_nll(self, z, labels):
         return self._rows(z, labels, 1.0, None, False)

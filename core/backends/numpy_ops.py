@@ -81,6 +81,12 @@ class NumpyOps:
         np.sum(g, axis=0, out=out)
         return out
 
+    def relu_backward_bias_grad(self, g, y, out):
+        """relu_backward(g, y) in place, then its column sums into out (n,): the hidden layer's backward
+        after the GEMM that produced g. Backends fuse the two into one pass."""
+        self.relu_backward(g, y)
+        return self.bias_grad(g, out)
+
     # ----------------------------------------------------------- softmax + NLL
     def softmax(self, z, out=None):
         """Row-wise softmax (m, C) -> (m, C), max-shifted so large logits do not overflow."""

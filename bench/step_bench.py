@@ -1,0 +1,258 @@
+"""Training-step benchmark: ms/step, samples/s and GFLOP/s per backend, beside anchors measured in the same run.
+
+One step = forward + backward + SGD update of the flat vector on one device-resident batch.
+FLOPs per step = 6 * batch * sum(d_in * d_out). Anchors in the same process: the machine's (cu)BLAS sgemm
+rate, a straightforward NumPy (CuPy on GPU) step, and PyTorch eager when torch is installed.
+
+    python bench/step_bench.py                 # CPU nets on numpy + numba (+ cupy and the wide net on a GPU)
+    python bench/step_bench.py --quick         # fewer repetitions
+Writes bench/results/step_bench.json (or $OUT/step_bench.json when $OUT is set) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core import FeedForwardNetwork, available_backends  # noqa: E402
+
+CPU_NETS = {"digits[64,100,10]x128": ([64, 100, 10], 128),
+            "seed[6,50,200,50,100]x256": ([6, 50, 200, 50, 100], 256),
+            "mnist[784,1024,1024,10]x1024": ([784, 1024, 1024, 10], 1024)}
+GPU_ONLY_NETS = {"wide[4096x4,1000]x4096": ([4096, 4096, 4096, 4096, 1000], 4096)}
+
+
+def flops(layers, batch):
+    return 6 * batch * sum(a * b for a, b in zip(layers[:-1], layers[1:]))
+
+
+def time_cpu(fn, warm, reps):
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def time_gpu(fn, warm, reps):
+    import cupy
+
+    for _ in range(warm):
+        fn()
+    cupy.cuda.get_current_stream().synchronize()
+    ts = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        ts.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return float(np.median(ts))
+
+
+def reps_for(layers, batch, quick):
+    heavy = flops(layers, batch) > 5e9
+    return (2, 5) if heavy and quick else (3, 15) if heavy else (20, 50 if quick else 300)
+
+
+# ------------------------------------------------------------------------ ours
+def ours_step(backend, layers, batch):
+    net = FeedForwardNetwork(layers, backend=backend)
+    rng = np.random.default_rng(0)
+    data = net.upload(rng.standard_normal((batch, layers[0])), rng.integers(0, layers[-1], batch))
+    w = net.ops.asarray(net.init_params(0))
+    grad = net.ops.empty((net.num_params,), net.dtype)
+
+    def step():
+        net.gradient_device(w, data.X, data.y, grad)
+        net.ops.sgd_update(w, grad, 0.01)
+    return step
+
+
+# --------------------------------------------------------------------- anchors
+def naive_step(xp, layers, batch):
+    """Textbook NumPy/CuPy step: temporaries everywhere, no fusion (the anchors' reference shape)."""
+    rs = np.random.RandomState(0)
+    Ws = [xp.asarray((rs.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32))
+          for a, b in zip(layers[:-1], layers[1:])]
+    bs = [xp.zeros(b, np.float32) for b in layers[1:]]
+    x = xp.asarray(rs.standard_normal((batch, layers[0])).astype(np.float32))
+    y = xp.asarray(rs.randint(0, layers[-1], batch))
+    rows = xp.arange(batch)
+    lr = np.float32(0.01)
+
+    def step():
+        acts, h = [x], x
+        for i, (W, b) in enumerate(zip(Ws, bs)):
+            h = h @ W + b
+            if i < len(Ws) - 1:
+                h = xp.maximum(h, 0)
+            acts.append(h)
+        z = acts[-1] - acts[-1].max(1, keepdims=True)
+        p = xp.exp(z)
+        p /= p.sum(1, keepdims=True)
+        p[rows, y] -= 1
+        g = p / batch
+        for i in range(len(Ws) - 1, -1, -1):
+            gW, gb = acts[i].T @ g, g.sum(0)
+            if i > 0:
+                g = (g @ Ws[i].T) * (acts[i] > 0)
+            Ws[i] -= lr * gW
+            bs[i] -= lr * gb
+    return step
+
+
+def torch_step(layers, batch, device):
+    import torch
+
+    mods = []
+    for i, (a, b) in enumerate(zip(layers[:-1], layers[1:])):
+        mods.append(torch.nn.Linear(a, b))
+        if i < len(layers) - 2:
+            mods.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*mods).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x = torch.randn(batch, layers[0], device=device)
+    y = torch.randint(0, layers[-1], (batch,), device=device)
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        lossf(net(x), y).backward()
+        opt.step()
+    return step
+
+
+def sgemm_rate_cpu(n=2048):
+    a = np.random.rand(n, n).astype(np.float32)
+    b = np.random.rand(n, n).astype(np.float32)
+    return 2 * n ** 3 / time_cpu(lambda: a @ b, 3, 15) / 1e9
+
+
+def sgemm_rate_gpu(n=8192):
+    import cupy
+
+    a = cupy.random.standard_normal((n, n), dtype=cupy.float32)
+    b = cupy.random.standard_normal((n, n), dtype=cupy.float32)
+    return 2 * n ** 3 / time_gpu(lambda: a @ b, 3, 10) / 1e9
+
+
+def have_torch():
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def measure(name, layers, batch, label, make_step, timer, quick, results):
+    warm, reps = reps_for(layers, batch, quick)
+    try:
+        t = timer(make_step(), warm, reps)
+    except Exception as exc:  # keep the rest of the table when one contender cannot run
+        results.setdefault(name, {})[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        return
+    results.setdefault(name, {})[label] = {"ms": round(t * 1e3, 4), "samples_per_s": round(batch / t),
+                                           "gflops": round(flops(layers, batch) / t / 1e9, 2)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--nets", default="", help="comma-separated subset: digits, seed, mnist, wide")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args(argv)
+
+    backends = available_backends()
+    use_torch = have_torch() and not args.no_torch
+    report = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                          "processor": platform.processor() or platform.machine(), "backends": backends},
+              "cpu_sgemm_gflops": round(sgemm_rate_cpu(), 1), "nets": {}}
+    if use_torch:
+        import torch
+
+        report["machine"]["torch"] = torch.__version__
+        report["machine"]["torch_threads"] = torch.get_num_threads()
+    results = report["nets"]
+    nets = dict(CPU_NETS)
+    if "cupy" in backends:
+        import cupy
+
+        report["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        report["gpu_sgemm_gflops"] = round(sgemm_rate_gpu(), 1)
+        nets.update(GPU_ONLY_NETS)
+    if args.nets:
+        nets = {k: v for k, v in nets.items() if k.split("[")[0] in args.nets.split(",")}
+
+    for name, (layers, batch) in nets.items():
+        gpu_only = name in GPU_ONLY_NETS
+        if not gpu_only:
+            measure(name, layers, batch, "naive_numpy", lambda: naive_step(np, layers, batch), time_cpu,
+                    args.quick, results)
+            for backend in [b for b in backends if b != "cupy"]:
+                measure(name, layers, batch, f"ffps_{backend}", lambda: ours_step(backend, layers, batch),
+                        time_cpu, args.quick, results)
+            if use_torch:
+                measure(name, layers, batch, "torch_cpu", lambda: torch_step(layers, batch, "cpu"), time_cpu,
+                        args.quick, results)
+        if "cupy" in backends:
+            import cupy
+
+            measure(name, layers, batch, "naive_cupy", lambda: naive_step(cupy, layers, batch), time_gpu,
+                    args.quick, results)
+            measure(name, layers, batch, "ffps_cupy", lambda: ours_step("cupy", layers, batch), time_gpu,
+                    args.quick, results)
+            if use_torch:
+                import torch
+
+                if torch.cuda.is_available():
+                    measure(name, layers, batch, "torch_cuda", lambda: torch_step(layers, batch, "cuda"),
+                            time_gpu, args.quick, results)
+        r = results.get(name, {})
+        # ratios against anchors measured in this run
+        if "ffps_numba" in r and "ms" in r.get("naive_numpy", {}) and "ms" in r["ffps_numba"]:
+            r["numba_speedup_vs_naive_numpy"] = round(r["naive_numpy"]["ms"] / r["ffps_numba"]["ms"], 2)
+            r["numba_fraction_of_cpu_sgemm"] = round(r["ffps_numba"]["gflops"] / report["cpu_sgemm_gflops"], 3)
+        if "ms" in r.get("ffps_cupy", {}):
+            r["cupy_fraction_of_gpu_sgemm"] = round(r["ffps_cupy"]["gflops"] / report["gpu_sgemm_gflops"], 3)
+            if "ms" in r.get("naive_cupy", {}):
+                r["cupy_speedup_vs_naive_cupy"] = round(r["naive_cupy"]["ms"] / r["ffps_cupy"]["ms"], 2)
+            if "ms" in r.get("torch_cuda", {}):
+                r["cupy_speedup_vs_torch_cuda"] = round(r["torch_cuda"]["ms"] / r["ffps_cupy"]["ms"], 2)
+
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "step_bench.json").write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"\nwritten {out_dir / 'step_bench.json'}")
+
+
+def print_table(report):
+    print(f"CPU sgemm {report['cpu_sgemm_gflops']} GFLOP/s" +
+          (f"; GPU {report['gpu']} sgemm {report['gpu_sgemm_gflops']} GFLOP/s" if "gpu" in report else ""))
+    print(f"{'net':32s} {'contender':14s} {'ms/step':>10s} {'samples/s':>12s} {'GFLOP/s':>9s}")
+    for name, r in report["nets"].items():
+        for label, v in r.items():
+            if isinstance(v, dict):
+                if "error" in v:
+                    print(f"{name:32s} {label:14s} error: {v['error']}")
+                else:
+                    print(f"{name:32s} {label:14s} {v['ms']:10.4f} {v['samples_per_s']:12,d} {v['gflops']:9.2f}")
+        for label, v in r.items():
+            if not isinstance(v, dict):
+                print(f"{name:32s}   {label} = {v}")
+
+
+if __name__ == "__main__":
+    main()
