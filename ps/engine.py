@@ -1,0 +1,428 @@
+"""The parameter server's state machine: registry, fencing, de-duplication, rounds, SSP waits. No sockets.
+
+``Engine.handle(token, frames, now)`` takes one request (the ROUTER identity as an opaque ``token`` and the
+remaining frames) and returns the replies to send as ``(token, Header, payload)`` tuples, where payload is
+None, bytes, or a float32 weights array that the transport may send zero-copy. ``Engine.tick(now)`` expires
+barriers and SSP waits. Every rejection leaves weights and optimizer state untouched and is counted in
+``stats()["rejected"]`` by reason.
+
+Retry safety: a worker registers with (worker_id, attempt); the HELLO reply's ``step`` is the last step the
+server applied for it, so a restarted worker resumes after it. Requests from an older attempt are fenced off
+(SUPERSEDED_ATTEMPT); a push for a step already applied gets DUPLICATE and changes nothing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rules
+from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, Header,
+                       Op, ProtocolError, Reason, Status, check_metrics, read_array, unpack_header)
+
+PAYLOAD_OPS = {Op.PUSH}
+
+
+@dataclass
+class WorkerInfo:
+    attempt: int = 0
+    token: object = None
+    last_step: int = 0         # last step applied for this worker (across attempts)
+    applied: int = 0           # pushes applied
+    rejected: int = 0
+    samples: int = 0
+    loss: float = float("nan")
+    accuracy: float = float("nan")
+    staleness: int = 0
+    samples_per_s: float = 0.0
+    last_time: float | None = None
+    done: bool = False
+
+    def public(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("token", "last_time")}
+
+
+class BufferPool:
+    """Weight buffers (P,) float32; one is current, others are free once every send of them has finished.
+
+    The transport registers a ZeroMQ MessageTracker per zero-copy send (``track``); ``acquire`` never
+    returns a buffer with an unfinished tracker, so weights in flight are never overwritten.
+    """
+
+    def __init__(self, w0: np.ndarray, max_free: int = 3):
+        self.current = np.array(w0, dtype=np.float32, copy=True)
+        self._trackers: dict[int, list] = {}
+        self._all: dict[int, np.ndarray] = {id(self.current): self.current}
+        self.max_free = max_free
+
+    def track(self, buf: np.ndarray, tracker) -> None:
+        if tracker is not None and not tracker.done:
+            self._trackers.setdefault(id(buf), []).append(tracker)
+
+    def _busy(self, key: int) -> bool:
+        ts = [t for t in self._trackers.get(key, []) if not t.done]
+        self._trackers[key] = ts
+        return bool(ts)
+
+    def acquire(self, exclude=()) -> np.ndarray:
+        skip = {id(self.current)} | {id(b) for b in exclude}
+        free = [k for k in self._all if k not in skip and not self._busy(k)]
+        for k in free[self.max_free:]:
+            del self._all[k]
+            self._trackers.pop(k, None)
+        if free:
+            return self._all[free[0]]
+        buf = np.empty_like(self.current)
+        self._all[id(buf)] = buf
+        return buf
+
+
+@dataclass
+class Round:
+    """One synchronous round (sync gradients, easgd exchange or a barrier): a contribution per worker."""
+    deadline: float
+    entries: dict = field(default_factory=dict)   # worker -> (token, header, array or None)
+
+
+class Engine:
+    """Server state for one job. ``optimizer`` is a :class:`ps.optimizers.Optimizer` (gradient modes)."""
+
+    def __init__(self, w0, *, mode, optimizer, num_workers, job_id, fingerprint, staleness=None,
+                 ssp_slack=None, alpha=None, barrier_timeout=30.0, history_limit=100_000):
+        rules.check_mode(mode)
+        w0 = np.asarray(w0)
+        if w0.ndim != 1 or w0.size == 0 or not np.isfinite(w0).all():
+            raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got shape {w0.shape}")
+        if int(num_workers) < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
+        if staleness is not None and (mode != "async" or int(staleness) < 0):
+            raise ValueError(f"staleness bound applies to mode='async' and must be >= 0, got {staleness!r} "
+                             f"with mode={mode!r}")
+        self.mode, self.num_workers, self.job_id, self.fingerprint = mode, int(num_workers), job_id, fingerprint
+        self.pool = BufferPool(w0)
+        self.num_params = w0.shape[0]
+        self.optimizer = optimizer
+        self.staleness_bound = None if staleness is None else int(staleness)
+        self.ssp = None if ssp_slack is None else rules.SSPClocks(self.num_workers, ssp_slack)
+        self.alpha = rules.default_alpha(self.num_workers) if alpha is None else float(alpha)
+        self.barrier_timeout = float(barrier_timeout)
+        self.version = 0
+        self.workers: dict[int, WorkerInfo] = {}
+        self.round: Round | None = None           # sync gradient / easgd round
+        self.barrier: Round | None = None
+        self.barrier_step = None
+        self.waiting_pulls: list = []             # SSP: (deadline, token, header)
+        self.counters = {"received": 0, "applied": 0, "pulls": 0, "rounds": 0, "stale_pushes": 0}
+        self.rejected: dict[str, int] = {}
+        self.history: deque = deque(maxlen=history_limit)
+        self.stop_requested = False
+        self.t_start = time.time()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def weights(self) -> np.ndarray:
+        return self.pool.current
+
+    def _reject(self, token, h: Header | None, reason: Reason, msg: str, status=Status.ERROR):
+        self.rejected[reason.name.lower()] = self.rejected.get(reason.name.lower(), 0) + 1
+        if h is not None and h.worker_id in self.workers:
+            self.workers[h.worker_id].rejected += 1
+        base = h if h is not None else Header(op=0)
+        rh = base.reply(status, reason, flags=FLAG_TEXT, wversion=self.version)
+        return [(token, rh, msg.encode())]
+
+    def _ok(self, token, h: Header, weights=False, **kw):
+        if weights or (h.flags & FLAG_WANT_WEIGHTS):
+            w = self.weights
+            return (token, h.reply(Status.OK, wversion=self.version, dtype=FLOAT32, n_values=w.shape[0], **kw), w)
+        return (token, h.reply(Status.OK, wversion=self.version, **kw), None)
+
+    def _commit(self, new: np.ndarray) -> None:
+        self.pool.current = new
+        self.version += 1
+        self.counters["applied"] += 1
+
+    # ------------------------------------------------------------------ entry points
+    def handle(self, token, frames, now=None) -> list:
+        """One request -> replies. ``frames``: header then payload frames (bytes, memoryview or zmq.Frame)."""
+        now = time.monotonic() if now is None else now
+        self.counters["received"] += 1
+        try:
+            raw = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+            h = unpack_header(raw)
+        except ProtocolError as exc:
+            return self._reject(token, None, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - anything unparseable is malformed input, never a crash
+            return self._reject(token, None, Reason.MALFORMED, f"unparseable header: {exc}")
+        try:
+            return self._dispatch(token, h, frames[1:], now)
+        except ProtocolError as exc:
+            return self._reject(token, h, exc.reason, str(exc),
+                                Status.STALE if exc.reason == Reason.STALE else Status.ERROR)
+
+    def _dispatch(self, token, h: Header, payload, now):
+        if h.job_id != self.job_id:
+            raise ProtocolError(Reason.WRONG_JOB, f"job id {h.job_id.hex()} is not this server's job")
+        if h.fingerprint != self.fingerprint:
+            raise ProtocolError(Reason.WRONG_FINGERPRINT, f"model fingerprint {h.fingerprint:#x} does not match "
+                                                          f"the server's {self.fingerprint:#x}")
+        try:
+            op = Op(h.op)
+        except ValueError:
+            raise ProtocolError(Reason.UNKNOWN_OP, f"unknown op {h.op}") from None
+        want = 1 if op in PAYLOAD_OPS else 0
+        if len(payload) != want:
+            raise ProtocolError(Reason.BAD_FRAME_COUNT, f"{op.name} takes {want} payload frame(s), got {len(payload)}")
+        if op == Op.STATS:
+            return [(token, h.reply(Status.OK, wversion=self.version, flags=FLAG_JSON),
+                     json.dumps(self.stats()).encode())]
+        if op == Op.STOP:
+            self.stop_requested = True
+            return [self._ok(token, h)]
+        if op == Op.HELLO:
+            return self._hello(token, h)
+        info = self._known(h)
+        if op == Op.PULL:
+            return self._pull(token, h, info, now)
+        if op == Op.PUSH:
+            return self._push(token, h, info, payload[0], now)
+        if op == Op.BARRIER:
+            return self._barrier(token, h, now)
+        info.done = True                                   # BYE
+        if self.ssp is not None:
+            self.ssp.retire(h.worker_id)
+        return [self._ok(token, h)] + self._serve_waiting(now)
+
+    def _known(self, h: Header) -> WorkerInfo:
+        info = self.workers.get(h.worker_id)
+        if info is None:
+            raise ProtocolError(Reason.UNKNOWN_WORKER, f"worker {h.worker_id} has not registered (send HELLO)")
+        if h.attempt != info.attempt:
+            reason = Reason.SUPERSEDED_ATTEMPT if h.attempt < info.attempt else Reason.UNKNOWN_WORKER
+            raise ProtocolError(reason, f"worker {h.worker_id} attempt {h.attempt} is not the registered "
+                                        f"attempt {info.attempt}")
+        return info
+
+    def _hello(self, token, h: Header):
+        wid = h.worker_id
+        if not 0 <= wid < self.num_workers:
+            raise ProtocolError(Reason.UNKNOWN_WORKER, f"worker id {wid} is outside 0..{self.num_workers - 1}")
+        if h.attempt < 0:
+            raise ProtocolError(Reason.BAD_FIELD, f"attempt must be >= 0, got {h.attempt}")
+        info = self.workers.get(wid)
+        if info is not None:
+            if h.attempt < info.attempt:
+                raise ProtocolError(Reason.SUPERSEDED_ATTEMPT,
+                                    f"worker {wid} attempt {h.attempt} was superseded by attempt {info.attempt}")
+            if h.attempt == info.attempt and token != info.token and info.token is not None:
+                raise ProtocolError(Reason.DUPLICATE_WORKER,
+                                    f"worker {wid} attempt {h.attempt} is already registered from another client")
+        else:
+            info = self.workers[wid] = WorkerInfo()
+        replies = []
+        if h.attempt > info.attempt or info.token is None:
+            replies += self._fence(wid, info.attempt)
+        info.attempt, info.token, info.done = h.attempt, token, False
+        if self.ssp is not None:
+            self.ssp.retired[wid] = False
+        return replies + [self._ok(token, h, step=info.last_step)]
+
+    def _fence(self, wid: int, old_attempt: int):
+        """A newer attempt registered: drop the old attempt's pending round contributions and waits."""
+        out = []
+        for rnd in (self.round, self.barrier):
+            if rnd is not None and wid in rnd.entries:
+                tok, oh, _ = rnd.entries.pop(wid)
+                out += self._reject(tok, oh, Reason.SUPERSEDED_ATTEMPT, f"worker {wid} re-registered")
+        keep = []
+        for item in self.waiting_pulls:
+            if item[2].worker_id == wid:
+                out += self._reject(item[1], item[2], Reason.SUPERSEDED_ATTEMPT, f"worker {wid} re-registered")
+            else:
+                keep.append(item)
+        self.waiting_pulls = keep
+        return out
+
+    # ------------------------------------------------------------------ pull (with SSP waits)
+    def _pull(self, token, h, info, now):
+        if self.ssp is not None and not self.ssp.can_read(h.worker_id, h.step):
+            self.waiting_pulls.append((now + self.barrier_timeout, token, h))
+            return []
+        self.counters["pulls"] += 1
+        return [self._ok(token, h, weights=True)]
+
+    def _serve_waiting(self, now):
+        out, keep = [], []
+        for deadline, token, h in self.waiting_pulls:
+            if self.ssp.can_read(h.worker_id, h.step):
+                self.counters["pulls"] += 1
+                out.append(self._ok(token, h, weights=True))
+            elif now >= deadline:
+                lag = self.ssp.laggards(h.worker_id, h.step)
+                out += self._reject(token, h, Reason.BARRIER_TIMEOUT,
+                                    f"SSP read at clock {h.step} waited {self.barrier_timeout}s for workers {lag}")
+            else:
+                keep.append((deadline, token, h))
+        self.waiting_pulls = keep
+        return out
+
+    # ------------------------------------------------------------------ push
+    def _push(self, token, h, info, frame, now):
+        elastic, local = bool(h.flags & FLAG_ELASTIC), bool(h.flags & FLAG_LOCAL_WEIGHTS)
+        expected = {"sync": (False, False), "async": (False, False), "easgd": (False, True),
+                    "async-easgd": (True, False), "eamsgd": (True, False)}[self.mode]
+        if (elastic, local) != expected:
+            kind = "elastic difference" if elastic else "local weights" if local else "gradient"
+            raise ProtocolError(Reason.WRONG_MODE, f"a {kind} push does not fit mode {self.mode!r}")
+        check_metrics(h)
+        if h.step <= 0:
+            raise ProtocolError(Reason.BAD_FIELD, f"step must be >= 1, got {h.step}")
+        if h.wversion < 0 or h.wversion > self.version:
+            raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
+                                                  f"{self.version}")
+        arr = read_array(h, frame, self.num_params)
+        if h.step <= info.last_step:
+            # a retransmit of an applied push (or a retried task replaying a step): acknowledge, change nothing
+            self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
+            info.rejected += 1
+            return [(token, h.reply(Status.DUPLICATE, Reason.DUPLICATE_STEP, wversion=self.version,
+                                    step=info.last_step), None)]
+        if self.mode in ("sync", "easgd"):
+            return self._round_push(token, h, info, arr, now)
+        stale = rules.staleness(h.wversion, self.version)
+        if rules.is_stale(h.wversion, self.version, self.staleness_bound):
+            self.counters["stale_pushes"] += 1
+            raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
+                                              f"(bound {self.staleness_bound}); pull and recompute")
+        new = self.pool.acquire()
+        if self.mode == "async":
+            self.optimizer.step(self.weights, arr, out=new)
+        else:
+            rules.apply_elastic(self.weights, arr, out=new)
+        self._commit(new)
+        self._record(h, info, stale, now)
+        out = [self._ok(token, h, step=info.last_step)]
+        if self.ssp is not None:
+            self.ssp.advance(h.worker_id, info.last_step)
+            out += self._serve_waiting(now)
+        return out
+
+    def _round_push(self, token, h, info, arr, now):
+        if h.wversion != self.version:
+            raise ProtocolError(Reason.STALE, f"sync push computed on version {h.wversion}, round is at "
+                                              f"{self.version}; pull and recompute")
+        if self.round is None:
+            self.round = Round(deadline=now + self.barrier_timeout)
+        prev = self.round.entries.get(h.worker_id)
+        if prev is not None and prev[1].step != h.step:
+            raise ProtocolError(Reason.BAD_FIELD, f"worker {h.worker_id} already pushed step {prev[1].step} "
+                                                  f"in this round, now step {h.step}")
+        self.round.entries[h.worker_id] = (token, h, arr)   # a retransmit replaces the earlier copy
+        if len(self.round.entries) < self.num_workers:
+            return []
+        entries, self.round = self.round.entries, None
+        new = self.pool.acquire()
+        arrays = [e[2] for e in entries.values()]
+        old = self.weights
+        if self.mode == "sync":
+            g = rules.weighted_mean(arrays, [e[1].batch_size for e in entries.values()],
+                                    out=np.empty_like(old))
+            self.optimizer.step(old, g, out=new)
+        else:
+            rules.easgd_center_update(old, arrays, self.alpha, out=new)
+        self._commit(new)
+        self.counters["applied"] += len(entries) - 1          # every contribution counts as applied
+        self.counters["rounds"] += 1
+        out = []
+        for wid, (tok, hh, _) in entries.items():
+            winfo = self.workers[wid]
+            self._record(hh, winfo, 0, now)
+            if self.mode == "easgd":   # reply the center the exchange used (x_i <- x_i - a (x_i - c_old))
+                out.append((tok, hh.reply(Status.OK, wversion=self.version, step=winfo.last_step, dtype=FLOAT32,
+                                          n_values=old.shape[0]), old))
+            else:
+                out.append(self._ok(tok, hh, step=winfo.last_step))
+        return out
+
+    def _record(self, h, info, stale, now):
+        info.last_step, info.applied = h.step, info.applied + 1
+        info.samples += h.batch_size
+        info.loss, info.accuracy, info.staleness = h.loss, h.accuracy, stale
+        if info.last_time is not None and now > info.last_time:
+            info.samples_per_s = h.batch_size / (now - info.last_time)
+        info.last_time = now
+        self.history.append({"time": time.time() - self.t_start, "worker": h.worker_id, "attempt": h.attempt,
+                             "step": h.step, "version": self.version, "loss": h.loss, "accuracy": h.accuracy,
+                             "batch_size": h.batch_size, "staleness": stale,
+                             "samples_per_s": info.samples_per_s})
+
+    # ------------------------------------------------------------------ barrier and timeouts
+    def _barrier(self, token, h, now):
+        if self.barrier is not None and self.barrier_step != h.step:
+            raise ProtocolError(Reason.BAD_FIELD, f"barrier {h.step} while barrier {self.barrier_step} is open")
+        if self.barrier is None:
+            self.barrier, self.barrier_step = Round(deadline=now + self.barrier_timeout), h.step
+        self.barrier.entries[h.worker_id] = (token, h, None)
+        if len(self.barrier.entries) < self.num_workers:
+            return []
+        entries, self.barrier = self.barrier.entries, None
+        return [self._ok(tok, hh) for tok, hh, _ in entries.values()]
+
+    def tick(self, now=None) -> list:
+        """Expire rounds, barriers and SSP waits whose deadline passed -> error replies to those waiting."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for name in ("round", "barrier"):
+            rnd = getattr(self, name)
+            if rnd is not None and now >= rnd.deadline:
+                missing = sorted(set(range(self.num_workers)) - set(rnd.entries))
+                setattr(self, name, None)
+                for tok, hh, _ in rnd.entries.values():
+                    out += self._reject(tok, hh, Reason.BARRIER_TIMEOUT,
+                                        f"{'sync round' if name == 'round' else 'barrier'} timed out after "
+                                        f"{self.barrier_timeout}s waiting for workers {missing}; "
+                                        f"the update was not applied")
+        if self.waiting_pulls:
+            out += self._serve_waiting(now)
+        return out
+
+    # ------------------------------------------------------------------ introspection / checkpoints
+    def stats(self) -> dict:
+        return {"mode": self.mode, "version": self.version, "num_workers": self.num_workers,
+                **self.counters, "rejected": dict(self.rejected),
+                "rejected_total": sum(self.rejected.values()),
+                "optimizer_steps": getattr(self.optimizer, "t", 0),
+                "workers": {str(k): v.public() for k, v in sorted(self.workers.items())}}
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """(arrays, metadata) for a checkpoint: weights, optimizer state, per-worker progress, version."""
+        sd = self.optimizer.state_dict()
+        arrays = {"weights": self.weights.copy(), **{f"opt_{k}": v for k, v in sd["arrays"].items()}}
+        meta = {"version": self.version, "mode": self.mode, "optimizer": getattr(self.optimizer, "name", "sgd"),
+                "optimizer_t": sd["t"], "fingerprint": self.fingerprint, "num_params": self.num_params,
+                "counters": self.counters,
+                "workers": {str(k): {"last_step": v.last_step, "attempt": v.attempt, "applied": v.applied,
+                                     "samples": v.samples} for k, v in self.workers.items()}}
+        return arrays, meta
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        if meta["fingerprint"] != self.fingerprint or meta["mode"] != self.mode:
+            raise ValueError(f"checkpoint is for mode {meta['mode']!r} / fingerprint {meta['fingerprint']:#x}, "
+                             f"this server runs {self.mode!r} / {self.fingerprint:#x}")
+        w = arrays["weights"]
+        if w.shape != (self.num_params,):
+            raise ValueError(f"checkpoint weights have shape {w.shape}, expected ({self.num_params},)")
+        self.pool.current[...] = w
+        self.optimizer.load_state_dict({"t": meta["optimizer_t"],
+                                        "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}})
+        self.version = int(meta["version"])
+        self.counters.update(meta.get("counters", {}))
+        for k, v in meta["workers"].items():
+            # the old attempts are gone: the next HELLO of any attempt >= the recorded one is accepted
+            self.workers[int(k)] = WorkerInfo(attempt=v["attempt"], token=None, last_step=v["last_step"],
+                                              applied=v["applied"], samples=v["samples"])
+            if self.ssp is not None:
+                self.ssp.advance(int(k), v["last_step"])

@@ -1,0 +1,196 @@
+"""Wire protocol of the ffps parameter server: one fixed-layout binary header, then raw frames.
+
+PROTOCOL (version 1)
+--------------------
+Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER adds/strips the peer identity).
+
+* ``header``: exactly ``HEADER.size`` (= 104) bytes, little-endian, layout ``HEADER_FORMAT``::
+
+    magic 4s "FFPS" | version u16 | op u8 | status u8 | code u16 | flags u16 | seq u32 | job_id 16s
+    worker_id i32 | attempt i32 | fingerprint u64 | wversion i64 | step i64 | loss f64 | accuracy f64
+    batch_size i32 | dtype u8 | pad 3x | n_values i64 | reserved 8x
+
+  ``wversion``: in a push, the weights version the update was computed on; in a reply, the server's version
+  after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts). ``seq``: a
+  per-client request number echoed in the reply so late replies to a retried request are discarded.
+* ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32), C order, no
+  header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which).
+  A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
+
+Requests (op): HELLO, PULL, PUSH (gradient, elastic difference, or local weights for synchronous EASGD;
+``flags & FLAG_WANT_WEIGHTS`` asks for the new weights in the reply), BARRIER, STATS, BYE, STOP. A reply
+carries ``op | REPLY`` and ``status`` OK / ERROR / STALE / DUPLICATE; ERROR and STALE name a ``Reason`` code.
+Arrays above ``ZERO_COPY_MIN`` bytes go out with ``copy=False`` and are read with ``np.frombuffer``; a sender
+never writes to a buffer until its ``MessageTracker`` is done. No pickle anywhere on the wire.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAGIC = b"FFPS"
+HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xq8x"
+HEADER = struct.Struct(HEADER_FORMAT)
+ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
+MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
+DTYPE_CODES = {1: np.dtype("<f4")}
+FLOAT32 = 1
+
+FLAG_WANT_WEIGHTS = 1   # request: reply with the weights after this request
+FLAG_JSON = 2           # reply payload is UTF-8 JSON
+FLAG_TEXT = 4           # reply payload is UTF-8 text (an error message)
+FLAG_ELASTIC = 8        # push payload is an elastic difference (async-easgd / eamsgd)
+FLAG_LOCAL_WEIGHTS = 16  # push payload is the worker's local weights (synchronous easgd exchange)
+REPLY = 0x80
+
+
+class Op(enum.IntEnum):
+    HELLO = 1
+    PULL = 2
+    PUSH = 3
+    BARRIER = 4
+    STATS = 5
+    BYE = 6
+    STOP = 7
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    STALE = 2        # push computed on weights that are too old: pull, recompute, push again
+    DUPLICATE = 3    # this (worker, step) was already applied: nothing done, safe to move on
+
+
+class Reason(enum.IntEnum):
+    """Why a message was rejected; stats count rejections by ``name``."""
+    NONE = 0
+    MALFORMED = 1            # not a parseable header (short, long, bad magic)
+    VERSION_MISMATCH = 2
+    WRONG_JOB = 3
+    WRONG_FINGERPRINT = 4
+    UNKNOWN_OP = 5
+    BAD_FRAME_COUNT = 6
+    BAD_PAYLOAD = 7          # payload size or dtype does not match the model
+    NON_FINITE = 8           # NaN or inf in a pushed array or metric
+    UNKNOWN_WORKER = 9
+    DUPLICATE_WORKER = 10
+    SUPERSEDED_ATTEMPT = 11
+    DUPLICATE_STEP = 12
+    STALE = 13
+    BARRIER_TIMEOUT = 14
+    WRONG_MODE = 15          # e.g. an elastic push to a gradient-mode server
+    BAD_FIELD = 16           # a header field out of range (negative batch size, ...)
+    SERVER_STOPPING = 17
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; ``reason`` says how."""
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(message)
+        self.reason = Reason(reason)
+
+
+@dataclass(frozen=True)
+class Header:
+    op: int
+    job_id: bytes = bytes(16)
+    worker_id: int = -1
+    attempt: int = 0
+    fingerprint: int = 0
+    wversion: int = 0
+    step: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+    batch_size: int = 0
+    status: int = Status.OK
+    code: int = Reason.NONE
+    flags: int = 0
+    seq: int = 0
+    dtype: int = 0
+    n_values: int = 0
+    version: int = PROTOCOL_VERSION
+    magic: bytes = field(default=MAGIC, repr=False)
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.magic, self.version, self.op, self.status, self.code, self.flags,
+                           self.seq & 0xFFFFFFFF, self.job_id, self.worker_id, self.attempt,
+                           self.fingerprint, self.wversion, self.step, self.loss, self.accuracy,
+                           self.batch_size, self.dtype, self.n_values)
+
+    def reply(self, status=Status.OK, code=Reason.NONE, **kw) -> "Header":
+        """A reply header echoing this request's identity fields and seq."""
+        return replace(self, op=(self.op | REPLY) & 0xFF, status=int(status), code=int(code),
+                       flags=kw.pop("flags", 0), dtype=kw.pop("dtype", 0), n_values=kw.pop("n_values", 0),
+                       **kw)
+
+
+def unpack_header(buf) -> Header:
+    """Parse a header frame (bytes / memoryview) -> Header, or raise ProtocolError(MALFORMED / VERSION_MISMATCH)."""
+    if len(buf) != HEADER.size:
+        raise ProtocolError(Reason.MALFORMED, f"header must be {HEADER.size} bytes, got {len(buf)}")
+    (magic, version, op, status, code, flags, seq, job_id, worker_id, attempt, fingerprint, wversion, step,
+     loss, accuracy, batch_size, dtype, n_values) = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise ProtocolError(Reason.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(Reason.VERSION_MISMATCH,
+                            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    return Header(op=op, job_id=job_id, worker_id=worker_id, attempt=attempt, fingerprint=fingerprint,
+                  wversion=wversion, step=step, loss=loss, accuracy=accuracy, batch_size=batch_size,
+                  status=status, code=code, flags=flags, seq=seq, dtype=dtype, n_values=n_values,
+                  version=version, magic=magic)
+
+
+def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:
+    """A contiguous float32 vector -> (buffer to send, n_values). Refuses anything the peer could misread."""
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+        raise ValueError(f"expected a 1-D numpy array, got {type(arr).__name__} "
+                         f"with shape {getattr(arr, 'shape', None)}")
+    if arr.dtype != np.float32:
+        raise ValueError(f"arrays on the wire are float32, got {arr.dtype}; convert with .astype(np.float32)")
+    if arr.nbytes > MAX_FRAME_BYTES:
+        raise ValueError(f"{arr.nbytes} bytes is too large for one frame (max {MAX_FRAME_BYTES})")
+    arr = np.ascontiguousarray(arr)
+    return memoryview(arr).cast("B"), arr.shape[0]
+
+
+def read_array(header: Header, frame, n_expected: int, check_finite=True) -> np.ndarray:
+    """The payload frame of ``header`` as a read-only float32 view (zero-copy) of exactly ``n_expected`` values."""
+    dt = DTYPE_CODES.get(header.dtype)
+    if dt is None:
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"payload dtype code {header.dtype} is not float32 (code 1)")
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if header.n_values != n_expected or len(buf) != n_expected * dt.itemsize:
+        raise ProtocolError(Reason.BAD_PAYLOAD,
+                            f"payload has {len(buf)} bytes / n_values={header.n_values}, model needs "
+                            f"{n_expected} float32 values ({n_expected * dt.itemsize} bytes)")
+    arr = np.frombuffer(buf, dtype=dt)
+    # one float32 sum is a fast NaN/inf screen (NaN and inf propagate); only if it is not finite do we look
+    # element-wise, so a sum that merely overflowed does not reject finite data
+    if check_finite and not math.isfinite(float(arr.sum())) and not np.isfinite(arr).all():
+        raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
+    return arr
+
+
+def model_fingerprint(num_params: int, dtype="float32", layers=None) -> int:
+    """64-bit hash of (layer sizes, dtype, num_params): a push for another model is refused."""
+    desc = json.dumps({"layers": list(map(int, layers)) if layers is not None else None,
+                       "dtype": np.dtype(dtype).name, "num_params": int(num_params)}, sort_keys=True)
+    return int.from_bytes(hashlib.blake2b(desc.encode(), digest_size=8).digest(), "little")
+
+
+def check_metrics(h: Header) -> None:
+    """Metrics in a push must be finite and sane; raise ProtocolError otherwise."""
+    if not (math.isfinite(h.loss) and math.isfinite(h.accuracy)):
+        raise ProtocolError(Reason.NON_FINITE, f"loss={h.loss!r} accuracy={h.accuracy!r} must be finite")
+    if h.batch_size < 0 or not (0.0 <= h.accuracy <= 1.0):
+        raise ProtocolError(Reason.BAD_FIELD, f"batch_size={h.batch_size} must be >= 0 and "
+                                              f"accuracy={h.accuracy} in [0, 1]")

@@ -1,0 +1,76 @@
+"""Shared helpers for the ps tests (not a conftest: plain functions imported by test modules)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zmq
+
+from ps.protocol import FLOAT32, Header, unpack_header
+
+
+def raw_socket(cfg, keys="job"):
+    """A DEALER connected to cfg's server. keys: 'job' (the job's client keys), 'none', or 'random'."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    if keys == "job" and cfg.get("secure"):
+        s.curve_serverkey = cfg["server_public"]
+        s.curve_publickey, s.curve_secretkey = cfg["client_public"], cfg["client_secret"]
+    elif keys == "random":
+        pub, sec = zmq.curve_keypair()
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = cfg["server_public"], pub, sec
+    s.connect(cfg["address"])
+    return ctx, s
+
+
+def header_for(cfg, op, **kw) -> Header:
+    return Header(op=int(op), job_id=bytes.fromhex(cfg["job_id"]), fingerprint=cfg["fingerprint"], **kw)
+
+
+def request(sock, frames, timeout=5.0):
+    """Send frames, wait for one reply -> (Header, payload bytes or None). Raises TimeoutError."""
+    sock.send_multipart(frames)
+    if not sock.poll(int(timeout * 1000)):
+        raise TimeoutError("no reply")
+    reply = sock.recv_multipart()
+    return unpack_header(reply[0]), (reply[1] if len(reply) > 1 else None)
+
+
+def push_frames(cfg, grad, **kw):
+    h = header_for(cfg, 3, dtype=FLOAT32, n_values=grad.size, **kw)
+    return [h.pack(), grad.astype(np.float32).tobytes()]
+
+
+def run_threads(fns, timeout=60.0):
+    """Run callables in threads; re-raise the first exception; fail if one is still running at ``timeout``."""
+    errors, threads = [], []
+
+    def wrap(fn):
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    for fn in fns:
+        t = threading.Thread(target=wrap, args=(fn,), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a worker thread hung"
+    if errors:
+        raise errors[0]
+
+
+_DIGITS = None
+
+
+def digits():
+    """(Xtr, Xte, ytr, yte): sklearn digits / 16, stratified 70/30 split, random_state=0 (cached)."""
+    global _DIGITS
+    if _DIGITS is None:
+        from ps.runner import load_digits_split
+        _DIGITS = load_digits_split(0)
+    return _DIGITS

@@ -1,0 +1,253 @@
+"""Update rules, optimizers, protocol and the engine state machine, without sockets."""
+import math
+
+import numpy as np
+import pytest
+
+from ps import rules
+from ps.engine import Engine
+from ps.optimizers import Schedule, make_optimizer
+from ps.protocol import (FLAG_ELASTIC, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status, model_fingerprint,
+                         read_array, unpack_header)
+
+pytestmark = pytest.mark.timeout(60)
+RNG = np.random.default_rng(0)
+
+
+def vec(n=7, scale=1.0):
+    return (RNG.standard_normal(n) * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+def test_sgd_matches_formula():
+    w, g = vec(), vec()
+    opt = make_optimizer("sgd", 7, 0.3)
+    out = opt.step(w, g, out=np.empty_like(w))
+    np.testing.assert_allclose(out, w - 0.3 * g, rtol=1e-6)
+    assert opt.t == 1
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_matches_hand_loop(nesterov):
+    w0, gs = vec(), [vec() for _ in range(4)]
+    opt = make_optimizer("momentum", 7, 0.1, momentum=0.8, nesterov=nesterov)
+    w, ref, v = w0.copy(), w0.astype(np.float64), np.zeros(7)
+    for g in gs:
+        w = opt.step(w, g, out=w)
+        v = 0.8 * v + g
+        ref = ref - 0.1 * ((g + 0.8 * v) if nesterov else v)
+    np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adagrad_matches_hand_loop():
+    w0, gs = vec(), [vec() for _ in range(4)]
+    opt = make_optimizer("adagrad", 7, 0.5, eps=1e-8)
+    w, ref, G = w0.copy(), w0.astype(np.float64), np.zeros(7)
+    for g in gs:
+        w = opt.step(w, g, out=np.empty_like(w))
+        G += g.astype(np.float64) ** 2
+        ref = ref - 0.5 * g / (np.sqrt(G) + 1e-8)
+    np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_matches_hand_loop():
+    w0, gs = vec(), [vec() for _ in range(5)]
+    opt = make_optimizer("adam", 7, 0.01)
+    w, ref, m, v = w0.copy(), w0.astype(np.float64), np.zeros(7), np.zeros(7)
+    for t, g in enumerate(gs, 1):
+        w = opt.step(w, g, out=w)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+        ref = ref - 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_state_round_trip():
+    a = make_optimizer("adam", 7, 0.01)
+    w = vec()
+    for _ in range(3):
+        a.step(w, vec(), out=w)
+    b = make_optimizer("adam", 7, 0.01)
+    b.load_state_dict(a.state_dict())
+    g = vec()
+    np.testing.assert_array_equal(a.step(w, g, out=np.empty_like(w)), b.step(w, g, out=np.empty_like(w)))
+
+
+def test_schedules():
+    assert Schedule(0.1)(1000) == 0.1
+    s = Schedule(0.1, "step", step_size=10, gamma=0.5)
+    assert s(9) == 0.1 and s(10) == 0.05 and s(25) == 0.025
+    assert math.isclose(Schedule(0.1, "inverse_time", decay=0.5)(4), 0.1 / 3)
+    c = Schedule(0.1, "cosine", total_steps=100, lr_min=0.01)
+    assert math.isclose(c(0), 0.1) and math.isclose(c(50), 0.055) and math.isclose(c(100), 0.01)
+    assert math.isclose(c(500), 0.01)
+    opt = make_optimizer("sgd", 3, 1.0, schedule="step", step_size=1, gamma=0.5)
+    w = np.zeros(3, np.float32)
+    for _ in range(3):
+        opt.step(w, np.ones(3, np.float32), out=w)
+    np.testing.assert_allclose(w, -(1 + 0.5 + 0.25))
+
+
+def test_bad_optimizer_arguments_name_the_value():
+    with pytest.raises(ValueError, match="'rmsprop'"):
+        make_optimizer("rmsprop", 3)
+    with pytest.raises(ValueError, match="-1"):
+        make_optimizer("sgd", 3, -1)
+    with pytest.raises(ValueError, match="beta1"):
+        make_optimizer("sgd", 3, beta1=0.9)
+    with pytest.raises(ValueError, match="'linear'"):
+        Schedule(0.1, "linear")
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def test_weighted_mean_is_concatenated_batch_mean():
+    grads = [vec() for _ in range(3)]
+    out = rules.weighted_mean(grads, [2, 3, 5], out=np.empty(7, np.float32))
+    ref = (2 * grads[0].astype(np.float64) + 3 * grads[1] + 5 * grads[2]) / 10
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    out = rules.weighted_mean(grads, [0, 0, 0], out=np.empty(7, np.float32))
+    np.testing.assert_allclose(out, np.mean(grads, axis=0), rtol=1e-6, atol=1e-7)
+
+
+def test_easgd_exchange_matches_formula_and_conserves_sum():
+    xs = [vec(50, 3).astype(np.float64) for _ in range(4)]
+    c = vec(50).astype(np.float64)
+    a = 0.9 / 4
+    new_xs, new_c = rules.easgd_exchange(xs, c, a)
+    for x, nx in zip(xs, new_xs):
+        np.testing.assert_allclose(nx, x - a * (x - c))
+    np.testing.assert_allclose(new_c, c + a * sum(x - c for x in xs))
+    np.testing.assert_allclose(sum(new_xs) + new_c, sum(xs) + c, rtol=0, atol=1e-12)
+    server = rules.easgd_center_update(c.astype(np.float32), [x.astype(np.float32) for x in xs], a,
+                                       out=np.empty(50, np.float32))
+    np.testing.assert_allclose(server, new_c, rtol=1e-5, atol=1e-5)
+
+
+def test_async_easgd_halves():
+    x, c = vec(), vec()
+    e = rules.elastic_difference(x, c, 0.25)
+    np.testing.assert_allclose(e, 0.25 * (x - c), rtol=1e-6)
+    np.testing.assert_allclose(rules.apply_elastic(c, e, out=np.empty_like(c)) + (x - e), x + c, rtol=1e-5, atol=1e-6)
+
+
+def test_staleness_rule():
+    assert rules.staleness(3, 7) == 4
+    assert not rules.is_stale(3, 7, None)
+    assert not rules.is_stale(3, 7, 4)
+    assert rules.is_stale(3, 8, 4)
+
+
+def test_ssp_clocks():
+    s = rules.SSPClocks(3, slack=1)
+    assert s.can_read(0, 1)             # c - s = 0: nobody needs to have ticked
+    assert s.laggards(0, 2) == [1, 2]
+    s.advance(1, 1)
+    s.advance(2, 1)
+    assert s.can_read(0, 2) and not s.can_read(0, 3)
+    s.retire(1)
+    s.advance(2, 2)
+    assert s.can_read(0, 3)
+    with pytest.raises(ValueError):
+        rules.SSPClocks(2, -1)
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def test_header_round_trip_and_rejections():
+    h = Header(op=Op.PUSH, job_id=b"j" * 16, worker_id=3, attempt=2, fingerprint=2**63 + 5, wversion=9, step=11,
+               loss=0.5, accuracy=0.75, batch_size=64, dtype=FLOAT32, n_values=10, seq=77)
+    assert HEADER.size == len(h.pack()) == 104
+    assert unpack_header(h.pack()) == h
+    with pytest.raises(ProtocolError) as e:
+        unpack_header(h.pack()[:-1])
+    assert e.value.reason == Reason.MALFORMED
+    with pytest.raises(ProtocolError) as e:
+        unpack_header(Header(op=1, version=99).pack())
+    assert e.value.reason == Reason.VERSION_MISMATCH
+    with pytest.raises(ProtocolError) as e:
+        read_array(h, np.zeros(9, np.float32).tobytes(), 10)
+    assert e.value.reason == Reason.BAD_PAYLOAD
+    bad = np.zeros(10, np.float32)
+    bad[3] = np.nan
+    with pytest.raises(ProtocolError) as e:
+        read_array(h, bad.tobytes(), 10)
+    assert e.value.reason == Reason.NON_FINITE
+    assert model_fingerprint(10, layers=[2, 3]) != model_fingerprint(10, layers=[3, 2])
+
+
+# ------------------------------------------------------------------------------------------------ engine
+JOB, FP = b"J" * 16, 1234
+
+
+def engine(mode="async", n=2, **kw):
+    opt = make_optimizer(kw.pop("optimizer", "sgd"), 4, kw.pop("lr", 1.0))
+    return Engine(np.zeros(4, np.float32), mode=mode, optimizer=opt, num_workers=n, job_id=JOB, fingerprint=FP, **kw)
+
+
+def msg(op, wid=0, attempt=0, payload=None, **kw):
+    h = Header(op=int(op), job_id=JOB, fingerprint=FP, worker_id=wid, attempt=attempt,
+               dtype=FLOAT32 if payload is not None else 0, n_values=0 if payload is None else payload.size, **kw)
+    return [h.pack()] + ([payload.tobytes()] if payload is not None else [])
+
+
+def status(replies):
+    return [(unpack_header(r[1].pack()).status, r[1].code) for r in replies]
+
+
+def test_engine_fencing_duplicates_and_resume():
+    e = engine()
+    one = np.ones(4, np.float32)
+    assert status(e.handle(b"a", msg(Op.HELLO, 0, 0))) == [(Status.OK, 0)]
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=1))) == [(Status.OK, 0)]
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=1))) == [(Status.DUPLICATE, Reason.DUPLICATE_STEP)]
+    assert status(e.handle(b"z", msg(Op.HELLO, 0, 0))) == [(Status.ERROR, Reason.DUPLICATE_WORKER)]
+    r = e.handle(b"b", msg(Op.HELLO, 0, 1))                      # restarted task
+    assert status(r) == [(Status.OK, 0)] and r[0][1].step == 1   # learns its last applied step
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=2))) == [(Status.ERROR, Reason.SUPERSEDED_ATTEMPT)]
+    assert status(e.handle(b"b", msg(Op.PUSH, 0, 1, one, step=2))) == [(Status.OK, 0)]
+    assert status(e.handle(b"c", msg(Op.PUSH, 1, 0, one, step=1))) == [(Status.ERROR, Reason.UNKNOWN_WORKER)]
+    assert status(e.handle(b"c", msg(Op.HELLO, 5, 0))) == [(Status.ERROR, Reason.UNKNOWN_WORKER)]
+    np.testing.assert_array_equal(e.weights, -2 * one)
+    s = e.stats()
+    assert s["applied"] == 2 and s["workers"]["0"]["last_step"] == 2 and s["workers"]["0"]["applied"] == 2
+    assert s["rejected"] == {"duplicate_step": 1, "duplicate_worker": 1, "superseded_attempt": 1,
+                             "unknown_worker": 2}
+
+
+def test_engine_staleness_bound_rejects_with_stale():
+    e = engine(staleness=1)
+    one = np.ones(4, np.float32)
+    for wid, tok in ((0, b"a"), (1, b"b")):
+        e.handle(tok, msg(Op.HELLO, wid))
+    for step in (1, 2):
+        assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=step, wversion=e.version))) == [(Status.OK, 0)]
+    before = e.weights.copy()
+    r = e.handle(b"b", msg(Op.PUSH, 1, 0, one, step=1, wversion=0))   # 2 versions old > bound 1
+    assert status(r) == [(Status.STALE, Reason.STALE)]
+    np.testing.assert_array_equal(e.weights, before)
+    assert e.stats()["rejected"]["stale"] == 1
+    assert status(e.handle(b"b", msg(Op.PUSH, 1, 0, one, step=1, wversion=1))) == [(Status.OK, 0)]
+
+
+def test_engine_sync_round_and_timeout():
+    e = engine("sync", barrier_timeout=5.0)
+    e.handle(b"a", msg(Op.HELLO, 0))
+    e.handle(b"b", msg(Op.HELLO, 1))
+    g0, g1 = np.full(4, 1, np.float32), np.full(4, 4, np.float32)
+    assert e.handle(b"a", msg(Op.PUSH, 0, 0, g0, step=1, batch_size=3), now=0.0) == []   # waits for worker 1
+    r = e.handle(b"b", msg(Op.PUSH, 1, 0, g1, step=1, batch_size=1), now=1.0)
+    assert sorted(x[0] for x in r) == [b"a", b"b"] and e.version == 1
+    np.testing.assert_allclose(e.weights, -(3 * 1 + 1 * 4) / 4)
+    before = e.weights.copy()
+    assert e.handle(b"a", msg(Op.PUSH, 0, 0, g0, step=2, wversion=1, batch_size=3), now=2.0) == []
+    assert e.tick(now=6.0) == []
+    r = e.tick(now=7.1)
+    assert status(r) == [(Status.ERROR, Reason.BARRIER_TIMEOUT)] and b"[1]" in r[0][2]
+    np.testing.assert_array_equal(e.weights, before)
+
+
+def test_engine_wrong_mode_push():
+    e = engine("async")
+    e.handle(b"a", msg(Op.HELLO, 0))
+    r = e.handle(b"a", msg(Op.PUSH, 0, 0, np.ones(4, np.float32), step=1, flags=FLAG_ELASTIC))
+    assert status(r) == [(Status.ERROR, Reason.WRONG_MODE)]
+    assert e.version == 0
