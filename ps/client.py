@@ -1,0 +1,204 @@
+"""Worker-side client: a DEALER socket with receive timeouts, bounded retries and clear errors.
+
+    client = ParameterClient(cfg, worker_id=0)      # cfg = server.client_config(); registers (HELLO)
+    version, w = client.pull()                       # w: read-only float32 view (P,) of the received frame
+    client.push(grad, loss=0.3, accuracy=0.9, batch_size=64)
+
+Retries are safe: every request carries a sequence number (late replies to an earlier try are discarded) and
+every push its step, so a retransmitted push the server already applied is answered DUPLICATE, not applied.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
+                       ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, read_array,
+                       unpack_header)
+
+
+class ServerUnavailable(ConnectionError):
+    """No reply from the parameter server within the timeout, after all retries."""
+
+
+class PSError(RuntimeError):
+    """The server refused a request; ``reason`` is a :class:`ps.protocol.Reason`."""
+
+    def __init__(self, reason, message):
+        super().__init__(f"{Reason(reason).name}: {message}")
+        self.reason = Reason(reason)
+
+
+class StaleUpdate(PSError):
+    """The push was computed on weights too old for the staleness bound: pull, recompute, push again."""
+
+
+@dataclass
+class PushResult:
+    version: int                     # server weights version after the push
+    step: int                        # last step the server has applied for this worker
+    duplicate: bool = False          # the step had already been applied; nothing changed
+    weights: np.ndarray | None = None  # new weights (want_weights=True) or the EASGD center
+
+
+class ParameterClient:
+    """Client of one worker. ``timeout`` seconds per try, ``retries`` extra tries, then ServerUnavailable."""
+
+    def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
+                 register: bool = True, hwm: int = 8):
+        self.cfg, self.worker_id, self.attempt = cfg, int(worker_id), int(attempt)
+        self.timeout, self.retries = float(timeout), int(retries)
+        self.job_id, self.fingerprint = bytes.fromhex(cfg["job_id"]), int(cfg["fingerprint"])
+        self.num_params = int(cfg["num_params"])
+        self.ctx = zmq.Context()
+        s = self.sock = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.RCVHWM, hwm)
+        s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+        if cfg.get("secure"):
+            s.curve_serverkey = cfg["server_public"]
+            s.curve_publickey, s.curve_secretkey = cfg["client_public"], cfg["client_secret"]
+        s.connect(cfg["address"])
+        self._seq = 0
+        self.version = 0
+        self.step = 0          # last step the server applied for this worker
+        self._last = None      # keeps the frame behind the last pulled view alive
+        if register:
+            try:
+                self.hello()
+            except BaseException:
+                self.close()
+                raise
+
+    # ------------------------------------------------------------------ plumbing
+    def _header(self, op, **kw) -> Header:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return Header(op=int(op), job_id=self.job_id, worker_id=self.worker_id, attempt=self.attempt,
+                      fingerprint=self.fingerprint, seq=self._seq, **kw)
+
+    def _request(self, h: Header, payload=None, timeout=None):
+        """Send, wait for the reply with the same seq; retry on timeout -> (reply header, payload frame)."""
+        timeout = self.timeout if timeout is None else timeout
+        frames = [h.pack()] if payload is None else [h.pack(), payload]
+        big = payload is not None and len(payload) >= ZERO_COPY_MIN
+        for _ in range(self.retries + 1):
+            tracker = None
+            try:
+                tracker = self.sock.send_multipart(frames, copy=not big, track=big)
+            except zmq.Again:
+                pass        # queue to the server full: wait out this try as if no reply came
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                reply = self.sock.recv_multipart(copy=False)
+                try:
+                    rh = unpack_header(reply[0].buffer)
+                except ProtocolError:
+                    continue
+                if rh.seq != h.seq or rh.op != (h.op | 0x80):
+                    continue                           # a late reply to an earlier request
+                if tracker is not None and not tracker.done:
+                    tracker.wait(timeout)              # the caller may reuse its buffer after we return
+                return rh, (reply[1] if len(reply) > 1 else None)
+        raise ServerUnavailable(f"no reply from the parameter server at {self.cfg['address']} to "
+                                f"{Op(h.op).name} after {self.retries + 1} tries of {timeout:.1f}s: it is gone, "
+                                f"overloaded, or refused this client's keys")
+
+    def _check(self, rh: Header, frame):
+        if rh.status in (Status.OK, Status.DUPLICATE):
+            self.version = max(self.version, rh.wversion)
+            return
+        text = bytes(frame.buffer).decode("utf-8", "replace") if frame is not None and rh.flags & FLAG_TEXT else ""
+        cls = StaleUpdate if rh.status == Status.STALE else PSError
+        raise cls(rh.code if rh.code in Reason._value2member_map_ else Reason.MALFORMED, text)
+
+    def _weights(self, rh, frame, out):
+        w = read_array(rh, frame, self.num_params, check_finite=False)
+        if out is not None:
+            np.copyto(out, w)
+            return out
+        self._last = frame
+        return w
+
+    # ------------------------------------------------------------------ operations
+    def hello(self) -> int:
+        """Register (worker_id, attempt) -> last step the server applied for this worker (resume after it)."""
+        rh, frame = self._request(self._header(Op.HELLO))
+        self._check(rh, frame)
+        self.step = rh.step
+        return rh.step
+
+    def pull(self, out: np.ndarray | None = None, clock: int | None = None):
+        """-> (version, weights (P,) float32). Without ``out`` the weights are a read-only view, valid until
+        the next pull; with ``out`` they are copied into it. ``clock`` (SSP): this worker's clock (default:
+        its last applied step); the server holds the reply until the others are within the slack."""
+        slack_wait = self.cfg.get("ssp_slack") is not None
+        timeout = self.timeout + (self.cfg.get("barrier_timeout", 0) if slack_wait else 0)
+        rh, frame = self._request(self._header(Op.PULL, step=self.step if clock is None else int(clock)),
+                                  timeout=timeout)
+        self._check(rh, frame)
+        return rh.wversion, self._weights(rh, frame, out)
+
+    def push(self, array, loss=0.0, accuracy=0.0, batch_size=0, *, base_version=None, step=None,
+             kind="gradient", want_weights=False, out=None) -> PushResult:
+        """Push a gradient (or elastic difference / local weights, per ``kind``) for ``step``.
+
+        array: float32 (P,). base_version: weights version it was computed on (default: last pulled).
+        step: default last applied step + 1. Raises StaleUpdate / PSError on refusal; ServerUnavailable when
+        no reply comes. In sync and easgd modes the reply comes when the round completes.
+        """
+        buf, n = array_frame(array)
+        if n != self.num_params:
+            raise ValueError(f"push of {n} values, the model has {self.num_params}")
+        flags = {"gradient": 0, "elastic": FLAG_ELASTIC, "local_weights": FLAG_LOCAL_WEIGHTS}[kind]
+        if want_weights:
+            flags |= FLAG_WANT_WEIGHTS
+        step = self.step + 1 if step is None else int(step)
+        h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
+                         step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
+                         dtype=FLOAT32, n_values=n)
+        rounds = self.cfg.get("mode") in ("sync", "easgd")
+        timeout = self.timeout + (self.cfg.get("barrier_timeout", 0) if rounds else 0)
+        rh, frame = self._request(h, buf, timeout=timeout)
+        self._check(rh, frame)
+        self.step = max(self.step, rh.step)
+        w = self._weights(rh, frame, out) if frame is not None and rh.dtype == FLOAT32 else None
+        return PushResult(rh.wversion, rh.step, rh.status == Status.DUPLICATE, w)
+
+    def barrier(self, step: int) -> int:
+        """Wait until every worker reached barrier ``step`` (server-side timeout) -> server version."""
+        rh, frame = self._request(self._header(Op.BARRIER, step=int(step)),
+                                  timeout=self.timeout + self.cfg.get("barrier_timeout", 0))
+        self._check(rh, frame)
+        return rh.wversion
+
+    def stats(self) -> dict:
+        rh, frame = self._request(self._header(Op.STATS))
+        self._check(rh, frame)
+        return json.loads(bytes(frame.buffer)) if rh.flags & FLAG_JSON else {}
+
+    def bye(self) -> None:
+        """Tell the server this worker is done (it stops holding SSP reads and barriers for it)."""
+        rh, frame = self._request(self._header(Op.BYE))
+        self._check(rh, frame)
+
+    def stop_server(self) -> None:
+        rh, frame = self._request(self._header(Op.STOP))
+        self._check(rh, frame)
+
+    def close(self) -> None:
+        self._last = None
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

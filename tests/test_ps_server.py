@@ -1,0 +1,338 @@
+"""Server and client over real sockets on random loopback ports: correctness, load, security, bad input."""
+import os
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from core import FeedForwardNetwork
+from ps import ParameterClient, ParameterServer, PSError, Reason, ServerUnavailable, StaleUpdate, Status
+from ps import checkpoint as ckpt
+from ps.protocol import FLOAT32, HEADER, MAGIC, Header
+try:
+    from tests.ps_helpers import header_for, push_frames, raw_socket, request, run_threads
+except ImportError:  # pytest run without the repository root on sys.path
+    from ps_helpers import header_for, push_frames, raw_socket, request, run_threads
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def server(w=None, **kw):
+    kw.setdefault("progress", False)
+    return ParameterServer(np.zeros(16, np.float32) if w is None else w, **kw).start()
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_pull_push_round_trip(secure):
+    w0 = np.arange(16, dtype=np.float32)
+    with server(w0, learning_rate=0.5, secure=secure) as s:
+        assert s.address.startswith("tcp://127.0.0.1:")
+        with ParameterClient(s.client_config(), worker_id=1, timeout=5) as c:
+            v, w = c.pull()
+            assert v == 0 and np.array_equal(w, w0)
+            r = c.push(np.ones(16, np.float32), loss=0.7, accuracy=0.25, batch_size=8, want_weights=True)
+            assert (r.version, r.step, r.duplicate) == (1, 1, False)
+            np.testing.assert_array_equal(r.weights, w0 - 0.5)
+            assert c.stats()["workers"]["1"]["loss"] == 0.7
+        np.testing.assert_array_equal(s.weights(), w0 - 0.5)
+        st = s.stats()
+        assert st["applied"] == 1 and st["rejected_total"] == 0
+        assert s.history()[0]["worker"] == 1 and s.history()[0]["batch_size"] == 8
+
+
+@pytest.mark.timeout(60)
+def test_sync_equals_single_process_sgd_on_concatenated_batches():
+    net = FeedForwardNetwork([64, 100, 10], backend="numpy")
+    rng = np.random.default_rng(1)
+    p, steps, lr, sizes = 3, 8, 0.2, [16, 24, 8]
+    data = [[(rng.random((m, 64), dtype=np.float32), rng.integers(0, 10, m)) for m in sizes] for _ in range(steps)]
+    w0 = net.init_params(0)
+    ref = w0.copy()
+    for batches in data:
+        X = np.concatenate([b[0] for b in batches])
+        y = np.concatenate([b[1] for b in batches])
+        ref -= np.float32(lr) * net.loss_and_grad(ref, X, y)[1]
+    with server(w0, mode="sync", learning_rate=lr, num_workers=p, layers=net.layers, barrier_timeout=20) as s:
+        cfg = s.client_config()
+
+        def worker(i):
+            wnet = FeedForwardNetwork([64, 100, 10], backend="numpy")
+            with ParameterClient(cfg, worker_id=i, timeout=10) as c:
+                _, w = c.pull()
+                for batches in data:
+                    X, y = batches[i]
+                    loss, g = wnet.loss_and_grad(w, X, y)
+                    w = c.push(g, loss=loss, batch_size=len(y), want_weights=True).weights
+        run_threads([lambda i=i: worker(i) for i in range(p)])
+        st = s.stats()
+        assert st["version"] == steps and st["rounds"] == steps and st["applied"] == p * steps
+        np.testing.assert_allclose(s.weights(), ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.timeout(120)
+def test_load_8_workers_1000_pushes_each():
+    P, n_workers, pushes, lr = 1000, 8, 1000, 0.01
+    w0 = np.random.default_rng(2).standard_normal(P).astype(np.float32)
+    grads = {i: np.random.default_rng(100 + i).standard_normal((pushes, P)).astype(np.float32)
+             for i in range(n_workers)}
+    with server(w0, mode="async", learning_rate=lr, num_workers=n_workers) as s:
+        cfg = s.client_config()
+
+        def worker(i):
+            with ParameterClient(cfg, worker_id=i, timeout=20) as c:
+                for k in range(pushes):
+                    c.push(grads[i][k], batch_size=1)
+        run_threads([lambda i=i: worker(i) for i in range(n_workers)], timeout=110)
+        st = s.stats()
+        assert st["applied"] == n_workers * pushes == st["version"]
+        assert all(st["workers"][str(i)]["applied"] == pushes for i in range(n_workers))
+        assert st["rejected_total"] == 0
+        total = sum(g.astype(np.float64).sum(axis=0) for g in grads.values())
+        np.testing.assert_allclose(s.weights(), w0 - lr * total, rtol=0, atol=2e-4)
+
+
+def _fuzz_messages(cfg, rng, n, P):
+    """n messages that must all be refused (each a list of frames)."""
+    good = dict(worker_id=0, attempt=1, step=1)
+    wrong = [
+        lambda: [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200))).replace(MAGIC, b"XXXX")],
+        lambda: [header_for(cfg, 2, **good).pack()[:rng.randrange(0, HEADER.size)]],
+        lambda: [header_for(cfg, 2, **good).pack() + b"\0" * rng.randrange(1, 9)],
+        lambda: [b"XXXX" + header_for(cfg, 2, **good).pack()[4:]],
+        lambda: [header_for(cfg, 2, version=rng.choice([0, 2, 7, 65535]), **good).pack()],
+        lambda: [Header(op=2, job_id=os.urandom(16), fingerprint=cfg["fingerprint"], **good).pack()],
+        lambda: [header_for(cfg, 2, **good).pack().replace(cfg["fingerprint"].to_bytes(8, "little"), os.urandom(8))],
+        lambda: [header_for(cfg, rng.choice([0, 8, 9, 100, 127, 200, 255]), **good).pack()],
+        lambda: [header_for(cfg, 3, dtype=FLOAT32, n_values=P, **good).pack()],                   # no payload
+        lambda: push_frames(cfg, np.ones(P), **good) + [b"extra"],                                  # 2 payloads
+        lambda: [header_for(cfg, 2, **good).pack(), b"unexpected"],                                # pull + payload
+        lambda: push_frames(cfg, np.ones(rng.choice([0, 1, P - 1, P + 1, 3 * P])), **good),        # wrong size
+        lambda: [header_for(cfg, 3, dtype=rng.choice([0, 2, 9]), n_values=P, **good).pack(),
+                 np.ones(P, np.float32).tobytes()],                                                # wrong dtype
+        lambda: [header_for(cfg, 3, dtype=FLOAT32, n_values=P // 2, **good).pack(),
+                 np.ones(P // 2, np.float64).tobytes()],                                           # float64 bytes
+        lambda: push_frames(cfg, np.where(np.arange(P) == rng.randrange(P), rng.choice([np.nan, np.inf, -np.inf]),
+                                          1.0), **good),
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, loss=float("nan")),
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, accuracy=2.0),
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=0),                       # bad step
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, wversion=10**6),       # future base
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=0, step=5),                       # superseded
+        lambda: push_frames(cfg, np.ones(P), worker_id=rng.choice([1, 2, -1, 99]), attempt=0, step=1),  # unknown
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=-3),
+        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, flags=8),              # wrong mode
+        lambda: [header_for(cfg, 1, worker_id=rng.choice([5, 99, -7])).pack()],                    # hello, bad id
+        lambda: [header_for(cfg, 1, worker_id=0, attempt=0).pack()],                               # superseded hello
+        lambda: [header_for(cfg, 2, worker_id=0, attempt=7).pack()],                               # unregistered attempt
+    ]
+    return [rng.choice(wrong)() for _ in range(n)]
+
+
+@pytest.mark.timeout(120)
+def test_fuzz_authenticated_and_stranger():
+    P = 64
+    w0 = np.random.default_rng(3).standard_normal(P).astype(np.float32)
+    with server(w0, mode="async", optimizer="momentum", num_workers=3) as s:
+        cfg = s.client_config()
+        c = ParameterClient(cfg, worker_id=0, attempt=1, timeout=5)      # registered: attempt 1 owns worker 0
+        c.push(np.ones(P, np.float32))                                   # step 1 applied: later step 1 = duplicate
+        before_w, before = s.weights(), s.stats()
+        velocity = s.engine.optimizer.state["velocity"].copy()
+        ctx, sock = raw_socket(cfg)
+        n = 10_000
+        statuses = {}
+        for frames in _fuzz_messages(cfg, random.Random(0), n, P):
+            h, _ = request(sock, frames)
+            assert h.status != Status.OK, frames[0][:40]
+            statuses[Reason(h.code).name] = statuses.get(Reason(h.code).name, 0) + 1
+        after = s.stats()
+        assert after["received"] - before["received"] == n
+        assert after["rejected_total"] - before["rejected_total"] == n
+        assert after["applied"] == before["applied"] and after["version"] == before["version"]
+        assert np.array_equal(s.weights(), before_w) and s.weights().tobytes() == before_w.tobytes()
+        assert np.array_equal(s.engine.optimizer.state["velocity"], velocity)
+        assert len(statuses) >= 12, statuses
+        # the server still serves the legitimate worker
+        assert c.pull()[0] == 1
+        c.close()
+        sock.close()
+        ctx.term()
+
+        for keys in ("none", "random"):                                  # strangers never reach the server
+            ctx, sock = raw_socket(cfg, keys=keys)
+            base = s.stats()
+            sent = 0
+            for frames in _fuzz_messages(cfg, random.Random(1), n, P):
+                try:
+                    sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    pass
+            assert not sock.poll(1000), "a stranger got a reply"
+            st = s.stats()
+            assert st["received"] == base["received"] and st["version"] == base["version"]
+            assert s.weights().tobytes() == before_w.tobytes()
+            sock.close()
+            ctx.term()
+        assert s.stats()["zap_denied"] >= 1                              # the random-key stranger was refused
+
+
+@pytest.mark.timeout(60)
+def test_client_without_job_keys_cannot_pull_or_push():
+    with server(np.ones(16, np.float32)) as s:
+        cfg = s.client_config()
+        for bad in ({**cfg, "secure": False},
+                    {**cfg, **dict(zip(("client_public", "client_secret"), zmq.curve_keypair()))}):
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnavailable, match="no reply"):
+                ParameterClient(bad, worker_id=0, timeout=0.5, retries=1)
+            c = ParameterClient(bad, worker_id=0, timeout=0.3, retries=0, register=False)
+            with pytest.raises(ServerUnavailable):
+                c.pull()
+            with pytest.raises(ServerUnavailable):
+                c.push(np.ones(16, np.float32))
+            c.close()
+            assert time.monotonic() - t0 < 10
+        assert s.stats()["received"] == 0 and s.stats()["applied"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_server_gone_gives_clear_error():
+    s = server()
+    c = ParameterClient(s.client_config(), worker_id=0, timeout=0.3, retries=2)
+    s.stop()
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="3 tries"):
+        c.pull()
+    assert time.monotonic() - t0 < 5
+    c.close()
+
+
+@pytest.mark.timeout(30)
+def test_staleness_bound_stale_reply_then_pull_and_retry():
+    with server(mode="async", staleness=0, learning_rate=1.0) as s:
+        cfg = s.client_config()
+        a, b = ParameterClient(cfg, worker_id=0), ParameterClient(cfg, worker_id=1)
+        a.pull(), b.pull()
+        a.push(np.ones(16, np.float32))
+        with pytest.raises(StaleUpdate, match="1 updates old"):
+            b.push(np.ones(16, np.float32))                 # computed on version 0, server at 1, bound 0
+        assert b.step == 0
+        b.pull()
+        assert b.push(np.ones(16, np.float32)).step == 1
+        st = s.stats()
+        assert st["rejected"] == {"stale": 1} and st["applied"] == 2
+        np.testing.assert_array_equal(s.weights(), -2 * np.ones(16))
+        a.close(), b.close()
+
+
+@pytest.mark.timeout(30)
+def test_sync_dead_worker_gives_clear_error_within_timeout():
+    with server(mode="sync", num_workers=2, barrier_timeout=1.0) as s:
+        cfg = s.client_config()
+        a = ParameterClient(cfg, worker_id=0, timeout=2)
+        ParameterClient(cfg, worker_id=1).close()           # registers, then "dies" before pushing
+        t0 = time.monotonic()
+        with pytest.raises(PSError, match=r"BARRIER_TIMEOUT.*workers \[1\]") as e:
+            a.push(np.ones(16, np.float32))
+        assert e.value.reason == Reason.BARRIER_TIMEOUT and time.monotonic() - t0 < 3
+        np.testing.assert_array_equal(s.weights(), np.zeros(16))
+        a.close()
+
+
+@pytest.mark.timeout(30)
+def test_restarted_worker_resumes_without_double_apply():
+    with server(mode="async", learning_rate=1.0) as s:
+        cfg = s.client_config()
+        c0 = ParameterClient(cfg, worker_id=0, attempt=0)
+        for _ in range(5):
+            c0.push(np.ones(16, np.float32))
+        c1 = ParameterClient(cfg, worker_id=0, attempt=1)  # a retried task
+        assert c1.step == 5                                 # resumes after the last applied step
+        with pytest.raises(PSError) as e:
+            c0.push(np.ones(16, np.float32))                # the old attempt is fenced off
+        assert e.value.reason == Reason.SUPERSEDED_ATTEMPT
+        r = c1.push(np.ones(16, np.float32), step=5)        # replaying step 5: acknowledged, not applied
+        assert r.duplicate and r.step == 5
+        assert c1.push(np.ones(16, np.float32)).step == 6
+        st = s.stats()["workers"]["0"]
+        assert st["applied"] == st["last_step"] == 6 and st["attempt"] == 1
+        np.testing.assert_array_equal(s.weights(), -6 * np.ones(16))
+        c0.close(), c1.close()
+
+
+def _sync_run(cfg, steps, first_step=1, attempt=0):
+    """Two sync workers whose gradients depend on the weights: g_i = 0.1 w + (i + 1) * step."""
+    def worker(i):
+        with ParameterClient(cfg, worker_id=i, attempt=attempt, timeout=10) as c:
+            assert c.step == first_step - 1
+            _, w = c.pull()
+            for k in range(first_step, steps + 1):
+                g = (0.1 * w + (i + 1) * k).astype(np.float32)
+                w = c.push(g, batch_size=4, want_weights=True).weights
+    run_threads([lambda i=i: worker(i) for i in range(2)])
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_resume_equals_uninterrupted_sync_run(tmp_path):
+    w0 = np.linspace(-1, 1, 16, dtype=np.float32)
+    opts = dict(mode="sync", num_workers=2, optimizer="momentum", learning_rate=0.05, layers=[3, 4])
+    with server(w0, **opts) as s:
+        _sync_run(s.client_config(), 20)
+        want = s.weights()
+    d = str(tmp_path / "ckpt")
+    with server(w0, checkpoint_dir=d, checkpoint_every=10, checkpoint_on_stop=False, **opts) as s:
+        _sync_run(s.client_config(), 13)                   # "crash" after step 13: last checkpoint at 10
+    arrays, meta = ckpt.load(ckpt.latest(d))
+    assert meta["version"] == 10 and meta["workers"]["1"]["last_step"] == 10 and "opt_velocity" in arrays
+    with server(w0, checkpoint_dir=d, resume=True, **opts) as s:
+        assert s.version == 10
+        _sync_run(s.client_config(), 20, first_step=11, attempt=1)
+        np.testing.assert_allclose(s.weights(), want, rtol=1e-6, atol=1e-6)
+        assert s.stats()["workers"]["0"]["applied"] == 20
+
+
+def test_checkpoint_files_are_atomic_and_pickle_free(tmp_path):
+    d = str(tmp_path)
+    for v in range(5):
+        ckpt.save(d, {"weights": np.full(4, v, np.float32)}, {"version": v, "mode": "async"}, keep=2)
+    names = sorted(os.listdir(d))
+    assert names == ["ckpt-000000000003.npz", "ckpt-000000000004.npz"]      # no temp files left behind
+    arrays, meta = ckpt.load(ckpt.latest(d))
+    assert meta["version"] == 4 and arrays["weights"][0] == 4
+    (tmp_path / "ckpt-000000000009.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable ffps checkpoint"):
+        ckpt.load(ckpt.latest(d))
+
+
+@pytest.mark.timeout(60)
+def test_ssp_conformance_with_random_delays():
+    """Worker i pushes -e_i (lr 1), so pulled w[j] is worker j's clock: every read at clock c must see
+    every other worker at clock >= c - s."""
+    p, slack, clocks = 4, 2, 25
+    with server(np.zeros(p, np.float32), mode="async", num_workers=p, learning_rate=1.0, ssp_slack=slack,
+                barrier_timeout=20) as s:
+        cfg = s.client_config()
+        seen = []
+
+        def worker(i):
+            rng = random.Random(i)
+            e = np.zeros(p, np.float32)
+            e[i] = -1.0
+            with ParameterClient(cfg, worker_id=i, timeout=10) as c:
+                for clock in range(clocks):
+                    _, w = c.pull(clock=clock)
+                    seen.append((i, clock, w.copy()))
+                    time.sleep(rng.uniform(0, 0.01) * (1 + 3 * (i == 0)))   # worker 0 is slow
+                    c.push(e)
+                c.bye()
+        run_threads([lambda i=i: worker(i) for i in range(p)])
+        assert len(seen) == p * clocks
+        for i, clock, w in seen:
+            others = np.delete(w, i)
+            assert (others >= clock - slack).all(), (i, clock, w)
+        fast_lead = max(w[i] - np.delete(w, i).min() for i, _, w in seen)
+        assert fast_lead <= slack + 1
