@@ -1,0 +1,226 @@
+"""Spark-free runner: one server in this process, N worker processes (multiprocessing 'spawn').
+
+    result = run(X, y, layers=[64, 100, 10], mode="async", workers=4, backend="numba", epochs=20)
+    result.weights, result.history, result.stats
+
+Every wait has a timeout. A worker process that dies can be relaunched with attempt + 1 (``max_restarts``);
+it resumes after the last step the server applied for it. CLI on digits::
+
+    python -m ps.runner --mode async --workers 4 --backend numba --epochs 20
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .server import ParameterServer
+
+log = logging.getLogger("ps.runner")
+
+
+class WorkerFailed(RuntimeError):
+    """One or more workers failed and could not be restarted; the message carries their errors."""
+
+
+def _worker_main(out_q, cfg, worker_id, attempt, X, y, kw):
+    from .worker import run_worker
+    try:
+        res = run_worker(cfg, worker_id, X, y, attempt=attempt, **kw)
+        out_q.put(("ok", worker_id, attempt, res))
+    except BaseException as exc:  # noqa: BLE001 - report every failure to the driver, then exit non-zero
+        out_q.put(("error", worker_id, attempt, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise SystemExit(1)
+
+
+def shard(X, y, workers: int, equal: bool):
+    """Contiguous shards of a shuffled copy; ``equal`` drops the remainder so every shard has n // workers rows."""
+    n = X.shape[0]
+    per = n // workers
+    bounds = [(i * per, (i + 1) * per) for i in range(workers)] if equal else \
+        [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
+    return [(np.ascontiguousarray(X[a:b]), np.ascontiguousarray(y[a:b])) for a, b in bounds]
+
+
+@dataclass
+class RunResult:
+    weights: np.ndarray
+    history: list
+    stats: dict
+    workers: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    samples: int = 0
+    failed: dict = field(default_factory=dict)   # worker -> error lines (only with tolerate_failures)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Wall clock from launching the workers (process start-up included)."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """Training only: samples / the slowest worker's time from connecting to its last push."""
+        t = max((r["seconds"] for r in self.workers.values()), default=0.0)
+        return self.samples / t if t > 0 else 0.0
+
+
+class Runner:
+    """Start with ``start()``, wait with ``join(timeout)``; ``pids()`` lists live worker processes.
+
+    Server options (tau, staleness, ssp_slack, optimizer, barrier_timeout, checkpoint_dir, ...) pass through
+    ``server_kw``. tolerate_failures: when at least one worker finished, failed workers are listed in
+    ``RunResult.failed`` instead of raising WorkerFailed (async modes keep going without them).
+    worker_options: extra keyword arguments for :func:`ps.worker.run_worker` (e.g. step_delay).
+    """
+
+    def __init__(self, X, y, layers, mode="async", workers=2, backend="numpy", devices=None, epochs=10,
+                 batch_size=64, learning_rate=0.1, seed=0, secure=True, max_restarts=0, worker_timeout=10.0,
+                 progress=False, tolerate_failures=False, worker_options=None, **server_kw):
+        from core import FeedForwardNetwork
+
+        self.layers, self.mode, self.n = list(layers), mode, int(workers)
+        self.max_restarts, self.tolerate_failures = int(max_restarts), bool(tolerate_failures)
+        net = FeedForwardNetwork(self.layers, backend="numpy")
+        server_kw.setdefault("barrier_timeout", 20.0)
+        self.server = ParameterServer(net.init_params(seed), mode=mode, learning_rate=learning_rate,
+                                      num_workers=self.n, secure=secure, layers=self.layers, progress=progress,
+                                      **server_kw)
+        self.shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=mode in ("sync", "easgd"))
+        devices = devices if devices is not None else [None] * self.n
+        self.kw = [dict(layers=self.layers, epochs=epochs, batch_size=batch_size, backend=backend,
+                        device=devices[i], seed=seed, timeout=worker_timeout, **(worker_options or {}))
+                   for i in range(self.n)]
+        self.ctx = mp.get_context("spawn")
+        self.q = self.ctx.Queue()
+        self.procs: dict[int, mp.Process] = {}
+        self.attempts = [0] * self.n
+        self.results: dict[int, dict] = {}
+        self.errors: dict[int, list] = {i: [] for i in range(self.n)}
+
+    def _launch(self, i):
+        X, y = self.shards[i]
+        p = self.ctx.Process(target=_worker_main, name=f"ps-worker-{i}", daemon=True,
+                             args=(self.q, self.cfg, i, self.attempts[i], X, y, self.kw[i]))
+        p.start()
+        self.procs[i] = p
+
+    def start(self) -> "Runner":
+        self.server.start()
+        self.cfg = self.server.client_config()
+        self.t0 = time.perf_counter()
+        for i in range(self.n):
+            self._launch(i)
+        return self
+
+    def pids(self) -> dict[int, int]:
+        return {i: p.pid for i, p in self.procs.items() if p.is_alive()}
+
+    def join(self, timeout=600.0) -> RunResult:
+        deadline = time.monotonic() + timeout
+        try:
+            while len(self.results) + sum(1 for i in range(self.n) if self._gave_up(i)) < self.n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers {sorted(set(range(self.n)) - set(self.results))} did not finish "
+                                       f"within {timeout}s; server stats: {self.server.stats()}")
+                self._collect(0.1)
+                for i, p in list(self.procs.items()):
+                    if i in self.results or p.is_alive():
+                        continue
+                    self._collect(0.5)                        # its last message may still be in the pipe
+                    if i in self.results:
+                        continue
+                    if not self.errors[i] or self.errors[i][-1][0] != self.attempts[i]:
+                        self.errors[i].append((self.attempts[i], f"process exited with code {p.exitcode}"))
+                    if self.attempts[i] < self.max_restarts:
+                        self.attempts[i] += 1
+                        log.warning("worker %d died (exit %s); restarting as attempt %d", i, p.exitcode,
+                                    self.attempts[i])
+                        self._launch(i)
+            seconds = time.perf_counter() - self.t0
+        finally:
+            for p in self.procs.values():
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+            self.server.stop()
+        failed = {i: e for i, e in self.errors.items() if i not in self.results}
+        if failed and not (self.tolerate_failures and self.results):
+            raise WorkerFailed("; ".join(f"worker {i}: " + " / ".join(f"attempt {a}: {m.splitlines()[0]}"
+                                                                       for a, m in e) for i, e in failed.items()))
+        return RunResult(self.server.weights(), self.server.history(), self.server.stats(), dict(self.results),
+                         seconds, sum(r["samples"] for r in self.results.values()),
+                         {i: [m.splitlines()[0] for _, m in e] for i, e in failed.items()})
+
+    def _gave_up(self, i) -> bool:
+        p = self.procs.get(i)
+        return i not in self.results and p is not None and not p.is_alive() and \
+            self.attempts[i] >= self.max_restarts and bool(self.errors[i])
+
+    def _collect(self, wait):
+        try:
+            kind, i, attempt, payload = self.q.get(timeout=wait)
+        except queue.Empty:
+            return
+        if kind == "ok":
+            self.results[i] = payload
+        else:
+            self.errors[i].append((attempt, payload))
+
+
+def run(X, y, layers, timeout=600.0, **kw) -> RunResult:
+    """Train with a server and ``workers`` processes; see :class:`Runner` for the options."""
+    return Runner(X, y, layers, **kw).start().join(timeout)
+
+
+def load_digits_split(seed=0):
+    """sklearn digits, X / 16, stratified 70/30 split (random_state=seed)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    return train_test_split(X, y.astype(np.int64), test_size=0.3, stratify=y, random_state=seed)
+
+
+def main(argv=None) -> int:
+    from . import MODES
+
+    ap = argparse.ArgumentParser(description="Train the digits net with the ffps parameter server (no Spark).")
+    ap.add_argument("--mode", choices=MODES, default="async")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--backend", default="numpy", help="numpy | numba | cupy | auto")
+    ap.add_argument("--devices", default=None, help="comma-separated GPU ordinals, one per worker (cupy)")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--tau", type=int, default=1)
+    ap.add_argument("--staleness", type=int, default=None)
+    ap.add_argument("--optimizer", default="sgd")
+    ap.add_argument("--insecure", action="store_true", help="turn CURVE off (trusted networks only)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--layers", default="64,100,10")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Xtr, Xte, ytr, yte = load_digits_split()
+    layers = [int(v) for v in a.layers.split(",")]
+    devices = [int(d) for d in a.devices.split(",")] if a.devices else None
+    res = run(Xtr, ytr, layers, mode=a.mode, workers=a.workers, backend=a.backend, devices=devices,
+              epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr, tau=a.tau, staleness=a.staleness,
+              optimizer=a.optimizer, secure=not a.insecure, progress=not a.no_progress)
+    from core import FeedForwardNetwork
+
+    loss, acc = FeedForwardNetwork(layers, backend="numpy").evaluate(res.weights, Xte, yte)
+    print(f"mode={a.mode} workers={a.workers} backend={a.backend}: test accuracy {acc:.4f} (loss {loss:.4f}), "
+          f"{res.seconds:.2f}s, {res.samples_per_s:.0f} samples/s, applied {res.stats['applied']}, "
+          f"rejected {res.stats['rejected_total']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The training loop one worker runs against the server, for every mode (DESIGN.md rules).
+
+Local steps use the core trainer (any backend: numpy, numba, cupy with a device ordinal); the client
+moves float32 host vectors. Exchange ``s`` (1, 2, ...) covers local steps ``(s-1)*tau+1 .. s*tau`` of a
+deterministic batch sequence (seeded per worker), so a restarted worker (attempt + 1) skips exactly the
+exchanges the server already applied for it and no mini-batch is applied twice.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .client import ParameterClient, StaleUpdate
+
+
+def batch_stream(trainer, data, epochs):
+    """(local step k = 1.., X_batch, y_batch) over ``epochs`` seeded passes."""
+    k = 0
+    for _ in range(epochs):
+        for Xb, yb in trainer.batches(data):
+            k += 1
+            yield k, Xb, yb
+
+
+def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, layers, epochs=10, batch_size=64,
+               backend="numpy", device=None, attempt=0, seed=0, timeout=10.0, on_step=None,
+               step_delay=0.0) -> dict:
+    """Train on this shard (X (n, d0), y (n,)) against the server in ``cfg`` -> summary dict.
+
+    on_step(local_step): optional hook; step_delay: seconds of sleep per local step (fault tests use it to
+    keep training running long enough to kill a worker mid-way).
+    """
+    from core import FeedForwardNetwork, MinibatchTrainer   # ps.worker is the only ps module that trains
+
+    mode, tau = cfg["mode"], int(cfg["tau"])
+    lr, alpha = float(cfg["learning_rate"]), float(cfg["alpha"])
+    net = FeedForwardNetwork(layers, backend=backend, device=device)
+    ops = net.ops
+    local_opt = "nesterov" if mode == "eamsgd" else "sgd"
+    trainer = MinibatchTrainer(net, batch_size=batch_size, learning_rate=lr, optimizer=local_opt,
+                               momentum=cfg.get("momentum", 0.9), seed=seed * 1000 + worker_id)
+    data = net.upload(X, y)
+    t0 = time.perf_counter()
+    client = ParameterClient(cfg, worker_id=worker_id, attempt=attempt, timeout=timeout)
+    resume_after = client.step
+    host = np.empty(net.num_params, dtype=np.float32)
+    acc = ops.zeros((net.num_params,), net.dtype)
+    stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,
+             "stale": 0, "duplicates": 0, "local_steps": 0}
+    try:
+        version, wh = client.pull()
+        w = ops.asarray(np.array(wh, copy=True))
+        loss_sum, correct, rows, in_window = 0.0, 0, 0, 0
+        for k, Xb, yb in batch_stream(trainer, data, epochs):
+            if (k - 1) // tau < resume_after:
+                continue                                   # this exchange was applied by an earlier attempt
+            if on_step is not None:
+                on_step(k)
+            if step_delay:
+                time.sleep(step_delay)
+            if mode in ("sync", "async"):
+                ls, c = net.gradient_device(w, Xb, yb, trainer.grad)
+                acc += trainer.grad
+                if mode == "async" and tau > 1:
+                    trainer.optimizer.step(w, trainer.grad)   # DOWNPOUR: local progress inside the window
+            else:
+                ls, c = trainer.step(w, Xb, yb)               # local SGD / Nesterov step on x_i
+            loss_sum, correct, rows, in_window = loss_sum + ls, correct + c, rows + Xb.shape[0], in_window + 1
+            stats["local_steps"] += 1
+            if in_window < tau:
+                continue
+            metrics = dict(loss=loss_sum / rows, accuracy=correct / rows, batch_size=rows)
+            step = (k - 1) // tau + 1
+            if mode in ("sync", "async"):
+                try:
+                    r = client.push(ops.to_host(acc, out=host), base_version=version, step=step,
+                                    want_weights=cfg.get("ssp_slack") is None, **metrics)
+                except StaleUpdate:
+                    stats["stale"] += 1
+                    r = None
+                if r is not None and r.weights is not None:
+                    version, wh = r.version, r.weights
+                else:
+                    version, wh = client.pull()
+                w[...] = ops.asarray(np.array(wh, copy=True))
+                acc[...] = 0
+            elif mode == "easgd":
+                r = client.push(ops.to_host(w, out=host), base_version=version, step=step, kind="local_weights",
+                                **metrics)
+                center = ops.asarray(np.array(r.weights, copy=True))
+                w -= net.dtype.type(alpha) * (w - center)         # x_i <- x_i - a (x_i - c_old)
+                version = r.version
+            else:                                                 # async-easgd, eamsgd
+                version, ch = client.pull()
+                center = ops.asarray(np.array(ch, copy=True))
+                e = net.dtype.type(alpha) * (w - center)
+                w -= e
+                client.push(ops.to_host(e, out=host), base_version=version, step=step, kind="elastic", **metrics)
+            stats["pushes"] += 1
+            loss_sum, correct, rows, in_window = 0.0, 0, 0, 0
+        client.bye()
+    finally:
+        client.close()
+    stats.update(seconds=time.perf_counter() - t0, last_step=client.step, backend=net.backend_name)
+    stats["samples"] = stats["local_steps"] * batch_size
+    return stats

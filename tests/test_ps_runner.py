@@ -1,0 +1,96 @@
+"""Spark-free runner: worker processes (spawn) train digits in every mode; killed workers; restarts."""
+import math
+import os
+import signal
+import time
+
+import pytest
+
+from core import FeedForwardNetwork
+from ps.runner import Runner, WorkerFailed, run
+
+try:
+    from tests.ps_helpers import digits
+except ImportError:  # pytest run without the repository root on sys.path
+    from ps_helpers import digits
+
+LAYERS = [64, 100, 10]
+
+
+def accuracy(weights):
+    _, Xte, _, yte = digits()
+    return FeedForwardNetwork(LAYERS, backend="numpy").evaluate(weights, Xte, yte)[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode,opts", [
+    ("sync", dict(workers=2, learning_rate=0.2)),
+    ("async", dict(workers=4, learning_rate=0.1)),
+    ("async", dict(workers=3, learning_rate=0.1, tau=2, staleness=6)),
+    ("easgd", dict(workers=2, learning_rate=0.1, tau=4)),
+    ("async-easgd", dict(workers=3, learning_rate=0.1, tau=4)),
+    ("eamsgd", dict(workers=2, learning_rate=0.05, tau=4, momentum=0.9)),
+], ids=["sync", "async", "async-staleness", "easgd", "async-easgd", "eamsgd"])
+def test_every_mode_trains_digits_to_95_percent(mode, opts):
+    Xtr, _, ytr, _ = digits()
+    res = run(Xtr, ytr, LAYERS, mode=mode, backend="numpy", epochs=20, batch_size=32, timeout=100, **opts)
+    acc = accuracy(res.weights)
+    assert acc >= 0.95, (mode, acc, res.stats["rejected"])
+    assert res.stats["applied"] > 0 and len(res.history) > 0
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    if "staleness" in opts:
+        assert max(h["staleness"] for h in res.history) <= opts["staleness"]
+
+
+def _kill_when(runner, worker, min_step, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = runner.server.stats()["workers"].get(str(worker))
+        if st and st["last_step"] >= min_step:
+            os.kill(runner.pids()[worker], signal.SIGKILL)
+            return st["last_step"]
+        time.sleep(0.02)
+    raise AssertionError(f"worker {worker} never reached step {min_step}")
+
+
+@pytest.mark.timeout(120)
+def test_async_goes_on_when_a_worker_is_killed():
+    Xtr, _, ytr, _ = digits()
+    r = Runner(Xtr, ytr, LAYERS, mode="async", workers=2, epochs=6, batch_size=32, tolerate_failures=True,
+               worker_options=dict(step_delay=0.01)).start()
+    _kill_when(r, 1, 5)
+    res = r.join(timeout=100)
+    assert 0 in res.workers and 1 not in res.workers and 1 in res.failed
+    assert res.workers[0]["last_step"] == 6 * math.ceil(len(r.shards[0][0]) / 32)
+    assert "exited with code -9" in res.failed[1][0]
+
+
+@pytest.mark.timeout(120)
+def test_sync_killed_worker_gives_clear_error_within_timeout():
+    Xtr, _, ytr, _ = digits()
+    r = Runner(Xtr, ytr, LAYERS, mode="sync", workers=2, epochs=20, batch_size=32, barrier_timeout=2.0,
+               worker_options=dict(step_delay=0.005)).start()
+    _kill_when(r, 1, 3)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed, match=r"(?s)worker 0.*BARRIER_TIMEOUT.*workers \[1\]"):
+        r.join(timeout=60)
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.timeout(120)
+def test_restarted_worker_resumes_without_double_apply():
+    Xtr, _, ytr, _ = digits()
+    epochs, bs = 6, 32
+    r = Runner(Xtr, ytr, LAYERS, mode="async", workers=2, epochs=epochs, batch_size=bs, max_restarts=1,
+               worker_options=dict(step_delay=0.01)).start()
+    killed_at = _kill_when(r, 1, 10)
+    res = r.join(timeout=100)
+    per_worker = {i: epochs * math.ceil(len(r.shards[i][0]) / bs) for i in range(2)}
+    w1 = res.stats["workers"]["1"]
+    assert w1["attempt"] == 1 and res.workers[1]["attempt"] == 1
+    assert res.workers[1]["resumed_after"] >= killed_at
+    # every exchange applied exactly once across both attempts
+    assert w1["applied"] == w1["last_step"] == per_worker[1]
+    assert res.stats["workers"]["0"]["applied"] == per_worker[0]
+    assert res.stats["applied"] == sum(per_worker.values())
+    assert accuracy(res.weights) > 0.9
