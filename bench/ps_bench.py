@@ -1,0 +1,187 @@
+"""Parameter-server benchmarks; prints a table and writes bench/results/ps_bench.json.
+
+1. push+pull round trip of a 1M / 10M float32 vector through ParameterClient/ParameterServer (security off,
+   then CURVE on) against a raw pyzmq DEALER/ROUTER round trip of the same bytes, measured in the same run
+   (the anchor in ../shared/anchors/zmq_loopback.py). Ratio = raw time / our time (1.0 = as fast as raw).
+2. updates/s (push + new weights back) with 1, 2, 4, 8 worker processes on the digits net's vector.
+3. samples/s of the Spark-free runner on digits (CPU workers) vs one process training alone, no server.
+
+    .venv/bin/python bench/ps_bench.py [--quick] [--backend numba]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ps import ParameterClient, ParameterServer  # noqa: E402
+
+
+def raw_round_trip(n, reps):
+    """The anchor: ROUTER thread applies w -= 0.01 g and sends w back zero-copy; DEALER times round trips."""
+    ctx = zmq.Context()
+    srv = ctx.socket(zmq.ROUTER)
+    port = srv.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve(total):
+        w = None
+        for _ in range(total):
+            ident, _hdr, payload = srv.recv_multipart(copy=False)
+            g = np.frombuffer(payload.buffer, dtype=np.float32)
+            if w is None:
+                w = np.zeros_like(g)
+            w -= 0.01 * g
+            srv.send_multipart([ident.bytes, b"ok", w], copy=False)
+
+    t = threading.Thread(target=serve, args=(reps + 2,))
+    t.start()
+    c = ctx.socket(zmq.DEALER)
+    c.connect(f"tcp://127.0.0.1:{port}")
+    g = np.random.default_rng(0).random(n, dtype=np.float32)
+    for _ in range(2):
+        c.send_multipart([b"push", g], copy=False)
+        c.recv_multipart(copy=False)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        c.send_multipart([b"push", g], copy=False)
+        c.recv_multipart(copy=False)
+    dt = (time.perf_counter() - t0) / reps
+    t.join()
+    c.close(linger=0)
+    srv.close(linger=0)
+    ctx.term()
+    return dt
+
+
+def ours_round_trip(n, reps, secure):
+    g = np.random.default_rng(0).random(n, dtype=np.float32)
+    with ParameterServer(np.zeros(n, np.float32), mode="async", learning_rate=0.01, num_workers=1,
+                         secure=secure, progress=False) as s:
+        with ParameterClient(s.client_config(), worker_id=0, timeout=60) as c:
+            for _ in range(2):
+                c.push(g, want_weights=True)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                c.push(g, want_weights=True)
+            dt = (time.perf_counter() - t0) / reps
+        assert s.stats()["applied"] == reps + 2
+    return dt
+
+
+def _updates_worker(cfg, wid, seconds, q):
+    g = np.full(cfg["num_params"], 1e-6, np.float32)
+    with ParameterClient(cfg, worker_id=wid, timeout=30) as c:
+        c.barrier(1)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            c.push(g, want_weights=True)
+            n += 1
+        q.put((n, time.perf_counter() - t0))
+
+
+def updates_per_second(workers, num_params, seconds, secure):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with ParameterServer(np.zeros(num_params, np.float32), mode="async", num_workers=workers, secure=secure,
+                         progress=False, barrier_timeout=60) as s:
+        cfg = s.client_config()
+        ps_ = [ctx.Process(target=_updates_worker, args=(cfg, i, seconds, q)) for i in range(workers)]
+        for p in ps_:
+            p.start()
+        res = [q.get(timeout=120) for _ in ps_]
+        for p in ps_:
+            p.join(30)
+        applied = s.stats()["applied"]
+    total = sum(n for n, _ in res)
+    assert applied == total, (applied, total)
+    return total / max(dt for _, dt in res)
+
+
+def runner_throughput(workers, backend, epochs, secure, tau=1):
+    from ps.runner import load_digits_split, run
+    from core import FeedForwardNetwork
+
+    Xtr, Xte, ytr, yte = load_digits_split()
+    res = run(Xtr, ytr, [64, 100, 10], mode="async", workers=workers, backend=backend, epochs=epochs,
+              batch_size=32, learning_rate=0.1, secure=secure, tau=tau, timeout=600)
+    acc = FeedForwardNetwork([64, 100, 10], backend="numpy").evaluate(res.weights, Xte, yte)[1]
+    return res.samples_per_s, res.steady_samples_per_s, acc
+
+
+def alone_throughput(backend, epochs):
+    from ps.runner import load_digits_split
+    from core import FeedForwardNetwork, MinibatchTrainer
+
+    Xtr, Xte, ytr, yte = load_digits_split()
+    net = FeedForwardNetwork([64, 100, 10], backend=backend)
+    tr = MinibatchTrainer(net, batch_size=32, learning_rate=0.1)
+    tr.fit(Xtr, ytr, epochs=1)                                  # warm-up (numba compile / caches)
+    t0 = time.perf_counter()
+    w, _ = MinibatchTrainer(net, batch_size=32, learning_rate=0.1).fit(Xtr, ytr, epochs=epochs)
+    dt = time.perf_counter() - t0
+    return len(ytr) * epochs / dt, net.evaluate(w, Xte, yte)[1]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "ps_bench.json"))
+    a = ap.parse_args(argv)
+    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(),
+                       "libzmq": zmq.zmq_version(), "platform": platform.platform()}, "round_trip": [],
+           "updates_per_s": [], "runner": []}
+    print("push+pull round trip (one client, loopback tcp)")
+    print(f"{'size':>8} {'raw ms':>9} {'ours ms':>9} {'ours/raw':>9} {'curve ms':>9} {'curve cost':>10} {'GB/s ours':>9}")
+    for n, reps in ((1_000_000, 20 if a.quick else 50), (10_000_000, 4 if a.quick else 10)):
+        raw, ours, curve = [], [], []
+        for _ in range(3 if a.quick else 5):   # interleave to share the machine's noise; best of each
+            raw.append(raw_round_trip(n, reps))
+            ours.append(ours_round_trip(n, reps, secure=False))
+            curve.append(ours_round_trip(n, max(2, reps // 2), secure=True))
+        r, o, c = min(raw), min(ours), min(curve)
+        row = {"n_params": n, "mbytes": n * 4 / 2**20, "raw_ms": r * 1e3, "ours_ms": o * 1e3,
+               "ratio_ours_over_raw_throughput": r / o, "curve_ms": c * 1e3, "curve_cost_x": c / o,
+               "ours_gb_s_both_ways": 2 * n * 4 / o / 1e9}
+        out["round_trip"].append(row)
+        print(f"{row['mbytes']:6.1f}MB {row['raw_ms']:9.2f} {row['ours_ms']:9.2f} "
+              f"{row['ratio_ours_over_raw_throughput']:8.2f}x {row['curve_ms']:9.2f} {row['curve_cost_x']:9.2f}x "
+              f"{row['ours_gb_s_both_ways']:9.2f}")
+    P = 64 * 100 + 100 + 100 * 10 + 10
+    print(f"\nupdates/s, push + weights back, {P} params (digits net), worker processes")
+    for secure in (False, True):
+        for w in (1, 2, 4, 8):
+            u = updates_per_second(w, P, 1.5 if a.quick else 3.0, secure)
+            out["updates_per_s"].append({"workers": w, "secure": secure, "updates_per_s": u})
+            print(f"  workers={w} secure={secure!s:5}: {u:9.0f} updates/s")
+    print(f"\nSpark-free runner, digits, async, batch 32, backend {a.backend}")
+    epochs = 10 if a.quick else 30
+    sps, acc = alone_throughput(a.backend, epochs)
+    out["runner"].append({"workers": 0, "label": "one process, no server", "backend": a.backend,
+                          "samples_per_s": sps, "test_accuracy": acc})
+    print(f"  alone (no server)  : {sps:9.0f} samples/s, test acc {acc:.4f}")
+    for w, tau in ((1, 1), (2, 1), (4, 1), (2, 4), (4, 4)):
+        sps, steady, acc = runner_throughput(w, a.backend, epochs, secure=True, tau=tau)
+        out["runner"].append({"workers": w, "tau": tau, "backend": a.backend, "secure": True,
+                              "samples_per_s_wall": sps, "samples_per_s_steady": steady, "test_accuracy": acc})
+        print(f"  runner workers={w} tau={tau}: {sps:9.0f} samples/s wall (incl. spawn), {steady:9.0f} steady, "
+              f"test acc {acc:.4f}")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
