@@ -171,6 +171,14 @@ def test_header_round_trip_and_rejections():
     with pytest.raises(ProtocolError) as e:
         read_array(h, bad.tobytes(), 10)
     assert e.value.reason == Reason.NON_FINITE
+    for value in (np.inf, -np.inf):
+        bad[3] = value
+        with pytest.raises(ProtocolError) as e:
+            read_array(h, bad.tobytes(), 10)
+        assert e.value.reason == Reason.NON_FINITE
+    huge = np.full(10, 3e38, np.float32)   # finite, but its squares (the fast screen) overflow
+    huge[::2] *= -1
+    np.testing.assert_array_equal(read_array(h, huge.tobytes(), 10), huge)
     assert model_fingerprint(10, layers=[2, 3]) != model_fingerprint(10, layers=[3, 2])
 
 
