@@ -30,10 +30,11 @@ def _jit_pair(fn):
 
 def _bias_relu(y, b):
     m, n = y.shape
+    zero = y.dtype.type(0)   # a typed zero: a literal 0 would unify float32 with int64 into float64
     for i in prange(m):
         for j in range(n):
             v = y[i, j] + b[j]
-            y[i, j] = v if v > 0 else 0
+            y[i, j] = v if v > 0 else zero
 
 
 def _bias_add(y, b):
@@ -45,38 +46,41 @@ def _bias_add(y, b):
 
 def _relu_backward(g, y):
     m, n = g.shape
+    zero = g.dtype.type(0)
     for i in prange(m):
         for j in range(n):
-            g[i, j] = g[i, j] if y[i, j] > 0 else 0  # a select, not a branch: vectorizes
+            g[i, j] = g[i, j] if y[i, j] > 0 else zero  # a select, not a branch: vectorizes
 
 
 def _bias_grad_partials(g, partials):
     """partials (T, n): row block t of g summed into partials[t]; blocks are disjoint across threads.
-    With T == 1 the caller passes out[None, :] and no merge is needed."""
+    With T == 1 the caller passes out[None, :] and no merge is needed. Each block sums into a fresh local
+    array: LLVM then knows it aliases nothing and vectorizes the row loop."""
     m, n = g.shape
     blocks = partials.shape[0]
     step = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = partials[t]
-        acc[:] = 0
+        acc = np.zeros(n, dtype=partials.dtype)
         for i in range(t * step, min(m, (t + 1) * step)):
             for j in range(n):
                 acc[j] += g[i, j]
+        partials[t, :] = acc
 
 
 def _relu_backward_partials(g, y, partials):
     """Fused: g <- g * [y > 0] and its column sums per row block, in one pass over g."""
     m, n = g.shape
+    zero = g.dtype.type(0)
     blocks = partials.shape[0]
     step = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = partials[t]
-        acc[:] = 0
+        acc = np.zeros(n, dtype=partials.dtype)
         for i in range(t * step, min(m, (t + 1) * step)):
             for j in range(n):
-                v = g[i, j] if y[i, j] > 0 else 0
+                v = g[i, j] if y[i, j] > 0 else zero
                 g[i, j] = v
                 acc[j] += v
+        partials[t, :] = acc
 
 
 def _softmax_shift_rows(z, labels, out, row_loss, row_ok):
