@@ -2,10 +2,11 @@
 
 Never imports pyspark; cupy and numba are imported only inside ``core/backends``.
 """
-from .backends import BackendUnavailable, available_backends, get_backend, resolve_backend_name
+from .backends import BackendUnavailable, available_backends, get_backend, limit_cpu_threads, resolve_backend_name
 from .network import DeviceData, FeedForwardNetwork, param_layout
 from .trainer import EpochStats, LocalOptimizer, MinibatchTrainer, TrainingDiverged
 
 __all__ = ["BackendUnavailable", "DeviceData", "EpochStats", "FeedForwardNetwork", "LocalOptimizer",
-           "MinibatchTrainer", "TrainingDiverged", "available_backends", "get_backend", "param_layout",
+           "MinibatchTrainer", "TrainingDiverged", "available_backends", "get_backend", "limit_cpu_threads",
+           "param_layout",
            "resolve_backend_name"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import os
 import queue
 import time
 import traceback
@@ -93,8 +94,12 @@ class Runner:
                                       **server_kw)
         self.shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=mode in ("sync", "easgd"))
         devices = devices if devices is not None else [None] * self.n
+        # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS
+        # threads make small GEMMs wait whole scheduler slices)
+        cpu_threads = max(1, (os.cpu_count() or 1) // self.n)
         self.kw = [dict(layers=self.layers, epochs=epochs, batch_size=batch_size, backend=backend,
-                        device=devices[i], seed=seed, timeout=worker_timeout, **(worker_options or {}))
+                        device=devices[i], seed=seed, timeout=worker_timeout, cpu_threads=cpu_threads,
+                        **(worker_options or {}))
                    for i in range(self.n)]
         self.ctx = mp.get_context("spawn")
         self.q = self.ctx.Queue()

@@ -25,13 +25,18 @@ def batch_stream(trainer, data, epochs):
 
 def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, layers, epochs=10, batch_size=64,
                backend="numpy", device=None, attempt=0, seed=0, timeout=10.0, on_step=None,
-               step_delay=0.0) -> dict:
+               step_delay=0.0, cpu_threads=None) -> dict:
     """Train on this shard (X (n, d0), y (n,)) against the server in ``cfg`` -> summary dict.
 
+    cpu_threads: this worker's share of the machine's cores for BLAS/numba (None leaves the defaults);
+    workers sharing a machine must not each spin up a thread per core.
     on_step(local_step): optional hook; step_delay: seconds of sleep per local step (fault tests use it to
     keep training running long enough to kill a worker mid-way).
     """
-    from core import FeedForwardNetwork, MinibatchTrainer   # ps.worker is the only ps module that trains
+    from core import FeedForwardNetwork, MinibatchTrainer, limit_cpu_threads  # the only ps module that trains
+
+    if cpu_threads is not None:
+        limit_cpu_threads(cpu_threads)
 
     mode, tau = cfg["mode"], int(cfg["tau"])
     lr, alpha = float(cfg["learning_rate"]), float(cfg["alpha"])

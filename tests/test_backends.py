@@ -130,3 +130,21 @@ def test_overrides_return_their_results():
     assert ops.sgd_update(b.copy(), b, 0.1) is not None
     assert ops.momentum_update(b.copy(), b.copy(), b, 0.1, 0.9) is not None
     assert ops.relu(y) is not None and ops.gemm(y, y.T) is not None
+
+
+def test_limit_cpu_threads_caps_blas_and_numba():
+    code = ("import core, numba, numpy;"
+            "from threadpoolctl import threadpool_info;"
+            "core.get_backend('numba'); core.limit_cpu_threads(1);"
+            "print(sorted({i['num_threads'] for i in threadpool_info()}), numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[1]", "1"]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_limit_cpu_threads_rejects_bad_counts(bad):
+    from core import limit_cpu_threads
+
+    with pytest.raises(ValueError, match="thread count must be a positive integer"):
+        limit_cpu_threads(bad)
