@@ -33,37 +33,39 @@ def flops(layers, batch):
     return 6 * batch * sum(a * b for a, b in zip(layers[:-1], layers[1:]))
 
 
-def time_cpu(fn, warm, reps):
-    for _ in range(warm):
-        fn()
-    ts = []
+def cpu_timer(fn, reps):
+    """Per-call seconds of ``reps`` back-to-back calls."""
+    out = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+        out.append(time.perf_counter() - t)
+    return out
 
 
-def time_gpu(fn, warm, reps):
+def gpu_timer(fn, reps):
+    """Per-call seconds from CUDA events around each call (after queued work drained)."""
     import cupy
 
-    for _ in range(warm):
-        fn()
     cupy.cuda.get_current_stream().synchronize()
-    ts = []
+    out = []
     for _ in range(reps):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
         fn()
         end.record()
         end.synchronize()
-        ts.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return float(np.median(ts))
+        out.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return out
 
 
-def reps_for(layers, batch, quick):
+def rounds_for(layers, batch, quick):
+    """(rounds, calls per contender per round): contenders are interleaved round by round, so a burst of
+    load from elsewhere hits every contender alike and the ratios stay fair."""
     heavy = flops(layers, batch) > 5e9
-    return (2, 5) if heavy and quick else (3, 15) if heavy else (20, 50 if quick else 300)
+    if heavy:
+        return (3, 2) if quick else (7, 3)
+    return (5, 20) if quick else (15, 40)
 
 
 # ------------------------------------------------------------------------ ours
@@ -134,10 +136,19 @@ def torch_step(layers, batch, device):
     return step
 
 
-def sgemm_rate_cpu(n=2048):
-    a = np.random.rand(n, n).astype(np.float32)
-    b = np.random.rand(n, n).astype(np.float32)
-    return 2 * n ** 3 / time_cpu(lambda: a @ b, 3, 15) / 1e9
+SGEMM_N = 2048
+SGEMM_FLOPS = 2 * SGEMM_N ** 3
+
+
+def sgemm_cpu():
+    a = np.random.rand(SGEMM_N, SGEMM_N).astype(np.float32)
+    b = np.random.rand(SGEMM_N, SGEMM_N).astype(np.float32)
+    out = np.empty_like(a)
+    return lambda: np.matmul(a, b, out=out)
+
+
+def sgemm_rate_cpu():
+    return SGEMM_FLOPS / float(np.median(cpu_timer(sgemm_cpu(), 15))) / 1e9
 
 
 def sgemm_rate_gpu(n=8192):
@@ -145,7 +156,10 @@ def sgemm_rate_gpu(n=8192):
 
     a = cupy.random.standard_normal((n, n), dtype=cupy.float32)
     b = cupy.random.standard_normal((n, n), dtype=cupy.float32)
-    return 2 * n ** 3 / time_gpu(lambda: a @ b, 3, 10) / 1e9
+    out = cupy.empty_like(a)
+    fn = lambda: cupy.matmul(a, b, out=out)  # noqa: E731
+    gpu_timer(fn, 3)
+    return 2 * n ** 3 / float(np.median(gpu_timer(fn, 10))) / 1e9
 
 
 def have_torch():
@@ -156,15 +170,27 @@ def have_torch():
         return False
 
 
-def measure(name, layers, batch, label, make_step, timer, quick, results):
-    warm, reps = reps_for(layers, batch, quick)
-    try:
-        t = timer(make_step(), warm, reps)
-    except Exception as exc:  # keep the rest of the table when one contender cannot run
-        results.setdefault(name, {})[label] = {"error": f"{type(exc).__name__}: {exc}"}
-        return
-    results.setdefault(name, {})[label] = {"ms": round(t * 1e3, 4), "samples_per_s": round(batch / t),
-                                           "gflops": round(flops(layers, batch) / t / 1e9, 2)}
+def measure_interleaved(name, layers, batch, contenders, quick, results):
+    """contenders: [(label, make_step, timer)]. Median per-call time of each, over interleaved rounds."""
+    rounds, reps = rounds_for(layers, batch, quick)
+    steps, samples = {}, {}
+    for label, make_step, timer in contenders:
+        try:
+            fn = make_step()
+            timer(fn, 2)                         # warm-up: compilation, allocation, BLAS threads
+            steps[label], samples[label] = (fn, timer), []
+        except Exception as exc:  # keep the rest of the table when one contender cannot run
+            results.setdefault(name, {})[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    for _ in range(rounds):
+        for label, (fn, timer) in steps.items():
+            samples[label].extend(timer(fn, reps if label != "sgemm" else 1))
+    for label, ts in samples.items():
+        t = float(np.median(ts))
+        if label == "sgemm":
+            results.setdefault(name, {})["sgemm_gflops_same_rounds"] = round(SGEMM_FLOPS / t / 1e9, 1)
+            continue
+        results.setdefault(name, {})[label] = {"ms": round(t * 1e3, 4), "samples_per_s": round(batch / t),
+                                               "gflops": round(flops(layers, batch) / t / 1e9, 2)}
 
 
 def main(argv=None):
@@ -196,34 +222,32 @@ def main(argv=None):
         nets = {k: v for k, v in nets.items() if k.split("[")[0] in args.nets.split(",")}
 
     for name, (layers, batch) in nets.items():
-        gpu_only = name in GPU_ONLY_NETS
-        if not gpu_only:
-            measure(name, layers, batch, "naive_numpy", lambda: naive_step(np, layers, batch), time_cpu,
-                    args.quick, results)
+        contenders = []
+        if name not in GPU_ONLY_NETS:
+            contenders.append(("sgemm", sgemm_cpu, cpu_timer))
+            contenders.append(("naive_numpy", lambda: naive_step(np, layers, batch), cpu_timer))
             for backend in [b for b in backends if b != "cupy"]:
-                measure(name, layers, batch, f"ffps_{backend}", lambda: ours_step(backend, layers, batch),
-                        time_cpu, args.quick, results)
+                contenders.append((f"ffps_{backend}", lambda b=backend: ours_step(b, layers, batch), cpu_timer))
             if use_torch:
-                measure(name, layers, batch, "torch_cpu", lambda: torch_step(layers, batch, "cpu"), time_cpu,
-                        args.quick, results)
+                contenders.append(("torch_cpu", lambda: torch_step(layers, batch, "cpu"), cpu_timer))
+        measure_interleaved(name, layers, batch, contenders, args.quick, results)
         if "cupy" in backends:
             import cupy
 
-            measure(name, layers, batch, "naive_cupy", lambda: naive_step(cupy, layers, batch), time_gpu,
-                    args.quick, results)
-            measure(name, layers, batch, "ffps_cupy", lambda: ours_step("cupy", layers, batch), time_gpu,
-                    args.quick, results)
+            gpu = [("naive_cupy", lambda: naive_step(cupy, layers, batch), gpu_timer),
+                   ("ffps_cupy", lambda: ours_step("cupy", layers, batch), gpu_timer)]
             if use_torch:
                 import torch
 
                 if torch.cuda.is_available():
-                    measure(name, layers, batch, "torch_cuda", lambda: torch_step(layers, batch, "cuda"),
-                            time_gpu, args.quick, results)
+                    gpu.append(("torch_cuda", lambda: torch_step(layers, batch, "cuda"), gpu_timer))
+            measure_interleaved(name, layers, batch, gpu, args.quick, results)
         r = results.get(name, {})
         # ratios against anchors measured in this run
         if "ffps_numba" in r and "ms" in r.get("naive_numpy", {}) and "ms" in r["ffps_numba"]:
             r["numba_speedup_vs_naive_numpy"] = round(r["naive_numpy"]["ms"] / r["ffps_numba"]["ms"], 2)
-            r["numba_fraction_of_cpu_sgemm"] = round(r["ffps_numba"]["gflops"] / report["cpu_sgemm_gflops"], 3)
+            r["numba_fraction_of_cpu_sgemm"] = round(
+                r["ffps_numba"]["gflops"] / r.get("sgemm_gflops_same_rounds", report["cpu_sgemm_gflops"]), 3)
         if "ms" in r.get("ffps_cupy", {}):
             r["cupy_fraction_of_gpu_sgemm"] = round(r["ffps_cupy"]["gflops"] / report["gpu_sgemm_gflops"], 3)
             if "ms" in r.get("naive_cupy", {}):
