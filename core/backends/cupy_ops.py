@@ -12,7 +12,7 @@ import functools
 import cupy
 import numpy as np
 
-from .numpy_ops import NumpyOps
+from .numpy_ops import NumpyOps, RowSoftmaxNLL
 
 _bias_add = cupy.ElementwiseKernel("T b", "T y", "y = y + b", "ffps_bias_add")
 _bias_relu = cupy.ElementwiseKernel("T b", "T y", "T v = y + b; y = v > (T)0 ? v : (T)0", "ffps_bias_relu")
@@ -79,7 +79,7 @@ def _softmax_nll_kernel(dtype_name: str):
     return module.get_function(name)
 
 
-class CupyOps(NumpyOps):
+class CupyOps(RowSoftmaxNLL, NumpyOps):
     """GPU backend on one CUDA device (``device`` ordinal, default the current one), made current here."""
 
     name = "cupy"
@@ -90,14 +90,6 @@ class CupyOps(NumpyOps):
         self.device = cupy.cuda.Device(device if device is not None else cupy.cuda.runtime.getDevice())
         self.device.use()
         self.device_id = self.device.id
-        self._scratch: dict[tuple, cupy.ndarray] = {}
-
-    def _buffer(self, key, shape, dtype):
-        buf = self._scratch.get(key)
-        if buf is None or buf.shape != shape:
-            buf = cupy.empty(shape, dtype=dtype)
-            self._scratch[key] = buf
-        return buf
 
     # ----------------------------------------------------------------- memory
     def asarray(self, x, dtype=None):
@@ -160,29 +152,19 @@ class CupyOps(NumpyOps):
         return out
 
     # ----------------------------------------------------------- softmax + NLL
-    def _rows(self, z, labels, scale, out, write_grad):
+    def _softmax_nll_rows(self, z, labels, scale, out, write_grad):
         if not z.flags.c_contiguous or (out is not None and not out.flags.c_contiguous):
             raise ValueError("softmax_nll needs C-contiguous logits and output (raw kernel ignores strides)")
         m, c = z.shape
         labels = cupy.ascontiguousarray(labels, dtype=cupy.int32)
-        row_loss = self._buffer(("row_loss", m), (m,), cupy.float64)
-        row_ok = self._buffer(("row_ok", m), (m,), cupy.int32)
+        row_loss = self._scratch("row_loss", (m,), cupy.float64)
+        row_ok = self._scratch("row_ok", (m,), cupy.int32)
         blocks = min(self.MAX_BLOCKS, (m + self.ROWS_PER_BLOCK - 1) // self.ROWS_PER_BLOCK)
         kernel = _softmax_nll_kernel(z.dtype.name)
         kernel((blocks,), (32 * self.ROWS_PER_BLOCK,),
                (z, labels, out if write_grad else z, row_loss, row_ok, np.int32(m), np.int32(c),
                 z.dtype.type(scale), np.int32(1 if write_grad else 0)))
         return float(row_loss.sum()), int(row_ok.sum())
-
-    def softmax_nll(self, z, labels):
-        return self._rows(z, labels, 1.0, None, False)
-
-    def softmax_nll_backward(self, z, labels, scale, out):
-        self._rows(z, labels, scale, out, True)
-        return out
-
-    def softmax_nll_grad(self, z, labels, scale, out):
-        return self._rows(z, labels, scale, out, True)
 
     def softmax(self, z, out=None):
         e = cupy.exp(z - z.max(axis=1, keepdims=True))

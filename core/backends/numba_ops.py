@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .numpy_ops import NumpyOps
+from .numpy_ops import NumpyOps, RowSoftmaxNLL
 
 # Fast-math that keeps NaN/inf semantics: no 'nnan'/'ninf', so a diverging loss is still seen as NaN.
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -157,7 +157,8 @@ def _all_finite(x):
 
 _KERNELS = {name: _jit_pair(fn) for name, fn in [
     ("bias_relu", _bias_relu), ("bias_add", _bias_add), ("relu_backward", _relu_backward),
-    ("bias_grad_partials", _bias_grad_partials), ("relu_backward_partials", _relu_backward_partials), ("softmax_shift_rows", _softmax_shift_rows),
+    ("bias_grad_partials", _bias_grad_partials), ("relu_backward_partials", _relu_backward_partials),
+    ("softmax_shift_rows", _softmax_shift_rows),
     ("softmax_finish_rows", _softmax_finish_rows),
     ("softmax", _softmax), ("sgd", _sgd), ("momentum", _momentum)]}
 _all_finite_jit = numba.njit(cache=True)(_all_finite)
@@ -168,21 +169,13 @@ def _kernel(name, size):
     return parallel if size >= PARALLEL_MIN_ELEMENTS else serial
 
 
-class NumbaOps(NumpyOps):
+class NumbaOps(RowSoftmaxNLL, NumpyOps):
     """CPU backend: BLAS GEMMs from NumPy plus fused, jitted elementwise and row-wise kernels."""
 
     name = "numba"
 
     def __init__(self):
         self.threads = numba.get_num_threads()
-        self._scratch: dict[tuple, np.ndarray] = {}
-
-    def _buffer(self, key, shape, dtype):
-        buf = self._scratch.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = np.empty(shape, dtype=dtype)
-            self._scratch[key] = buf
-        return buf
 
     def all_finite(self, x) -> bool:
         x = np.asarray(x)
@@ -206,7 +199,7 @@ class NumbaOps(NumpyOps):
         if g.size < PARALLEL_MIN_ELEMENTS or self.threads == 1:
             _KERNELS[kernel][0](*args, out.reshape(1, -1))   # one block, straight into out
             return out
-        partials = self._buffer(("partials", g.shape[1], g.dtype), (self.threads, g.shape[1]), g.dtype)
+        partials = self._scratch("partials", (self.threads, g.shape[1]), g.dtype)
         _KERNELS[kernel][1](*args, partials)
         np.sum(partials, axis=0, out=out)
         return out
@@ -217,29 +210,18 @@ class NumbaOps(NumpyOps):
     def relu_backward_bias_grad(self, g, y, out):
         return self._column_sums("relu_backward_partials", (g, y), g, out)
 
-    def _rows(self, z, labels, scale, out, write_grad):
+    def _softmax_nll_rows(self, z, labels, scale, out, write_grad):
         """Softmax-NLL in two jitted row passes around NumPy's SIMD exp (LLVM cannot vectorize exp
         without SVML): shift + argmax + label logit, exp in place, then sum/log/gradient."""
         m = z.shape[0]
-        row_loss = self._buffer(("row_loss", m), (m,), np.float64)
-        row_ok = self._buffer(("row_ok", m), (m,), np.int32)
-        e = out if write_grad else self._buffer(("exp", z.shape), z.shape, z.dtype)
+        row_loss = self._scratch("row_loss", (m,), np.float64)
+        row_ok = self._scratch("row_ok", (m,), np.int32)
+        e = out if write_grad else self._scratch("exp", z.shape, z.dtype)
         _kernel("softmax_shift_rows", z.size)(z, labels, e, row_loss, row_ok)
         np.exp(e, out=e)
         loss_sum, correct = _kernel("softmax_finish_rows", z.size)(e, labels, z.dtype.type(scale), row_loss,
                                                                   row_ok, write_grad)
         return float(loss_sum), int(correct)
-
-    def softmax_nll(self, z, labels):
-        return self._rows(z, labels, 1.0, None, False)
-
-    def softmax_nll_backward(self, z, labels, scale, out):
-        self._rows(z, labels, scale, out, True)
-        return out
-
-    def softmax_nll_grad(self, z, labels, scale, out):
-        """One pass per row: loss, correct and dL/dz together (``out`` may alias ``z``)."""
-        return self._rows(z, labels, scale, out, True)
 
     def softmax(self, z, out=None):
         if out is None:

@@ -48,6 +48,17 @@ class NumpyOps:
     def synchronize(self):
         """Wait for queued device work (no-op on the CPU)."""
 
+    def _scratch(self, name, shape, dtype):
+        """A reusable work buffer of ``shape`` for backends' internal use: one grow-only allocation per
+        (name, dtype), so the hot path allocates nothing and odd batch sizes add no buffers."""
+        pool = self.__dict__.setdefault("_scratch_pool", {})
+        n = int(np.prod(shape))
+        key = (name, np.dtype(dtype).str)
+        buf = pool.get(key)
+        if buf is None or buf.size < n:
+            buf = pool[key] = self.empty((max(n, 1),), dtype)
+        return buf[:n].reshape(shape)
+
     # ------------------------------------------------------------ linear algebra
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
         """(m, k) @ (k, n) -> (m, n), with either operand optionally transposed first."""
@@ -143,3 +154,19 @@ class NumpyOps:
         else:
             w += v
         return w
+
+
+class RowSoftmaxNLL:
+    """The three softmax-NLL ops for a backend whose fused row kernel is
+    ``_softmax_nll_rows(z, labels, scale, out, write_grad) -> (loss_sum, n_correct)``; mix in before NumpyOps."""
+
+    def softmax_nll(self, z, labels):
+        return self._softmax_nll_rows(z, labels, 1.0, None, False)
+
+    def softmax_nll_backward(self, z, labels, scale, out):
+        self._softmax_nll_rows(z, labels, scale, out, True)
+        return out
+
+    def softmax_nll_grad(self, z, labels, scale, out):
+        """Loss, correct count and dL/dz from one fused pass (``out`` may alias ``z``)."""
+        return self._softmax_nll_rows(z, labels, scale, out, True)
