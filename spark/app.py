@@ -1,0 +1,203 @@
+"""spark-submit application and the ``ffps`` console script.
+
+    spark-submit spark/app.py --mode train    --dir MODEL DATA [--layers 4,100,3] [trainer flags]
+    spark-submit spark/app.py --mode predict  --dir MODEL DATA [--output PREDICTIONS]
+    spark-submit spark/app.py --mode evaluate --dir MODEL DATA
+    ffps ...same flags...          (ffps train ... without --mode: the Spark-free digits demo of core.cli)
+
+DATA: libsvm (``.txt``/``.libsvm``), Parquet or CSV (with a header): a label column plus either a Vector
+features column or numeric feature columns, which are assembled. pyspark is imported only when a Spark mode
+runs, so ``ffps train`` needs neither Spark nor Java.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __name__ == "__main__" and not __package__:      # spark-submit spark/app.py: import the repo, not spark/
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+from core.cli import add_backend_flag, parse_layers
+
+FORMATS = ("auto", "libsvm", "parquet", "csv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffps", description="Train, apply or evaluate an ffps model with Spark.")
+    p.add_argument("--mode", required=True, choices=("train", "predict", "evaluate"))
+    p.add_argument("--dir", required=True, help="model directory (any URI Spark can write)")
+    p.add_argument("data", help="input data: libsvm, parquet or csv")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="data format (default: from the file name)")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--features-col", default="features")
+    p.add_argument("--output", help="predict: write predictions here as Parquet (default: show a few rows)")
+    p.add_argument("--overwrite", action="store_true", help="train: replace an existing model directory")
+    p.add_argument("--master", help="Spark master when not launched by spark-submit (default local[*])")
+    t = p.add_argument_group("training (--mode train)")
+    t.add_argument("--layers", type=parse_layers, default=None,
+                   help="layer sizes, e.g. 4,100,3 (default: features,100,classes from the data)")
+    t.add_argument("--epochs", type=int, default=30, help="passes over the data (maxIter)")
+    t.add_argument("--batch-size", type=int, default=32, help="rows per worker step (blockSize)")
+    t.add_argument("--learning-rate", "--lr", type=float, default=0.1, help="stepSize")
+    t.add_argument("--trainer", default="async", choices=("sync", "async", "easgd", "async-easgd", "eamsgd"),
+                   help="parameter-server mode")
+    t.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "nesterov", "adagrad", "adam"))
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--window", type=int, default=1, help="local steps between exchanges (communicationWindow)")
+    t.add_argument("--workers", type=int, default=2, help="training tasks (numWorkers)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--use-gpu", action="store_true", help="ask Spark for one GPU per training task")
+    t.add_argument("--insecure", action="store_true", help="no CURVE encryption (trusted networks only)")
+    add_backend_flag(t)
+    return p
+
+
+def session(master=None):
+    """The running SparkSession, or a new one (local[*] unless spark-submit / --master says otherwise)."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    builder = SparkSession.builder.appName("ffps")
+    if master:
+        builder = builder.master(master)
+    elif not os.environ.get("PYSPARK_GATEWAY_PORT") and "--master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+        builder = builder.master("local[*]")
+    return builder.getOrCreate()
+
+
+def _format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.rstrip("/").lower()
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".txt", ".libsvm", ".svm")):
+        return "libsvm"
+    return "parquet"
+
+
+def load_data(spark, path, fmt, label_col, features_col, num_features=None):
+    """-> DataFrame with ``label_col`` (if present) and a Vector ``features_col``."""
+    from pyspark.ml.feature import VectorAssembler
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import NumericType
+
+    fmt = _format(path, fmt)
+    if fmt == "libsvm":
+        reader = spark.read.format("libsvm")
+        if num_features:
+            reader = reader.option("numFeatures", str(num_features))
+        df = reader.load(path)
+        if (label_col, features_col) != ("label", "features"):
+            df = df.withColumnRenamed("label", label_col).withColumnRenamed("features", features_col)
+        return df
+    df = spark.read.option("header", True).option("inferSchema", True).csv(path) if fmt == "csv" \
+        else spark.read.parquet(path)
+    if features_col in df.columns and isinstance(df.schema[features_col].dataType, VectorUDT):
+        return df
+    inputs = [f.name for f in df.schema.fields if f.name != label_col and isinstance(f.dataType, NumericType)]
+    if not inputs:
+        raise ValueError(f"{path}: no Vector column {features_col!r} and no numeric feature columns besides "
+                         f"{label_col!r}; columns: {df.columns}")
+    return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
+
+
+def train(spark, args) -> dict:
+    from pyspark.sql import functions as F
+
+    from spark import FeedForwardNetworkPSClassifier
+
+    df = load_data(spark, args.data, args.format, args.label_col, args.features_col).cache()
+    layers = args.layers
+    if layers is None:
+        first = df.select(args.features_col).first()
+        classes = int(df.agg(F.max(args.label_col)).first()[0]) + 1
+        layers = [first[0].size, 100, max(classes, 2)]
+    clf = FeedForwardNetworkPSClassifier(
+        featuresCol=args.features_col, labelCol=args.label_col, layers=layers, maxIter=args.epochs,
+        blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.optimizer,
+        momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
+        backend=args.backend or "auto", useGpu=args.use_gpu, secure=not args.insecure)
+    t0 = time.perf_counter()
+    model = clf.fit(df)
+    seconds = time.perf_counter() - t0
+    writer = model.write().overwrite() if args.overwrite else model.write()
+    writer.save(args.dir)
+    acc = _accuracy(model.transform(df), args.label_col)
+    df.unpersist()
+    return {"mode": "train", "layers": layers, "fit_seconds": round(seconds, 3), "train_accuracy": acc,
+            "attempts": model.trainingStats["attempts"], "model": args.dir}
+
+
+def _accuracy(frame, label_col) -> float:
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+
+    return MulticlassClassificationEvaluator(labelCol=label_col, metricName="accuracy").evaluate(frame)
+
+
+def _load(spark, args):
+    from spark import FeedForwardNetworkPSClassificationModel
+
+    model = FeedForwardNetworkPSClassificationModel.load(args.dir)
+    model.setFeaturesCol(args.features_col)
+    df = load_data(spark, args.data, args.format, args.label_col, args.features_col, num_features=model.numFeatures)
+    return model, df
+
+
+def predict(spark, args) -> dict:
+    from pyspark.ml.functions import vector_to_array
+
+    model, df = _load(spark, args)
+    out = model.transform(df)
+    keep = [c for c in (args.label_col,) if c in df.columns]
+    result = out.select(*keep, "prediction", vector_to_array("probability").alias("probability"))
+    if args.output:
+        result.write.mode("overwrite").parquet(args.output)
+        return {"mode": "predict", "rows": result.count(), "output": args.output}
+    result.show(10, truncate=80)
+    return {"mode": "predict", "rows": result.count()}
+
+
+def evaluate(spark, args) -> dict:
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+
+    model, df = _load(spark, args)
+    if args.label_col not in df.columns:
+        raise ValueError(f"evaluate needs the label column {args.label_col!r}; columns: {df.columns}")
+    out = model.transform(df).cache()
+    metrics = {m: MulticlassClassificationEvaluator(labelCol=args.label_col, metricName=m).evaluate(out)
+               for m in ("accuracy", "f1", "weightedPrecision", "weightedRecall", "logLoss")}
+    return {"mode": "evaluate", "rows": out.count(), **metrics}
+
+
+def run(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    spark = session(args.master)
+    return {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train" and "--mode" not in argv:
+        from core.cli import main as core_main      # the Spark-free digits demo
+
+        return core_main(argv)
+    try:
+        result = run(argv)
+    except ValueError as exc:
+        print(f"ffps: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""GPU resources of Spark 3 tasks: from ``TaskContext.resources()`` to the CUDA ordinal the backend opens.
+
+Spark's GPU addresses are what the discovery script printed: physical ordinals (or UUIDs) of the machine.
+CUDA numbers devices relative to ``CUDA_VISIBLE_DEVICES`` when that is set, so address "5" with
+``CUDA_VISIBLE_DEVICES=3,5`` is CUDA device 1. Getting this wrong puts two tasks on one GPU (the bug behind
+TensorFlowOnSpark #280/#437 and Horovod #3737/#3801); :func:`cuda_ordinal` is the single mapping.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("spark.gpu")
+
+# Cluster managers that accept a task-only ResourceProfile on the training stage (Spark >= 3.4 standalone,
+# >= 3.5.1 YARN and Kubernetes). Plain local mode raises, so it is skipped there.
+_STAGE_LEVEL_PREFIXES = ("spark://", "local-cluster", "yarn", "k8s://")
+
+
+def cuda_ordinal(address: str, visible: str | None) -> int:
+    """Spark GPU ``address`` -> CUDA device ordinal, given the process's CUDA_VISIBLE_DEVICES (or None).
+
+    Unset CUDA_VISIBLE_DEVICES: the address is the ordinal. Set: the ordinal is the address's position in
+    it. An address that is not visible is an error (the task would silently use some other GPU).
+    """
+    address = str(address).strip()
+    if visible is None:
+        try:
+            return int(address)
+        except ValueError:
+            raise ValueError(f"GPU address {address!r} is not an ordinal and CUDA_VISIBLE_DEVICES is unset; "
+                             f"set CUDA_VISIBLE_DEVICES or make the discovery script print ordinals") from None
+    entries = [v.strip() for v in visible.split(",") if v.strip()]
+    if address in entries:
+        return entries.index(address)
+    raise ValueError(f"Spark assigned GPU {address!r} to this task but CUDA_VISIBLE_DEVICES={visible!r} does not "
+                     f"list it; fix the executor's discovery script or CUDA_VISIBLE_DEVICES")
+
+
+def task_gpu(resources: dict) -> tuple[str | None, int | None]:
+    """(Spark address, CUDA ordinal) of the task's first GPU, or (None, None) when it got none.
+
+    ``resources``: ``TaskContext.get().resources()`` (name -> ResourceInformation with ``.addresses``).
+    """
+    info = resources.get("gpu") if resources else None
+    if info is None or not info.addresses:
+        return None, None
+    address = info.addresses[0]
+    return address, cuda_ordinal(address, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def supports_stage_level_scheduling(master: str) -> bool:
+    return str(master).startswith(_STAGE_LEVEL_PREFIXES)
+
+
+def gpu_profile(gpus_per_task: float = 1.0, cpus_per_task: int = 1):
+    """A task-only ResourceProfile asking for GPUs (``.build`` is a property in PySpark)."""
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    reqs = TaskResourceRequests().cpus(cpus_per_task).resource("gpu", gpus_per_task)
+    return ResourceProfileBuilder().require(reqs).build
+
+
+def with_gpu_profile(rdd, master: str):
+    """``rdd.withResources(gpu_profile())`` where the cluster manager supports it; else ``rdd`` as is.
+
+    Elsewhere (plain local, or a refusal) the spark-submit confs of spark/README.md apply.
+    """
+    if not supports_stage_level_scheduling(master):
+        log.info("master %s has no stage-level scheduling; GPUs come from spark.task.resource.gpu.amount", master)
+        return rdd
+    try:
+        return rdd.withResources(gpu_profile())
+    except Exception as exc:  # noqa: BLE001 - e.g. dynamic allocation rules; the global confs still apply
+        log.warning("could not attach a GPU ResourceProfile to the training stage (%s); relying on "
+                    "spark.task.resource.gpu.amount", exc)
+        return rdd

@@ -1,0 +1,55 @@
+"""Model scoring by Arrow batches: one pandas UDF per batch computes logits, softmax and argmax.
+
+The UDF captures plain locals only (layer sizes and a broadcast of the flat weights), never the model.
+"""
+from typing import Iterator
+
+import numpy as np
+
+_OUT = "__ffps_out"
+RESULT_TYPE = "struct<raw:array<double>,prob:array<double>,pred:double>"
+
+
+def logits_and_probabilities(net, w, X):
+    """X (m, d0) float32 -> (logits (m, C) float64, probabilities (m, C) float64)."""
+    logits = np.array(net.forward_device(w, X)[-1], dtype=np.float64)   # copy out of the net's workspace
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return logits, e / e.sum(axis=1, keepdims=True)
+
+
+def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col):
+    """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double)."""
+    import pandas as pd     # annotations below are evaluated here: pandas_udf reads them
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    layers = [int(d) for d in layers]
+    width = layers[0]
+    w_bc = dataset.sparkSession.sparkContext.broadcast(np.ascontiguousarray(weights, dtype=np.float32))
+
+    @pandas_udf(RESULT_TYPE)
+    def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        from core import FeedForwardNetwork
+
+        net = FeedForwardNetwork(layers, backend="numpy")
+        w = w_bc.value
+        for s in batches:
+            if len(s) == 0:
+                yield pd.DataFrame({"raw": [], "prob": [], "pred": []})
+                continue
+            X = np.stack(s.to_numpy()).astype(np.float32, copy=False)
+            if X.ndim != 2 or X.shape[1] != width:
+                raise ValueError(f"feature vectors have width {X.shape[-1]} but the model expects {width}")
+            raw, prob = logits_and_probabilities(net, w, np.ascontiguousarray(X))
+            yield pd.DataFrame({"raw": list(raw), "prob": list(prob), "pred": raw.argmax(axis=1).astype(np.float64)})
+
+    out = dataset.withColumn(_OUT, score(vector_to_array(F.col(features_col), "float32")))
+    if raw_col:
+        out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw")))
+    if prob_col:
+        out = out.withColumn(prob_col, array_to_vector(F.col(_OUT + ".prob")))
+    if pred_col:
+        out = out.withColumn(pred_col, F.col(_OUT + ".pred"))
+    return out.drop(_OUT)

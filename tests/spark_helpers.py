@@ -1,0 +1,126 @@
+"""Spark test helpers: one shared local[2] session, digits DataFrames, and the local-cluster job.
+
+The session is created once per test process (``get_spark``) and never stopped by a fixture: several
+modules import the fixtures, and a SparkContext cannot be restarted cheaply. The local-cluster checks run in
+a subprocess (``python -m tests.spark_helpers cluster-job OUT.json``) because a process holds one context.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import stat
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyspark")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spark_conf(builder, master):
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return (builder.master(master).appName("ffps-tests")
+            .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+            .config("spark.default.parallelism", "2")
+            .config("spark.scheduler.barrier.maxConcurrentTasksCheck.interval", "1s")
+            .config("spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures", "3")
+            .config("spark.task.maxFailures", "2").config("spark.driver.memory", "2g")
+            .config("spark.python.worker.reuse", "true"))
+
+
+@functools.lru_cache(maxsize=None)
+def get_spark():
+    from pyspark.sql import SparkSession
+
+    spark = spark_conf(SparkSession.builder, "local[2]").getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+@pytest.fixture(scope="session")
+def spark():
+    return get_spark()
+
+
+def digits_frames(spark, Xtr, Xte, ytr, yte):
+    from pyspark.ml.linalg import Vectors
+
+    def frame(X, y):
+        return spark.createDataFrame([(float(label), Vectors.dense(row)) for row, label in zip(X, y)],
+                                     ["label", "features"]).cache()
+    return frame(Xtr, ytr), frame(Xte, yte)
+
+
+@pytest.fixture(scope="session")
+def digits_df(spark, digits_split):
+    """(train, test) DataFrames of sklearn digits: label double, features Vector (64), 70/30 stratified."""
+    return digits_frames(spark, *digits_split)
+
+
+def accuracy(frame) -> float:
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+
+    return MulticlassClassificationEvaluator(metricName="accuracy").evaluate(frame)
+
+
+# ---------------------------------------------------------------- local-cluster job (subprocess)
+def write_fake_gpu_script(directory: str, addresses) -> str:
+    """A discovery script printing {"name": "gpu", "addresses": [...]} like docker/getGpusResources.sh."""
+    path = os.path.join(directory, "fake_gpus.sh")
+    with open(path, "w") as f:
+        f.write("#!/usr/bin/env bash\necho '" + json.dumps({"name": "gpu", "addresses": list(addresses)}) + "'\n")
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def cluster_job(out_path: str) -> None:
+    """Fit/transform/save/load on local-cluster[2,1,1024] with one fake GPU per executor -> JSON report.
+
+    Executors see CUDA_VISIBLE_DEVICES=3,5 and the discovery script reports physical GPU "5", so the
+    mapped CUDA ordinal must be 1 (not 5). The training stage asks for its GPU through a ResourceProfile.
+    """
+    from pyspark.sql import SparkSession
+
+    from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier
+
+    tmp = tempfile.mkdtemp(prefix="ffps-cluster-")
+    script = write_fake_gpu_script(tmp, ["5"])
+    builder = spark_conf(SparkSession.builder, "local-cluster[2,1,1024]")
+    spark = (builder.config("spark.worker.resource.gpu.amount", "1")
+             .config("spark.worker.resource.gpu.discoveryScript", script)
+             .config("spark.executor.resource.gpu.amount", "1")
+             .config("spark.executor.resource.gpu.discoveryScript", script)
+             .config("spark.executorEnv.CUDA_VISIBLE_DEVICES", "3,5")
+             .config("spark.executorEnv.PYTHONPATH", REPO)
+             .config("spark.executor.memory", "512m").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    from core.cli import load_digits_split
+
+    train, test = digits_frames(spark, *load_digits_split())
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 32, 10], maxIter=15, blockSize=32, stepSize=0.1, seed=3,
+                                         numWorkers=2, mode="async", backend="numpy", useGpu=True)
+    model = clf.fit(train)
+    acc = accuracy(model.transform(test))
+    path = os.path.join(tmp, "model")
+    model.save(path)
+    loaded = FeedForwardNetworkPSClassificationModel.load(path)
+    same = np.allclose(np.array([r.probability.toArray() for r in model.transform(test).select("probability").collect()]),
+                       np.array([r.probability.toArray() for r in loaded.transform(test).select("probability").collect()]))
+    report = {"master": spark.sparkContext.master, "accuracy": acc, "same_after_load": bool(same),
+              "workers": model.trainingStats["workers"], "attempts": model.trainingStats["attempts"]}
+    spark.stop()
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "cluster-job":
+        cluster_job(sys.argv[2])
+    else:
+        sys.exit("usage: python -m tests.spark_helpers cluster-job OUT.json")

@@ -1,0 +1,93 @@
+"""The spark-submit app on Spark's bundled multiclass sample (libsvm): train, predict, evaluate; ffps train."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.spark_helpers import REPO, spark  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def sample_data() -> str:
+    import pyspark
+
+    path = os.path.join(os.path.dirname(pyspark.__file__), "data", "mllib", "sample_multiclass_classification_data.txt")
+    if not os.path.exists(path):
+        pytest.skip(f"pyspark does not ship {path}")
+    return path
+
+
+def test_app_train_then_predict_then_evaluate(spark, tmp_path, capsys):
+    from spark.app import main
+
+    data, model_dir, out_dir = sample_data(), str(tmp_path / "model"), str(tmp_path / "pred")
+    assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "60", "--batch-size", "16",
+                 "--backend", "numba", "--seed", "1"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["layers"] == [4, 100, 3]               # inferred from the data
+    assert trained["train_accuracy"] >= 0.85
+    assert os.path.isdir(os.path.join(model_dir, "metadata")) and os.path.isdir(os.path.join(model_dir, "data"))
+
+    assert main(["--mode", "predict", "--dir", model_dir, data, "--output", out_dir]) == 0
+    predicted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert predicted["rows"] == 150
+    rows = spark.read.parquet(out_dir).collect()
+    assert len(rows) == 150 and {"label", "prediction", "probability"} <= set(rows[0].asDict())
+    acc = sum(r.label == r.prediction for r in rows) / len(rows)
+    assert abs(acc - trained["train_accuracy"]) < 1e-9
+
+    assert main(["--mode", "evaluate", "--dir", model_dir, data]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(evaluated["accuracy"] - acc) < 1e-9 and evaluated["rows"] == 150
+
+
+def test_app_reads_csv_and_parquet_feature_columns(spark, tmp_path, capsys):
+    from spark.app import main
+
+    rows = [(float(i % 3), i % 3 + 0.1 * (i % 5), -(i % 3) + 0.05 * (i % 7)) for i in range(60)]
+    df = spark.createDataFrame(rows, ["label", "a", "b"])
+    df.coalesce(1).write.option("header", True).csv(str(tmp_path / "d.csv"))
+    df.write.parquet(str(tmp_path / "d.parquet"))
+    for data in (str(tmp_path / "d.csv"), str(tmp_path / "d.parquet")):
+        model_dir = data + ".model"
+        assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "40", "--batch-size", "8",
+                     "--backend", "numpy", "--layers", "2,16,3"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_accuracy"] >= 0.9
+        assert main(["--mode", "evaluate", "--dir", model_dir, data]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] >= 0.9
+
+
+def test_app_errors_are_clear(spark, tmp_path, capsys):
+    from spark.app import main
+
+    data = sample_data()
+    assert main(["--mode", "predict", "--dir", str(tmp_path / "nothing"), data]) == 2
+    assert "is not a saved ffps model" in capsys.readouterr().err
+    assert main(["--mode", "train", "--dir", str(tmp_path / "m"), data, "--layers", "5,10,3",
+                 "--backend", "numpy"]) == 2
+    assert "has vectors of size 4 but layers[0] is 5" in capsys.readouterr().err
+
+
+def test_ffps_train_still_runs_the_spark_free_demo(capsys):
+    from spark.app import main
+
+    assert main(["train", "--epochs", "1", "--backend", "numpy"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_spark_package_does_not_import_pyspark_until_used():
+    code = ("import sys, spark, spark.app; assert 'pyspark' not in sys.modules, 'pyspark imported eagerly'; "
+            "from spark import FeedForwardNetworkPSClassifier; assert 'pyspark' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_console_script_points_at_the_app():
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["ffps"] == "spark.app:main"
+    assert glob.glob(os.path.join(REPO, "spark", "app.py"))

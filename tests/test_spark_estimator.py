@@ -1,0 +1,195 @@
+"""The estimator on local[2]: every mode learns digits, transform's columns, and each bad input's error."""
+import numpy as np
+import pytest
+
+from tests.spark_helpers import accuracy, digits_df, spark  # noqa: F401 - fixtures
+
+from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier
+
+pytestmark = pytest.mark.timeout(600)
+
+MODE_SETTINGS = {   # 2 workers, blockSize 32: settings with a margin above 96% on this split
+    "sync": dict(stepSize=0.3, maxIter=40),
+    "async": dict(stepSize=0.1, maxIter=40),
+    "easgd": dict(stepSize=0.2, communicationWindow=2, maxIter=60),
+    "async-easgd": dict(stepSize=0.2, communicationWindow=2, maxIter=60),
+    "eamsgd": dict(stepSize=0.01, communicationWindow=2, momentum=0.9, maxIter=60),
+}
+
+
+def make(**kw):
+    base = dict(layers=[64, 100, 10], maxIter=30, blockSize=32, seed=1, numWorkers=2, backend="numba")
+    base.update(kw)
+    return FeedForwardNetworkPSClassifier(**base)
+
+
+@pytest.fixture(scope="module")
+def async_model(digits_df):
+    return make(mode="async").fit(digits_df[0])
+
+
+@pytest.mark.parametrize("mode", list(MODE_SETTINGS))
+def test_each_mode_learns_digits(digits_df, mode):
+    train, test = digits_df
+    model = make(mode=mode, **MODE_SETTINGS[mode]).fit(train)
+    acc = accuracy(model.transform(test))
+    stats = model.trainingStats
+    assert stats["attempts"] == 1
+    assert sorted(stats["workers"]) == [0, 1]
+    assert stats["server"]["applied"] > 0
+    assert acc >= 0.96, f"mode {mode}: test accuracy {acc:.4f}"
+
+
+def test_transform_columns_like_spark_probabilistic_classifiers(async_model, digits_df):
+    test = digits_df[1]
+    out = async_model.transform(test)
+    assert out.columns == test.columns + ["rawPrediction", "probability", "prediction"]
+    rows = out.select("rawPrediction", "probability", "prediction").collect()
+    raw = np.array([r.rawPrediction.toArray() for r in rows])
+    prob = np.array([r.probability.toArray() for r in rows])
+    pred = np.array([r.prediction for r in rows])
+    assert raw.shape == prob.shape == (test.count(), 10)
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-9)
+    np.testing.assert_array_equal(pred, raw.argmax(axis=1))
+    # the driver-side single-vector API agrees with the distributed transform
+    first = test.first()
+    assert async_model.predict(first.features) == pred[0]
+    np.testing.assert_allclose(async_model.predictProbability(first.features).toArray(), prob[0], rtol=1e-5)
+
+
+def test_output_columns_can_be_renamed_or_dropped(async_model, digits_df):
+    m = async_model.copy({async_model.rawPredictionCol: "", async_model.predictionCol: "yhat"})
+    assert m.transform(digits_df[1]).columns == digits_df[1].columns + ["probability", "yhat"]
+    assert async_model.getPredictionCol() == "prediction"   # copy did not touch the original
+
+
+def test_model_carries_params_and_weights(async_model):
+    assert async_model.numFeatures == 64 and async_model.numClasses == 10
+    assert len(async_model.weights) == 64 * 100 + 100 + 100 * 10 + 10
+    assert async_model.getMode() == "async" and async_model.getLayers() == [64, 100, 10]
+    assert "maxIter" in async_model.explainParams()
+
+
+def test_initial_weights_are_used(spark, digits_df):
+    # zero epochs of effect: with stepSize tiny the model stays at the given initial weights
+    w0 = np.random.RandomState(0).standard_normal(64 * 10 + 10).astype(np.float32) * 0.01
+    model = FeedForwardNetworkPSClassifier(layers=[64, 10], maxIter=1, stepSize=1e-30, initialWeights=w0.tolist(),
+                                           numWorkers=1, backend="numpy").fit(digits_df[0])
+    np.testing.assert_allclose(model.weights.toArray(), w0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- bad inputs: clear errors before training
+def frame(spark, rows, schema="label double, features vector"):
+    from pyspark.ml.linalg import VectorUDT  # noqa: F401 - the DDL type name needs the UDT registered
+    from pyspark.sql.types import DoubleType, StructField, StructType
+
+    if schema == "label double, features vector":
+        schema = StructType([StructField("label", DoubleType()), StructField("features", VectorUDT())])
+    return spark.createDataFrame(rows, schema)
+
+
+def small(spark, labels=(0.0, 1.0, 2.0, 1.0), width=3, value=0.5):
+    from pyspark.ml.linalg import Vectors
+
+    return frame(spark, [(lab, Vectors.dense([value] * width)) for lab in labels])
+
+
+BAD_PARAMS = [
+    (dict(layers=None), "layers is not set"),
+    (dict(layers=[3]), "at least two sizes"),
+    (dict(layers=[3, 0, 3]), "must be positive"),
+    (dict(numWorkers=0), "numWorkers must be >= 1, got 0"),
+    (dict(maxIter=0), "maxIter must be >= 1, got 0"),
+    (dict(blockSize=0), "blockSize must be >= 1, got 0"),
+    (dict(stepSize=-1.0), "stepSize must be a positive number, got -1.0"),
+    (dict(momentum=1.5), "momentum must be in [0, 1), got 1.5"),
+    (dict(mode="sync", communicationWindow=3), "communicationWindow must be 1 in sync mode, got 3"),
+    (dict(mode="easgd", maxStaleness=2), "maxStaleness applies to mode='async' only"),
+    (dict(initialWeights=[0.0] * 5), "initialWeights has 5 values but layers [3, 3] have 12 parameters"),
+    (dict(psHost="no-such-host.invalid"), "psHost 'no-such-host.invalid' does not resolve"),
+]
+
+
+@pytest.mark.parametrize("params,message", BAD_PARAMS, ids=[m for _, m in BAD_PARAMS])
+def test_bad_params_fail_before_any_job(spark, params, message):
+    kw = dict(layers=[3, 3], numWorkers=1, backend="numpy")
+    kw.update(params)
+    if kw["layers"] is None:
+        del kw["layers"]
+    clf = FeedForwardNetworkPSClassifier(**kw)
+    tracker = spark.sparkContext.statusTracker()
+    jobs_before = set(tracker.getJobIdsForGroup())
+    with pytest.raises(ValueError) as err:
+        clf.fit(small(spark))
+    assert message in str(err.value)
+    assert set(tracker.getJobIdsForGroup()) == jobs_before, "a Spark job ran before the error"
+
+
+def test_bad_choice_params_fail_at_set_time():
+    with pytest.raises(ValueError, match="mode must be one of .* got 'downpour'"):
+        FeedForwardNetworkPSClassifier(mode="downpour")
+    with pytest.raises(ValueError, match="backend must be one of .* got 'tpu'"):
+        FeedForwardNetworkPSClassifier(backend="tpu")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        FeedForwardNetworkPSClassifier(optimizer="lbfgs")
+
+
+def test_bad_columns(spark):
+    from pyspark.ml.linalg import Vectors
+
+    clf = FeedForwardNetworkPSClassifier(layers=[3, 3], numWorkers=1, backend="numpy")
+    df = small(spark)
+    with pytest.raises(ValueError, match="featuresCol 'feats' is not a column"):
+        clf.copy({clf.featuresCol: "feats"}).fit(df)
+    with pytest.raises(ValueError, match="labelCol 'y' is not a column"):
+        clf.copy({clf.labelCol: "y"}).fit(df)
+    arrays = spark.createDataFrame([(0.0, [1.0, 2.0, 3.0])], "label double, features array<double>")
+    with pytest.raises(ValueError, match="must be a Vector column .* got array<double>"):
+        clf.fit(arrays)
+    strings = spark.createDataFrame([("a", Vectors.dense([1.0, 2.0, 3.0]))], ["label", "features"])
+    with pytest.raises(ValueError, match="labelCol 'label' must be numeric .* got string"):
+        clf.fit(strings)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("width", "has vectors of size 4 but layers[0] is 3"),
+    ("label_range", "has label 3 outside 0..2 (layers[-1] = 3 classes)"),
+    ("negative_label", "has label -1 outside 0..2"),
+    ("fractional_label", "1 value(s) that are not integral"),
+    ("nan_label", "1 value(s) that are not integral"),
+    ("nan_feature", "row(s) with NaN or infinite values"),
+    ("inf_feature", "row(s) with NaN or infinite values"),
+    ("float32_overflow", "row(s) with NaN or infinite values"),
+    ("null_label", "labelCol 'label' has 1 null value(s)"),
+    ("empty", "has no rows"),
+    ("too_few_rows", "numWorkers=2 exceeds the 1 training rows"),
+])
+def test_bad_data(spark, kind, message):
+    from pyspark.ml.linalg import Vectors
+
+    v = Vectors.dense
+    workers = 1
+    rows = {
+        "width": [(0.0, v([1.0, 2.0, 3.0])), (1.0, v([1.0, 2.0, 3.0, 4.0]))],
+        "label_range": [(0.0, v([1.0, 2.0, 3.0])), (3.0, v([1.0, 2.0, 3.0]))],
+        "negative_label": [(-1.0, v([1.0, 2.0, 3.0]))],
+        "fractional_label": [(0.5, v([1.0, 2.0, 3.0])), (1.0, v([1.0, 2.0, 3.0]))],
+        "nan_label": [(float("nan"), v([1.0, 2.0, 3.0]))],
+        "nan_feature": [(0.0, v([1.0, float("nan"), 3.0]))],
+        "inf_feature": [(0.0, v([1.0, float("-inf"), 3.0]))],
+        "float32_overflow": [(0.0, v([1.0, 1e300, 3.0]))],
+        "null_label": [(None, v([1.0, 2.0, 3.0]))],
+        "empty": [],
+        "too_few_rows": [(0.0, v([1.0, 2.0, 3.0]))],
+    }[kind]
+    if kind == "too_few_rows":
+        workers = 2
+    clf = FeedForwardNetworkPSClassifier(layers=[3, 3], numWorkers=workers, backend="numpy", maxIter=1)
+    with pytest.raises(ValueError) as err:
+        clf.fit(frame(spark, rows))
+    assert message in str(err.value)
+
+
+def test_model_without_weights_is_a_clear_error(spark):
+    with pytest.raises(ValueError, match="no weights"):
+        FeedForwardNetworkPSClassificationModel(layers=[3, 3]).transform(small(spark))

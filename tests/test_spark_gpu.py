@@ -1,0 +1,118 @@
+"""GPU addresses -> CUDA ordinals, the training task's use of them, and the local-cluster[2,1,1024] run.
+
+The cluster test runs in a subprocess (one SparkContext per process): fake discovery script, one GPU per
+executor, CUDA_VISIBLE_DEVICES=3,5 on the executors, a stage-level ResourceProfile on the training stage.
+It also runs fit/transform/save/load on real executor processes, catching closure-pickling bugs.
+"""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.spark_helpers import REPO
+
+from spark.gpu import cuda_ordinal, supports_stage_level_scheduling, task_gpu
+
+
+@pytest.mark.parametrize("address,visible,ordinal", [
+    ("0", None, 0), ("3", None, 3), ("5", "3,5", 1), ("3", "3,5", 0), ("2", "0,1,2,3", 2),
+    ("GPU-aa", "GPU-bb,GPU-aa", 1), ("7", " 7 ", 0),
+])
+def test_cuda_ordinal_maps_through_visible_devices(address, visible, ordinal):
+    assert cuda_ordinal(address, visible) == ordinal
+
+
+def test_cuda_ordinal_rejects_invisible_gpus():
+    with pytest.raises(ValueError, match="assigned GPU '4' .* CUDA_VISIBLE_DEVICES='3,5' does not list it"):
+        cuda_ordinal("4", "3,5")
+    with pytest.raises(ValueError, match="not an ordinal and CUDA_VISIBLE_DEVICES is unset"):
+        cuda_ordinal("GPU-aa", None)
+
+
+def test_task_gpu_reads_task_resources(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert task_gpu({"gpu": SimpleNamespace(addresses=["5"])}) == ("5", 1)
+    assert task_gpu({}) == (None, None)
+    assert task_gpu({"gpu": SimpleNamespace(addresses=[])}) == (None, None)
+
+
+def test_stage_level_scheduling_only_where_supported():
+    assert supports_stage_level_scheduling("local-cluster[2,1,1024]")
+    assert supports_stage_level_scheduling("spark://master:7077")
+    assert supports_stage_level_scheduling("yarn") and supports_stage_level_scheduling("k8s://https://api:6443")
+    assert not supports_stage_level_scheduling("local[2]") and not supports_stage_level_scheduling("local[*]")
+
+
+def test_gpu_profile_asks_one_gpu_per_task():
+    from spark.gpu import gpu_profile
+
+    profile = gpu_profile()
+    assert profile.taskResources["gpu"].amount == 1.0
+
+
+class FakeBarrierContext:
+    def __init__(self, worker, gpus):
+        self.worker, self.gpus = worker, gpus
+
+    def partitionId(self):
+        return self.worker
+
+    def allGather(self, message):
+        return [message, "7"]
+
+    def resources(self):
+        return {"gpu": SimpleNamespace(addresses=self.gpus)} if self.gpus else {}
+
+
+@pytest.mark.parametrize("backend,expect_device", [("cupy", 1), ("numba", None)])
+def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, backend, expect_device):
+    """The task function run in-process with a fake barrier context: cupy gets CUDA device 1 for address 5."""
+    import pyspark
+    import ps.worker
+    import core
+
+    from spark.training import make_train_function
+
+    calls = {}
+
+    def fake_run_worker(cfg, worker, X, y, **kw):
+        calls.update(worker=worker, X=X, y=y, **kw)
+        return {"worker_id": worker}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(pyspark.BarrierTaskContext, "get", classmethod(lambda cls: FakeBarrierContext(1, ["5"])))
+    monkeypatch.setattr(ps.worker, "run_worker", fake_run_worker)
+    monkeypatch.setattr(core, "resolve_backend_name", lambda name: name)
+    fn = make_train_function({}, [3, 4, 2], epochs=1, batch_size=4, backend=backend, seed=0, timeout=1.0,
+                             attempt=0, equal_shards=True)
+    batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
+                                           pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
+    out = list(fn(iter(batches)))
+    assert calls["device"] == expect_device and calls["backend"] == backend and calls["worker"] == 1
+    assert calls["X"].shape == (7, 3) and calls["X"].dtype == np.float32 and calls["X"].flags.c_contiguous
+    assert calls["y"].tolist() == [0, 1, 0, 1, 0, 1, 0]               # cut to the smallest shard (7 rows)
+    stats = json.loads(out[0].column(1)[0].as_py())
+    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1
+
+
+@pytest.mark.timeout(420)
+def test_local_cluster_training_tasks_get_mapped_gpus(tmp_path):
+    out = tmp_path / "report.json"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tests.spark_helpers", "cluster-job", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["master"] == "local-cluster[2,1,1024]"
+    workers = report["workers"]
+    assert sorted(workers) == ["0", "1"]
+    for w in workers.values():
+        assert w["gpu_address"] == "5", "each training task receives its GPU through the ResourceProfile"
+        assert w["cuda_visible_devices"] == "3,5"
+        assert w["cuda_ordinal"] == 1, "physical GPU 5 is CUDA device 1 when CUDA_VISIBLE_DEVICES=3,5"
+    assert len({w["pid"] for w in workers.values()}) == 2, "tasks ran in two executor processes"
+    assert report["accuracy"] >= 0.9 and report["same_after_load"]

@@ -1,0 +1,53 @@
+"""Params: Spark's names and ours, defaults, doc strings, converters, keyword-only constructors, copy."""
+import pytest
+
+pytest.importorskip("pyspark")
+
+from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier  # noqa: E402
+
+SPARK_NAMES = ["layers", "maxIter", "stepSize", "blockSize", "seed", "tol", "initialWeights", "featuresCol",
+               "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol"]
+OURS = ["mode", "optimizer", "communicationWindow", "rho", "momentum", "maxStaleness", "numWorkers", "backend",
+        "useGpu", "psHost", "psPort", "checkpointDir", "checkpointInterval", "secure", "maxRetries",
+        "workerTimeout", "roundTimeout"]
+
+
+def test_constructs_with_no_arguments_and_declares_every_param():
+    clf = FeedForwardNetworkPSClassifier()
+    model = FeedForwardNetworkPSClassificationModel()
+    for name in SPARK_NAMES + OURS:
+        for obj in (clf, model):
+            p = obj.getParam(name)
+            assert len(p.doc) > 10, f"{name} needs a real doc string"
+    text = clf.explainParams()
+    assert "communicationWindow: local mini-batch steps between exchanges" in text
+
+
+def test_defaults():
+    clf = FeedForwardNetworkPSClassifier()
+    assert clf.getMaxIter() == 100 and clf.getStepSize() == 0.1 and clf.getBlockSize() == 64
+    assert clf.getMode() == "async" and clf.getNumWorkers() == 2 and clf.getBackend() == "auto"
+    assert clf.getSecure() is True and clf.getFeaturesCol() == "features" and clf.getLabelCol() == "label"
+    assert not clf.isDefined(clf.layers) and not clf.isDefined(clf.rho)
+
+
+def test_keyword_only_and_type_conversion():
+    with pytest.raises(TypeError):
+        FeedForwardNetworkPSClassifier([64, 10])
+    clf = FeedForwardNetworkPSClassifier(layers=(64.0, 10), maxIter=3.0, useGpu=True)
+    assert clf.getLayers() == [64, 10] and clf.getMaxIter() == 3 and clf.getUseGpu() is True
+    with pytest.raises(TypeError):
+        FeedForwardNetworkPSClassifier(layers="64,10")
+    with pytest.raises(TypeError):
+        FeedForwardNetworkPSClassifier(maxIter=2.5)
+
+
+def test_setters_and_copy_are_independent():
+    clf = FeedForwardNetworkPSClassifier(layers=[4, 3])
+    assert clf.setMode("sync") is clf and clf.getMode() == "sync"
+    clf.setNumWorkers(3).setCommunicationWindow(1)
+    other = clf.copy({clf.stepSize: 0.5})
+    assert other.getStepSize() == 0.5 and clf.getStepSize() == 0.1
+    assert other.uid == clf.uid and other.getNumWorkers() == 3
+    other.setLayers([4, 8, 3])
+    assert clf.getLayers() == [4, 3]
