@@ -1,0 +1,88 @@
+"""Spark benchmarks, ffps beside MLlib's MultilayerPerceptronClassifier in the same run (local[2] default).
+
+1. digits (70/30 stratified, seed 0): fit time to >= 97% test accuracy; MLlib MLPC l-bfgs [64,100,10].
+2. synthetic N x 784, [784,256,256,10], labels from a random linear teacher: training samples/s;
+   MLlib MLPC gd.
+    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--skip-synthetic]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spark.demo import digits_frames, fit_ffps, fit_mllib, session  # noqa: E402
+
+
+def digits(spark, backend):
+    train, test = digits_frames(spark)
+    fit_ffps(train, test, backend, epochs=1)                         # warm-up (JIT, Python workers)
+    m_secs, m_acc = fit_mllib(train, test, max_iter=100)
+    print(f"digits MLlib l-bfgs maxIter=100: fit {m_secs:.2f} s, test acc {m_acc:.4f}", flush=True)
+    best = None
+    for mode, step, window, epochs in (("async-easgd", 0.2, 2, 40), ("async-easgd", 0.2, 2, 60),
+                                       ("async", 0.1, 1, 50)):
+        _, secs, acc = fit_ffps(train, test, backend, epochs=epochs, mode=mode, step_size=step, window=window)
+        print(f"digits ffps {mode} stepSize={step} window={window} epochs={epochs}: fit {secs:.2f} s, "
+              f"test acc {acc:.4f}", flush=True)
+        if acc >= 0.97:
+            best = (epochs, secs, acc)
+            break
+    if best:
+        print(f"RESULT digits: ffps {best[1]:.2f} s -> {best[2]:.4f} vs MLlib {m_secs:.2f} s -> {m_acc:.4f}: "
+              f"{best[1] / m_secs:.2f}x of MLlib's fit time (target <= 0.33)", flush=True)
+    else:
+        print("RESULT digits: ffps did not reach 97% within 40 passes", flush=True)
+
+
+def synthetic(spark, rows, backend):
+    import numpy as np
+    import pandas as pd
+    from pyspark.ml.classification import MultilayerPerceptronClassifier
+    from pyspark.ml.functions import array_to_vector
+
+    from spark import FeedForwardNetworkPSClassifier
+
+    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    rs = np.random.RandomState(0)
+    X = rs.standard_normal((rows, 784)).astype(np.float32)
+    y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
+    df = spark.createDataFrame(pd.DataFrame({"f": list(X.astype(np.float64)), "label": y})) \
+        .select(array_to_vector("f").alias("features"), "label").repartition(2).cache()
+    df.count()
+    layers = [784, 256, 256, 10]
+    mlp = MultilayerPerceptronClassifier(layers=layers, maxIter=5, blockSize=128, seed=1, solver="gd",
+                                         stepSize=0.1, tol=0.0)
+    t0 = time.perf_counter()
+    mlp.fit(df)
+    m_secs = time.perf_counter() - t0
+    m_rate = rows * 5 / m_secs
+    print(f"synthetic MLlib gd maxIter=5: fit {m_secs:.2f} s, {m_rate:,.0f} samples/s", flush=True)
+    for mode in ("async", "sync"):
+        clf = FeedForwardNetworkPSClassifier(layers=layers, maxIter=5, blockSize=256, stepSize=0.05, seed=1,
+                                             mode=mode, numWorkers=2, backend=backend, secure=True)
+        t0 = time.perf_counter()
+        model = clf.fit(df)
+        secs = time.perf_counter() - t0
+        rate = rows * 5 / secs
+        print(f"synthetic ffps {mode} maxIter=5: fit {secs:.2f} s (training stage {model.trainingStats['seconds']:.2f}"
+              f" s), {rate:,.0f} samples/s = {rate / m_rate:.1f}x MLlib (target >= 10x)", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--skip-synthetic", action="store_true")
+    a = ap.parse_args()
+    spark = session(a.master)
+    digits(spark, a.backend)
+    if not a.skip_synthetic:
+        synthetic(spark, a.rows, a.backend)
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
