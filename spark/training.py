@@ -55,8 +55,10 @@ def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int
             def on_step(k):
                 if k == kill_at:
                     os._exit(17)
+        # the task's CPU share bounds BLAS/numba threads: executors run several tasks side by side
         stats = run_worker(cfg, worker, X, y, layers=layers, epochs=epochs, batch_size=batch_size, backend=name,
-                           device=device, attempt=attempt, seed=seed, timeout=timeout, on_step=on_step)
+                           device=device, attempt=attempt, seed=seed, timeout=timeout, on_step=on_step,
+                           cpu_threads=max(1, int(ctx.cpus())))
         stats.update(rows=int(len(y)), shard_rows=counts, gpu_address=address, cuda_ordinal=ordinal,
                      device=device, pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
         yield pa.RecordBatch.from_arrays([pa.array([worker], pa.int64()), pa.array([json.dumps(stats)])],

@@ -68,6 +68,9 @@ class FakeBarrierContext:
     def resources(self):
         return {"gpu": SimpleNamespace(addresses=self.gpus)} if self.gpus else {}
 
+    def cpus(self):
+        return 1
+
 
 @pytest.mark.parametrize("backend,expect_device", [("cupy", 1), ("numba", None)])
 def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, backend, expect_device):
