@@ -78,15 +78,17 @@ class Runner:
     ``server_kw``. tolerate_failures: when at least one worker finished, failed workers are listed in
     ``RunResult.failed`` instead of raising WorkerFailed (async modes keep going without them).
     worker_options: extra keyword arguments for :func:`ps.worker.run_worker` (e.g. step_delay).
+    start_together: first attempts wait for each other at the server's barrier 0 before training.
     """
 
     def __init__(self, X, y, layers, mode="async", workers=2, backend="numpy", devices=None, epochs=10,
                  batch_size=64, learning_rate=0.1, seed=0, secure=True, max_restarts=0, worker_timeout=10.0,
-                 progress=False, tolerate_failures=False, worker_options=None, **server_kw):
+                 progress=False, tolerate_failures=False, worker_options=None, start_together=True, **server_kw):
         from core import FeedForwardNetwork
 
         self.layers, self.mode, self.n = list(layers), mode, int(workers)
         self.max_restarts, self.tolerate_failures = int(max_restarts), bool(tolerate_failures)
+        self.start_together = bool(start_together)
         net = FeedForwardNetwork(self.layers, backend="numpy")
         server_kw.setdefault("barrier_timeout", 20.0)
         self.server = ParameterServer(net.init_params(seed), mode=mode, learning_rate=learning_rate,
@@ -110,8 +112,11 @@ class Runner:
 
     def _launch(self, i):
         X, y = self.shards[i]
+        # first attempts start together (spawn + imports + kernel load differ by up to a second); a
+        # relaunched worker joins the others' run alone
+        kw = dict(self.kw[i], start_together=self.attempts[i] == 0 and self.start_together)
         p = self.ctx.Process(target=_worker_main, name=f"ps-worker-{i}", daemon=True,
-                             args=(self.q, self.cfg, i, self.attempts[i], X, y, self.kw[i]))
+                             args=(self.q, self.cfg, i, self.attempts[i], X, y, kw))
         p.start()
         self.procs[i] = p
 

@@ -94,3 +94,18 @@ def test_restarted_worker_resumes_without_double_apply():
     assert res.stats["workers"]["0"]["applied"] == per_worker[0]
     assert res.stats["applied"] == sum(per_worker.values())
     assert accuracy(res.weights) > 0.9
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["async", "easgd"])
+def test_a_last_window_shorter_than_tau_is_pushed(mode):
+    """9 batches per shard with tau=4: windows of 4, 4 and 1 steps; every training row reaches the server."""
+    Xtr, _, ytr, _ = digits()
+    n = 2 * 576                                  # two equal shards of 576 rows = 9 batches of 64
+    res = run(Xtr[:n], ytr[:n], LAYERS, mode=mode, workers=2, backend="numpy", epochs=1, batch_size=64,
+              learning_rate=0.1, tau=4, timeout=100)
+    assert res.stats["applied"] == 6                                       # 3 exchanges per worker
+    assert sum(r["batch_size"] for r in res.history) == n
+    assert [r["samples"] for r in sorted(res.workers.values(), key=lambda r: r["worker_id"])] == [576, 576]
+    last = {r["worker"]: r for r in res.history}
+    assert {w: (r["step"], r["batch_size"]) for w, r in last.items()} == {0: (3, 64), 1: (3, 64)}
