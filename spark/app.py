@@ -1,6 +1,6 @@
 """spark-submit application and the ``ffps`` console script.
 
-    spark-submit spark/app.py --mode train    --dir MODEL DATA [--layers 4,100,3] [trainer flags]
+    spark-submit spark/app.py --mode train    --dir MODEL DATA [--layers 4,100,3] [trainer flags] [--plot PNG]
     spark-submit spark/app.py --mode predict  --dir MODEL DATA [--output PREDICTIONS]
     spark-submit spark/app.py --mode evaluate --dir MODEL DATA
     ffps ...same flags...          (ffps train ... without --mode: the Spark-free digits demo of core.cli)
@@ -12,6 +12,7 @@ runs, so ``ffps train`` needs neither Spark nor Java.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--use-gpu", action="store_true", help="ask Spark for one GPU per training task")
     t.add_argument("--insecure", action="store_true", help="no CURVE encryption (trusted networks only)")
+    t.add_argument("--plot", metavar="PNG", help="write loss and accuracy curves here (needs matplotlib)")
+    t.add_argument("--mlflow", action="store_true",
+                   help="log the fit to MLflow (mlflowTracking=True; MLFLOW_TRACKING_URI picks the server)")
     add_backend_flag(t)
     return p
 
@@ -115,6 +119,8 @@ def train(spark, args) -> dict:
 
     from spark import FeedForwardNetworkPSClassifier
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install ffps[plot]")
     df = load_data(spark, args.data, args.format, args.label_col, args.features_col).cache()
     layers = args.layers
     if layers is None:
@@ -125,7 +131,8 @@ def train(spark, args) -> dict:
         featuresCol=args.features_col, labelCol=args.label_col, layers=layers, maxIter=args.epochs,
         blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.optimizer,
         momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
-        backend=args.backend or "auto", useGpu=args.use_gpu, secure=not args.insecure)
+        backend=args.backend or "auto", useGpu=args.use_gpu, secure=not args.insecure,
+        mlflowTracking=True if args.mlflow else None)
     t0 = time.perf_counter()
     model = clf.fit(df)
     seconds = time.perf_counter() - t0
@@ -133,8 +140,10 @@ def train(spark, args) -> dict:
     writer.save(args.dir)
     acc = _accuracy(model.transform(df), args.label_col)
     df.unpersist()
+    extra = {"plot": model.summary.plot(args.plot)} if args.plot else {}
     return {"mode": "train", "layers": layers, "fit_seconds": round(seconds, 3), "train_accuracy": acc,
-            "attempts": model.trainingStats["attempts"], "model": args.dir}
+            "attempts": model.trainingStats["attempts"], "model": args.dir,
+            "objective_history": [round(v, 5) for v in model.summary.objectiveHistory], **extra}
 
 
 def _accuracy(frame, label_col) -> float:

@@ -45,13 +45,21 @@ def prepared(dataset, features_col: str, label_col: str | None):
     return dataset.select(*cols)
 
 
-def check_data(prep, width: int, num_classes: int, num_workers: int, features_col: str, label_col: str) -> int:
-    """One aggregate job over the prepared frame -> row count; ValueError naming the first problem found."""
+def check_data(prep, width: int, num_classes: int, num_workers: int, features_col: str,
+               label_col: str) -> list[int]:
+    """One aggregate job over the prepared frame -> rows per partition; ValueError naming the first problem.
+
+    The per-partition counts travel to the training tasks, so sync and easgd can cut every shard to the same
+    length without a barrier ``allGather`` (each costs about a second in Spark 3.5).
+    """
     from pyspark.sql import functions as F
 
     f, y = F.col(FEATURES), F.col(LABEL)
-    bad_value = F.exists(f, lambda x: F.isnan(x) | (F.abs(x) == F.lit(float("inf"))))
-    row = prep.agg(
+    # Spark orders NaN above +inf, so array_max is NaN or +inf when any element is; array_min is -inf when
+    # any is. Both are code-generated: about 3x faster than an interpreted exists(lambda) per element.
+    hi, lo = F.array_max(f), F.array_min(f)
+    bad_value = F.isnan(hi) | (hi == F.lit(float("inf"))) | (lo == F.lit(float("-inf")))
+    parts = prep.groupBy(F.spark_partition_id().alias("part")).agg(
         F.count(F.lit(1)).alias("n"),
         F.sum(f.isNull().cast("long")).alias("null_features"),
         F.min(F.size(f)).alias("min_width"), F.max(F.size(f)).alias("max_width"),
@@ -59,7 +67,18 @@ def check_data(prep, width: int, num_classes: int, num_workers: int, features_co
         F.sum(y.isNull().cast("long")).alias("null_labels"),
         F.min(y).alias("min_label"), F.max(y).alias("max_label"),
         F.sum((F.isnan(y) | (y != F.floor(y))).cast("long")).alias("fractional_labels"),
-    ).first().asDict()
+    ).collect()
+    counts = [0] * prep.rdd.getNumPartitions()
+    for p in parts:
+        counts[p["part"]] = p["n"]
+    total = lambda k: sum(p[k] or 0 for p in parts)             # noqa: E731
+    lo = min((p["min_label"] for p in parts if p["min_label"] is not None), default=None)
+    hi = max((p["max_label"] for p in parts if p["max_label"] is not None), default=None)
+    row = {"n": sum(counts), "null_features": total("null_features"), "bad_features": total("bad_features"),
+           "null_labels": total("null_labels"), "fractional_labels": total("fractional_labels"),
+           "min_width": min((p["min_width"] for p in parts if p["min_width"] is not None), default=width),
+           "max_width": max((p["max_width"] for p in parts if p["max_width"] is not None), default=width),
+           "min_label": lo, "max_label": hi}
     n = row["n"]
     if n == 0:
         raise ValueError("the training DataFrame has no rows")
@@ -77,14 +96,15 @@ def check_data(prep, width: int, num_classes: int, num_workers: int, features_co
     if row["fractional_labels"]:
         raise ValueError(f"labelCol {label_col!r} has {row['fractional_labels']} value(s) that are not integral "
                          f"class indices (NaN or fractional); labels must be 0..{num_classes - 1}")
-    lo, hi = row["min_label"], row["max_label"]
     if lo < 0 or hi > num_classes - 1:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labelCol {label_col!r} has label {bad:g} outside 0..{num_classes - 1} "
                          f"(layers[-1] = {num_classes} classes)")
     if n < num_workers:
         raise ValueError(f"numWorkers={num_workers} exceeds the {n} training rows; use fewer workers")
-    return n
+    if min(counts) == 0:
+        raise ValueError(f"a training partition is empty (rows per partition: {counts}); repartition the data")
+    return counts
 
 
 def arrow_to_arrays(batches, width: int, with_labels: bool = True):

@@ -29,14 +29,16 @@ from .data import check_data, check_schema, prepared
 from .params import FeedForwardNetworkPSParams
 from .persistence import ModelReader, ModelWriter
 from .predict import transform_frame
-from .training import make_train_function, run_barrier_stage
+from .summary import FeedForwardNetworkPSTrainingSummary
+from .tracking import log_fit
+from .training import UnsupportedBarrierChain, make_train_function, run_barrier_stage
 
 log = logging.getLogger("spark.estimator")
 
 _TRAINING_PARAMS = ("layers", "initialWeights", "maxIter", "stepSize", "blockSize", "seed", "tol", "mode",
                     "optimizer", "communicationWindow", "rho", "momentum", "maxStaleness", "numWorkers", "backend",
                     "useGpu", "psHost", "psPort", "secure", "checkpointDir", "checkpointInterval", "maxRetries",
-                    "workerTimeout", "roundTimeout")
+                    "workerTimeout", "roundTimeout", "forceRepartition", "mlflowTracking")
 _COLUMN_PARAMS = ("featuresCol", "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol")
 
 
@@ -77,7 +79,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  maxIter=100, stepSize=0.1, blockSize=64, seed=None, tol=1e-6, mode="async", optimizer="sgd",
                  communicationWindow=1, rho=None, momentum=0.9, maxStaleness=-1, numWorkers=2, backend="auto",
                  useGpu=False, psHost="", psPort=0, secure=True, checkpointDir="", checkpointInterval=100,
-                 maxRetries=2, workerTimeout=30.0, roundTimeout=120.0):
+                 maxRetries=2, workerTimeout=30.0, roundTimeout=120.0, forceRepartition=False,
+                 mlflowTracking=None):
         super().__init__()
         self._fault = None            # test-only: (worker, local step) whose Python worker exits on attempt 0
         self.setParams(**self._input_kwargs)
@@ -88,7 +91,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                   maxIter=100, stepSize=0.1, blockSize=64, seed=None, tol=1e-6, mode="async", optimizer="sgd",
                   communicationWindow=1, rho=None, momentum=0.9, maxStaleness=-1, numWorkers=2, backend="auto",
                   useGpu=False, psHost="", psPort=0, secure=True, checkpointDir="", checkpointInterval=100,
-                  maxRetries=2, workerTimeout=30.0, roundTimeout=120.0):
+                  maxRetries=2, workerTimeout=30.0, roundTimeout=120.0, forceRepartition=False,
+                  mlflowTracking=None):
         """Sets params for this classifier (keyword arguments only)."""
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
@@ -144,21 +148,48 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
             from core import FeedForwardNetwork
 
             s["w0"] = FeedForwardNetwork(layers, backend="numpy").init_params(int(s["seed"]) % (2 ** 32))
-        from pyspark import StorageLevel
-
-        # cached so a relaunched stage reads the same rows in the same order (deterministic batch streams)
-        prep = prepared(dataset, features_col, label_col).repartition(nw).persist(StorageLevel.MEMORY_AND_DISK)
+        # one partition per worker: shuffled (round-robin) unless the frame already has numWorkers partitions,
+        # as xgboost.spark does; a frame whose lineage Spark will not run in a barrier stage (coalesce, limit)
+        # is shuffled too
+        shuffle = s["forceRepartition"] or dataset.rdd.getNumPartitions() != nw
         try:
-            rows = check_data(prep, layers[0], layers[-1], nw, features_col, label_col)
-            model, stats = self._train(prep, s, bind)
-        finally:
-            prep.unpersist()
-        stats["rows"] = rows
+            model, stats, shard_rows = self._prepare_and_train(dataset, s, bind, shuffle)
+        except UnsupportedBarrierChain as exc:
+            if shuffle:
+                raise
+            log.info("ffps: the input's partitions cannot run in a barrier stage (%s); shuffling them", exc)
+            model, stats, shard_rows = self._prepare_and_train(dataset, s, bind, True)
+        stats["rows"] = sum(shard_rows)
         model.trainingStats = stats
         model._resetUid(self.uid)
-        return self._copyValues(model)
+        model = self._copyValues(model)
+        log_fit(self, model)      # to MLflow when wanted (spark/tracking.py); a logging failure only warns
+        return model
 
-    def _train(self, prep, s, bind):
+    def _prepare_and_train(self, dataset, s, bind, shuffle):
+        """Check the data in one job, then train -> (model, stats, rows per worker).
+
+        The prepared frame is cached, as MLlib does for uncached input, so the check job and the training
+        stage (and a relaunched one) read the same rows in the same order; a cached input is read as it is.
+        """
+        from pyspark import StorageLevel
+
+        layers, nw = s["layers"], s["numWorkers"]
+        prep = prepared(dataset, self.getFeaturesCol(), self.getLabelCol())
+        if shuffle:
+            prep = prep.repartition(nw)
+        cache = shuffle or dataset.storageLevel == StorageLevel.NONE
+        if cache:
+            prep = prep.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            shard_rows = check_data(prep, layers[0], layers[-1], nw, self.getFeaturesCol(), self.getLabelCol())
+            model, stats = self._train(prep, s, bind, shard_rows)
+        finally:
+            if cache:
+                prep.unpersist()
+        return model, stats, shard_rows
+
+    def _train(self, prep, s, bind, shard_rows):
         from ps import ParameterServer
 
         layers, nw, mode = s["layers"], s["numWorkers"], s["mode"]
@@ -175,7 +206,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # plain locals only: this closure is pickled to every executor
         kw = dict(epochs=s["maxIter"], batch_size=s["blockSize"], backend=s["backend"],
                   seed=int(s["seed"]) % (2 ** 31), timeout=s["workerTimeout"], equal_shards=mode in ("sync", "easgd"),
-                  fault=self._fault)
+                  shard_rows=shard_rows, fault=self._fault)
 
         def make_fn(attempt):
             return make_train_function(cfg, layers, attempt=attempt, **kw)
@@ -213,6 +244,22 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
     @property
     def weights(self) -> DenseVector:
         return DenseVector(self._weights.astype(np.float64))
+
+    @property
+    def hasSummary(self) -> bool:
+        """True for a model returned by ``fit``; False for a loaded model or one built from weights."""
+        return self.trainingStats is not None
+
+    @property
+    def summary(self) -> FeedForwardNetworkPSTrainingSummary:
+        """Loss and accuracy per epoch, per-worker figures and curves of the fit that made this model."""
+        if not self.hasSummary:
+            raise RuntimeError(f"No training summary available for this {type(self).__name__}: only a model "
+                               f"returned by fit() has one, not a loaded model or one built from weights")
+        cached = getattr(self, "_summary", None)
+        if cached is None or cached._stats is not self.trainingStats:
+            cached = self._summary = FeedForwardNetworkPSTrainingSummary(self.trainingStats)
+        return cached
 
     @property
     def numFeatures(self) -> int:

@@ -85,13 +85,23 @@ class FeedForwardNetworkPSParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, 
     roundTimeout = Param(Params._dummy(), "roundTimeout",
                          "seconds a sync/easgd round may wait for the slowest worker (> 0)",
                          typeConverter=TypeConverters.toFloat)
+    forceRepartition = Param(Params._dummy(), "forceRepartition",
+                             "shuffle the training rows into numWorkers partitions even when the DataFrame "
+                             "already has numWorkers partitions (it is always shuffled otherwise); set it when "
+                             "partitions are not random samples of the data, e.g. sorted or split by label",
+                             typeConverter=TypeConverters.toBoolean)
+    mlflowTracking = Param(Params._dummy(), "mlflowTracking",
+                           "log the fit to MLflow (params, per-epoch loss and accuracy, the model): true = "
+                           "always, into the active run or else a new run named after the estimator uid; "
+                           "false = never; unset (the default) = only when an MLflow run is active",
+                           typeConverter=TypeConverters.toBoolean)
 
     def __init__(self, *args):
         super().__init__(*args)
         self._setDefault(maxIter=100, stepSize=0.1, blockSize=64, tol=1e-6, mode="async", optimizer="sgd",
                          communicationWindow=1, momentum=0.9, maxStaleness=-1, numWorkers=2, backend="auto",
                          useGpu=False, psHost="", psPort=0, secure=True, checkpointDir="", checkpointInterval=100,
-                         maxRetries=2, workerTimeout=30.0, roundTimeout=120.0)
+                         maxRetries=2, workerTimeout=30.0, roundTimeout=120.0, forceRepartition=False)
 
     def getLayers(self):
         return self.getOrDefault(self.layers)
@@ -144,8 +154,14 @@ class FeedForwardNetworkPSParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, 
     def getMaxRetries(self):
         return self.getOrDefault(self.maxRetries)
 
+    def getForceRepartition(self):
+        return self.getOrDefault(self.forceRepartition)
+
     def getWorkerTimeout(self):
         return self.getOrDefault(self.workerTimeout)
 
     def getRoundTimeout(self):
         return self.getOrDefault(self.roundTimeout)
+
+    def getMlflowTracking(self):
+        return self.getOrDefault(self.mlflowTracking)

@@ -1,7 +1,7 @@
 """Executor side of ``fit``: the function one barrier task runs, and the driver's run-with-retries loop.
 
-Each barrier task reads its partition as Arrow batches into one contiguous float32 matrix, agrees with its
-peers on shard sizes (``allGather``), takes its GPU from ``TaskContext.resources()`` and runs
+Each barrier task reads its partition as Arrow batches into one contiguous float32 matrix, cuts it to the
+common shard size where the mode needs one (sizes counted by the driver), takes its GPU from ``TaskContext.resources()`` and runs
 :func:`ps.worker.run_worker` against the driver's parameter server. Only plain locals are captured, never an
 estimator: the closure is pickled to the executors.
 """
@@ -17,15 +17,17 @@ RESULT_SCHEMA = "worker long, stats string"
 
 
 def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int, backend: str, seed: int,
-                        timeout: float, attempt: int, equal_shards: bool, fault=None):
+                        timeout: float, attempt: int, equal_shards: bool, shard_rows: list, fault=None):
     """-> ``train(batches)`` for ``mapInArrow``: Arrow batches of (features list<float>, label) -> one row.
 
     equal_shards: sync/easgd rounds need every worker to take the same number of steps, so all shards are
-    cut to the smallest one. fault: test-only (worker, local_step): that worker's Python process exits at
+    cut to the smallest one. shard_rows: rows of each partition, counted by the driver's data check (no
+    barrier ``allGather``: each costs about a second in Spark 3.5). fault: test-only (worker, local_step): that worker's Python process exits at
     that step on attempt 0, as if the executor's Python worker were killed.
     """
     width = int(layers[0])
     layers = [int(d) for d in layers]
+    shard_rows = [int(n) for n in shard_rows]
 
     def train(batches):
         import os
@@ -38,12 +40,16 @@ def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int
         from spark.data import arrow_to_arrays
         from spark.gpu import task_gpu
 
+        t_start = time.time()
         ctx = BarrierTaskContext.get()
         worker = ctx.partitionId()
         X, y = arrow_to_arrays(batches, width)
-        counts = [int(c) for c in ctx.allGather(str(len(y)))]   # also lines every worker up before step 1
+        t_read = time.time()
         if equal_shards:
-            n = min(counts)
+            if len(y) != shard_rows[worker]:
+                raise RuntimeError(f"partition {worker} has {len(y)} rows but the driver counted "
+                                   f"{shard_rows[worker]}: the training data changed between check and training")
+            n = min(shard_rows)
             X, y = X[:n], y[:n]
         address, ordinal = task_gpu(ctx.resources())
         name = resolve_backend_name(backend)
@@ -58,8 +64,9 @@ def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int
         # the task's CPU share bounds BLAS/numba threads: executors run several tasks side by side
         stats = run_worker(cfg, worker, X, y, layers=layers, epochs=epochs, batch_size=batch_size, backend=name,
                            device=device, attempt=attempt, seed=seed, timeout=timeout, on_step=on_step,
-                           cpu_threads=max(1, int(ctx.cpus())))
-        stats.update(rows=int(len(y)), shard_rows=counts, gpu_address=address, cuda_ordinal=ordinal,
+                           cpu_threads=max(1, int(ctx.cpus())), start_together=True)
+        stats.update(task_start=t_start, read_s=t_read - t_start, rows=int(len(y)), shard_rows=shard_rows,
+                     gpu_address=address, cuda_ordinal=ordinal,
                      device=device, pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
         yield pa.RecordBatch.from_arrays([pa.array([worker], pa.int64()), pa.array([json.dumps(stats)])],
                                          names=["worker", "stats"])
@@ -75,6 +82,10 @@ def _short(exc: BaseException) -> str:
         if line and not line.startswith(("at ", "An error occurred while calling")):
             return line[:500]
     return type(exc).__name__
+
+
+class UnsupportedBarrierChain(RuntimeError):
+    """Spark refused the input's RDD chain (e.g. coalesce or limit without a shuffle) in a barrier stage."""
 
 
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
@@ -97,6 +108,8 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         try:
             rows = rdd.collect()
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
+            if "BarrierJobUnsupportedRDDChainException" in str(exc):
+                raise UnsupportedBarrierChain(_short(exc)) from None      # nothing ran: the caller reshuffles
             errors.append(f"attempt {attempt}: {_short(exc)}")
             if not server.running:
                 raise RuntimeError(f"parameter server stopped during training: {server.stats().get('error')}; "

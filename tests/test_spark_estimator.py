@@ -193,3 +193,20 @@ def test_bad_data(spark, kind, message):
 def test_model_without_weights_is_a_clear_error(spark):
     with pytest.raises(ValueError, match="no weights"):
         FeedForwardNetworkPSClassificationModel(layers=[3, 3]).transform(small(spark))
+
+
+def test_partitions_are_kept_unless_their_count_differs_or_repartition_is_forced(digits_df):
+    """A frame with numWorkers partitions trains on them as they are (xgboost.spark's rule); otherwise, with
+    forceRepartition, or when Spark cannot run its lineage in a barrier stage, rows are shuffled round-robin
+    into numWorkers even partitions."""
+    train = digits_df[0]
+    chained = train.limit(300).coalesce(1).union(train.limit(100).coalesce(1))   # 2 partitions: 300 + 100 rows
+    uneven = chained.localCheckpoint()                    # same partitions, lineage cut (barrier-compatible)
+    assert uneven.rdd.getNumPartitions() == chained.rdd.getNumPartitions() == 2
+
+    def shard_rows(model):
+        return [model.trainingStats["workers"][w]["rows"] for w in (0, 1)]
+    assert sorted(shard_rows(make(maxIter=1).fit(uneven))) == [100, 300]
+    assert shard_rows(make(maxIter=1, forceRepartition=True).fit(uneven)) == [200, 200]
+    assert shard_rows(make(maxIter=1).fit(uneven.coalesce(1))) == [200, 200]
+    assert shard_rows(make(maxIter=1).fit(chained)) == [200, 200]     # coalesce in a barrier stage: shuffled

@@ -62,9 +62,6 @@ class FakeBarrierContext:
     def partitionId(self):
         return self.worker
 
-    def allGather(self, message):
-        return [message, "7"]
-
     def resources(self):
         return {"gpu": SimpleNamespace(addresses=self.gpus)} if self.gpus else {}
 
@@ -91,7 +88,7 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
     monkeypatch.setattr(ps.worker, "run_worker", fake_run_worker)
     monkeypatch.setattr(core, "resolve_backend_name", lambda name: name)
     fn = make_train_function({}, [3, 4, 2], epochs=1, batch_size=4, backend=backend, seed=0, timeout=1.0,
-                             attempt=0, equal_shards=True)
+                             attempt=0, equal_shards=True, shard_rows=[7, 10])
     batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
                                            pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
     out = list(fn(iter(batches)))

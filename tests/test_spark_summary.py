@@ -1,0 +1,160 @@
+"""model.summary: per-epoch loss/accuracy from the server's push records, per-worker figures, the PNG, --plot."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from tests.spark_helpers import digits_df, spark  # noqa: F401 - fixtures
+
+from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier
+from spark.summary import FeedForwardNetworkPSTrainingSummary
+
+pytestmark = pytest.mark.timeout(600)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EPOCHS, BLOCK = 5, 32
+
+
+@pytest.fixture(scope="module")
+def fitted(digits_df):
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 100, 10], maxIter=EPOCHS, blockSize=BLOCK, stepSize=0.1, seed=1,
+                                         numWorkers=2, mode="async", backend="numba")
+    return clf.fit(digits_df[0])
+
+
+def test_objective_and_accuracy_history_one_value_per_epoch(fitted):
+    s = fitted.summary
+    assert fitted.hasSummary and s is fitted.summary                  # built once per fit
+    assert s.totalIterations == EPOCHS
+    assert len(s.objectiveHistory) == len(s.accuracyHistory) == EPOCHS
+    assert all(math.isfinite(v) for v in s.objectiveHistory + s.accuracyHistory)
+    assert s.objectiveHistory[-1] < 0.7 * s.objectiveHistory[0]
+    assert s.accuracyHistory[-1] > s.accuracyHistory[0] and s.accuracyHistory[-1] > 0.85
+    assert s.trainingSeconds == fitted.trainingStats["seconds"] > 0
+    assert "5 epochs, 2 workers" in repr(s)
+
+
+def test_epochs_match_an_independent_count_from_the_history(fitted):
+    stats, s = fitted.trainingStats, fitted.summary
+    # each worker's shard rows and the block size give its steps per pass; async with tau = 1 pushes every step
+    per_pass = {w: math.ceil(v["rows"] / BLOCK) for w, v in stats["workers"].items()}
+    expected = {}
+    for r in stats["history"]:
+        e = expected.setdefault(math.ceil(r["step"] / per_pass[r["worker"]]), [0, 0.0])
+        e[0] += r["batch_size"]
+        e[1] += r["loss"] * r["batch_size"]
+    epochs = s.epochs()
+    assert [e["epoch"] for e in epochs] == sorted(expected) == list(range(1, EPOCHS + 1))
+    for e in epochs:
+        assert e["samples"] == expected[e["epoch"]][0]
+        assert abs(e["samples"] - stats["rows"]) <= BLOCK * len(per_pass)
+        assert e["loss"] == pytest.approx(expected[e["epoch"]][1] / e["samples"], rel=1e-12)
+    assert [e["seconds_end"] for e in epochs] == sorted(e["seconds_end"] for e in epochs)
+    assert [r["epoch"] for r in s.history] == [math.ceil(r["step"] / per_pass[r["worker"]]) for r in s.history]
+    frame = s.toPandas()
+    assert len(frame) == len(stats["history"]) and frame.groupby("epoch")["batch_size"].sum().tolist() == \
+        [e["samples"] for e in epochs]
+
+
+def test_one_entry_per_worker(fitted):
+    workers = fitted.summary.workers()
+    assert [w["worker"] for w in workers] == [0, 1]
+    for w, raw in zip(workers, (fitted.trainingStats["workers"][0], fitted.trainingStats["workers"][1])):
+        assert w["pushes"] == raw["pushes"] > 0 and w["attempts"] == 1
+        assert w["samples"] == EPOCHS * raw["rows"]
+        assert math.isfinite(w["loss"]) and 0 <= w["accuracy"] <= 1 and w["samples_per_s"] > 0
+        assert 0 <= w["staleness_mean"] <= w["staleness_max"]
+
+
+def test_loaded_or_hand_built_model_has_no_summary(fitted, tmp_path):
+    path = str(tmp_path / "model")
+    fitted.save(path)
+    for model in (FeedForwardNetworkPSClassificationModel.load(path),
+                  FeedForwardNetworkPSClassificationModel(weights=fitted.weights.toArray(), layers=[64, 100, 10])):
+        assert not model.hasSummary
+        with pytest.raises(RuntimeError, match="No training summary available for this "
+                                               "FeedForwardNetworkPSClassificationModel"):
+            model.summary
+
+
+def test_plot_writes_a_png(fitted, tmp_path):
+    path = str(tmp_path / "curves.png")
+    assert fitted.summary.plot(path) == path
+    with open(path, "rb") as f:
+        head = f.read(8)
+    assert head == PNG_SIGNATURE and os.path.getsize(path) > 10_000
+
+
+def test_plot_without_matplotlib_says_what_to_install(fitted, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install ffps\[plot\]"):
+        fitted.summary.plot(str(tmp_path / "x.png"))
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- epoch assignment: windows and retries
+def record(t, worker, attempt, step, loss, accuracy, rows):
+    return {"time": t, "worker": worker, "attempt": attempt, "step": step, "version": 0, "loss": loss,
+            "accuracy": accuracy, "batch_size": rows, "staleness": 0, "samples_per_s": 0.0}
+
+
+def test_windows_across_epochs_and_a_relaunched_attempt():
+    # worker 0: 4 steps per pass, tau = 3 -> pushes end at local steps 3, 6, 9, 12 -> epochs 1, 2, 3, 3;
+    # it died after push 2 and its attempt 1 resumed at push 3. Worker 1: 2 steps per pass, tau = 1.
+    history = [record(0.1, 0, 0, 1, 2.0, 0.2, 30), record(0.2, 1, 0, 1, 1.0, 0.5, 10),
+               record(0.3, 0, 0, 2, 1.0, 0.5, 30), record(0.4, 1, 0, 2, 1.0, 0.5, 10),
+               record(0.5, 1, 0, 3, 0.5, 0.7, 10), record(0.6, 1, 0, 4, 0.5, 0.7, 10),
+               record(1.5, 0, 1, 3, 0.5, 0.8, 30), record(1.6, 0, 1, 4, 0.3, 0.9, 20),
+               record(1.7, 1, 0, 5, 0.2, 0.9, 10), record(1.8, 1, 0, 6, 0.2, 0.9, 10)]
+    stats = {"seconds": 2.0, "attempts": 2, "server": {"mode": "async"}, "history": history,
+             "workers": {"0": {"steps_per_epoch": 4, "tau": 3, "stale": 0},
+                         "1": {"steps_per_epoch": 2, "tau": 1, "stale": 1}}}
+    s = FeedForwardNetworkPSTrainingSummary(stats)
+    assert [r["epoch"] for r in s.history] == [1, 1, 2, 1, 2, 2, 3, 3, 3, 3]
+    assert s.totalIterations == 3
+    assert [e["samples"] for e in s.epochs()] == [50, 50, 70]
+    assert s.objectiveHistory == pytest.approx([(2.0 * 30 + 2 * 10) / 50, (30 + 2 * 0.5 * 10) / 50,
+                                                (0.5 * 30 + 0.3 * 20 + 2 * 0.2 * 10) / 70])
+    assert s.epochs()[-1]["seconds_end"] == 1.8
+    w0, w1 = s.workers()
+    assert (w0["attempts"], w0["pushes"], w0["samples"]) == (2, 4, 110)
+    assert w0["loss"] == pytest.approx((0.5 * 30 + 0.3 * 20) / 50)
+    assert (w1["attempts"], w1["stale"]) == (1, 1)
+
+
+def test_summary_spans_a_relaunched_training_stage(digits_df):
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 32, 10], maxIter=3, blockSize=BLOCK, stepSize=0.1, seed=1,
+                                         numWorkers=2, mode="async", backend="numba", maxRetries=1)
+    clf._fault = (1, 25)             # worker 1's Python process exits at local step 25 (epoch 2) of attempt 0
+    model = clf.fit(digits_df[0])
+    s = model.summary
+    assert model.trainingStats["attempts"] == 2
+    assert s.totalIterations == 3 and [e["samples"] for e in s.epochs()] == [model.trainingStats["rows"]] * 3
+    assert [w["attempts"] for w in s.workers()] == [1, 2]
+
+
+# ---------------------------------------------------------------- the app's --plot
+def test_app_train_writes_the_plot_and_prints_the_objective_history(spark, tmp_path, capsys):
+    from spark.app import main
+    from tests.test_spark_app import sample_data
+
+    png = str(tmp_path / "curves.png")
+    assert main(["--mode", "train", "--dir", str(tmp_path / "m"), sample_data(), "--epochs", "4",
+                 "--batch-size", "16", "--backend", "numba", "--plot", png]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["plot"] == png and len(out["objective_history"]) == 4
+    with open(png, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+
+def test_app_plot_without_matplotlib_fails_before_training(spark, tmp_path, capsys, monkeypatch):
+    from spark.app import main
+    from tests.test_spark_app import sample_data
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["--mode", "train", "--dir", str(tmp_path / "m"), sample_data(), "--plot", "x.png"]) == 2
+    assert "pip install ffps[plot]" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")
