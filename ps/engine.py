@@ -283,7 +283,9 @@ class Engine:
         if h.wversion < 0 or h.wversion > self.version:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
-        arr = read_array(h, frame, self.num_params)
+        # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
+        fused = self.mode == "async" and self.optimizer.screens_in_step
+        arr = read_array(h, frame, self.num_params, check_finite=not fused)
         if h.step <= info.last_step:
             # a retransmit of an applied push (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
@@ -298,7 +300,10 @@ class Engine:
             raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
                                               f"(bound {self.staleness_bound}); pull and recompute")
         new = self.pool.acquire()
-        if self.mode == "async":
+        if fused:
+            if not self.optimizer.step_screened(self.weights, arr, out=new):
+                raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
+        elif self.mode == "async":
             self.optimizer.step(self.weights, arr, out=new)
         else:
             rules.apply_elastic(self.weights, arr, out=new)

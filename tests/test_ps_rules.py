@@ -259,3 +259,28 @@ def test_engine_wrong_mode_push():
     r = e.handle(b"a", msg(Op.PUSH, 0, 0, np.ones(4, np.float32), step=1, flags=FLAG_ELASTIC))
     assert status(r) == [(Status.ERROR, Reason.WRONG_MODE)]
     assert e.version == 0
+
+
+def test_fused_sgd_step_equals_step_and_screens_nan_inf():
+    """The server's one-pass SGD update: same weights as step(); NaN/inf gradients change nothing."""
+    from ps.optimizers import make_optimizer
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(100_003).astype(np.float32)
+    g = rng.standard_normal(w.size).astype(np.float32)
+    ref, fused = make_optimizer("sgd", w.size, learning_rate=0.05), make_optimizer("sgd", w.size, learning_rate=0.05)
+    want = ref.step(w, g, out=np.empty_like(w))
+    out = np.empty_like(w)
+    assert fused.step_screened(w, g, out) and fused.t == 1
+    np.testing.assert_array_equal(out, want)
+    w0 = w.copy()
+    for bad in (np.nan, np.inf, -np.inf):
+        gb = g.copy()
+        gb[77_777] = bad
+        assert not fused.step_screened(w, gb, np.empty_like(w))
+        assert fused.t == 1
+    np.testing.assert_array_equal(w, w0)
+    huge = np.full(w.size, 1e20, np.float32)               # finite, but its squares overflow float32
+    assert fused.step_screened(w, huge, out) and fused.t == 2
+    with pytest.raises(TypeError, match="keeps state"):
+        make_optimizer("adam", w.size).step_screened(w, g, out)
