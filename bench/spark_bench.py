@@ -40,6 +40,7 @@ def synthetic(spark, rows, backend):
     import numpy as np
     import pandas as pd
     from pyspark.ml.classification import MultilayerPerceptronClassifier
+    from pyspark import StorageLevel
     from pyspark.ml.functions import array_to_vector
 
     from spark import FeedForwardNetworkPSClassifier
@@ -49,7 +50,8 @@ def synthetic(spark, rows, backend):
     X = rs.standard_normal((rows, 784)).astype(np.float32)
     y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
     df = spark.createDataFrame(pd.DataFrame({"f": list(X.astype(np.float64)), "label": y})) \
-        .select(array_to_vector("f").alias("features"), "label").repartition(2).cache()
+        .select(array_to_vector("f").alias("features"), "label").repartition(2) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
     df.count()
     layers = [784, 256, 256, 10]
     warm = FeedForwardNetworkPSClassifier(layers=layers, maxIter=1, blockSize=256, numWorkers=2, backend=backend)
@@ -62,6 +64,7 @@ def synthetic(spark, rows, backend):
     m_secs = time.perf_counter() - t0
     m_rate = rows * 5 / m_secs
     m_acc = evaluator().evaluate(m_model.transform(sample))
+    df.count()                 # MLlib's own cached blocks may have evicted some of df: every contender starts cached
     print(f"synthetic MLlib gd maxIter=5: fit {m_secs:.2f} s, {m_rate:,.0f} samples/s, train acc {m_acc:.3f}",
           flush=True)
     for mode, window, secure, block, step in (("async", 8, True, 256, 0.05), ("async", 8, True, 512, 0.1),

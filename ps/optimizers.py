@@ -181,26 +181,11 @@ class Adam(Optimizer):
 OPTIMIZERS = {"sgd": Optimizer, "momentum": Momentum, "nesterov": Momentum, "adagrad": Adagrad, "adam": Adam}
 
 
-_KERNEL = None
-
-
 def _sgd_screened():
-    """numba kernel out = w - lr g, returning sum(g*g) (NaN/inf when g holds one); compiled on first use."""
-    global _KERNEL
-    if _KERNEL is None:
-        import numba
+    """numba kernel out = w - lr g returning sum(g*g); lives with the other numba code in core.backends."""
+    from core.backends.numba_ops import sgd_screened
 
-        # reassoc only: vectorises the sum, keeps NaN/inf semantics (no nnan/ninf)
-        @numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False)
-        def sgd_screened(w, g, lr, out):
-            s = np.float32(0.0)
-            for i in range(w.shape[0]):
-                gi = g[i]
-                s += gi * gi
-                out[i] = w[i] - lr * gi
-            return s
-        _KERNEL = sgd_screened
-    return _KERNEL
+    return sgd_screened
 
 
 def make_optimizer(name: str, num_params: int, learning_rate=0.1, schedule="constant", dtype=np.float32,

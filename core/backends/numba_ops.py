@@ -148,6 +148,17 @@ def _momentum(w, v, g, lr, mu, nesterov):
         w[i] += mu * vi - lr * g[i] if nesterov else vi
 
 
+def _sgd_screened(w, g, lr, out):
+    """out = w - lr g in one pass, returning sum(g*g): NaN/inf when g holds one (the parameter server's
+    screen and update of a pushed gradient in one read of g)."""
+    s = np.float32(0.0)
+    for i in range(w.shape[0]):
+        gi = g[i]
+        s += gi * gi
+        out[i] = w[i] - lr * gi
+    return s
+
+
 def _all_finite(x):
     for i in range(x.shape[0]):
         if not math.isfinite(x[i]):
@@ -162,6 +173,8 @@ _KERNELS = {name: _jit_pair(fn) for name, fn in [
     ("softmax_finish_rows", _softmax_finish_rows),
     ("softmax", _softmax), ("sgd", _sgd), ("momentum", _momentum)]}
 _all_finite_jit = numba.njit(cache=True)(_all_finite)
+# reassoc only: vectorises the sum and keeps NaN/inf semantics; no contract, so out == NumPy's w - lr * g
+sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False)(_sgd_screened)
 
 
 def _kernel(name, size):
