@@ -68,8 +68,11 @@ def check_data(prep, width: int, num_classes: int, num_workers: int, features_co
         F.min(y).alias("min_label"), F.max(y).alias("max_label"),
         F.sum((F.isnan(y) | (y != F.floor(y))).cast("long")).alias("fractional_labels"),
     ).collect()
-    counts = [0] * prep.rdd.getNumPartitions()
+    counts = [0] * num_workers                  # the caller made (or found) exactly num_workers partitions
     for p in parts:
+        if p["part"] >= num_workers:
+            raise RuntimeError(f"the prepared training data has a partition {p['part']}; expected "
+                               f"{num_workers} partitions")
         counts[p["part"]] = p["n"]
     total = lambda k: sum(p[k] or 0 for p in parts)             # noqa: E731
     lo = min((p["min_label"] for p in parts if p["min_label"] is not None), default=None)

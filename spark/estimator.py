@@ -151,7 +151,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # one partition per worker: shuffled (round-robin) unless the frame already has numWorkers partitions,
         # as xgboost.spark does; a frame whose lineage Spark will not run in a barrier stage (coalesce, limit)
         # is shuffled too
-        shuffle = s["forceRepartition"] or dataset.rdd.getNumPartitions() != nw
+        shuffle = s["forceRepartition"] or dataset._jdf.rdd().getNumPartitions() != nw   # no Python RDD needed
         try:
             model, stats, shard_rows = self._prepare_and_train(dataset, s, bind, shuffle)
         except UnsupportedBarrierChain as exc:
