@@ -12,26 +12,25 @@ import numpy as np
 FEATURES, LABEL = "__ffps_features", "__ffps_label"
 
 
+def _check_column(schema, param: str, col: str, accept, need: str) -> None:
+    names = schema.fieldNames()
+    if col not in names:
+        raise ValueError(f"{param} {col!r} is not a column of the DataFrame; columns: {names}")
+    dtype = schema[col].dataType
+    if not isinstance(dtype, accept):
+        raise ValueError(f"{param} {col!r} must be {need}, got {dtype.simpleString()}")
+
+
 def check_schema(schema, features_col: str, label_col: str | None) -> None:
     """Columns exist with the right types, else ValueError naming the column and its type."""
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql.types import NumericType
 
-    names = schema.fieldNames()
-    if features_col not in names:
-        raise ValueError(f"featuresCol {features_col!r} is not a column of the DataFrame; columns: {names}")
-    ftype = schema[features_col].dataType
-    if not isinstance(ftype, VectorUDT):
-        raise ValueError(f"featuresCol {features_col!r} must be a Vector column (pyspark.ml.linalg, e.g. from "
-                         f"VectorAssembler), got {ftype.simpleString()}")
-    if label_col is None:
-        return
-    if label_col not in names:
-        raise ValueError(f"labelCol {label_col!r} is not a column of the DataFrame; columns: {names}")
-    ltype = schema[label_col].dataType
-    if not isinstance(ltype, NumericType):
-        raise ValueError(f"labelCol {label_col!r} must be numeric (class indices 0..C-1, e.g. from "
-                         f"StringIndexer), got {ltype.simpleString()}")
+    _check_column(schema, "featuresCol", features_col, VectorUDT,
+                  "a Vector column (pyspark.ml.linalg, e.g. from VectorAssembler)")
+    if label_col is not None:
+        _check_column(schema, "labelCol", label_col, NumericType,
+                      "numeric (class indices 0..C-1, e.g. from StringIndexer)")
 
 
 def prepared(dataset, features_col: str, label_col: str | None):
@@ -74,15 +73,14 @@ def check_data(prep, width: int, num_classes: int, num_workers: int, features_co
             raise RuntimeError(f"the prepared training data has a partition {p['part']}; expected "
                                f"{num_workers} partitions")
         counts[p["part"]] = p["n"]
-    total = lambda k: sum(p[k] or 0 for p in parts)             # noqa: E731
-    lo = min((p["min_label"] for p in parts if p["min_label"] is not None), default=None)
-    hi = max((p["max_label"] for p in parts if p["max_label"] is not None), default=None)
-    row = {"n": sum(counts), "null_features": total("null_features"), "bad_features": total("bad_features"),
-           "null_labels": total("null_labels"), "fractional_labels": total("fractional_labels"),
-           "min_width": min((p["min_width"] for p in parts if p["min_width"] is not None), default=width),
-           "max_width": max((p["max_width"] for p in parts if p["max_width"] is not None), default=width),
-           "min_label": lo, "max_label": hi}
-    n = row["n"]
+
+    def merged(key, combine):
+        values = [p[key] for p in parts if p[key] is not None]   # min/max are None in an all-null partition
+        return combine(values) if values else None
+    row = {key: merged(key, combine) for key, combine in (
+        ("null_features", sum), ("bad_features", sum), ("null_labels", sum), ("fractional_labels", sum),
+        ("min_width", min), ("max_width", max), ("min_label", min), ("max_label", max))}
+    n = sum(counts)
     if n == 0:
         raise ValueError("the training DataFrame has no rows")
     if row["null_features"]:
@@ -99,6 +97,7 @@ def check_data(prep, width: int, num_classes: int, num_workers: int, features_co
     if row["fractional_labels"]:
         raise ValueError(f"labelCol {label_col!r} has {row['fractional_labels']} value(s) that are not integral "
                          f"class indices (NaN or fractional); labels must be 0..{num_classes - 1}")
+    lo, hi = row["min_label"], row["max_label"]
     if lo < 0 or hi > num_classes - 1:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labelCol {label_col!r} has label {bad:g} outside 0..{num_classes - 1} "
