@@ -9,11 +9,11 @@
 Built from ``model.trainingStats``: the server's record of every applied push and each worker's stats. Push
 ``s`` of a worker covers its local steps (s-1)*tau+1 .. min(s*tau, epochs*steps_per_epoch) (the last window
 may be shorter), so it belongs to the epoch of its last step (a window across an epoch boundary counts in
-the later epoch; an epoch in which no window ends has no entry). Steps keep counting across relaunched attempts, so records of
-every attempt land in their epoch. A push's loss and accuracy are means over its rows, so an epoch's value is
-the row-weighted mean of its pushes over all workers: the mean training loss over one pass, measured on the
-weights each worker had while it trained (not a loss of the final model). The server keeps its last 100,000
-records; a longer fit's summary starts at the first epoch still recorded.
+the later epoch; an epoch in which no window ends has no entry). Steps keep counting across relaunched
+attempts, so records of every attempt land in their epoch. A push's loss and accuracy are means over its
+rows, so an epoch's value is the row-weighted mean of its pushes over all workers: the mean training loss
+over one pass, measured on the weights each worker had while it trained (not a loss of the final model).
+The server keeps its last 100,000 records; a longer fit's summary starts at the first epoch still recorded.
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ class FeedForwardNetworkPSTrainingSummary:
     def __init__(self, stats: dict):
         self._stats = stats
         self._workers = {int(k): v for k, v in stats["workers"].items()}
-        missing = [w for w, v in self._workers.items() if "steps_per_epoch" not in v]
+        missing = [w for w, v in self._workers.items() if "steps_per_epoch" not in v or "epochs" not in v]
         if missing:
-            raise ValueError(f"training stats of workers {missing} have no steps_per_epoch: they come from an "
-                             f"older ffps; refit the model to get a summary")
+            raise ValueError(f"training stats of workers {missing} have no steps_per_epoch/epochs: they come "
+                             f"from an older ffps; refit the model to get a summary")
         latest = {}                      # (worker, step) -> record; a re-applied step counts once, the last
         for r in stats["history"]:
             latest[(int(r["worker"]), int(r["step"]))] = r
@@ -51,9 +51,8 @@ class FeedForwardNetworkPSTrainingSummary:
 
     def _epoch_of(self, record) -> int:
         w = self._workers[int(record["worker"])]
-        last = int(record["step"]) * int(w["tau"])          # the window's last local step
-        if "epochs" in w:                                   # the final window may be shorter than tau
-            last = min(last, int(w["epochs"]) * int(w["steps_per_epoch"]))
+        # the window's last local step; the final window may be shorter than tau
+        last = min(int(record["step"]) * int(w["tau"]), int(w["epochs"]) * int(w["steps_per_epoch"]))
         return math.ceil(last / int(w["steps_per_epoch"]))
 
     # ------------------------------------------------------------------ MLlib-style attributes

@@ -1,9 +1,9 @@
 """Executor side of ``fit``: the function one barrier task runs, and the driver's run-with-retries loop.
 
 Each barrier task reads its partition as Arrow batches into one contiguous float32 matrix, cuts it to the
-common shard size where the mode needs one (sizes counted by the driver), takes its GPU from ``TaskContext.resources()`` and runs
-:func:`ps.worker.run_worker` against the driver's parameter server. Only plain locals are captured, never an
-estimator: the closure is pickled to the executors.
+common shard size where the mode needs one (sizes counted by the driver), takes its GPU from
+``TaskContext.resources()`` and runs :func:`ps.worker.run_worker` against the driver's parameter server.
+Only plain locals are captured, never an estimator: the closure is pickled to the executors.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int
 
     equal_shards: sync/easgd rounds need every worker to take the same number of steps, so all shards are
     cut to the smallest one. shard_rows: rows of each partition, counted by the driver's data check (no
-    barrier ``allGather``: each costs about a second in Spark 3.5). fault: test-only (worker, local_step): that worker's Python process exits at
-    that step on attempt 0, as if the executor's Python worker were killed.
+    barrier ``allGather``: each costs about a second in Spark 3.5). fault: test-only (worker, local_step):
+    that worker's Python process exits at that step on attempt 0, as if the executor's Python worker were
+    killed.
     """
     width = int(layers[0])
     layers = [int(d) for d in layers]

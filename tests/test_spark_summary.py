@@ -110,8 +110,8 @@ def test_windows_across_epochs_and_a_relaunched_attempt():
                record(1.5, 0, 1, 3, 0.5, 0.8, 30), record(1.6, 0, 1, 4, 0.3, 0.9, 20),
                record(1.7, 1, 0, 5, 0.2, 0.9, 10), record(1.8, 1, 0, 6, 0.2, 0.9, 10)]
     stats = {"seconds": 2.0, "attempts": 2, "server": {"mode": "async"}, "history": history,
-             "workers": {"0": {"steps_per_epoch": 4, "tau": 3, "stale": 0},
-                         "1": {"steps_per_epoch": 2, "tau": 1, "stale": 1}}}
+             "workers": {"0": {"steps_per_epoch": 4, "tau": 3, "epochs": 3, "stale": 0},
+                         "1": {"steps_per_epoch": 2, "tau": 1, "epochs": 3, "stale": 1}}}
     s = FeedForwardNetworkPSTrainingSummary(stats)
     assert [r["epoch"] for r in s.history] == [1, 1, 2, 1, 2, 2, 3, 3, 3, 3]
     assert s.totalIterations == 3
