@@ -255,7 +255,7 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
     the :class:`StartGate` opens (start_gate=False: when the first worker connected, i.e. its last push minus
     the seconds it reports) and ends with the last applied push: the final weights.
     """
-    from ps.runner import Runner
+    from ps.runner import Runner, shard_bounds
 
     kw = dict(mode=settings["mode"], workers=settings["workers"], backend=backend, epochs=settings["epochs"],
               batch_size=settings["batch_size"], learning_rate=settings["learning_rate"], seed=seed,
@@ -283,7 +283,8 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
     ready = {str(w): float(last_push[w] - r["seconds"]) for w, r in res.workers.items() if w in last_push}
     start = released.value - t_ref if start_gate else min(ready.values())
     end = max(last_push.values())
-    rows_per_pass = sum(len(r) for r in _shard_rows(len(ytr), settings))
+    rows_per_pass = sum(b - a for a, b in shard_bounds(len(ytr), settings["workers"],
+                                                         equal=settings["mode"] in ("sync", "easgd")))
     curve = _epoch_curve(hist, start, rows_per_pass)
     samples = int(sum(h["batch_size"] for h in hist))
     stale = [h["staleness"] for h in hist]
@@ -293,15 +294,6 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
               "worker_connected_s": ready, "start_gate_s": start if start_gate else None}
     return {"weights": res.weights, "train_s": end - start, "wall_s": res.seconds, "samples": samples,
             "curve": curve, "server": server}
-
-
-def _shard_rows(n: int, settings: dict):
-    """Row ranges the runner gives the workers (sync and easgd drop the remainder to keep shards equal)."""
-    p = settings["workers"]
-    if settings["mode"] in ("sync", "easgd"):
-        per = n // p
-        return [range(i * per, (i + 1) * per) for i in range(p)]
-    return [range(i * n // p, (i + 1) * n // p) for i in range(p)]
 
 
 def _epoch_curve(history, start, rows_per_pass):

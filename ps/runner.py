@@ -40,13 +40,18 @@ def _worker_main(out_q, cfg, worker_id, attempt, X, y, kw):
         raise SystemExit(1)
 
 
+def shard_bounds(n: int, workers: int, equal: bool) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of each worker's shard; ``equal`` drops the remainder so each has n // workers rows."""
+    if equal:
+        per = n // workers
+        return [(i * per, (i + 1) * per) for i in range(workers)]
+    return [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
+
+
 def shard(X, y, workers: int, equal: bool):
-    """Contiguous shards of a shuffled copy; ``equal`` drops the remainder so every shard has n // workers rows."""
-    n = X.shape[0]
-    per = n // workers
-    bounds = [(i * per, (i + 1) * per) for i in range(workers)] if equal else \
-        [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
-    return [(np.ascontiguousarray(X[a:b]), np.ascontiguousarray(y[a:b])) for a, b in bounds]
+    """Contiguous shards of a shuffled copy, cut at :func:`shard_bounds`."""
+    return [(np.ascontiguousarray(X[a:b]), np.ascontiguousarray(y[a:b]))
+            for a, b in shard_bounds(X.shape[0], workers, equal)]
 
 
 @dataclass
@@ -189,13 +194,11 @@ def run(X, y, layers, timeout=600.0, **kw) -> RunResult:
 
 
 def load_digits_split(seed=0):
-    """sklearn digits, X / 16, stratified 70/30 split (random_state=seed)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """core.cli's digits split (X / 16, stratified 70/30, random_state=seed) as float32 X and int64 y."""
+    from core.cli import load_digits_split as split
 
-    X, y = load_digits(return_X_y=True)
-    X = (X / 16.0).astype(np.float32)
-    return train_test_split(X, y.astype(np.int64), test_size=0.3, stratify=y, random_state=seed)
+    Xtr, Xte, ytr, yte = split(seed=seed)
+    return Xtr.astype(np.float32), Xte.astype(np.float32), ytr.astype(np.int64), yte.astype(np.int64)
 
 
 def main(argv=None) -> int:

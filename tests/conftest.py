@@ -32,9 +32,6 @@ BACKEND_PARAMS = [backend_param(b) for b in BACKENDS]
 @pytest.fixture(scope="session")
 def digits_split():
     """scikit-learn's digits (real data), scaled to [0, 1], 70/30 stratified split with seed 0."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from core.cli import load_digits_split
 
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
-    return train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    return load_digits_split(seed=0)
