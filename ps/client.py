@@ -173,10 +173,24 @@ class ParameterClient:
 
     def barrier(self, step: int) -> int:
         """Wait until every worker reached barrier ``step`` (server-side timeout) -> server version."""
-        rh, frame = self._request(self._header(Op.BARRIER, step=int(step)),
-                                  timeout=self.timeout + self.cfg.get("barrier_timeout", 0))
-        self._check(rh, frame)
+        rh, frame = self._barrier(step, None)
         return rh.wversion
+
+    def gather(self, step: int, report: dict) -> list:
+        """Barrier ``step`` that also exchanges small JSON reports -> every worker's report, by worker id.
+
+        ``report``: a JSON-serialisable dict (at most ``MAX_JSON_BYTES`` encoded); the server refuses others.
+        """
+        rh, frame = self._barrier(step, json.dumps(report).encode())
+        if frame is None or not rh.flags & FLAG_JSON:
+            raise PSError(Reason.BAD_PAYLOAD, f"barrier {step} reply carries no gathered reports")
+        return json.loads(bytes(frame.buffer))
+
+    def _barrier(self, step, payload):
+        h = self._header(Op.BARRIER, step=int(step), flags=FLAG_JSON if payload is not None else 0)
+        rh, frame = self._request(h, payload, timeout=self.timeout + self.cfg.get("barrier_timeout", 0))
+        self._check(rh, frame)
+        return rh, frame
 
     def stats(self) -> dict:
         rh, frame = self._request(self._header(Op.STATS))
@@ -193,9 +207,11 @@ class ParameterClient:
         self._check(rh, frame)
 
     def close(self) -> None:
+        """Close the socket and its context; closing twice is harmless."""
         self._last = None
-        self.sock.close(linger=0)
-        self.ctx.term()
+        if not self.ctx.closed:
+            self.sock.close(linger=0)
+            self.ctx.term()
 
     def __enter__(self):
         return self

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import rules
-from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, Header,
-                       Op, ProtocolError, Reason, Status, check_metrics, read_array, unpack_header)
+from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
+                       MAX_JSON_BYTES, Header, Op, ProtocolError, Reason, Status, check_metrics, read_array,
+                       unpack_header)
 
-PAYLOAD_OPS = {Op.PUSH}
+PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1)}     # payload frames each op may carry; others take none
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Engine:
         self.barrier: Round | None = None
         self.barrier_step = None
         self.waiting_pulls: list = []             # SSP: (deadline, token, header)
+        self.min_attempt = 0                      # requests of older attempts are fenced off (fence_below)
         self.counters = {"received": 0, "applied": 0, "pulls": 0, "rounds": 0, "stale_pushes": 0}
         self.rejected: dict[str, int] = {}
         self.history: deque = deque(maxlen=history_limit)
@@ -173,9 +175,13 @@ class Engine:
             op = Op(h.op)
         except ValueError:
             raise ProtocolError(Reason.UNKNOWN_OP, f"unknown op {h.op}") from None
-        want = 1 if op in PAYLOAD_OPS else 0
-        if len(payload) != want:
-            raise ProtocolError(Reason.BAD_FRAME_COUNT, f"{op.name} takes {want} payload frame(s), got {len(payload)}")
+        allowed = PAYLOAD_FRAMES.get(op, (0,))
+        if len(payload) not in allowed:
+            raise ProtocolError(Reason.BAD_FRAME_COUNT, f"{op.name} takes {' or '.join(map(str, allowed))} "
+                                                        f"payload frame(s), got {len(payload)}")
+        if h.attempt < self.min_attempt and op not in (Op.STATS, Op.STOP):
+            raise ProtocolError(Reason.SUPERSEDED_ATTEMPT, f"attempt {h.attempt} was superseded: the server now "
+                                                           f"accepts attempts >= {self.min_attempt}")
         if op == Op.STATS:
             return [(token, h.reply(Status.OK, wversion=self.version, flags=FLAG_JSON),
                      json.dumps(self.stats()).encode())]
@@ -190,7 +196,7 @@ class Engine:
         if op == Op.PUSH:
             return self._push(token, h, info, payload[0], now)
         if op == Op.BARRIER:
-            return self._barrier(token, h, now)
+            return self._barrier(token, h, payload[0] if payload else None, now)
         info.done = True                                   # BYE
         if self.ssp is not None:
             self.ssp.retire(h.worker_id)
@@ -365,16 +371,45 @@ class Engine:
                              "samples_per_s": info.samples_per_s})
 
     # ------------------------------------------------------------------ barrier and timeouts
-    def _barrier(self, token, h, now):
+    def _barrier(self, token, h, frame, now):
+        report = None if frame is None else _json_report(h, frame)
         if self.barrier is not None and self.barrier_step != h.step:
             raise ProtocolError(Reason.BAD_FIELD, f"barrier {h.step} while barrier {self.barrier_step} is open")
         if self.barrier is None:
             self.barrier, self.barrier_step = Round(deadline=now + self.barrier_timeout), h.step
-        self.barrier.entries[h.worker_id] = (token, h, None)
+        self.barrier.entries[h.worker_id] = (token, h, report)   # a retransmit replaces the earlier entry
         if len(self.barrier.entries) < self.num_workers:
             return []
         entries, self.barrier = self.barrier.entries, None
-        return [self._ok(tok, hh) for tok, hh, _ in entries.values()]
+        if all(r is None for _, _, r in entries.values()):
+            return [self._ok(tok, hh) for tok, hh, _ in entries.values()]
+        gathered = json.dumps([entries[w][2] for w in range(self.num_workers)]).encode()
+        return [(tok, hh.reply(Status.OK, wversion=self.version, flags=FLAG_JSON), gathered)
+                for tok, hh, _ in entries.values()]
+
+    def fence_below(self, attempt: int) -> int:
+        """Refuse every request of an attempt older than ``attempt`` from now on, and drop the waiting ones.
+
+        For launchers that relaunch all workers at once with the next attempt number (a Spark barrier stage):
+        called before the relaunch, it keeps a task of the failed attempt that is still alive from holding a
+        barrier or round entry the new attempt would count. The dropped requests get no reply (their
+        clients time out). -> number of requests dropped.
+        """
+        self.min_attempt = max(self.min_attempt, int(attempt))
+        dropped = 0
+        for rnd in (self.round, self.barrier):
+            for wid in [w for w, (_, hh, _) in (rnd.entries.items() if rnd else ()) if hh.attempt < attempt]:
+                del rnd.entries[wid]
+                dropped += 1
+        keep = [item for item in self.waiting_pulls if item[2].attempt >= attempt]
+        dropped += len(self.waiting_pulls) - len(keep)
+        self.waiting_pulls = keep
+        if self.round is not None and not self.round.entries:
+            self.round = None
+        if self.barrier is not None and not self.barrier.entries:
+            self.barrier = None
+        self.rejected["superseded_attempt"] = self.rejected.get("superseded_attempt", 0) + dropped
+        return dropped
 
     def tick(self, now=None) -> list:
         """Expire rounds, barriers and SSP waits whose deadline passed -> error replies to those waiting."""
@@ -431,3 +466,20 @@ class Engine:
                                               applied=v["applied"], samples=v["samples"])
             if self.ssp is not None:
                 self.ssp.advance(int(k), v["last_step"])
+
+
+def _json_report(h: Header, frame) -> dict:
+    """A BARRIER request's payload: one JSON object of at most MAX_JSON_BYTES, else ProtocolError(BAD_PAYLOAD)."""
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if not h.flags & FLAG_JSON:
+        raise ProtocolError(Reason.BAD_PAYLOAD, "a BARRIER payload must be JSON (FLAG_JSON)")
+    if len(buf) > MAX_JSON_BYTES:
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"BARRIER report of {len(buf)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        report = json.loads(bytes(buf).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:             # UnicodeDecodeError is a ValueError; deep nesting
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"BARRIER report is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(report, dict):
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"BARRIER report must be a JSON object, got "
+                                                f"{type(report).__name__}")
+    return report

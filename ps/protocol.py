@@ -14,12 +14,16 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts). ``seq``: a
   per-client request number echoed in the reply so late replies to a retried request are discarded.
 * ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32), C order, no
-  header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which).
+  header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
+  in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
   A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
 
 Requests (op): HELLO, PULL, PUSH (gradient, elastic difference, or local weights for synchronous EASGD;
 ``flags & FLAG_WANT_WEIGHTS`` asks for the new weights in the reply), BARRIER, STATS, BYE, STOP. A reply
 carries ``op | REPLY`` and ``status`` OK / ERROR / STALE / DUPLICATE; ERROR and STALE name a ``Reason`` code.
+A BARRIER (``step`` = the barrier's id) is released when every worker reached it; when any of them sent a JSON
+object, every reply carries the JSON array of what each worker sent, by worker id (null where none): a
+gather of small reports (row counts, data checks) without a Spark ``allGather``.
 Arrays above ``ZERO_COPY_MIN`` bytes go out with ``copy=False`` and are read with ``np.frombuffer``; a sender
 never writes to a buffer until its ``MessageTracker`` is done. No pickle anywhere on the wire.
 """
@@ -40,6 +44,7 @@ HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xq8x"
 HEADER = struct.Struct(HEADER_FORMAT)
 ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
+MAX_JSON_BYTES = 64 * 1024         # a BARRIER request's report
 DTYPE_CODES = {1: np.dtype("<f4")}
 FLOAT32 = 1
 

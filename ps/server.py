@@ -199,6 +199,11 @@ class ParameterServer:
         with self._lock:
             return list(self.engine.history)
 
+    def fence_below(self, attempt: int) -> int:
+        """From now on refuse requests of attempts older than ``attempt``; drop those waiting (see Engine)."""
+        with self._lock:
+            return self.engine.fence_below(attempt)
+
     def save_checkpoint(self) -> str:
         with self._lock:
             arrays, meta = self.engine.snapshot()

@@ -25,7 +25,7 @@ def batch_stream(trainer, data, epochs):
 
 def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, layers, epochs=10, batch_size=64,
                backend="numpy", device=None, attempt=0, seed=0, timeout=10.0, on_step=None,
-               step_delay=0.0, cpu_threads=None, start_together=False) -> dict:
+               step_delay=0.0, cpu_threads=None, start_together=False, client=None) -> dict:
     """Train on this shard (X (n, d0), y (n,)) against the server in ``cfg`` -> summary dict.
 
     cpu_threads: this worker's share of the machine's cores for BLAS/numba (None leaves the defaults);
@@ -34,7 +34,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, layer
     loaded) before the first pull, so no worker races through its shard while a peer is still starting;
     for launchers that start all workers at once (a Spark barrier stage), never for a lone restarted worker.
     on_step(local_step): optional hook; step_delay: seconds of sleep per local step (fault tests use it to
-    keep training running long enough to kill a worker mid-way).
+    keep training running long enough to kill a worker mid-way). client: a registered ParameterClient of
+    this (worker_id, attempt) to use instead of opening one; run_worker closes it when training ends.
     """
     from core import FeedForwardNetwork, MinibatchTrainer, limit_cpu_threads  # the only ps module that trains
 
@@ -50,7 +51,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, layer
                                momentum=cfg.get("momentum", 0.9), seed=seed * 1000 + worker_id)
     data = net.upload(X, y)
     t_ready = time.perf_counter()
-    client = ParameterClient(cfg, worker_id=worker_id, attempt=attempt, timeout=timeout)
+    if client is None:
+        client = ParameterClient(cfg, worker_id=worker_id, attempt=attempt, timeout=timeout)
     t0 = time.perf_counter()
     resume_after = client.step
     host = np.empty(net.num_params, dtype=np.float32)

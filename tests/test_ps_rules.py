@@ -1,4 +1,5 @@
 """Update rules, optimizers, protocol and the engine state machine, without sockets."""
+import json
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from ps import rules
 from ps.engine import Engine
 from ps.optimizers import Schedule, make_optimizer
-from ps.protocol import (FLAG_ELASTIC, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status, model_fingerprint,
+from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status, model_fingerprint,
                          read_array, unpack_header)
 
 pytestmark = pytest.mark.timeout(60)
@@ -251,6 +252,26 @@ def test_engine_sync_round_and_timeout():
     r = e.tick(now=7.1)
     assert status(r) == [(Status.ERROR, Reason.BARRIER_TIMEOUT)] and b"[1]" in r[0][2]
     np.testing.assert_array_equal(e.weights, before)
+
+
+def test_engine_fence_below_drops_a_failed_attempts_barrier_entry():
+    """A relaunched barrier stage: worker 1 of attempt 0 still waits at the data barrier when attempt 1 starts.
+    Without the fence, worker 0 of attempt 1 would complete that barrier with attempt 0's stale entry."""
+    e = engine(barrier_timeout=30.0)
+    for wid, tok in ((0, b"a0"), (1, b"b0")):
+        e.handle(tok, msg(Op.HELLO, wid, 0))
+    report = [json.dumps({"rows": 5}).encode()]
+    assert e.handle(b"b0", msg(Op.BARRIER, 1, 0, step=-1, flags=FLAG_JSON) + report) == []
+    assert e.fence_below(1) == 1 and e.barrier is None
+    assert status(e.handle(b"b0", msg(Op.PULL, 1, 0))) == [(Status.ERROR, Reason.SUPERSEDED_ATTEMPT)]
+    assert status(e.handle(b"b0", msg(Op.HELLO, 1, 0))) == [(Status.ERROR, Reason.SUPERSEDED_ATTEMPT)]
+    e.handle(b"a1", msg(Op.HELLO, 0, 1))
+    assert e.handle(b"a1", msg(Op.BARRIER, 0, 1, step=-1, flags=FLAG_JSON) + [b'{"rows": 7}']) == []   # waits for 1
+    e.handle(b"b1", msg(Op.HELLO, 1, 1))
+    replies = e.handle(b"b1", msg(Op.BARRIER, 1, 1, step=-1, flags=FLAG_JSON) + [b'{"rows": 8}'])
+    assert sorted(r[0] for r in replies) == [b"a1", b"b1"]
+    assert all(json.loads(r[2]) == [{"rows": 7}, {"rows": 8}] for r in replies)
+    assert e.stats()["rejected"]["superseded_attempt"] == 3      # the dropped entry and the two refusals
 
 
 def test_engine_wrong_mode_push():

@@ -11,7 +11,7 @@ import zmq
 from core import FeedForwardNetwork
 from ps import ParameterClient, ParameterServer, PSError, Reason, ServerUnavailable, StaleUpdate, Status
 from ps import checkpoint as ckpt
-from ps.protocol import FLOAT32, HEADER, MAGIC, Header
+from ps.protocol import FLAG_JSON, FLOAT32, HEADER, MAGIC, MAX_JSON_BYTES, Header
 try:
     from tests.ps_helpers import header_for, push_frames, raw_socket, request, run_threads
 except ImportError:  # pytest run without the repository root on sys.path
@@ -127,6 +127,11 @@ def _fuzz_messages(cfg, rng, n, P):
         lambda: [header_for(cfg, 1, worker_id=rng.choice([5, 99, -7])).pack()],                    # hello, bad id
         lambda: [header_for(cfg, 1, worker_id=0, attempt=0).pack()],                               # superseded hello
         lambda: [header_for(cfg, 2, worker_id=0, attempt=7).pack()],                               # unregistered attempt
+        lambda: [header_for(cfg, 4, flags=FLAG_JSON, **good).pack(),                               # barrier report:
+                 rng.choice([b"{not json", b"\xff\xfe", b"[1, 2]", b"3", b"[" * 5000 + b"]" * 5000,   # not an object,
+                             b'{"a": "' + b"x" * (MAX_JSON_BYTES + 1) + b'"}'])],                   # deep, too big
+        lambda: [header_for(cfg, 4, **good).pack(), b'{"rows": 1}'],                               # JSON without flag
+        lambda: [header_for(cfg, 4, flags=FLAG_JSON, **good).pack(), b"{}", b"{}"],                # 2 payloads
     ]
     return [rng.choice(wrong)() for _ in range(n)]
 
@@ -241,6 +246,23 @@ def test_sync_dead_worker_gives_clear_error_within_timeout():
         assert e.value.reason == Reason.BARRIER_TIMEOUT and time.monotonic() - t0 < 3
         np.testing.assert_array_equal(s.weights(), np.zeros(16))
         a.close()
+
+
+@pytest.mark.timeout(30)
+def test_gather_barrier_exchanges_reports_by_worker_id():
+    with server(mode="async", num_workers=3) as s:
+        cfg = s.client_config()
+        clients = [ParameterClient(cfg, worker_id=w, timeout=10) for w in range(3)]
+        got = {}
+
+        def gather(w):
+            got[w] = clients[w].gather(-1, {"rows": 10 * w, "worker": w, "nested": {"ok": [w]}})
+        run_threads([lambda w=w: gather(w) for w in (2, 0, 1)], timeout=20)
+        expected = [{"rows": 10 * w, "worker": w, "nested": {"ok": [w]}} for w in range(3)]
+        assert got == {0: expected, 1: expected, 2: expected}
+        assert s.stats()["version"] == 0 and s.weights().tobytes() == np.zeros(16, np.float32).tobytes()
+        for c in clients:
+            c.close()
 
 
 @pytest.mark.timeout(30)
