@@ -1,9 +1,12 @@
-"""Input checks on the driver and the Arrow -> NumPy path on the executors.
+"""Input checks and the Arrow -> NumPy path of the training tasks.
 
-The driver checks the schema without running anything, then the data in one aggregate job, before any
-training job: vector width == layers[0], labels integral in 0..C-1, no null, NaN or infinity. Executors
-receive Arrow record batches (``features`` as ``array<float>`` via ``vector_to_array``), flatten them
-without per-row Python objects and concatenate them into one contiguous float32 matrix.
+The driver checks the schema before any job. The data are checked where they are read, in the training
+stage, before any update: each task reads its partition (Arrow record batches, ``features`` as
+``array<float>`` via ``vector_to_array``, flattened without per-row Python objects into one contiguous
+float32 matrix), reports what it found (rows, widths, nulls, NaN/inf rows, label range) through the
+parameter server's gather barrier, and every task judges all reports alike: vector width == layers[0],
+labels integral in 0..C-1, no null, NaN or infinity. A separate checking job would read and convert every
+row a second time (about 2 s of a 10 s fit of 100k x 784 rows on 2 cores).
 """
 from __future__ import annotations
 
@@ -38,94 +41,109 @@ def prepared(dataset, features_col: str, label_col: str | None):
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
-    cols = [vector_to_array(F.col(features_col), "float32").alias(FEATURES)]
+    f = F.col(features_col)
+    # vector_to_array fails on a null vector; keep it null, for the tasks to count and name
+    cols = [F.when(f.isNull(), F.lit(None)).otherwise(vector_to_array(f, "float32")).alias(FEATURES)]
     if label_col is not None:
         cols.append(F.col(label_col).cast("double").alias(LABEL))
     return dataset.select(*cols)
 
 
-def check_data(prep, width: int, num_classes: int, num_workers: int, features_col: str,
-               label_col: str) -> list[int]:
-    """One aggregate job over the prepared frame -> rows per partition; ValueError naming the first problem.
+def partition_report(X, y, *, rows: int, null_features: int, min_width, max_width, null_labels: int) -> dict:
+    """What one training task found in its partition: the facts :func:`data_problem` judges, JSON-ready.
 
-    The per-partition counts travel to the training tasks, so sync and easgd can cut every shard to the same
-    length without a barrier ``allGather`` (each costs about a second in Spark 3.5).
+    X (rows, width) float32 or None when nulls or widths kept it from being built; y (rows,) float64 labels
+    with NaN for nulls.
     """
-    from pyspark.sql import functions as F
+    bad = 0
+    if X is not None and X.size:
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(X.sum(dtype=np.float32))           # one pass; NaN/inf propagate (or it overflowed)
+        if not np.isfinite(total):
+            bad = int(np.count_nonzero(~np.isfinite(X).all(axis=1)))
+    known = y[~np.isnan(y)]                                  # NaN here is null or NaN: neither has a range
+    return {"rows": int(rows), "null_features": int(null_features), "min_width": min_width,
+            "max_width": max_width, "bad_features": bad, "null_labels": int(null_labels),
+            # NaN (not null) and fractional labels; floor(inf) == inf, so infinities show up in the range
+            "fractional_labels": int(np.count_nonzero(y != np.floor(y))) - int(null_labels),
+            "min_label": float(known.min()) if known.size else None,
+            "max_label": float(known.max()) if known.size else None}
 
-    f, y = F.col(FEATURES), F.col(LABEL)
-    # Spark orders NaN above +inf, so array_max is NaN or +inf when any element is; array_min is -inf when
-    # any is. Both are code-generated: about 3x faster than an interpreted exists(lambda) per element.
-    hi, lo = F.array_max(f), F.array_min(f)
-    bad_value = F.isnan(hi) | (hi == F.lit(float("inf"))) | (lo == F.lit(float("-inf")))
-    parts = prep.groupBy(F.spark_partition_id().alias("part")).agg(
-        F.count(F.lit(1)).alias("n"),
-        F.sum(f.isNull().cast("long")).alias("null_features"),
-        F.min(F.size(f)).alias("min_width"), F.max(F.size(f)).alias("max_width"),
-        F.sum(bad_value.cast("long")).alias("bad_features"),
-        F.sum(y.isNull().cast("long")).alias("null_labels"),
-        F.min(y).alias("min_label"), F.max(y).alias("max_label"),
-        F.sum((F.isnan(y) | (y != F.floor(y))).cast("long")).alias("fractional_labels"),
-    ).collect()
-    counts = [0] * num_workers                  # the caller made (or found) exactly num_workers partitions
-    for p in parts:
-        if p["part"] >= num_workers:
-            raise RuntimeError(f"the prepared training data has a partition {p['part']}; expected "
-                               f"{num_workers} partitions")
-        counts[p["part"]] = p["n"]
+
+def data_problem(reports: list, width: int, num_classes: int, features_col: str, label_col: str) -> str | None:
+    """Every training task's :func:`partition_report` (by worker) -> the first problem, as a message, or None.
+
+    Each task judges the same gathered reports, so all of them reach the same verdict without a Spark job.
+    """
+    num_workers = len(reports)
 
     def merged(key, combine):
-        values = [p[key] for p in parts if p[key] is not None]   # min/max are None in an all-null partition
+        values = [r[key] for r in reports if r[key] is not None]   # min/max are None in an all-null partition
         return combine(values) if values else None
     row = {key: merged(key, combine) for key, combine in (
         ("null_features", sum), ("bad_features", sum), ("null_labels", sum), ("fractional_labels", sum),
         ("min_width", min), ("max_width", max), ("min_label", min), ("max_label", max))}
+    counts = [r["rows"] for r in reports]
     n = sum(counts)
     if n == 0:
-        raise ValueError("the training DataFrame has no rows")
+        return "the training DataFrame has no rows"
     if row["null_features"]:
-        raise ValueError(f"featuresCol {features_col!r} has {row['null_features']} null value(s); drop or impute them")
+        return f"featuresCol {features_col!r} has {row['null_features']} null value(s); drop or impute them"
     if row["min_width"] != width or row["max_width"] != width:
         bad = row["max_width"] if row["max_width"] != width else row["min_width"]
-        raise ValueError(f"featuresCol {features_col!r} has vectors of size {bad} but layers[0] is {width}; "
-                         f"set layers[0] to the feature width")
+        return (f"featuresCol {features_col!r} has vectors of size {bad} but layers[0] is {width}; "
+                f"set layers[0] to the feature width")
     if row["bad_features"]:
-        raise ValueError(f"featuresCol {features_col!r} has {row['bad_features']} row(s) with NaN or infinite "
-                         f"values (after conversion to float32); clean or impute them")
+        return (f"featuresCol {features_col!r} has {row['bad_features']} row(s) with NaN or infinite values "
+                f"(after conversion to float32); clean or impute them")
     if row["null_labels"]:
-        raise ValueError(f"labelCol {label_col!r} has {row['null_labels']} null value(s)")
+        return f"labelCol {label_col!r} has {row['null_labels']} null value(s)"
     if row["fractional_labels"]:
-        raise ValueError(f"labelCol {label_col!r} has {row['fractional_labels']} value(s) that are not integral "
-                         f"class indices (NaN or fractional); labels must be 0..{num_classes - 1}")
+        return (f"labelCol {label_col!r} has {row['fractional_labels']} value(s) that are not integral class "
+                f"indices (NaN or fractional); labels must be 0..{num_classes - 1}")
     lo, hi = row["min_label"], row["max_label"]
     if lo < 0 or hi > num_classes - 1:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"labelCol {label_col!r} has label {bad:g} outside 0..{num_classes - 1} "
-                         f"(layers[-1] = {num_classes} classes)")
+        return (f"labelCol {label_col!r} has label {bad:g} outside 0..{num_classes - 1} "
+                f"(layers[-1] = {num_classes} classes)")
     if n < num_workers:
-        raise ValueError(f"numWorkers={num_workers} exceeds the {n} training rows; use fewer workers")
+        return f"numWorkers={num_workers} exceeds the {n} training rows; use fewer workers"
     if min(counts) == 0:
-        raise ValueError(f"a training partition is empty (rows per partition: {counts}); repartition the data")
-    return counts
+        return f"a training partition is empty (rows per partition: {counts}); repartition the data"
+    return None
 
 
-def arrow_to_arrays(batches, width: int, with_labels: bool = True):
-    """Arrow record batches (features list<float>, label double) -> X (n, width) float32, y (n,) int32.
+def read_partition(batches, width: int):
+    """Arrow record batches (features list<float>, label double) -> (X (n, width) float32 or None, y (n,)
+    float64 with NaN for nulls, :func:`partition_report`).
 
-    Each batch's list column is flattened (no per-row objects) and the batches are concatenated once.
+    Each batch's list column is flattened (no per-row objects) and the batches are concatenated once. X is
+    None when a null or a vector of another width keeps the rows from forming one matrix; the report says why.
     """
+    import pyarrow.compute as pc
+
     xs, ys = [], []
+    rows = null_features = null_labels = 0
+    min_width = max_width = None
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-        if flat.shape[0] != batch.num_rows * width:
-            raise ValueError(f"feature vectors in this partition are not all of width {width}")
-        xs.append(flat.reshape(batch.num_rows, width))
-        if with_labels:
-            ys.append(batch.column(1).to_numpy(zero_copy_only=False))
-    X = np.ascontiguousarray(np.concatenate(xs) if xs else np.empty((0, width)), dtype=np.float32)
-    if not with_labels:
-        return X, None
-    y = (np.concatenate(ys) if ys else np.empty(0)).astype(np.int32)
-    return X, y
+        rows += batch.num_rows
+        feats, labels = batch.column(0), batch.column(1)
+        null_features += feats.null_count
+        null_labels += labels.null_count
+        lengths = pc.min_max(pc.list_value_length(feats))
+        lo, hi = lengths["min"].as_py(), lengths["max"].as_py()
+        if lo is not None:
+            min_width = lo if min_width is None else min(min_width, lo)
+            max_width = hi if max_width is None else max(max_width, hi)
+        ys.append(labels.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+        if feats.null_count == 0 and lo == hi == width:
+            xs.append(feats.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, width))
+    y = np.concatenate(ys) if ys else np.empty(0)
+    whole = null_features == 0 and sum(len(x) for x in xs) == rows
+    X = np.ascontiguousarray(np.concatenate(xs) if xs else np.empty((0, width)), dtype=np.float32) \
+        if whole else None
+    report = partition_report(X, y, rows=rows, null_features=null_features, min_width=min_width,
+                              max_width=max_width, null_labels=null_labels)
+    return X, y, report

@@ -5,8 +5,9 @@
     model = clf.fit(df)          # featuresCol: Vector, labelCol: numeric class index 0..C-1
     model.transform(df)          # + rawPrediction (logits), probability (softmax), prediction (double)
 
-``fit`` validates, starts the parameter server on the driver, runs one barrier stage of ``numWorkers``
-tasks (relaunched by the driver after a failure) and returns the server's final weights in a model.
+``fit`` checks the params and the schema (before any job), starts the parameter server on the driver, runs
+one barrier stage of ``numWorkers`` tasks (relaunched by the driver after a failure) whose tasks check the
+data they read before any update, and returns the server's final weights in a model.
 ``tol`` is accepted for compatibility with MultilayerPerceptronClassifier; training always runs ``maxIter``
 passes over the data.
 """
@@ -25,7 +26,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable, MLRead
 
 from core.validation import check_layers
 
-from .data import check_data, check_schema, prepared
+from .data import check_schema, prepared
 from .params import FeedForwardNetworkPSParams
 from .persistence import ModelReader, ModelWriter
 from .predict import transform_frame
@@ -153,43 +154,29 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # is shuffled too
         shuffle = s["forceRepartition"] or dataset._jdf.rdd().getNumPartitions() != nw   # no Python RDD needed
         try:
-            model, stats, shard_rows = self._prepare_and_train(dataset, s, bind, shuffle)
+            model, stats = self._train(self._prepared(dataset, shuffle), s, bind)
         except UnsupportedBarrierChain as exc:
             if shuffle:
                 raise
             log.info("ffps: the input's partitions cannot run in a barrier stage (%s); shuffling them", exc)
-            model, stats, shard_rows = self._prepare_and_train(dataset, s, bind, True)
-        stats["rows"] = sum(shard_rows)
+            model, stats = self._train(self._prepared(dataset, True), s, bind)
+        stats["rows"] = sum(w["partition_rows"][w["worker_id"]] for w in stats["workers"].values())
         model.trainingStats = stats
         model._resetUid(self.uid)
         model = self._copyValues(model)
         log_fit(self, model)      # to MLflow when wanted (spark/tracking.py); a logging failure only warns
         return model
 
-    def _prepare_and_train(self, dataset, s, bind, shuffle):
-        """Check the data in one job, then train -> (model, stats, rows per worker).
+    def _prepared(self, dataset, shuffle):
+        """(features array<float>, label) under private names, in numWorkers partitions when ``shuffle``.
 
-        The prepared frame is cached, as MLlib does for uncached input, so the check job and the training
-        stage (and a relaunched one) read the same rows in the same order; a cached input is read as it is.
+        Nothing is cached: the training stage reads the rows once into NumPy (a relaunched stage reads the
+        shuffle's output again), and its tasks check the data as they read it.
         """
-        from pyspark import StorageLevel
-
-        layers, nw = s["layers"], s["numWorkers"]
         prep = prepared(dataset, self.getFeaturesCol(), self.getLabelCol())
-        if shuffle:
-            prep = prep.repartition(nw)
-        cache = shuffle or dataset.storageLevel == StorageLevel.NONE
-        if cache:
-            prep = prep.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            shard_rows = check_data(prep, layers[0], layers[-1], nw, self.getFeaturesCol(), self.getLabelCol())
-            model, stats = self._train(prep, s, bind, shard_rows)
-        finally:
-            if cache:
-                prep.unpersist()
-        return model, stats, shard_rows
+        return prep.repartition(self.getNumWorkers()) if shuffle else prep
 
-    def _train(self, prep, s, bind, shard_rows):
+    def _train(self, prep, s, bind):
         from ps import ParameterServer
 
         layers, nw, mode = s["layers"], s["numWorkers"], s["mode"]
@@ -206,7 +193,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # plain locals only: this closure is pickled to every executor
         kw = dict(epochs=s["maxIter"], batch_size=s["blockSize"], backend=s["backend"],
                   seed=int(s["seed"]) % (2 ** 31), timeout=s["workerTimeout"], equal_shards=mode in ("sync", "easgd"),
-                  shard_rows=shard_rows, fault=self._fault)
+                  features_col=self.getFeaturesCol(), label_col=self.getLabelCol(), fault=self._fault)
 
         def make_fn(attempt):
             return make_train_function(cfg, layers, attempt=attempt, **kw)

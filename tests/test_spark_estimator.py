@@ -161,10 +161,12 @@ def test_bad_columns(spark):
     ("inf_feature", "row(s) with NaN or infinite values"),
     ("float32_overflow", "row(s) with NaN or infinite values"),
     ("null_label", "labelCol 'label' has 1 null value(s)"),
+    ("null_feature", "featuresCol 'features' has 1 null value(s)"),
+    ("bad_row_in_other_partition", "has 1 row(s) with NaN or infinite values"),
     ("empty", "has no rows"),
     ("too_few_rows", "numWorkers=2 exceeds the 1 training rows"),
 ])
-def test_bad_data(spark, kind, message):
+def test_bad_data(spark, kind, message, caplog):
     from pyspark.ml.linalg import Vectors
 
     v = Vectors.dense
@@ -179,15 +181,19 @@ def test_bad_data(spark, kind, message):
         "inf_feature": [(0.0, v([1.0, float("-inf"), 3.0]))],
         "float32_overflow": [(0.0, v([1.0, 1e300, 3.0]))],
         "null_label": [(None, v([1.0, 2.0, 3.0]))],
+        "null_feature": [(0.0, v([1.0, 2.0, 3.0])), (1.0, None)],
+        "bad_row_in_other_partition": [(0.0, v([1.0, 2.0, 3.0]))] * 7 + [(1.0, v([1.0, float("nan"), 3.0]))],
         "empty": [],
         "too_few_rows": [(0.0, v([1.0, 2.0, 3.0]))],
     }[kind]
-    if kind == "too_few_rows":
-        workers = 2
+    if kind in ("too_few_rows", "bad_row_in_other_partition"):
+        workers = 2                       # the NaN row lands in one partition; both tasks must stop
     clf = FeedForwardNetworkPSClassifier(layers=[3, 3], numWorkers=workers, backend="numpy", maxIter=1)
-    with pytest.raises(ValueError) as err:
+    with caplog.at_level("WARNING", logger="spark.training"), pytest.raises(ValueError) as err:
         clf.fit(frame(spark, rows))
     assert message in str(err.value)
+    # the training tasks found it before any update and returned: the stage did not fail and was not relaunched
+    assert "training stage failed" not in caplog.text
 
 
 def test_model_without_weights_is_a_clear_error(spark):

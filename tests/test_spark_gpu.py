@@ -71,12 +71,17 @@ class FakeBarrierContext:
 
 @pytest.mark.parametrize("backend,expect_device", [("cupy", 1), ("numba", None)])
 def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, backend, expect_device):
-    """The task function run in-process with a fake barrier context: cupy gets CUDA device 1 for address 5."""
+    """The task function run in-process with a fake barrier context against a real server, worker 0 played
+    by a thread: cupy gets CUDA device 1 for address 5, and the shard is cut to worker 0's 7 rows."""
+    import threading
+
     import pyspark
     import ps.worker
     import core
+    from ps import ParameterClient, ParameterServer
 
-    from spark.training import make_train_function
+    from spark.data import partition_report
+    from spark.training import DATA_BARRIER, make_train_function
 
     calls = {}
 
@@ -87,16 +92,31 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
     monkeypatch.setattr(pyspark.BarrierTaskContext, "get", classmethod(lambda cls: FakeBarrierContext(1, ["5"])))
     monkeypatch.setattr(ps.worker, "run_worker", fake_run_worker)
     monkeypatch.setattr(core, "resolve_backend_name", lambda name: name)
-    fn = make_train_function({}, [3, 4, 2], epochs=1, batch_size=4, backend=backend, seed=0, timeout=1.0,
-                             attempt=0, equal_shards=True, shard_rows=[7, 10])
-    batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
-                                           pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
-    out = list(fn(iter(batches)))
+    layers = [3, 4, 2]
+    with ParameterServer(np.zeros(3 * 4 + 4 + 4 * 2 + 2, np.float32), mode="sync", num_workers=2,
+                         secure=False, layers=layers, barrier_timeout=20.0) as server:
+        cfg = server.client_config()
+        seven = partition_report(np.ones((7, 3), np.float32), np.zeros(7), rows=7, null_features=0, min_width=3,
+                                 max_width=3, null_labels=0)
+        gathered = {}
+
+        def worker0():
+            with ParameterClient(cfg, worker_id=0, timeout=20.0) as client:
+                gathered["reports"] = client.gather(DATA_BARRIER, seven)
+        peer = threading.Thread(target=worker0)
+        peer.start()
+        fn = make_train_function(cfg, layers, epochs=1, batch_size=4, backend=backend, seed=0, timeout=20.0,
+                                 attempt=0, equal_shards=True, features_col="f", label_col="label")
+        batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
+                                               pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
+        out = list(fn(iter(batches)))
+        peer.join(30)
+    assert [r["rows"] for r in gathered["reports"]] == [7, 10]
     assert calls["device"] == expect_device and calls["backend"] == backend and calls["worker"] == 1
     assert calls["X"].shape == (7, 3) and calls["X"].dtype == np.float32 and calls["X"].flags.c_contiguous
     assert calls["y"].tolist() == [0, 1, 0, 1, 0, 1, 0]               # cut to the smallest shard (7 rows)
     stats = json.loads(out[0].column(1)[0].as_py())
-    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1
+    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1 and stats["partition_rows"] == [7, 10]
 
 
 @pytest.mark.timeout(420)
