@@ -7,6 +7,8 @@ training step allocates nothing. Shapes: m rows (batch), d_in/d_out features, C 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -50,10 +52,11 @@ class NumpyOps:
 
     def _scratch(self, name, shape, dtype):
         """A reusable work buffer of ``shape`` for backends' internal use: one grow-only allocation per
-        (name, dtype), so the hot path allocates nothing and odd batch sizes add no buffers."""
+        (name, dtype), so the hot path allocates nothing and odd batch sizes add no buffers. Called several
+        times per step: math.prod, not np.prod (9 us on a tuple: 15 % of a digits step)."""
         pool = self.__dict__.setdefault("_scratch_pool", {})
-        n = int(np.prod(shape))
-        key = (name, np.dtype(dtype).str)
+        n = math.prod(shape)
+        key = (name, dtype)
         buf = pool.get(key)
         if buf is None or buf.size < n:
             buf = pool[key] = self.empty((max(n, 1),), dtype)
