@@ -183,3 +183,30 @@ def test_all_finite(ops, dtype, bad):
     assert ops.all_finite(ops.asarray(x, dtype)) is True
     x[777] = bad
     assert ops.all_finite(ops.asarray(x, dtype)) is False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_nll_nan_logit_gives_nan_loss(ops, dtype):
+    """A diverged network (NaN logits) must show up as a NaN loss, never as a finite one."""
+    z = rand(np.random.default_rng(11), (300, 130))
+    z[17, 5] = np.nan
+    labels = np.zeros(300, np.int32)
+    loss, _ = ops.softmax_nll(ops.asarray(z, dtype), ops.asarray(labels))
+    assert np.isnan(loss)
+
+
+def test_numba_float32_exp_kernel_over_its_whole_range():
+    """The float32 softmax's polynomial exp against float64 exp: relative error < 3e-7 on [-87, 0] (the
+    shifted logits' range), ~1e-38 instead of a smaller value below, and exp(0) = 1 exactly."""
+    pytest.importorskip("numba")
+    from core.backends.numba_ops import _KERNELS
+
+    z = np.concatenate([np.linspace(-87.0, 0.0, 20001), [-88.0, -100.0, -1e4]]).astype(np.float32)[None, :]
+    want = np.exp(z.astype(np.float64))
+    e = z.copy()
+    for kernel in _KERNELS["softmax_exp_rows_f32"]:            # serial and parallel compilations
+        e[...] = z
+        kernel(e, np.zeros(1, np.int32), np.empty(z.shape, np.int32), np.empty(1), np.empty(1, np.int32))
+        rel = np.abs(e[0, :20001] - want[0, :20001]) / want[0, :20001]
+        assert rel.max() < 3e-7 and e[0, 20000] == 1.0
+        assert np.all((e[0, 20001:] >= 0) & (e[0, 20001:] < 2e-38))
