@@ -133,7 +133,10 @@ def test_summary_spans_a_relaunched_training_stage(digits_df):
     s = model.summary
     assert model.trainingStats["attempts"] == 2
     assert s.totalIterations == 3 and [e["samples"] for e in s.epochs()] == [model.trainingStats["rows"]] * 3
-    assert [w["attempts"] for w in s.workers()] == [1, 2]
+    w0, w1 = s.workers()
+    assert w1["attempts"] == 2
+    # worker 0 pushes in attempt 1 only when Spark's abort of the stage caught it before its last exchange
+    assert w0["attempts"] in (1, 2)
 
 
 # ---------------------------------------------------------------- the app's --plot

@@ -83,19 +83,27 @@ def _relu_backward_partials(g, y, partials):
         partials[t, :] = acc
 
 
+@numba.njit(inline="always", cache=True)
+def _row_max_and_label(z, p, labels, row_loss, row_ok):
+    """Row p of logits z: its max (returned), whether its argmax is the label (row_ok[p]), and
+    -z'_{p,y_p} = max - z[p, y_p] (row_loss[p]). Inlined into the softmax kernels."""
+    zmax = z[p, 0]
+    arg = 0
+    for q in range(1, z.shape[1]):
+        if z[p, q] > zmax:
+            zmax = z[p, q]
+            arg = q
+    label = labels[p]
+    row_ok[p] = 1 if arg == label else 0
+    row_loss[p] = zmax - z[p, label]
+    return zmax
+
+
 def _softmax_shift_rows(z, labels, out, row_loss, row_ok):
     """Pass 1 per row p: max, argmax hit, -z'_{p,y_p} into row_loss, z' = z - max into out (may alias z)."""
     m, c = z.shape
     for p in prange(m):
-        zmax = z[p, 0]
-        arg = 0
-        for q in range(1, c):
-            if z[p, q] > zmax:
-                zmax = z[p, q]
-                arg = q
-        label = labels[p]
-        row_ok[p] = 1 if arg == label else 0
-        row_loss[p] = zmax - z[p, label]
+        zmax = _row_max_and_label(z, p, labels, row_loss, row_ok)
         for q in range(c):
             out[p, q] = z[p, q] - zmax
 
@@ -134,15 +142,7 @@ def _softmax_exp_rows_f32(z, labels, kbits, row_loss, row_ok):
     shifter = np.float32(12582912.0)      # 1.5 * 2**23: (t + shifter) - shifter rounds t to an integer
     bits = z.view(np.int32)
     for p in prange(m):
-        zmax = z[p, 0]
-        arg = 0
-        for q in range(1, c):
-            if z[p, q] > zmax:
-                zmax = z[p, q]
-                arg = q
-        label = labels[p]
-        row_ok[p] = 1 if arg == label else 0
-        row_loss[p] = zmax - z[p, label]
+        zmax = _row_max_and_label(z, p, labels, row_loss, row_ok)
         for q in range(c):
             v = z[p, q] - zmax
             v = lowest if v < lowest else v                # keeps NaN (NaN < x is False)
