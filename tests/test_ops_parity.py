@@ -1,7 +1,8 @@
 """Every op on every available backend x {float32, float64} against the float64 NumPy reference.
 
-Two shapes per op: a small one (serial Numba kernels) and one above PARALLEL_MIN_ELEMENTS (parallel
-kernels), so every dispatch branch is compared. Inputs are fresh random data, never zeros.
+Three shapes per op: small ones (serial Numba kernels, the second wide enough for the float32 softmax's
+polynomial exp) and one above PARALLEL_MIN_ELEMENTS (parallel kernels), so every dispatch branch is
+compared. Inputs are fresh random data, never zeros.
 """
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from core.backends.numpy_ops import NumpyOps
 from tests.conftest import BACKEND_PARAMS, DTYPES, tolerance
 
 REF = NumpyOps()
-SHAPES = [(7, 5), (300, 130)]
+SHAPES = [(7, 5), (40, 100), (300, 130)]   # serial kernels; serial with the float32 polynomial exp; parallel
 
 
 def rand(rng, shape, scale=1.0):

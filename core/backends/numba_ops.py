@@ -19,6 +19,7 @@ from .numpy_ops import NumpyOps, RowSoftmaxNLL
 # Fast-math that keeps NaN/inf semantics: no 'nnan'/'ninf', so a diverging loss is still seen as NaN.
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL_MIN_ELEMENTS = 1 << 15   # below this, the serial kernel wins on 2 cores (bench/step_bench.py)
+POLY_EXP_MIN_CLASSES = 32         # narrower logit rows barely fill the vector loop: NumPy's exp is as fast
 
 
 def _jit_pair(fn):
@@ -270,14 +271,14 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         return self._column_sums("relu_backward_partials", (g, y), g, out)
 
     def _softmax_nll_rows(self, z, labels, scale, out, write_grad):
-        """Softmax-NLL in two jitted row passes: shift + argmax + label logit + exp (float32: a polynomial
-        LLVM vectorises; float64: NumPy's exp in place between the passes, as LLVM cannot vectorise math.exp
-        without SVML), then sum/log/gradient."""
+        """Softmax-NLL in two jitted row passes: shift + argmax + label logit + exp (float32 with at least
+        POLY_EXP_MIN_CLASSES classes: a polynomial LLVM vectorises; otherwise NumPy's exp in place between
+        the passes, as LLVM cannot vectorise math.exp without SVML), then sum/log/gradient."""
         m = z.shape[0]
         row_loss = self._scratch("row_loss", (m,), np.float64)
         row_ok = self._scratch("row_ok", (m,), np.int32)
         e = out if write_grad else self._scratch("exp", z.shape, z.dtype)
-        if z.dtype == np.float32:
+        if z.dtype == np.float32 and z.shape[1] >= POLY_EXP_MIN_CLASSES:
             kbits = self._scratch("exp_bits", z.shape, np.int32)
             if e is not z:
                 np.copyto(e, z)
