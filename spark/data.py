@@ -36,14 +36,21 @@ def check_schema(schema, features_col: str, label_col: str | None) -> None:
                       "numeric (class indices 0..C-1, e.g. from StringIndexer)")
 
 
-def prepared(dataset, features_col: str, label_col: str | None):
-    """DataFrame of (features array<float>, label double) under private names."""
+def features_array(features_col: str):
+    """Column expression: the Vector column as array<float>, null where the vector is null (vector_to_array
+    fails on a null vector with an opaque UDF error; a null lets the reader count it and name the column)."""
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
     f = F.col(features_col)
-    # vector_to_array fails on a null vector; keep it null, for the tasks to count and name
-    cols = [F.when(f.isNull(), F.lit(None)).otherwise(vector_to_array(f, "float32")).alias(FEATURES)]
+    return F.when(f.isNull(), F.lit(None)).otherwise(vector_to_array(f, "float32"))
+
+
+def prepared(dataset, features_col: str, label_col: str | None):
+    """DataFrame of (features array<float>, label double) under private names."""
+    from pyspark.sql import functions as F
+
+    cols = [features_array(features_col).alias(FEATURES)]
     if label_col is not None:
         cols.append(F.col(label_col).cast("double").alias(LABEL))
     return dataset.select(*cols)

@@ -21,9 +21,11 @@ def logits_and_probabilities(net, w, X):
 def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col):
     """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double)."""
     import pandas as pd     # annotations below are evaluated here: pandas_udf reads them
-    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
+
+    from .data import features_array
 
     layers = [int(d) for d in layers]
     width = layers[0]
@@ -39,13 +41,21 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
             if len(s) == 0:
                 yield pd.DataFrame({"raw": [], "prob": [], "pred": []})
                 continue
+            nulls = int(s.isna().sum())
+            if nulls:
+                raise ValueError(f"featuresCol {features_col!r} has {nulls} null vector(s); drop or impute them "
+                                 f"before transform")
             X = np.stack(s.to_numpy()).astype(np.float32, copy=False)
             if X.ndim != 2 or X.shape[1] != width:
                 raise ValueError(f"feature vectors have width {X.shape[-1]} but the model expects {width}")
+            if not np.isfinite(X).all():       # else argmax would name a class for a row of NaN logits
+                bad = int(np.count_nonzero(~np.isfinite(X).all(axis=1)))
+                raise ValueError(f"featuresCol {features_col!r} has {bad} row(s) with NaN or infinite values "
+                                 f"(after conversion to float32); clean or impute them before transform")
             raw, prob = logits_and_probabilities(net, w, np.ascontiguousarray(X))
             yield pd.DataFrame({"raw": list(raw), "prob": list(prob), "pred": raw.argmax(axis=1).astype(np.float64)})
 
-    out = dataset.withColumn(_OUT, score(vector_to_array(F.col(features_col), "float32")))
+    out = dataset.withColumn(_OUT, score(features_array(features_col)))
     if raw_col:
         out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw")))
     if prob_col:

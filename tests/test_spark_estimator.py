@@ -196,6 +196,22 @@ def test_bad_data(spark, kind, message, caplog):
     assert "training stage failed" not in caplog.text
 
 
+@pytest.mark.parametrize("vector,message", [
+    (None, "featuresCol 'features' has 1 null vector(s); drop or impute them before transform"),
+    ([1.0, float("nan"), 3.0], "has 1 row(s) with NaN or infinite values"),
+    ([1.0, 1e300, 3.0], "has 1 row(s) with NaN or infinite values"),
+    ([1.0, 2.0], "feature vectors have width 2 but the model expects 3"),
+])
+def test_transform_bad_features_are_clear_errors(spark, vector, message):
+    from pyspark.ml.linalg import Vectors
+
+    model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(12, np.float32), layers=[3, 3])
+    rows = [(0.0, Vectors.dense([1.0, 2.0, 3.0])), (1.0, None if vector is None else Vectors.dense(vector))]
+    with pytest.raises(Exception) as err:
+        model.transform(frame(spark, rows)).collect()
+    assert message in str(err.value)
+
+
 def test_model_without_weights_is_a_clear_error(spark):
     with pytest.raises(ValueError, match="no weights"):
         FeedForwardNetworkPSClassificationModel(layers=[3, 3]).transform(small(spark))
