@@ -1,0 +1,52 @@
+"""The training tasks' read and data verdict without Spark: Arrow batches -> (X, y, report) -> problem."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from spark.data import data_problem, read_partition
+
+
+def batch(rows, labels):
+    return pa.RecordBatch.from_arrays([pa.array(rows, pa.list_(pa.float32())), pa.array(labels, pa.float64())],
+                                      names=["f", "label"])
+
+
+def verdict(*partitions, width=3, classes=3):
+    reports = [read_partition(iter(p), width)[2] for p in partitions]
+    return data_problem(reports, width, classes, "features", "label")
+
+
+def test_read_concatenates_batches_into_one_float32_matrix():
+    X, y, report = read_partition(iter([batch([[1, 2, 3], [4, 5, 6]], [0, 1]), batch([], []),
+                                        batch([[7, 8, 9]], [2])]), 3)
+    assert X.dtype == np.float32 and X.flags.c_contiguous and X.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert y.tolist() == [0, 1, 2]
+    assert report == {"rows": 3, "null_features": 0, "min_width": 3, "max_width": 3, "bad_features": 0,
+                      "null_labels": 0, "fractional_labels": 0, "min_label": 0.0, "max_label": 2.0}
+    assert verdict([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3]], [2])]) is None
+
+
+@pytest.mark.parametrize("partitions,message", [
+    (([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3, 4]], [1])]), "has vectors of size 4 but layers[0] is 3"),
+    (([batch([[1, 2, 3], None], [0, 1])], [batch([[1, 2, 3]], [1])]), "'features' has 1 null value(s)"),
+    (([batch([[1, 2, 3]], [0])], [batch([[1, np.inf, 3], [np.nan, 0, 0]], [1, 1])]), "has 2 row(s) with NaN"),
+    (([batch([[1, 2, 3]], [None])], [batch([[1, 2, 3]], [1])]), "labelCol 'label' has 1 null value(s)"),
+    (([batch([[1, 2, 3]], [0.5])], [batch([[1, 2, 3]], [np.nan])]), "has 2 value(s) that are not integral"),
+    (([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3]], [np.inf])]), "has label inf outside 0..2"),
+    (([batch([[1, 2, 3]], [-2])], [batch([[1, 2, 3]], [1])]), "has label -2 outside 0..2"),
+    (([batch([[1, 2, 3], [1, 2, 3]], [0, 1])], []), "a training partition is empty (rows per partition: "),
+    (([batch([[1, 2, 3]], [0])], []), "numWorkers=2 exceeds the 1 training rows"),
+    (([], []), "the training DataFrame has no rows"),
+])
+def test_every_task_reaches_the_same_verdict(partitions, message):
+    """Whichever partition holds the problem, the gathered reports name it (each task judges all of them)."""
+    assert message in verdict(*partitions)
+    assert message in verdict(*reversed(partitions))
+
+
+def test_a_row_of_float32_overflow_counts_as_infinite():
+    X, _, report = read_partition(iter([batch([[1, 3e38, 3e38], [1, 2, 3]], [0, 1])]), 3)
+    assert report["bad_features"] == 0     # 3e38 is finite in float32 (the quick sum overflows: counted exactly)
+    rows = pa.array([[1.0, 1e300, 3.0]], pa.list_(pa.float64())).cast(pa.list_(pa.float32()), safe=False)
+    overflow = pa.RecordBatch.from_arrays([rows, pa.array([0.0])], names=["f", "label"])
+    assert read_partition(iter([overflow]), 3)[2]["bad_features"] == 1
