@@ -239,18 +239,26 @@ class Engine:
     def _fence(self, wid: int, old_attempt: int):
         """A newer attempt registered: drop the old attempt's pending round contributions and waits."""
         out = []
+        for tok, oh in self._drop_waiting(lambda hh: hh.worker_id == wid):
+            out += self._reject(tok, oh, Reason.SUPERSEDED_ATTEMPT, f"worker {wid} re-registered")
+        return out
+
+    def _drop_waiting(self, match) -> list:
+        """Remove the round and barrier entries and SSP-held pulls whose request header ``match``es ->
+        their (token, header) pairs, for the caller to answer or count."""
+        dropped = []
         for rnd in (self.round, self.barrier):
-            if rnd is not None and wid in rnd.entries:
-                tok, oh, _ = rnd.entries.pop(wid)
-                out += self._reject(tok, oh, Reason.SUPERSEDED_ATTEMPT, f"worker {wid} re-registered")
+            for wid in [w for w, (_, hh, _) in (rnd.entries.items() if rnd else ()) if match(hh)]:
+                tok, hh, _ = rnd.entries.pop(wid)
+                dropped.append((tok, hh))
         keep = []
         for item in self.waiting_pulls:
-            if item[2].worker_id == wid:
-                out += self._reject(item[1], item[2], Reason.SUPERSEDED_ATTEMPT, f"worker {wid} re-registered")
+            if match(item[2]):
+                dropped.append((item[1], item[2]))
             else:
                 keep.append(item)
         self.waiting_pulls = keep
-        return out
+        return dropped
 
     # ------------------------------------------------------------------ pull (with SSP waits)
     def _pull(self, token, h, info, now):
@@ -396,14 +404,7 @@ class Engine:
         clients time out). -> number of requests dropped.
         """
         self.min_attempt = max(self.min_attempt, int(attempt))
-        dropped = 0
-        for rnd in (self.round, self.barrier):
-            for wid in [w for w, (_, hh, _) in (rnd.entries.items() if rnd else ()) if hh.attempt < attempt]:
-                del rnd.entries[wid]
-                dropped += 1
-        keep = [item for item in self.waiting_pulls if item[2].attempt >= attempt]
-        dropped += len(self.waiting_pulls) - len(keep)
-        self.waiting_pulls = keep
+        dropped = len(self._drop_waiting(lambda hh: hh.attempt < attempt))
         if self.round is not None and not self.round.entries:
             self.round = None
         if self.barrier is not None and not self.barrier.entries:

@@ -56,18 +56,23 @@ def prepared(dataset, features_col: str, label_col: str | None):
     return dataset.select(*cols)
 
 
+def nonfinite_rows(X) -> int:
+    """Rows of X (m, d) holding NaN or an infinity. One float32 sum screens them (NaN and inf propagate); the
+    exact count runs only when the sum is not finite, which a finite X can also cause by overflowing."""
+    if not X.size:
+        return 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(X.sum(dtype=np.float32))
+    return 0 if np.isfinite(total) else int(np.count_nonzero(~np.isfinite(X).all(axis=1)))
+
+
 def partition_report(X, y, *, rows: int, null_features: int, min_width, max_width, null_labels: int) -> dict:
     """What one training task found in its partition: the facts :func:`data_problem` judges, JSON-ready.
 
     X (rows, width) float32 or None when nulls or widths kept it from being built; y (rows,) float64 labels
     with NaN for nulls.
     """
-    bad = 0
-    if X is not None and X.size:
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = float(X.sum(dtype=np.float32))           # one pass; NaN/inf propagate (or it overflowed)
-        if not np.isfinite(total):
-            bad = int(np.count_nonzero(~np.isfinite(X).all(axis=1)))
+    bad = 0 if X is None else nonfinite_rows(X)
     known = y[~np.isnan(y)]                                  # NaN here is null or NaN: neither has a range
     return {"rows": int(rows), "null_features": int(null_features), "min_width": min_width,
             "max_width": max_width, "bad_features": bad, "null_labels": int(null_labels),

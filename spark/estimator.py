@@ -160,7 +160,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                 raise
             log.info("ffps: the input's partitions cannot run in a barrier stage (%s); shuffling them", exc)
             model, stats = self._train(self._prepared(dataset, True), s, bind)
-        stats["rows"] = sum(w["partition_rows"][w["worker_id"]] for w in stats["workers"].values())
+        stats["rows"] = sum(stats["workers"][0]["partition_rows"])     # every worker holds the gathered counts
         model.trainingStats = stats
         model._resetUid(self.uid)
         model = self._copyValues(model)

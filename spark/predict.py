@@ -25,7 +25,7 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
-    from .data import features_array
+    from .data import features_array, nonfinite_rows
 
     layers = [int(d) for d in layers]
     width = layers[0]
@@ -48,8 +48,8 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
             X = np.stack(s.to_numpy()).astype(np.float32, copy=False)
             if X.ndim != 2 or X.shape[1] != width:
                 raise ValueError(f"feature vectors have width {X.shape[-1]} but the model expects {width}")
-            if not np.isfinite(X).all():       # else argmax would name a class for a row of NaN logits
-                bad = int(np.count_nonzero(~np.isfinite(X).all(axis=1)))
+            bad = nonfinite_rows(X)           # else argmax would name a class for a row of NaN logits
+            if bad:
                 raise ValueError(f"featuresCol {features_col!r} has {bad} row(s) with NaN or infinite values "
                                  f"(after conversion to float32); clean or impute them before transform")
             raw, prob = logits_and_probabilities(net, w, np.ascontiguousarray(X))

@@ -22,10 +22,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 15   # below this, the serial kernel wins on 2 core
 POLY_EXP_MIN_CLASSES = 32         # narrower logit rows barely fill the vector loop: NumPy's exp is as fast
 
 
-def _jit_pair(fn):
+def _jit_pair(fn, fastmath=FASTMATH_FLAGS):
     """Serial and parallel compilations of one kernel body (prange is plain range when serial)."""
-    serial = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, parallel=False)(fn)
-    parallel = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, parallel=True)(fn)
+    serial = numba.njit(cache=True, fastmath=fastmath, parallel=False)(fn)
+    parallel = numba.njit(cache=True, fastmath=fastmath, parallel=True)(fn)
     return serial, parallel
 
 
@@ -131,8 +131,9 @@ def _softmax_finish_rows(e, labels, scale, row_loss, row_ok, write_grad):
 
 def _softmax_exp_rows_f32(z, labels, kbits, row_loss, row_ok):
     """float32 pass 1 per row p, in place: max, argmax hit, -z'_{p,y_p}, then z <- exp(z - max) (one array:
-    an output that may alias the input makes LLVM fall back to scalar code when it does). exp is a Cephes-style polynomial LLVM vectorises (NumPy's float32 exp runs its scalar
-    loop without AVX-512: 2.5 ns per value here). Relative error < 1e-7 for z' >= -87; below, where exp
+    an output that may alias the input makes LLVM fall back to scalar code when it does). exp is a
+    Cephes-style polynomial LLVM vectorises (NumPy's float32 exp runs its scalar loop without AVX-512:
+    2.5 ns per value here). Relative error < 1e-7 for z' >= -87; below, where exp
     underflows, it gives ~1e-38 instead of 0 (a tiny term beside the row's max term, exp(0) = 1).
     NaN propagates: a NaN logit makes its row's sum, so its loss, NaN. The row sums are left to
     :func:`_softmax_finish_rows`, compiled with 'reassoc' so they vectorise (this kernel must not be)."""
@@ -216,9 +217,7 @@ _KERNELS = {name: _jit_pair(fn) for name, fn in [
     ("softmax_finish_rows", _softmax_finish_rows),
     ("softmax", _softmax), ("sgd", _sgd), ("momentum", _momentum)]}
 # no 'reassoc' here: it would fold (t + shifter) - shifter back into t
-_KERNELS["softmax_exp_rows_f32"] = tuple(
-    numba.njit(cache=True, fastmath={"nsz", "arcp", "contract", "afn"}, parallel=par)(_softmax_exp_rows_f32)
-    for par in (False, True))
+_KERNELS["softmax_exp_rows_f32"] = _jit_pair(_softmax_exp_rows_f32, fastmath=FASTMATH_FLAGS - {"reassoc"})
 _all_finite_jit = numba.njit(cache=True)(_all_finite)
 # reassoc only: vectorises the sum and keeps NaN/inf semantics; no contract, so out == NumPy's w - lr * g
 sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False)(_sgd_screened)
