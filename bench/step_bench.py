@@ -82,6 +82,12 @@ def ours_step(backend, layers, batch):
     return step
 
 
+def numba_per_op():
+    from core.backends.numba_ops import NumbaOps
+
+    return NumbaOps(fuse_step=False)
+
+
 # --------------------------------------------------------------------- anchors
 def naive_step(xp, layers, batch):
     """Textbook NumPy/CuPy step: temporaries everywhere, no fusion (the anchors' reference shape)."""
@@ -228,6 +234,8 @@ def main(argv=None):
             contenders.append(("naive_numpy", lambda: naive_step(np, layers, batch), cpu_timer))
             for backend in [b for b in backends if b != "cupy"]:
                 contenders.append((f"ffps_{backend}", lambda b=backend: ours_step(b, layers, batch), cpu_timer))
+            if "numba" in backends:   # the same backend op by op: what the one-call step (numba_step.py) buys
+                contenders.append(("ffps_numba_per_op", lambda: ours_step(numba_per_op(), layers, batch), cpu_timer))
             if use_torch:
                 contenders.append(("torch_cpu", lambda: torch_step(layers, batch, "cpu"), cpu_timer))
         measure_interleaved(name, layers, batch, contenders, args.quick, results)
@@ -246,6 +254,8 @@ def main(argv=None):
         # ratios against anchors measured in this run
         if "ffps_numba" in r and "ms" in r.get("naive_numpy", {}) and "ms" in r["ffps_numba"]:
             r["numba_speedup_vs_naive_numpy"] = round(r["naive_numpy"]["ms"] / r["ffps_numba"]["ms"], 2)
+            if "ms" in r.get("ffps_numba_per_op", {}):
+                r["numba_speedup_vs_per_op"] = round(r["ffps_numba_per_op"]["ms"] / r["ffps_numba"]["ms"], 2)
             r["numba_fraction_of_cpu_sgemm"] = round(
                 r["ffps_numba"]["gflops"] / r.get("sgemm_gflops_same_rounds", report["cpu_sgemm_gflops"]), 3)
         if "ms" in r.get("ffps_cupy", {}):
@@ -265,14 +275,14 @@ def main(argv=None):
 def print_table(report):
     print(f"CPU sgemm {report['cpu_sgemm_gflops']} GFLOP/s" +
           (f"; GPU {report['gpu']} sgemm {report['gpu_sgemm_gflops']} GFLOP/s" if "gpu" in report else ""))
-    print(f"{'net':32s} {'contender':14s} {'ms/step':>10s} {'samples/s':>12s} {'GFLOP/s':>9s}")
+    print(f"{'net':32s} {'contender':17s} {'ms/step':>10s} {'samples/s':>12s} {'GFLOP/s':>9s}")
     for name, r in report["nets"].items():
         for label, v in r.items():
             if isinstance(v, dict):
                 if "error" in v:
-                    print(f"{name:32s} {label:14s} error: {v['error']}")
+                    print(f"{name:32s} {label:17s} error: {v['error']}")
                 else:
-                    print(f"{name:32s} {label:14s} {v['ms']:10.4f} {v['samples_per_s']:12,d} {v['gflops']:9.2f}")
+                    print(f"{name:32s} {label:17s} {v['ms']:10.4f} {v['samples_per_s']:12,d} {v['gflops']:9.2f}")
         for label, v in r.items():
             if not isinstance(v, dict):
                 print(f"{name:32s}   {label} = {v}")

@@ -63,6 +63,7 @@ class FeedForwardNetwork:
         self.layout = param_layout(self.layers)
         self.num_params = self.layout[-1].end
         self.num_classes = self.layers[-1]
+        self._dims = np.asarray(self.layers, dtype=np.int64)
         self._workspaces: OrderedDict[int, tuple[list, list]] = OrderedDict()
         self._view_cache: dict[int, tuple] = {}
 
@@ -142,12 +143,17 @@ class FeedForwardNetwork:
         return self.ops.asarray(check_params(w, self.num_params, self.dtype))
 
     def _workspace(self, m: int):
-        """Per-batch-size buffers: activations (m, d_i) for i >= 1 and deltas (m, d_i) for i >= 1."""
+        """Per-batch-size buffers: activations (m, d_i) for i >= 1 and deltas (m, d_i) for the hidden layers,
+        as views of two flat buffers (``ops.dense_stack_gradient`` takes the flat ones) -> (acts, deltas,
+        acts_flat, deltas_flat)."""
         ws = self._workspaces.get(m)
         if ws is None:
-            acts = [self.ops.empty((m, d), self.dtype) for d in self.layers[1:]]
-            deltas = [self.ops.empty((m, d), self.dtype) for d in self.layers[1:-1]]
-            ws = (acts, deltas)
+            flats = [self.ops.empty((m * sum(dims),), self.dtype) for dims in (self.layers[1:], self.layers[1:-1])]
+            views = []
+            for flat, dims in zip(flats, (self.layers[1:], self.layers[1:-1])):
+                starts = np.cumsum([0] + [m * d for d in dims])
+                views.append([flat[a:b].reshape(m, d) for a, b, d in zip(starts[:-1], starts[1:], dims)])
+            ws = (*views, *flats)
             self._workspaces[m] = ws
             while len(self._workspaces) > self._WORKSPACE_SLOTS:
                 self._workspaces.popitem(last=False)
@@ -159,7 +165,7 @@ class FeedForwardNetwork:
     def forward_device(self, w, X):
         """Logits for device X (m, d0) with device params -> list of activations, last = logits (m, C)."""
         ops = self.ops
-        acts, _ = self._workspace(X.shape[0])
+        acts = self._workspace(X.shape[0])[0]
         h = X
         params = self._views(w)
         last = len(params) - 1
@@ -180,8 +186,11 @@ class FeedForwardNetwork:
         """
         ops = self.ops
         m = X.shape[0]
+        acts, deltas, acts_flat, deltas_flat = self._workspace(m)
+        fused = ops.dense_stack_gradient(self._dims, w, X, y, grad, acts_flat, deltas_flat)
+        if fused is not NotImplemented:
+            return fused
         acts = self.forward_device(w, X)
-        _, deltas = self._workspace(m)
         logits = acts[-1]
         loss_sum, n_correct = ops.softmax_nll_grad(logits, y, 1.0 / m, out=logits)  # logits now hold dL/dz
         g = logits

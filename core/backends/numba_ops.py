@@ -233,8 +233,12 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
 
     name = "numba"
 
-    def __init__(self):
+    def __init__(self, fuse_step: bool = True):
         self.threads = numba.get_num_threads()
+        self.fuse_step = False
+        if fuse_step:
+            from .numba_step import blas_problem   # registers NumPy's CBLAS gemm for jitted code
+            self.fuse_step = blas_problem() is None
 
     def all_finite(self, x) -> bool:
         x = np.asarray(x)
@@ -287,6 +291,21 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
             np.exp(e, out=e)
         loss_sum, correct = _kernel("softmax_finish_rows", z.size)(e, labels, z.dtype.type(scale), row_loss,
                                                                   row_ok, write_grad)
+        return float(loss_sum), int(correct)
+
+    def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas):
+        """The whole step as one jitted call (:mod:`.numba_step`) when NumPy's CBLAS gemm was found."""
+        if not (self.fuse_step and X.dtype == w.dtype == grad.dtype and X.flags.c_contiguous
+                and w.flags.c_contiguous and grad.flags.c_contiguous):
+            return NotImplemented
+        from .numba_step import dense_stack_gradient
+
+        m, classes = X.shape[0], int(dims[-1])
+        poly_exp = X.dtype == np.float32 and classes >= POLY_EXP_MIN_CLASSES
+        loss_sum, correct = dense_stack_gradient(
+            dims, w, X, y, grad, acts, deltas, X.dtype.type(1.0 / m),
+            self._scratch("row_loss", (m,), np.float64), self._scratch("row_ok", (m,), np.int32),
+            self._scratch("exp_bits", (m, classes) if poly_exp else (1, 1), np.int32), poly_exp)
         return float(loss_sum), int(correct)
 
     def softmax(self, z, out=None):

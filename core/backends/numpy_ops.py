@@ -141,6 +141,15 @@ class NumpyOps:
         self.softmax_nll_backward(z, labels, scale, out)
         return loss_sum, n_correct
 
+    # ------------------------------------------------------------- whole step
+    def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas):
+        """Forward, softmax-NLL and backward of the whole Dense-ReLU stack in one call, for a backend that
+        fuses the step: returns (loss_sum, n_correct) and fills ``grad`` (mean loss) and the flat workspaces
+        ``acts`` (m * sum(dims[1:])) and ``deltas`` (m * sum(dims[1:-1])). ``dims``: layer sizes, int64.
+        Here, and wherever it returns ``NotImplemented``, the network composes the per-layer ops above
+        (``FeedForwardNetwork.gradient_device``): that composition is the definition."""
+        return NotImplemented
+
     # --------------------------------------------------------------- optimizers
     def sgd_update(self, w, g, lr):
         """In place: w <- w - lr * g over the flat parameter vector."""
