@@ -19,6 +19,9 @@ from .numpy_ops import NumpyOps, RowSoftmaxNLL
 # Fast-math that keeps NaN/inf semantics: no 'nnan'/'ninf', so a diverging loss is still seen as NaN.
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL_MIN_ELEMENTS = 1 << 15   # below this, the serial kernel wins on 2 cores (bench/step_bench.py)
+# the one-call step (numba_step.py) runs its kernels serially: above this many activation elements per step
+# the per-op path's parallel kernels are worth more than the Python calls the one call saves
+FUSED_STEP_MAX_ELEMENTS = 1 << 18
 POLY_EXP_MIN_CLASSES = 32         # narrower logit rows barely fill the vector loop: NumPy's exp is as fast
 
 
@@ -294,9 +297,12 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         return float(loss_sum), int(correct)
 
     def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas):
-        """The whole step as one jitted call (:mod:`.numba_step`) when NumPy's CBLAS gemm was found."""
+        """The whole step as one jitted call (:mod:`.numba_step`) when NumPy's CBLAS gemm was found and the
+        layers are small enough (FUSED_STEP_MAX_ELEMENTS) or numba has one thread."""
         if not (self.fuse_step and X.dtype == w.dtype == grad.dtype and X.flags.c_contiguous
                 and w.flags.c_contiguous and grad.flags.c_contiguous):
+            return NotImplemented
+        if acts.size > FUSED_STEP_MAX_ELEMENTS and numba.get_num_threads() > 1:
             return NotImplemented
         from .numba_step import dense_stack_gradient
 
