@@ -11,6 +11,10 @@ The BLAS entry points are registered with LLVM under fixed names (``ffps_cblas_s
 anything calls them, so cached machine code (``cache=True``) links to this process's addresses.
 Where NumPy's BLAS exposes no ILP64 CBLAS gemm, :func:`blas_problem` says so and the backend keeps the per-op
 path, which computes the same thing.
+
+Numba's cache checks only this file's time stamp: after editing a kernel in numba_ops.py, touch this file
+(or clear its ``__pycache__``) or the cached step keeps the old kernel. tests/test_numba_step.py compares
+the two paths and fails if they drift apart.
 """
 from __future__ import annotations
 
@@ -54,6 +58,9 @@ def blas_problem() -> str | None:
         return None
     return (f"NumPy's BLAS exports none of {', '.join(p.format('s') for p in _CANDIDATES)} "
             "(an ILP64 CBLAS gemm)")
+
+
+blas_problem()   # register at import: cached code that calls the symbols may be loaded by any later call
 
 
 def _cblas_type(real):
