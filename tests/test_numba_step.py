@@ -159,3 +159,42 @@ def test_cached_machine_code_links_to_this_process_blas():
             assert run[dtype][1] == correct
             assert run[dtype][0] == pytest.approx(loss, rel=rtol)
             assert run[dtype][2] == pytest.approx(float(np.abs(grad).sum()), rel=rtol * 10)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["one-call", "per-op"])
+def test_threads_sharing_the_backend_get_their_own_results(fuse):
+    """The backend object is shared (get_backend caches it) and the one-call step releases the GIL: two
+    threads training their own nets at once must not share scratch buffers (row losses, exp bits)."""
+    import threading
+
+    from core.backends.numba_ops import NumbaOps
+
+    ops = NumbaOps(fuse_step=fuse)
+    jobs = []
+    for t, (layers, batch) in enumerate([([6, 50, 200, 50, 100], 256), ([10, 64, 40], 100)]):
+        rng = np.random.default_rng(t)
+        net = FeedForwardNetwork(layers, backend=ops)
+        data = net.upload(rng.standard_normal((batch, layers[0])), rng.integers(0, layers[-1], batch))
+        w = net.init_params(t)
+        want_grad = np.empty_like(w)
+        want = net.gradient_device(w, data.X, data.y, want_grad)
+        jobs.append((net, data, w, want, want_grad))
+    problems = []
+    start = threading.Barrier(2, timeout=30)
+
+    def work(net, data, w, want, want_grad):
+        grad = np.empty_like(w)
+        start.wait()
+        for _ in range(3000):
+            got = net.gradient_device(w, data.X, data.y, grad)
+            if got != want or not np.array_equal(grad, want_grad):
+                problems.append((net.layers, got, want))
+                return
+
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in threads)
+    assert problems == []

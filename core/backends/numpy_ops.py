@@ -8,6 +8,7 @@ training step allocates nothing. Shapes: m rows (batch), d_in/d_out features, C 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -52,9 +53,16 @@ class NumpyOps:
 
     def _scratch(self, name, shape, dtype):
         """A reusable work buffer of ``shape`` for backends' internal use: one grow-only allocation per
-        (name, dtype), so the hot path allocates nothing and odd batch sizes add no buffers. Called several
-        times per step: math.prod, not np.prod (9 us on a tuple: 15 % of a digits step)."""
-        pool = self.__dict__.setdefault("_scratch_pool", {})
+        (name, dtype) and thread, so the hot path allocates nothing and odd batch sizes add no buffers.
+        Per thread: the backend object is shared (get_backend caches it) and the numba step runs without
+        the GIL, so two threads training at once would otherwise overwrite each other's row losses.
+        Called several times per step: math.prod, not np.prod (9 us on a tuple: 15 % of a digits step)."""
+        local = self.__dict__.get("_scratch_local")
+        if local is None:
+            local = self.__dict__.setdefault("_scratch_local", threading.local())
+        pool = getattr(local, "pool", None)
+        if pool is None:
+            pool = local.pool = {}
         n = math.prod(shape)
         key = (name, dtype)
         buf = pool.get(key)
