@@ -34,7 +34,9 @@ def test_numpy_blas_is_found_so_the_fused_step_runs():
     from core.backends.numba_step import blas_problem
 
     assert blas_problem() is None
-    assert NumbaOps().fuse_step and not NumbaOps(fuse_step=False).fuse_step
+    assert NumbaOps().fuse_step and NumbaOps().fuse_problem is None
+    off = NumbaOps(fuse_step=False)
+    assert not off.fuse_step and "fuse_step=False" in off.fuse_problem
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,3 +200,16 @@ def test_threads_sharing_the_backend_get_their_own_results(fuse):
         th.join(60)
     assert not any(th.is_alive() for th in threads)
     assert problems == []
+
+
+def test_a_blas_without_ilp64_gemm_is_reported_not_registered():
+    """A library that lacks the symbols (the C library here; Accelerate-linked NumPy on macOS is the real
+    case) yields a sentence naming what is missing, and the backend keeps the per-op path."""
+    import ctypes
+    import ctypes.util
+
+    from core.backends.numba_step import register_gemm
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    problem = register_gemm(libc)
+    assert problem is not None and "scipy_cblas_sgemm64_" in problem and "op by op" in problem

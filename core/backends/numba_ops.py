@@ -238,10 +238,11 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
 
     def __init__(self, fuse_step: bool = True):
         self.threads = numba.get_num_threads()
-        self.fuse_step = False
+        self.fuse_step, self.fuse_problem = False, "turned off (fuse_step=False)"
         if fuse_step:
             from .numba_step import blas_problem   # registers NumPy's CBLAS gemm for jitted code
-            self.fuse_step = blas_problem() is None
+            self.fuse_problem = blas_problem()     # None, or why each step goes op by op
+            self.fuse_step = self.fuse_problem is None
 
     def all_finite(self, x) -> bool:
         x = np.asarray(x)

@@ -48,6 +48,12 @@ def blas_problem() -> str | None:
         lib = _numpy_core_library()
     except OSError as exc:
         return f"NumPy's core library could not be opened ({exc})"
+    return register_gemm(lib)
+
+
+def register_gemm(lib) -> str | None:
+    """Register ``lib``'s ILP64 CBLAS sgemm/dgemm under the names jitted code calls -> None, or, where
+    ``lib`` (with what it links) has none, a sentence saying so and nothing registered."""
     for pattern in _CANDIDATES:
         try:
             found = {kind: getattr(lib, pattern.format(kind)) for kind in "sd"}
@@ -57,7 +63,7 @@ def blas_problem() -> str | None:
             llvm.add_symbol(f"ffps_cblas_{kind}gemm", ctypes.cast(fn, ctypes.c_void_p).value)
         return None
     return (f"NumPy's BLAS exports none of {', '.join(p.format('s') for p in _CANDIDATES)} "
-            "(an ILP64 CBLAS gemm)")
+            "(an ILP64 CBLAS gemm): the numba backend computes each step op by op")
 
 
 blas_problem()   # register at import: cached code that calls the symbols may be loaded by any later call
