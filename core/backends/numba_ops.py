@@ -240,9 +240,10 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         self.threads = numba.get_num_threads()
         self.fuse_step, self.fuse_problem = False, "turned off (fuse_step=False)"
         if fuse_step:
-            from .numba_step import blas_problem   # registers NumPy's CBLAS gemm for jitted code
+            from .numba_step import blas_problem, dense_stack_gradient   # registers NumPy's CBLAS gemm
             self.fuse_problem = blas_problem()     # None, or why each step goes op by op
             self.fuse_step = self.fuse_problem is None
+            self._fused_step = dense_stack_gradient
 
     def all_finite(self, x) -> bool:
         x = np.asarray(x)
@@ -305,15 +306,24 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
             return NotImplemented
         if acts.size > FUSED_STEP_MAX_ELEMENTS and numba.get_num_threads() > 1:
             return NotImplemented
-        from .numba_step import dense_stack_gradient
-
-        m, classes = X.shape[0], int(dims[-1])
-        poly_exp = X.dtype == np.float32 and classes >= POLY_EXP_MIN_CLASSES
-        loss_sum, correct = dense_stack_gradient(
-            dims, w, X, y, grad, acts, deltas, X.dtype.type(1.0 / m),
-            self._scratch("row_loss", (m,), np.float64), self._scratch("row_ok", (m,), np.int32),
-            self._scratch("exp_bits", (m, classes) if poly_exp else (1, 1), np.int32), poly_exp)
+        args = self._step_args(X.shape[0], int(dims[-1]), X.dtype)
+        loss_sum, correct = self._fused_step(dims, w, X, y, grad, acts, deltas, *args)
         return float(loss_sum), int(correct)
+
+    def _step_args(self, m, classes, dtype):
+        """The one-call step's trailing arguments for a batch of m rows: (scale, row_loss, row_ok, exp bits,
+        poly_exp), made once per (m, classes, dtype) and thread; a few batch sizes are kept."""
+        cache = self._per_thread("step_args")
+        key = (m, classes, dtype)
+        args = cache.get(key)
+        if args is None:
+            poly_exp = dtype == np.float32 and classes >= POLY_EXP_MIN_CLASSES
+            args = (dtype.type(1.0 / m), np.empty(m, np.float64), np.empty(m, np.int32),
+                    np.empty((m, classes) if poly_exp else (1, 1), np.int32), poly_exp)
+            while len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[key] = args
+        return args
 
     def softmax(self, z, out=None):
         if out is None:
