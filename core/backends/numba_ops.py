@@ -21,8 +21,9 @@ FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL_MIN_ELEMENTS = 1 << 15   # below this, the serial kernel wins on 2 cores (bench/step_bench.py)
 # The one-call step (numba_step.py) runs its elementwise kernels serially. On 2 cores it is as fast as the
 # per-op path or faster at every size measured (1.00-1.05x from 134k to 2.1M activation elements per step),
-# but its serial passes do not scale with cores while the GEMMs do: on a 16-core executor a 2M-element step
-# would spend a third of its time in them. So steps above this size keep the parallel per-op kernels.
+# but its serial passes do not scale with cores while the GEMMs do (an estimate, not measured: on 16 cores the
+# mnist step's ~50 MB of serial passes, ~5 ms, would sit beside ~11 ms of GEMM). So steps above this size
+# keep the parallel per-op kernels.
 FUSED_STEP_MAX_ELEMENTS = 1 << 18
 POLY_EXP_MIN_CLASSES = 32         # narrower logit rows barely fill the vector loop: NumPy's exp is as fast
 
