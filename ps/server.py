@@ -80,6 +80,8 @@ class ParameterServer:
                              "ssp_slack": ssp_slack, "num_workers": self.num_workers}
         if int(tau) < 1 or (mode == "sync" and int(tau) != 1):
             raise ValueError(f"tau must be >= 1 (and 1 in sync mode), got {tau!r} with mode={mode!r}")
+        if checkpoint_dir and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.checkpoint_seconds, self.checkpoint_on_stop = checkpoint_seconds, bool(checkpoint_on_stop)
         self.resumed_from = None
@@ -94,6 +96,8 @@ class ParameterServer:
         self._progress_enabled = progress
         self.address = None
         self._ckpt_version, self._ckpt_time = self.engine.version, time.monotonic()
+        self._writer = None                   # background checkpoint writer while serving
+        self._ckpt_stats = None               # its counters once stopped
         self.dropped_replies = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -134,6 +138,8 @@ class ParameterServer:
         self._sock = sock
         enabled = self._progress_enabled if self._progress_enabled is not None else os.isatty(2)
         self.progress = ProgressLine(bool(enabled))
+        if self.checkpoint_dir:
+            self._writer = ckpt.CheckpointWriter(self.checkpoint_dir)
         self._thread = threading.Thread(target=self._serve, name="ps-server", daemon=True)
         self._thread.start()
         return self
@@ -153,9 +159,19 @@ class ParameterServer:
         if self._thread.is_alive():
             raise RuntimeError(f"parameter server thread did not stop within {timeout}s")
         self._thread = None
-        if self.checkpoint_dir and self.checkpoint_on_stop and self.engine.version != self._ckpt_version:
-            self.save_checkpoint()
-        self.progress.close(self.stats())
+        try:
+            if self.checkpoint_dir and self.checkpoint_on_stop and self.engine.version != self._ckpt_version:
+                self.save_checkpoint(timeout)
+            elif self._writer is not None:
+                self._writer.flush(timeout)       # the last periodic snapshot is on disk when stop returns
+        except (OSError, TimeoutError) as exc:
+            raise RuntimeError(f"parameter server stopped, but its last checkpoint to {self.checkpoint_dir!r} "
+                               f"was not written: {exc!r}") from exc
+        finally:
+            if self._writer is not None:
+                self._writer.close(timeout)
+                self._ckpt_stats, self._writer = self._writer.stats(), None
+            self.progress.close(self.stats())
 
     def __enter__(self):
         return self.start() if self._thread is None else self
@@ -192,6 +208,8 @@ class ParameterServer:
         s["zap_denied"] = self._zap.denied if self.secure and self.auth is not None else 0
         if self._error is not None:
             s["error"] = repr(self._error)
+        if self.checkpoint_dir:
+            s["checkpoint"] = self._writer.stats() if self._writer is not None else self._ckpt_stats
         return s
 
     def history(self) -> list[dict]:
@@ -204,10 +222,18 @@ class ParameterServer:
         with self._lock:
             return self.engine.fence_below(attempt)
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, timeout: float = 60.0) -> str:
+        """Checkpoint the current state now and wait until it is on disk -> its path (or a newer one's, if the
+        serving thread queued a newer snapshot meanwhile). Raises what the write raised."""
+        if not self.checkpoint_dir:
+            raise ValueError("no checkpoint_dir was given to this server")
         with self._lock:
             arrays, meta = self.engine.snapshot()
-        path = ckpt.save(self.checkpoint_dir, arrays, meta)
+        if self._writer is None:                  # not serving: write here
+            path = ckpt.save(self.checkpoint_dir, arrays, meta)
+        else:
+            self._writer.submit(arrays, meta)
+            path = self._writer.flush(timeout)
         self._ckpt_version, self._ckpt_time = meta["version"], time.monotonic()
         return path
 
@@ -275,8 +301,11 @@ class ParameterServer:
             return
         due = (self.checkpoint_every and self.engine.version - self._ckpt_version >= self.checkpoint_every) or \
               (self.checkpoint_seconds and time.monotonic() - self._ckpt_time >= self.checkpoint_seconds)
-        if due:
-            self.save_checkpoint()
+        if due:                                   # copy the state here, write it on the writer's thread
+            with self._lock:
+                arrays, meta = self.engine.snapshot()
+            self._writer.submit(arrays, meta)
+            self._ckpt_version, self._ckpt_time = meta["version"], time.monotonic()
 
     def __repr__(self):
         return f"ParameterServer(mode={self.mode!r}, address={self.address!r}, secure={self.secure})"

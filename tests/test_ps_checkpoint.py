@@ -1,0 +1,132 @@
+"""Checkpoints written off the server thread (ps.checkpoint.CheckpointWriter): the newest snapshot wins, a
+failed write neither stops training nor goes unreported, and stop() leaves the last state on disk."""
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from ps import ParameterClient, ParameterServer
+from ps import checkpoint as ckpt
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def snap(v, n=8):
+    return {"weights": np.full(n, v, np.float32)}, {"version": v, "mode": "async"}
+
+
+def test_writer_keeps_the_newest_snapshot_when_the_disk_is_slow(tmp_path):
+    """While version 1 is being written, 2 then 3 arrive: 2 is dropped (counted), 3 is written after 1."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_first(directory, arrays, meta, keep):
+        if meta["version"] == 1:
+            entered.set()
+            assert release.wait(30)
+        return ckpt.save(directory, arrays, meta, keep)
+
+    w = ckpt.CheckpointWriter(str(tmp_path), save_fn=slow_first)
+    w.submit(*snap(1))
+    assert entered.wait(30)
+    w.submit(*snap(2))
+    w.submit(*snap(3))
+    assert w.stats()["skipped"] == 1 and w.stats()["written"] == 0
+    release.set()
+    path = w.flush(30)
+    assert path.endswith("ckpt-000000000003.npz")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000000001.npz", "ckpt-000000000003.npz"]
+    arrays, meta = ckpt.load(path)
+    assert meta["version"] == 3 and np.all(arrays["weights"] == 3)
+    assert w.stats() == {"written": 2, "skipped": 1, "errors": 0, "last_path": path, "last_error": None}
+    w.close(10)
+    with pytest.raises(RuntimeError, match="closed"):
+        w.submit(*snap(4))
+
+
+def test_flush_times_out_on_a_stuck_disk_and_raises_the_last_failure(tmp_path):
+    stuck = threading.Event()
+
+    def never_done(directory, arrays, meta, keep):
+        assert stuck.wait(30)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w = ckpt.CheckpointWriter(str(tmp_path), save_fn=never_done)
+    w.submit(*snap(1))
+    with pytest.raises(TimeoutError, match="still busy"):
+        w.flush(0.2)
+    stuck.set()
+    with pytest.raises(OSError, match="No space left"):
+        w.flush(30)
+    assert w.stats()["errors"] == 1 and os.listdir(tmp_path) == []
+    w.close(10)
+
+
+class FlakyDisk:
+    """The real save, except that the writes named in ``fail`` raise ENOSPC (a full disk) first."""
+
+    def __init__(self, fail):
+        self.fail, self.calls = set(fail), 0
+        self.real = ckpt.save
+
+    def __call__(self, directory, arrays, meta, keep=3):
+        self.calls += 1
+        if self.calls in self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real(directory, arrays, meta, keep)
+
+
+def push_n(cfg, n, worker_id=0):
+    with ParameterClient(cfg, worker_id=worker_id, timeout=10) as c:
+        for _ in range(n):
+            c.push(np.ones(16, np.float32), batch_size=4)
+        return c.pull()
+
+
+def test_a_failed_write_does_not_stop_training_and_a_later_one_recovers(tmp_path, monkeypatch):
+    disk = FlakyDisk(fail={1})
+    monkeypatch.setattr(ckpt, "save", disk)
+    d = str(tmp_path / "ck")
+    s = ParameterServer(np.zeros(16, np.float32), mode="async", num_workers=1, learning_rate=0.5,
+                        checkpoint_dir=d, checkpoint_every=1, progress=False).start()
+    try:
+        version, w = push_n(s.client_config(), 20)
+        assert version == 20 and np.all(w == -10.0)          # every push applied, the failure notwithstanding
+        assert s.running and "error" not in s.stats()
+    finally:
+        s.stop()
+    stats = s.stats()["checkpoint"]
+    assert stats["errors"] == 1 and "No space left" in stats["last_error"] and stats["written"] >= 1
+    arrays, meta = ckpt.load(ckpt.latest(d))
+    assert meta["version"] == 20 and np.all(arrays["weights"] == -10.0)
+
+
+def test_stop_says_when_the_last_checkpoint_could_not_be_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "save", FlakyDisk(fail=range(1, 1000)))
+    d = str(tmp_path / "ck")
+    s = ParameterServer(np.zeros(16, np.float32), mode="async", num_workers=1, checkpoint_dir=d,
+                        checkpoint_every=5, progress=False).start()
+    push_n(s.client_config(), 7)
+    with pytest.raises(RuntimeError, match="last checkpoint to .*ck.* was not written.*No space left"):
+        s.stop()
+    assert not s.running and s.stats()["checkpoint"]["errors"] >= 2 and ckpt.latest(d) is None
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    f = tmp_path / "not-a-dir"
+    f.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="not-a-dir.*not a directory"):
+        ParameterServer(np.zeros(4, np.float32), checkpoint_dir=str(f), progress=False)
+    assert f.read_bytes() == b"keep me"
+
+
+def test_save_checkpoint_waits_for_the_disk_and_needs_a_directory(tmp_path):
+    with ParameterServer(np.zeros(16, np.float32), num_workers=1, learning_rate=1.0, checkpoint_dir=str(tmp_path),
+                         progress=False) as s:
+        push_n(s.client_config(), 3)
+        path = s.save_checkpoint()
+        assert ckpt.load(path)[1]["version"] == 3                  # on disk when the call returns
+    with ParameterServer(np.zeros(16, np.float32), progress=False) as s:
+        with pytest.raises(ValueError, match="no checkpoint_dir"):
+            s.save_checkpoint()
