@@ -87,17 +87,17 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, layer
                     version, wh = r.version, r.weights
                 else:
                     version, wh = client.pull()
-                w[...] = ops.asarray(np.array(wh, copy=True))
+                w[...] = ops.asarray(wh)   # one copy out of the reply's read-only view
                 acc[...] = 0
             elif mode == "easgd":
                 r = client.push(ops.to_host(w, out=host), base_version=version, step=step, kind="local_weights",
                                 **metrics)
-                center = ops.asarray(np.array(r.weights, copy=True))
+                center = ops.asarray(r.weights)   # a view, used before the next request
                 w -= net.dtype.type(alpha) * (w - center)         # x_i <- x_i - a (x_i - c_old)
                 version = r.version
             else:                                                 # async-easgd, eamsgd
                 version, ch = client.pull()
-                center = ops.asarray(np.array(ch, copy=True))
+                center = ops.asarray(ch)
                 e = net.dtype.type(alpha) * (w - center)
                 w -= e
                 client.push(ops.to_host(e, out=host), base_version=version, step=step, kind="elastic", **metrics)
