@@ -64,7 +64,7 @@ class FeedForwardNetwork:
         self.num_params = self.layout[-1].end
         self.num_classes = self.layers[-1]
         self._dims = np.asarray(self.layers, dtype=np.int64)
-        self._workspaces: OrderedDict[int, tuple[list, list]] = OrderedDict()
+        self._workspaces: OrderedDict[int, tuple] = OrderedDict()   # m -> (acts, deltas, flat, flat)
         self._view_cache: dict[int, tuple] = {}
 
     def __repr__(self):
@@ -148,11 +148,12 @@ class FeedForwardNetwork:
         acts_flat, deltas_flat)."""
         ws = self._workspaces.get(m)
         if ws is None:
-            flats = [self.ops.empty((m * sum(dims),), self.dtype) for dims in (self.layers[1:], self.layers[1:-1])]
-            views = []
-            for flat, dims in zip(flats, (self.layers[1:], self.layers[1:-1])):
+            views, flats = [], []
+            for dims in (self.layers[1:], self.layers[1:-1]):
+                flat = self.ops.empty((m * sum(dims),), self.dtype)
                 starts = np.cumsum([0] + [m * d for d in dims])
                 views.append([flat[a:b].reshape(m, d) for a, b, d in zip(starts[:-1], starts[1:], dims)])
+                flats.append(flat)
             ws = (*views, *flats)
             self._workspaces[m] = ws
             while len(self._workspaces) > self._WORKSPACE_SLOTS:
@@ -186,7 +187,7 @@ class FeedForwardNetwork:
         """
         ops = self.ops
         m = X.shape[0]
-        acts, deltas, acts_flat, deltas_flat = self._workspace(m)
+        _, deltas, acts_flat, deltas_flat = self._workspace(m)
         fused = ops.dense_stack_gradient(self._dims, w, X, y, grad, acts_flat, deltas_flat)
         if fused is not NotImplemented:
             return fused

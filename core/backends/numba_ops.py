@@ -315,14 +315,16 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
 
     def _step_args(self, m, classes, dtype):
         """The one-call step's trailing arguments for a batch of m rows: (scale, row_loss, row_ok, exp bits,
-        poly_exp), made once per (m, classes, dtype) and thread; a few batch sizes are kept."""
+        poly_exp), looked up once per (m, classes, dtype) and thread (the scratch views the per-op softmax
+        uses too; looking them up each call cost a third of a batch-32 digits step); a few sizes are kept."""
         cache = self._per_thread("step_args")
         key = (m, classes, dtype)
         args = cache.get(key)
         if args is None:
             poly_exp = dtype == np.float32 and classes >= POLY_EXP_MIN_CLASSES
-            args = (dtype.type(1.0 / m), np.empty(m, np.float64), np.empty(m, np.int32),
-                    np.empty((m, classes) if poly_exp else (1, 1), np.int32), poly_exp)
+            args = (dtype.type(1.0 / m), self._scratch("row_loss", (m,), np.float64),
+                    self._scratch("row_ok", (m,), np.int32),
+                    self._scratch("exp_bits", (m, classes) if poly_exp else (1, 1), np.int32), poly_exp)
             while len(cache) >= 8:
                 cache.pop(next(iter(cache)))
             cache[key] = args
