@@ -227,15 +227,21 @@ class ParameterServer:
         serving thread queued a newer snapshot meanwhile). Raises what the write raised."""
         if not self.checkpoint_dir:
             raise ValueError("no checkpoint_dir was given to this server")
-        with self._lock:
+        if self._writer is not None:
+            self._submit_checkpoint()
+            return self._writer.flush(timeout)
+        with self._lock:                          # not serving: write here
             arrays, meta = self.engine.snapshot()
-        if self._writer is None:                  # not serving: write here
-            path = ckpt.save(self.checkpoint_dir, arrays, meta)
-        else:
-            self._writer.submit(arrays, meta)
-            path = self._writer.flush(timeout)
+        path = ckpt.save(self.checkpoint_dir, arrays, meta)
         self._ckpt_version, self._ckpt_time = meta["version"], time.monotonic()
         return path
+
+    def _submit_checkpoint(self) -> None:
+        """Copy the state here (under the lock) and hand it to the writer's thread."""
+        with self._lock:
+            arrays, meta = self.engine.snapshot()
+        self._writer.submit(arrays, meta)
+        self._ckpt_version, self._ckpt_time = meta["version"], time.monotonic()
 
     # ------------------------------------------------------------------ serving thread
     def _send(self, token, header, payload) -> None:
@@ -287,13 +293,9 @@ class ParameterServer:
 
     def _drain_waiting(self):
         e, out = self.engine, []
-        for rnd in (e.round, e.barrier):
-            for tok, hh, _ in (rnd.entries.values() if rnd is not None else ()):
-                out += e._reject(tok, hh, Reason.SERVER_STOPPING, "parameter server is stopping")
-        for _, tok, hh in e.waiting_pulls:
+        for tok, hh in e._drop_waiting(lambda hh: True):
             out += e._reject(tok, hh, Reason.SERVER_STOPPING, "parameter server is stopping")
         e.round = e.barrier = None
-        e.waiting_pulls = []
         return out
 
     def _maybe_checkpoint(self) -> None:
@@ -301,11 +303,8 @@ class ParameterServer:
             return
         due = (self.checkpoint_every and self.engine.version - self._ckpt_version >= self.checkpoint_every) or \
               (self.checkpoint_seconds and time.monotonic() - self._ckpt_time >= self.checkpoint_seconds)
-        if due:                                   # copy the state here, write it on the writer's thread
-            with self._lock:
-                arrays, meta = self.engine.snapshot()
-            self._writer.submit(arrays, meta)
-            self._ckpt_version, self._ckpt_time = meta["version"], time.monotonic()
+        if due:
+            self._submit_checkpoint()
 
     def __repr__(self):
         return f"ParameterServer(mode={self.mode!r}, address={self.address!r}, secure={self.secure})"

@@ -358,3 +358,40 @@ def test_ssp_conformance_with_random_delays():
             assert (others >= clock - slack).all(), (i, clock, w)
         fast_lead = max(w[i] - np.delete(w, i).min() for i, _, w in seen)
         assert fast_lead <= slack + 1
+
+
+def test_stop_answers_every_waiting_request_server_stopping():
+    """A sync round, a barrier and an SSP-held pull each wait on a worker that never comes: stop() answers
+    them SERVER_STOPPING at once instead of leaving their clients to time out."""
+    got = {}
+
+    def wait_for(name, cfg, wid, call):
+        with ParameterClient(cfg, worker_id=wid, timeout=20, retries=0) as c:
+            try:
+                call(c)
+                got[name] = "answered"
+            except PSError as exc:
+                got[name] = exc.reason
+
+    sync = server(mode="sync", num_workers=2, barrier_timeout=60)
+    bar = server(mode="async", num_workers=2, barrier_timeout=60)
+    ssp = server(mode="async", num_workers=2, ssp_slack=0, barrier_timeout=60)
+    with ParameterClient(ssp.client_config(), worker_id=1, timeout=5) as slow:
+        slow.pull()                                     # registered at clock 0; worker 0 runs ahead below
+        threads = [threading.Thread(target=wait_for, args=a, daemon=True) for a in (
+            ("round", sync.client_config(), 0, lambda c: c.push(np.ones(16, np.float32), batch_size=1)),
+            ("barrier", bar.client_config(), 0, lambda c: c.barrier(5)),
+            ("ssp", ssp.client_config(), 0, lambda c: (c.push(np.ones(16, np.float32), batch_size=1),
+                                                      c.pull())))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (sync.engine.round and bar.engine.barrier
+                                                   and ssp.engine.waiting_pulls):
+            time.sleep(0.02)
+        for s in (sync, bar, ssp):
+            s.stop()
+        for t in threads:
+            t.join(10)
+    assert got == {"round": Reason.SERVER_STOPPING, "barrier": Reason.SERVER_STOPPING,
+                   "ssp": Reason.SERVER_STOPPING}
