@@ -8,11 +8,11 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 from .backends import BACKEND_NAMES, ENV_VAR, BackendUnavailable
+from .datasets import load_digits_split
 from .network import FeedForwardNetwork
-from .trainer import OPTIMIZERS, MinibatchTrainer, TrainingDiverged
+from .optimizers import LOCAL_OPTIMIZERS
+from .trainer import MinibatchTrainer, TrainingDiverged
 
 
 def parse_layers(text: str) -> list[int]:
@@ -23,30 +23,32 @@ def parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers must be comma-separated integers like 64,100,10, got {text!r}")
 
 
+def add_flag(parser, flag: str, *hidden: str, **kw):
+    """``parser.add_argument(flag, **kw)``, plus old spellings (``hidden``) that set the same value and are not
+    listed in --help: every command line spells one setting one way, and old scripts keep working."""
+    action = parser.add_argument(flag, **kw)
+    for old in hidden:
+        same = {k: v for k, v in kw.items() if k not in ("help", "default", "dest")}
+        parser.add_argument(old, **same, dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return action
+
+
 def add_backend_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=None,
                         help=f"compute backend (default: ${ENV_VAR} or auto = cupy with a GPU, else numba)")
 
 
-def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=parse_layers, default=[64, 100, 10], help="layer sizes, e.g. 64,100,10")
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the training data")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", "--lr", type=float, default=0.1)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum")
-    parser.add_argument("--momentum", type=float, default=0.9)
+def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), epochs=30) -> None:
+    """The training loop's flags, spelled alike in ``ffps train``, ``python -m ps.runner`` and the Spark app:
+    --layers, --epochs, --batch-size, --learning-rate, --seed, --backend."""
+    parser.add_argument("--layers", type=parse_layers, default=None if layers is None else list(layers),
+                        help="layer sizes, e.g. 64,100,10" + (" (default: features,100,classes from the data)"
+                                                               if layers is None else ""))
+    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training data (maxIter)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per step (blockSize)")
+    add_flag(parser, "--learning-rate", "--lr", "--step-size", type=float, default=0.1, help="stepSize")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     add_backend_flag(parser)
-
-
-def load_digits_split(seed: int = 0, test_size: float = 0.3):
-    """scikit-learn's 8x8 digits, pixels scaled to [0, 1], stratified split -> Xtr, Xte, ytr, yte."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    return train_test_split(X / 16.0, y, test_size=test_size, random_state=seed, stratify=y)
 
 
 def cmd_train(args) -> int:
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train on scikit-learn's digits in this process and report test accuracy")
     add_training_flags(train)
+    train.add_argument("--optimizer", choices=LOCAL_OPTIMIZERS, default="momentum")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     train.set_defaults(func=cmd_train)
     return parser
 

@@ -133,7 +133,9 @@ class FeedForwardNetwork:
             y = self.ops.to_host(y)
         return self.ops.asarray(check_labels(y, n_rows, self.num_classes))
 
-    def _device_params(self, w):
+    def device_params(self, w):
+        """A flat parameter vector (host or device) checked and placed on the backend in the network's dtype
+        (no copy when it already is one)."""
         if self.ops.is_device_array(w) and not isinstance(w, np.ndarray):
             if tuple(w.shape) != (self.num_params,):
                 raise ValueError(f"parameter vector must have shape ({self.num_params},), got {tuple(w.shape)}")
@@ -217,7 +219,7 @@ class FeedForwardNetwork:
         w (P,), X (m, d0) or DeviceData, y (m,) ints in 0..C-1 -> (loss float, grad, n_correct int).
         grad is NumPy unless ``out`` (a host or backend array of shape (P,)) is given, which is filled.
         """
-        wd = self._device_params(w)
+        wd = self.device_params(w)
         Xd = self._device_features(X)
         yd = self._device_labels(X, y, Xd.shape[0])
         if out is not None and self.ops.is_device_array(out) and out.dtype == self.dtype \
@@ -241,7 +243,7 @@ class FeedForwardNetwork:
 
     def predict_proba(self, w, X, chunk_rows: int = 8192) -> np.ndarray:
         """Class probabilities (m, C) as NumPy, computed in chunks so memory stays bounded."""
-        wd = self._device_params(w)
+        wd = self.device_params(w)
         Xd = self._device_features(X)
         out = np.empty((Xd.shape[0], self.num_classes), dtype=self.dtype)
         for start in range(0, Xd.shape[0], chunk_rows):
@@ -256,7 +258,7 @@ class FeedForwardNetwork:
 
     def evaluate(self, w, X, y=None, chunk_rows: int = 8192) -> tuple[float, float]:
         """(mean NLL, accuracy) over all rows, without computing gradients."""
-        wd = self._device_params(w)
+        wd = self.device_params(w)
         Xd = self._device_features(X)
         yd = self._device_labels(X, y, Xd.shape[0])
         loss_sum, correct = 0.0, 0

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from .network import DeviceData, FeedForwardNetwork
-
-OPTIMIZERS = ("sgd", "momentum", "nesterov")
+from .optimizers import local_optimizer
 
 
 class TrainingDiverged(FloatingPointError):
@@ -32,34 +31,6 @@ class EpochStats:
     val_loss: float | None = None
     val_accuracy: float | None = None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class LocalOptimizer:
-    """SGD / momentum / Nesterov on the flat device vector: ``step(w, grad)`` updates w in place."""
-
-    def __init__(self, net: FeedForwardNetwork, optimizer="sgd", learning_rate=0.1, momentum=0.9):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
-        if optimizer != "sgd" and not (0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.ops = net.ops
-        self.optimizer = optimizer
-        self.learning_rate = float(learning_rate)
-        self.momentum = float(momentum)
-        self.velocity = None
-        if optimizer != "sgd":
-            self.velocity = net.ops.zeros((net.num_params,), net.dtype)
-
-    def step(self, w, grad):
-        if self.velocity is None:
-            return self.ops.sgd_update(w, grad, self.learning_rate)
-        return self.ops.momentum_update(w, self.velocity, grad, self.learning_rate, self.momentum,
-                                        nesterov=self.optimizer == "nesterov")
-
 
 class MinibatchTrainer:
     """Seeded mini-batch training of ``net`` over NumPy or device-resident data.
@@ -74,7 +45,7 @@ class MinibatchTrainer:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.net = net
         self.batch_size = int(batch_size)
-        self.optimizer = LocalOptimizer(net, optimizer, learning_rate, momentum)
+        self.optimizer = local_optimizer(net, optimizer, learning_rate, momentum)
         self.rng = np.random.default_rng(seed)
         self.grad = net.ops.empty((net.num_params,), net.dtype)
         self._shuffled = None
@@ -109,7 +80,7 @@ class MinibatchTrainer:
         n = data.n_rows
         if not math.isfinite(loss_sum) or not self.net.ops.all_finite(w):
             raise TrainingDiverged(f"training diverged in epoch {epoch}: mean loss {loss_sum / n!r}; "
-                                   f"lower the learning rate (now {self.optimizer.learning_rate})")
+                                   f"lower the learning rate (now {self.optimizer.lr})")
         return EpochStats(epoch, loss_sum / n, correct / n, n, dt, n / dt if dt > 0 else float("inf"))
 
     def fit(self, X, y=None, epochs=10, w0=None, validation=None, callback=None):
@@ -127,7 +98,7 @@ class MinibatchTrainer:
         val = None
         if validation is not None:
             val = validation if isinstance(validation, DeviceData) else net.upload(*validation)
-        w = net._device_params(net.init_params(0) if w0 is None else w0)
+        w = net.device_params(net.init_params(0) if w0 is None else w0)
         if w is w0:  # never train in place on the caller's array
             w = net.ops.asarray(w.copy())
         history = []

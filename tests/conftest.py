@@ -32,6 +32,6 @@ BACKEND_PARAMS = [backend_param(b) for b in BACKENDS]
 @pytest.fixture(scope="session")
 def digits_split():
     """scikit-learn's digits (real data), scaled to [0, 1], 70/30 stratified split with seed 0."""
-    from core.cli import load_digits_split
+    from core.datasets import load_digits_split
 
     return load_digits_split(seed=0)

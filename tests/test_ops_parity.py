@@ -160,6 +160,29 @@ def test_momentum_update(ops, dtype, n, nesterov):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "nesterov"])
+def test_updates_into_out_leave_the_weights_alone(ops, dtype, rule):
+    """The server's form of an update: new weights into ``out``, ``w`` untouched, state updated in place;
+    equal to the in-place form, and to the textbook formula (v <- mu v + g; w <- w - lr v)."""
+    rng = np.random.default_rng(10)
+    n, lr, mu = 40000, 0.05, 0.9
+    w, v, g = rand(rng, n), rand(rng, n), rand(rng, n)
+    wd, vd, gd = (ops.asarray(a.copy(), dtype) for a in (w, v, g))   # numpy: asarray of float64 is no copy
+    out = ops.zeros((n,), dtype)
+    if rule == "sgd":
+        got = ops.sgd_update(wd, gd, lr, out=out)
+        want_w = w - lr * g
+    else:
+        got = ops.momentum_update(wd, vd, gd, lr, mu, nesterov=rule == "nesterov", out=out)
+        v_new = mu * v + g
+        want_w = w - lr * ((g + mu * v_new) if rule == "nesterov" else v_new)
+        check(ops, dtype, vd, v_new)
+    assert got is out
+    check(ops, dtype, out, want_w)
+    check(ops, dtype, wd, w)                                   # the weights in flight are never written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_memory_ops(ops, dtype):
     rng = np.random.default_rng(9)
     x = rand(rng, (40, 6))
@@ -200,12 +223,12 @@ def test_numba_float32_exp_kernel_over_its_whole_range():
     """The float32 softmax's polynomial exp against float64 exp: relative error < 3e-7 on [-87, 0] (the
     shifted logits' range), ~1e-38 instead of a smaller value below, and exp(0) = 1 exactly."""
     pytest.importorskip("numba")
-    from core.backends.numba_ops import _KERNELS
+    from core.backends.numba_kernels import KERNELS
 
     z = np.concatenate([np.linspace(-87.0, 0.0, 20001), [-88.0, -100.0, -1e4]]).astype(np.float32)[None, :]
     want = np.exp(z.astype(np.float64))
     e = z.copy()
-    for kernel in _KERNELS["softmax_exp_rows_f32"]:            # serial and parallel compilations
+    for kernel in KERNELS["softmax_exp_rows_f32"]:            # serial and parallel compilations
         e[...] = z
         kernel(e, np.zeros(1, np.int32), np.empty(z.shape, np.int32), np.empty(1), np.empty(1, np.int32))
         rel = np.abs(e[0, :20001] - want[0, :20001]) / want[0, :20001]

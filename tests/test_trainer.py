@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from core import FeedForwardNetwork, LocalOptimizer, MinibatchTrainer, TrainingDiverged
+from core import FeedForwardNetwork, MinibatchTrainer, TrainingDiverged, local_optimizer
 from tests.conftest import BACKEND_PARAMS
 
 
@@ -25,7 +25,7 @@ def test_training_accuracy_comes_from_the_same_forward_pass(digits_split):
     Xtr, _, ytr, _ = digits_split
     net = FeedForwardNetwork([64, 20, 10], backend="numpy", dtype="float64")
     trainer = MinibatchTrainer(net, batch_size=50, learning_rate=0.05, seed=3)
-    w = net._device_params(net.init_params(0)).copy()
+    w = net.device_params(net.init_params(0)).copy()
     data = net.upload(Xtr, ytr)
     hits, loss = 0, 0.0
     for Xb, yb in trainer.batches(data):
@@ -34,7 +34,7 @@ def test_training_accuracy_comes_from_the_same_forward_pass(digits_split):
         loss -= float(np.log(P[np.arange(len(yb)), yb]).sum())
         trainer.step(w, Xb, yb)
     trainer2 = MinibatchTrainer(net, batch_size=50, learning_rate=0.05, seed=3)
-    stats = trainer2.run_epoch(net._device_params(net.init_params(0)).copy(), data, epoch=1)
+    stats = trainer2.run_epoch(net.device_params(net.init_params(0)).copy(), data, epoch=1)
     assert stats.accuracy == hits / len(ytr)
     assert stats.loss == pytest.approx(loss / len(ytr), rel=1e-9)
 
@@ -72,7 +72,7 @@ def test_fit_leaves_callers_initial_weights_alone(digits_split):
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
 def test_local_optimizer_matches_formula(optimizer):
     net = FeedForwardNetwork([3, 2], backend="numpy", dtype="float64")
-    opt = LocalOptimizer(net, optimizer, learning_rate=0.1, momentum=0.5)
+    opt = local_optimizer(net, optimizer, learning_rate=0.1, momentum=0.5)
     w = np.ones(net.num_params)
     g1, g2 = np.full(net.num_params, 2.0), np.full(net.num_params, -1.0)
     opt.step(w, g1)

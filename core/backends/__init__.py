@@ -97,6 +97,17 @@ def resolve_backend_name(name: str | None = None) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=None)
+def host_ops() -> NumpyOps:
+    """Ops for float32 host vectors in a process whose cores belong to its trainers (the parameter server):
+    numba's serial kernels where numba loads (an update in one fused pass), else the NumPy reference."""
+    if numba_problem() is None:
+        from .numba_ops import NumbaOps
+
+        return NumbaOps(fuse_step=False, parallel=False)
+    return NumpyOps()
+
+
 _instances: dict[tuple, NumpyOps] = {}
 
 
@@ -127,5 +138,5 @@ def get_backend(name: str | None = None, device: int | None = None) -> NumpyOps:
 
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "BackendUnavailable", "NumpyOps", "available_backends",
-           "get_backend", "has_cupy_gpu", "limit_cpu_threads", "resolve_backend_name", "cupy_problem",
+           "get_backend", "has_cupy_gpu", "host_ops", "limit_cpu_threads", "resolve_backend_name", "cupy_problem",
            "numba_problem"]

@@ -20,7 +20,7 @@ _relu_backward = cupy.ElementwiseKernel("T y", "T g", "if (!(y > (T)0)) g = (T)0
 _sgd = cupy.ElementwiseKernel("T g, T lr", "T w", "w = w - lr * g", "ffps_sgd")
 _momentum = cupy.ElementwiseKernel(
     "T g, T lr, T mu, bool nesterov", "T w, T v",
-    "T vi = mu * v - lr * g; v = vi; w = w + (nesterov ? mu * vi - lr * g : vi)", "ffps_momentum")
+    "T vi = mu * v + g; v = vi; w = w - lr * (nesterov ? g + mu * vi : vi)", "ffps_momentum")
 _finite_all = cupy.ReductionKernel("T x", "bool y", "isfinite(x)", "a && b", "y = a", "true", "ffps_all_finite")
 
 _SOFTMAX_NLL_SOURCE = r"""
@@ -175,11 +175,21 @@ class CupyOps(RowSoftmaxNLL, NumpyOps):
         return out
 
     # --------------------------------------------------------------- optimizers
-    def sgd_update(self, w, g, lr):
-        _sgd(g, w.dtype.type(lr), w)
-        return w
+    # in-place kernels; with ``out`` the weights are copied there first and updated in place
+    def sgd_update(self, w, g, lr, out=None):
+        out = self._into(w, out)
+        _sgd(g, out.dtype.type(lr), out)
+        return out
 
-    def momentum_update(self, w, v, g, lr, momentum, nesterov=False):
-        t = w.dtype.type
-        _momentum(g, t(lr), t(momentum), bool(nesterov), w, v)
-        return w
+    def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
+        out = self._into(w, out)
+        t = out.dtype.type
+        _momentum(g, t(lr), t(momentum), bool(nesterov), out, v)
+        return out
+
+    @staticmethod
+    def _into(w, out):
+        if out is None or out is w:
+            return w
+        out[...] = w
+        return out

@@ -12,7 +12,7 @@ anything calls them, so cached machine code (``cache=True``) links to this proce
 Where NumPy's BLAS exposes no ILP64 CBLAS gemm, :func:`blas_problem` says so and the backend keeps the per-op
 path, which computes the same thing.
 
-Numba's cache checks only this file's time stamp: after editing a kernel in numba_ops.py, touch this file
+Numba's cache checks only this file's time stamp: after editing a kernel in numba_kernels.py, touch this file
 (or clear its ``__pycache__``) or the cached step keeps the old kernel. tests/test_numba_step.py compares
 the two paths and fails if they drift apart.
 """
@@ -27,7 +27,7 @@ from llvmlite import binding as llvm
 from numba import types
 from numba.extending import overload
 
-from .numba_ops import _KERNELS
+from .numba_kernels import KERNELS
 
 _CANDIDATES = ("scipy_cblas_{}gemm64_", "cblas_{}gemm64_")   # ILP64 CBLAS, as NumPy >= 2 wheels ship it
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
@@ -98,10 +98,10 @@ def _gemm_into(a, b, c, trans_a, trans_b):
 
 # the serial compilations only: a parallel kernel here leaves numba's OpenMP threads spinning while the next
 # GEMM wakes the BLAS threads on the same cores (2 cores: seed-net steps of 8 ms instead of 0.5, every time)
-_bias_relu, _bias_add = _KERNELS["bias_relu"][0], _KERNELS["bias_add"][0]
-_bias_grad, _relu_bwd = _KERNELS["bias_grad_partials"][0], _KERNELS["relu_backward_partials"][0]
-_shift, _finish = _KERNELS["softmax_shift_rows"][0], _KERNELS["softmax_finish_rows"][0]
-_exp_f32 = _KERNELS["softmax_exp_rows_f32"][0]
+_bias_relu, _bias_add = KERNELS["bias_relu"][0], KERNELS["bias_add"][0]
+_bias_grad, _relu_bwd = KERNELS["bias_grad_partials"][0], KERNELS["relu_backward_partials"][0]
+_shift, _finish = KERNELS["softmax_shift_rows"][0], KERNELS["softmax_finish_rows"][0]
+_exp_f32 = KERNELS["softmax_exp_rows_f32"][0]
 
 
 @numba.njit(cache=True, nogil=True)

@@ -165,21 +165,61 @@ class NumpyOps:
         return NotImplemented
 
     # --------------------------------------------------------------- optimizers
-    def sgd_update(self, w, g, lr):
-        """In place: w <- w - lr * g over the flat parameter vector."""
-        w -= w.dtype.type(lr) * g
-        return w
+    # Every update rule once, with one convention (PyTorch's): the momentum velocity accumulates gradients,
+    # the learning rate scales the step, so a schedule may change lr between steps without rescaling any
+    # state. New weights go to ``out`` (None: ``w`` in place; the parameter server passes a buffer that is
+    # not in flight); state arrays are updated in place. core.optimizers wraps these with schedules.
+    def sgd_update(self, w, g, lr, out=None):
+        """out <- w - lr g."""
+        step = np.multiply(g, w.dtype.type(lr), out=self._scratch("opt_step", g.shape, g.dtype))
+        return np.subtract(w, step, out=w if out is None else out)
 
-    def momentum_update(self, w, v, g, lr, momentum, nesterov=False):
-        """In place: v <- momentum * v - lr * g; w <- w + v (Nesterov: w <- w + momentum * v - lr * g)."""
+    def sgd_update_screened(self, w, g, lr, out) -> bool:
+        """``sgd_update`` into ``out`` unless g holds NaN/inf -> False, with ``out`` scribbled on and nothing
+        else changed. ``out`` must not be ``w``: it is a scratch buffer until the caller commits it."""
+        if not self.all_finite(g):
+            return False
+        self.sgd_update(w, g, lr, out=out)
+        return True
+
+    def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
+        """v <- momentum v + g; out <- w - lr v (Nesterov: out <- w - lr (g + momentum v))."""
         t = w.dtype.type
         v *= t(momentum)
-        v -= t(lr) * g
+        v += g
+        step = self._scratch("opt_step", g.shape, g.dtype)
         if nesterov:
-            w += t(momentum) * v - t(lr) * g
+            np.multiply(v, t(momentum), out=step)
+            step += g
         else:
-            w += v
-        return w
+            step[...] = v
+        step *= t(lr)
+        return np.subtract(w, step, out=w if out is None else out)
+
+    def adagrad_update(self, w, sum_sq, g, lr, eps, out=None):
+        """sum_sq <- sum_sq + g^2; out <- w - lr g / (sqrt(sum_sq) + eps)."""
+        t = w.dtype.type
+        sum_sq += g * g
+        step = np.sqrt(sum_sq, out=self._scratch("opt_step", g.shape, g.dtype))
+        step += t(eps)
+        np.divide(g, step, out=step)
+        step *= t(lr)
+        return np.subtract(w, step, out=w if out is None else out)
+
+    def adam_update(self, w, m, v, g, lr, beta1, beta2, eps, t, out=None):
+        """Adam's step t (1, 2, ...): m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+        out <- w - lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)."""
+        T = w.dtype.type
+        m *= T(beta1)
+        m += T(1 - beta1) * g
+        v *= T(beta2)
+        v += T(1 - beta2) * (g * g)
+        step = np.divide(v, T(1 - beta2 ** t), out=self._scratch("opt_step", g.shape, g.dtype))
+        np.sqrt(step, out=step)
+        step += T(eps)
+        np.divide(m, step, out=step)
+        step *= T(lr / (1 - beta1 ** t))
+        return np.subtract(w, step, out=w if out is None else out)
 
 
 class RowSoftmaxNLL:

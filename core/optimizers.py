@@ -1,0 +1,196 @@
+"""Optimizers on the flat parameter vector, with learning-rate schedules: the one home of every update rule.
+
+The arithmetic is the backend's (``sgd_update``, ``momentum_update``, ``adagrad_update``, ``adam_update`` in
+:class:`core.backends.numpy_ops.NumpyOps`, fused by numba and cupy); this module adds the schedule, the step
+counter and the state arrays. Both the trainer's local steps and the parameter server use these classes.
+One convention for every rule (PyTorch's), written down in ps/README.md::
+
+    sgd       w' = w - lr g
+    momentum  v' = mu v + g;  w' = w - lr v'             (nesterov: w' = w - lr (g + mu v'))
+    adagrad   G' = G + g^2;   w' = w - lr g / (sqrt(G') + eps)
+    adam      m' = b1 m + (1-b1) g; v' = b2 v + (1-b2) g^2; w' = w - lr m'/(1-b1^t) / (sqrt(v'/(1-b2^t)) + eps)
+
+``step(w, g, out=None)`` writes the new weights into ``out`` (None: ``w`` in place; the server passes a buffer
+that is not in flight). ``state_dict()`` / ``load_state_dict()`` round-trip the state through checkpoints.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SCHEDULES = ("constant", "step", "inverse_time", "cosine")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
+LOCAL_OPTIMIZERS = ("sgd", "momentum", "nesterov")   # the trainer's own steps (every backend fuses these)
+
+
+class Schedule:
+    """Learning rate at update t = 0, 1, 2, ...
+
+    constant: lr0; step: lr0 * gamma ** (t // step_size); inverse_time: lr0 / (1 + decay * t);
+    cosine: lr_min + (lr0 - lr_min) * (1 + cos(pi * min(t, total) / total)) / 2.
+    """
+
+    def __init__(self, learning_rate=0.1, kind="constant", step_size=1000, gamma=0.5, decay=1e-3,
+                 total_steps=10000, lr_min=0.0):
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+        if isinstance(learning_rate, bool) or not (isinstance(learning_rate, (int, float))
+                                                   and math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+        if kind == "step" and (int(step_size) < 1 or not 0 < gamma <= 1):
+            raise ValueError(f"step schedule needs step_size >= 1 and 0 < gamma <= 1, got {step_size}, {gamma}")
+        if kind == "cosine" and int(total_steps) < 1:
+            raise ValueError(f"cosine schedule needs total_steps >= 1, got {total_steps}")
+        if kind == "inverse_time" and decay < 0:
+            raise ValueError(f"inverse_time schedule needs decay >= 0, got {decay}")
+        self.lr0, self.kind = float(learning_rate), kind
+        self.step_size, self.gamma, self.decay = int(step_size), float(gamma), float(decay)
+        self.total_steps, self.lr_min = int(total_steps), float(lr_min)
+
+    def __call__(self, t: int) -> float:
+        if self.kind == "constant":
+            return self.lr0
+        if self.kind == "step":
+            return self.lr0 * self.gamma ** (t // self.step_size)
+        if self.kind == "inverse_time":
+            return self.lr0 / (1.0 + self.decay * t)
+        frac = min(t, self.total_steps) / self.total_steps
+        return self.lr_min + (self.lr0 - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class Optimizer:
+    """Plain SGD; subclasses keep per-parameter state arrays (on the backend) in ``self.state``."""
+    name = "sgd"
+
+    def __init__(self, num_params: int, schedule: Schedule, *, ops=None, dtype=np.float32):
+        if ops is None:
+            from .backends import get_backend
+            ops = get_backend("numpy")
+        self.ops, self.schedule, self.dtype = ops, schedule, np.dtype(dtype)
+        self.num_params = int(num_params)
+        self.t = 0                       # updates applied so far
+        self.state: dict = {}
+
+    @property
+    def lr(self) -> float:
+        return self.schedule(self.t)
+
+    def _zeros(self):
+        return self.ops.zeros((self.num_params,), self.dtype)
+
+    def _update(self, w, g, lr, out):
+        return self.ops.sgd_update(w, g, lr, out=out)
+
+    def step(self, w, g, out=None):
+        """New weights from w (P,) and gradient g (P,) into ``out`` (None: in place on w) -> out."""
+        out = self._update(w, g, self.schedule(self.t), out)     # not self.lr: a hot path of small steps
+        self.t += 1
+        return out
+
+    @property
+    def screens_in_step(self) -> bool:
+        """Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update."""
+        return type(self) is Optimizer
+
+    def step_screened(self, w, g, out) -> bool:
+        """``step`` unless g holds NaN/inf -> False with ``out`` scribbled on and nothing else changed.
+
+        ``out`` must not be ``w`` (it is a scratch buffer until the caller commits it). One fused pass on the
+        numba backend: the server's update of a 1M-parameter push drops from ~0.68 to ~0.24 ms (2-core VM)."""
+        if not self.screens_in_step:
+            raise TypeError(f"{self.name} keeps state: screen the gradient before step()")
+        if not self.ops.sgd_update_screened(w, g, self.lr, out):
+            return False
+        self.t += 1
+        return True
+
+    def state_dict(self) -> dict:
+        """{"t": updates so far, "arrays": host copies of the state arrays}."""
+        return {"t": self.t, "arrays": {k: self.ops.to_host(v) for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        missing = set(self.state) - set(sd["arrays"])
+        if missing:
+            raise ValueError(f"optimizer state for {self.name!r} lacks {sorted(missing)}")
+        for k, v in self.state.items():
+            if tuple(sd["arrays"][k].shape) != tuple(v.shape):
+                raise ValueError(f"optimizer state {k!r} has shape {sd['arrays'][k].shape}, expected {v.shape}")
+            v[...] = self.ops.asarray(sd["arrays"][k], dtype=self.dtype)
+        self.t = int(sd["t"])
+
+
+class Momentum(Optimizer):
+    name = "momentum"
+
+    def __init__(self, num_params, schedule, *, momentum=0.9, nesterov=False, **kw):
+        super().__init__(num_params, schedule, **kw)
+        if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.state["velocity"] = self._zeros()
+
+    def _update(self, w, g, lr, out):
+        return self.ops.momentum_update(w, self.state["velocity"], g, lr, self.momentum, self.nesterov, out=out)
+
+
+class Adagrad(Optimizer):
+    name = "adagrad"
+
+    def __init__(self, num_params, schedule, *, eps=1e-8, **kw):
+        super().__init__(num_params, schedule, **kw)
+        self.eps = float(eps)
+        self.state["sum_sq"] = self._zeros()
+
+    def _update(self, w, g, lr, out):
+        return self.ops.adagrad_update(w, self.state["sum_sq"], g, lr, self.eps, out=out)
+
+
+class Adam(Optimizer):
+    name = "adam"
+
+    def __init__(self, num_params, schedule, *, beta1=0.9, beta2=0.999, eps=1e-8, **kw):
+        super().__init__(num_params, schedule, **kw)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"adam needs 0 <= beta1, beta2 < 1, got {beta1}, {beta2}")
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.state["m"] = self._zeros()
+        self.state["v"] = self._zeros()
+
+    def _update(self, w, g, lr, out):
+        return self.ops.adam_update(w, self.state["m"], self.state["v"], g, lr, self.beta1, self.beta2, self.eps,
+                                    self.t + 1, out=out)
+
+
+_CLASSES = {"sgd": Optimizer, "momentum": Momentum, "nesterov": Momentum, "adagrad": Adagrad, "adam": Adam}
+_HYPER = {"sgd": set(), "momentum": {"momentum", "nesterov"}, "nesterov": {"momentum"}, "adagrad": {"eps"},
+          "adam": {"beta1", "beta2", "eps"}}
+_SCHEDULE_KEYS = {"step_size", "gamma", "decay", "total_steps", "lr_min"}
+
+
+def make_optimizer(name: str, num_params: int, learning_rate=0.1, schedule="constant", *, ops=None,
+                   dtype=np.float32, **kw) -> Optimizer:
+    """``make_optimizer("adam", P, 1e-3, schedule="cosine", total_steps=5000)``.
+
+    ops: the backend whose arrays the optimizer updates (default: the NumPy reference); kw: optimizer
+    hyper-parameters (momentum, beta1, beta2, eps) and schedule ones (step_size, gamma, decay, total_steps,
+    lr_min); unknown keys raise.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    sched = Schedule(learning_rate, schedule, **{k: kw.pop(k) for k in list(kw) if k in _SCHEDULE_KEYS})
+    unknown = set(kw) - _HYPER[name]
+    if unknown:
+        raise ValueError(f"optimizer {name!r} does not take {sorted(unknown)}")
+    if name == "nesterov":
+        kw["nesterov"] = True
+    return _CLASSES[name](int(num_params), sched, ops=ops, dtype=dtype, **kw)
+
+
+def local_optimizer(net, name="sgd", learning_rate=0.1, momentum=0.9) -> Optimizer:
+    """The trainer's optimizer for ``net``'s parameters on its backend: one of LOCAL_OPTIMIZERS, updating the
+    device vector in place (``step(w, grad)``)."""
+    if name not in LOCAL_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {LOCAL_OPTIMIZERS}, got {name!r}")
+    hyper = {} if name == "sgd" else {"momentum": momentum}
+    return make_optimizer(name, net.num_params, learning_rate, ops=net.ops, dtype=net.dtype, **hyper)
