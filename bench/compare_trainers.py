@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import BackendUnavailable, FeedForwardNetwork, get_backend  # noqa: E402
+from ps.modes import get_mode  # noqa: E402
 from ps.rules import default_alpha  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -82,7 +83,7 @@ GATE_TIMEOUT_S = 120.0      # a worker waits at most this long for the others to
 # ------------------------------------------------------------------------------------------------- data
 def digits_data(seed: int = 0):
     """(X_train (1257, 64), X_test (540, 64), y_train, y_test): digits / 16, stratified 70/30, float32."""
-    from ps.runner import load_digits_split
+    from core.datasets import load_digits_split
 
     return load_digits_split(seed)
 
@@ -133,7 +134,7 @@ def trainer_settings(name: str, spec: dict, workers: int) -> dict:
                  cpu_threads=max(1, (os.cpu_count() or 1) // workers))
         return s
     s.update(kind="ps", mode=t["mode"], workers=workers, tau=t.get("tau", 1))
-    if t["mode"] in ("sync", "async"):
+    if get_mode(t["mode"]).pushes_gradients:
         s["server_optimizer"] = t.get("optimizer", "sgd")
     else:
         s["beta"] = t["beta"]
@@ -256,16 +257,16 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
     the seconds it reports) and ends with the last applied push: the final weights.
     """
     from ps.runner import Runner, shard_bounds
+    from ps.spec import TrainingSpec
 
-    kw = dict(mode=settings["mode"], workers=settings["workers"], backend=backend, epochs=settings["epochs"],
-              batch_size=settings["batch_size"], learning_rate=settings["learning_rate"], seed=seed,
-              tau=settings["tau"], progress=False, start_together=start_gate)
-    if "server_optimizer" in settings:
-        kw["optimizer"] = settings["server_optimizer"]
-    if "alpha" in settings:
-        kw["alpha"] = settings["alpha"]
+    extra = {"optimizer": settings["server_optimizer"]} if "server_optimizer" in settings else {}
     if "momentum" in settings:
-        kw["momentum"] = settings["momentum"]
+        extra["local_momentum"] = settings["momentum"]
+    training = TrainingSpec(layers=spec["layers"], mode=settings["mode"], num_workers=settings["workers"],
+                            backend=backend, epochs=settings["epochs"], batch_size=settings["batch_size"],
+                            learning_rate=settings["learning_rate"], seed=seed, tau=settings["tau"],
+                            alpha=settings.get("alpha"), barrier_timeout=20.0, **extra)
+    kw = dict(spec=training, progress=False, start_together=start_gate)
     released = None
     if start_gate:
         ctx = mp.get_context("spawn")                    # the runner's context: these travel with the workers
@@ -273,7 +274,7 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
         kw["worker_options"] = {"on_step": StartGate(ctx.Barrier(settings["workers"]), released, spec["layers"],
                                                      backend, settings["batch_size"], min(timeout, GATE_TIMEOUT_S))}
     t_ref = time.time()                                  # the server's history clock starts a few ms after this
-    res = Runner(Xtr, ytr, spec["layers"], **kw).start().join(timeout)
+    res = Runner(Xtr, ytr, **kw).start().join(timeout)
     hist = res.history
     if not hist or not res.workers:
         raise RuntimeError(f"{settings['mode']}: no update was applied (stats {res.stats})")
@@ -284,7 +285,7 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
     start = released.value - t_ref if start_gate else min(ready.values())
     end = max(last_push.values())
     rows_per_pass = sum(b - a for a, b in shard_bounds(len(ytr), settings["workers"],
-                                                         equal=settings["mode"] in ("sync", "easgd")))
+                                                         equal=training.rule.equal_shards))
     curve = _epoch_curve(hist, start, rows_per_pass)
     samples = int(sum(h["batch_size"] for h in hist))
     stale = [h["staleness"] for h in hist]

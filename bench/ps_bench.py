@@ -108,7 +108,8 @@ def updates_per_second(workers, num_params, seconds, secure):
 
 
 def runner_throughput(workers, backend, epochs, secure, tau=1):
-    from ps.runner import load_digits_split, run
+    from core.datasets import load_digits_split
+    from ps.runner import run
     from core import FeedForwardNetwork
 
     Xtr, Xte, ytr, yte = load_digits_split()
@@ -119,7 +120,7 @@ def runner_throughput(workers, backend, epochs, secure, tau=1):
 
 
 def alone_throughput(backend, epochs):
-    from ps.runner import load_digits_split
+    from core.datasets import load_digits_split
     from core import FeedForwardNetwork, MinibatchTrainer
 
     Xtr, Xte, ytr, yte = load_digits_split()

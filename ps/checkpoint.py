@@ -83,6 +83,52 @@ def load(path: str) -> tuple[dict, dict]:
     return arrays, meta
 
 
+class CheckpointSchedule:
+    """When a server checkpoints: every ``every`` updates and/or ``seconds`` while serving, and once more at
+    stop (``on_stop``) if anything changed. The caller copies its state (``snapshot()`` under its own lock)
+    and passes it to :meth:`submit` (serving: the writer thread saves it) or :meth:`save` (not serving)."""
+
+    def __init__(self, directory: str, every=None, seconds=None, on_stop: bool = True):
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"checkpoint_dir {directory!r} exists and is not a directory")
+        self.directory, self.every, self.seconds, self.on_stop = directory, every, seconds, bool(on_stop)
+        self.version, self._time = None, time.monotonic()     # version of the last snapshot taken
+        self.writer = None
+        self._final_stats = None
+
+    def start(self, version: int) -> None:
+        """Serving begins at ``version``: start the writer thread."""
+        self.version, self._time = version, time.monotonic()
+        self.writer = CheckpointWriter(self.directory)
+
+    def due(self, version: int) -> bool:
+        if version == self.version:
+            return False
+        return bool((self.every and version - self.version >= self.every)
+                    or (self.seconds and time.monotonic() - self._time >= self.seconds))
+
+    def _taken(self, meta) -> None:
+        self.version, self._time = meta["version"], time.monotonic()
+
+    def submit(self, arrays: dict, meta: dict) -> None:
+        self.writer.submit(arrays, meta)
+        self._taken(meta)
+
+    def save(self, arrays: dict, meta: dict) -> str:
+        path = save(self.directory, arrays, meta)
+        self._taken(meta)
+        return path
+
+    def close(self, timeout: float) -> None:
+        """Write what is pending and stop the writer; its counters stay in :meth:`stats`."""
+        if self.writer is not None:
+            self.writer.close(timeout)
+            self._final_stats, self.writer = self.writer.stats(), None
+
+    def stats(self):
+        return self.writer.stats() if self.writer is not None else self._final_stats
+
+
 class CheckpointWriter:
     """Saves submitted snapshots on a background thread, newest first in importance: at most one snapshot
     waits, and a newer one replaces it (counted as ``skipped``). A failed write is logged, counted and kept

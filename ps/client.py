@@ -19,6 +19,7 @@ import zmq
 from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
                        ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, read_array,
                        unpack_header)
+from .security import secure_client
 
 
 class ServerUnavailable(ConnectionError):
@@ -54,15 +55,14 @@ class ParameterClient:
         self.timeout, self.retries = float(timeout), int(retries)
         self.job_id, self.fingerprint = bytes.fromhex(cfg["job_id"]), int(cfg["fingerprint"])
         self.num_params = int(cfg["num_params"])
+        self.spec = cfg["spec"]
         self.ctx = zmq.Context()
         s = self.sock = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
         s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-        if cfg.get("secure"):
-            s.curve_serverkey = cfg["server_public"]
-            s.curve_publickey, s.curve_secretkey = cfg["client_public"], cfg["client_secret"]
+        secure_client(s, cfg)
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
@@ -138,8 +138,8 @@ class ParameterClient:
         """-> (version, weights (P,) float32). Without ``out`` the weights are a read-only view, valid until
         the next pull; with ``out`` they are copied into it. ``clock`` (SSP): this worker's clock (default:
         its last applied step); the server holds the reply until the others are within the slack."""
-        slack_wait = self.cfg.get("ssp_slack") is not None
-        timeout = self.timeout + (self.cfg.get("barrier_timeout", 0) if slack_wait else 0)
+        slack_wait = self.spec.ssp_slack is not None
+        timeout = self.timeout + (self.spec.barrier_timeout if slack_wait else 0)
         rh, frame = self._request(self._header(Op.PULL, step=self.step if clock is None else int(clock)),
                                   timeout=timeout)
         self._check(rh, frame)
@@ -163,8 +163,7 @@ class ParameterClient:
         h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=FLOAT32, n_values=n)
-        rounds = self.cfg.get("mode") in ("sync", "easgd")
-        timeout = self.timeout + (self.cfg.get("barrier_timeout", 0) if rounds else 0)
+        timeout = self.timeout + (self.spec.barrier_timeout if self.spec.rule.rounds else 0)
         rh, frame = self._request(h, buf, timeout=timeout)
         self._check(rh, frame)
         self.step = max(self.step, rh.step)
@@ -188,7 +187,7 @@ class ParameterClient:
 
     def _barrier(self, step, payload):
         h = self._header(Op.BARRIER, step=int(step), flags=FLAG_JSON if payload is not None else 0)
-        rh, frame = self._request(h, payload, timeout=self.timeout + self.cfg.get("barrier_timeout", 0))
+        rh, frame = self._request(h, payload, timeout=self.timeout + self.spec.barrier_timeout)
         self._check(rh, frame)
         return rh, frame
 

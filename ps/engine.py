@@ -23,6 +23,7 @@ from . import rules
 from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
                        MAX_JSON_BYTES, Header, Op, ProtocolError, Reason, Status, check_metrics, read_array,
                        unpack_header)
+from .spec import TrainingSpec
 
 PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1)}     # payload frames each op may carry; others take none
 
@@ -89,27 +90,26 @@ class Round:
 
 
 class Engine:
-    """Server state for one job. ``optimizer`` is a :class:`ps.optimizers.Optimizer` (gradient modes)."""
+    """Server state for one job run by ``spec`` (a :class:`ps.spec.TrainingSpec`). ``optimizer``: the update
+    rule of gradient pushes, by default the spec's on :func:`core.backends.host_ops`."""
 
-    def __init__(self, w0, *, mode, optimizer, num_workers, job_id, fingerprint, staleness=None,
-                 ssp_slack=None, alpha=None, barrier_timeout=30.0, history_limit=100_000):
-        rules.check_mode(mode)
+    def __init__(self, w0, spec: TrainingSpec, *, job_id, fingerprint, optimizer=None, history_limit=100_000):
         w0 = np.asarray(w0)
         if w0.ndim != 1 or w0.size == 0 or not np.isfinite(w0).all():
             raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got shape {w0.shape}")
-        if int(num_workers) < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
-        if staleness is not None and (mode != "async" or int(staleness) < 0):
-            raise ValueError(f"staleness bound applies to mode='async' and must be >= 0, got {staleness!r} "
-                             f"with mode={mode!r}")
-        self.mode, self.num_workers, self.job_id, self.fingerprint = mode, int(num_workers), job_id, fingerprint
+        if optimizer is None:
+            from core.backends import host_ops
+            from core.optimizers import make_optimizer
+
+            optimizer = make_optimizer(spec.optimizer, w0.shape[0], spec.learning_rate, spec.schedule,
+                                       ops=host_ops(), **spec.optimizer_options)
+        self.spec, self.mode, self.num_workers = spec, spec.rule, spec.num_workers
+        self.job_id, self.fingerprint = job_id, fingerprint
         self.pool = BufferPool(w0)
         self.num_params = w0.shape[0]
         self.optimizer = optimizer
-        self.staleness_bound = None if staleness is None else int(staleness)
-        self.ssp = None if ssp_slack is None else rules.SSPClocks(self.num_workers, ssp_slack)
-        self.alpha = rules.default_alpha(self.num_workers) if alpha is None else float(alpha)
-        self.barrier_timeout = float(barrier_timeout)
+        self.ssp = None if spec.ssp_slack is None else rules.SSPClocks(self.num_workers, spec.ssp_slack)
+        self.barrier_timeout = spec.barrier_timeout
         self.version = 0
         self.workers: dict[int, WorkerInfo] = {}
         self.round: Round | None = None           # sync gradient / easgd round
@@ -230,13 +230,13 @@ class Engine:
             info = self.workers[wid] = WorkerInfo()
         replies = []
         if h.attempt > info.attempt or info.token is None:
-            replies += self._fence(wid, info.attempt)
+            replies += self._fence(wid)
         info.attempt, info.token, info.done = h.attempt, token, False
         if self.ssp is not None:
             self.ssp.retired[wid] = False
         return replies + [self._ok(token, h, step=info.last_step)]
 
-    def _fence(self, wid: int, old_attempt: int):
+    def _fence(self, wid: int):
         """A newer attempt registered: drop the old attempt's pending round contributions and waits."""
         out = []
         for tok, oh in self._drop_waiting(lambda hh: hh.worker_id == wid):
@@ -285,12 +285,10 @@ class Engine:
 
     # ------------------------------------------------------------------ push
     def _push(self, token, h, info, frame, now):
-        elastic, local = bool(h.flags & FLAG_ELASTIC), bool(h.flags & FLAG_LOCAL_WEIGHTS)
-        expected = {"sync": (False, False), "async": (False, False), "easgd": (False, True),
-                    "async-easgd": (True, False), "eamsgd": (True, False)}[self.mode]
-        if (elastic, local) != expected:
-            kind = "elastic difference" if elastic else "local weights" if local else "gradient"
-            raise ProtocolError(Reason.WRONG_MODE, f"a {kind} push does not fit mode {self.mode!r}")
+        carries = h.flags & (FLAG_ELASTIC | FLAG_LOCAL_WEIGHTS)
+        if carries != self.mode.push_flag:
+            kind = "elastic difference" if carries & FLAG_ELASTIC else "local weights" if carries else "gradient"
+            raise ProtocolError(Reason.WRONG_MODE, f"a {kind} push does not fit mode {self.mode.name!r}")
         check_metrics(h)
         if h.step <= 0:
             raise ProtocolError(Reason.BAD_FIELD, f"step must be >= 1, got {h.step}")
@@ -298,29 +296,23 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
-        fused = self.mode == "async" and self.optimizer.screens_in_step
-        arr = read_array(h, frame, self.num_params, check_finite=not fused)
+        arr = read_array(h, frame, self.num_params, check_finite=not self.mode.screens_payload(self.optimizer))
         if h.step <= info.last_step:
             # a retransmit of an applied push (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
             info.rejected += 1
             return [(token, h.reply(Status.DUPLICATE, Reason.DUPLICATE_STEP, wversion=self.version,
                                     step=info.last_step), None)]
-        if self.mode in ("sync", "easgd"):
+        if self.mode.rounds:
             return self._round_push(token, h, info, arr, now)
         stale = rules.staleness(h.wversion, self.version)
-        if rules.is_stale(h.wversion, self.version, self.staleness_bound):
+        if rules.is_stale(h.wversion, self.version, self.spec.staleness):
             self.counters["stale_pushes"] += 1
             raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
-                                              f"(bound {self.staleness_bound}); pull and recompute")
+                                              f"(bound {self.spec.staleness}); pull and recompute")
         new = self.pool.acquire()
-        if fused:
-            if not self.optimizer.step_screened(self.weights, arr, out=new):
-                raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
-        elif self.mode == "async":
-            self.optimizer.step(self.weights, arr, out=new)
-        else:
-            rules.apply_elastic(self.weights, arr, out=new)
+        if not self.mode.apply_push(self, self.weights, arr, new):
+            raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
         self._commit(new)
         self._record(h, info, stale, now)
         out = [self._ok(token, h, step=info.last_step)]
@@ -344,24 +336,19 @@ class Engine:
             return []
         entries, self.round = self.round.entries, None
         new = self.pool.acquire()
-        arrays = [e[2] for e in entries.values()]
         old = self.weights
-        if self.mode == "sync":
-            g = rules.weighted_mean(arrays, [e[1].batch_size for e in entries.values()],
-                                    out=np.empty_like(old))
-            self.optimizer.step(old, g, out=new)
-        else:
-            rules.easgd_center_update(old, arrays, self.alpha, out=new)
+        self.mode.apply_round(self, old, [(hh, a) for _, hh, a in entries.values()], new)
         self._commit(new)
         self.counters["applied"] += len(entries) - 1          # every contribution counts as applied
         self.counters["rounds"] += 1
+        reply = self.mode.round_reply(old)                    # easgd: the center the exchange used
         out = []
         for wid, (tok, hh, _) in entries.items():
             winfo = self.workers[wid]
             self._record(hh, winfo, 0, now)
-            if self.mode == "easgd":   # reply the center the exchange used (x_i <- x_i - a (x_i - c_old))
+            if reply is not None:
                 out.append((tok, hh.reply(Status.OK, wversion=self.version, step=winfo.last_step, dtype=FLOAT32,
-                                          n_values=old.shape[0]), old))
+                                          n_values=reply.shape[0]), reply))
             else:
                 out.append(self._ok(tok, hh, step=winfo.last_step))
         return out
@@ -412,6 +399,15 @@ class Engine:
         self.rejected["superseded_attempt"] = self.rejected.get("superseded_attempt", 0) + dropped
         return dropped
 
+    def drain(self) -> list:
+        """The server is stopping: error replies (SERVER_STOPPING) to every waiting round, barrier and SSP pull,
+        so nobody waits out a timeout on a stopped server."""
+        out = []
+        for tok, hh in self._drop_waiting(lambda hh: True):
+            out += self._reject(tok, hh, Reason.SERVER_STOPPING, "parameter server is stopping")
+        self.round = self.barrier = None
+        return out
+
     def tick(self, now=None) -> list:
         """Expire rounds, barriers and SSP waits whose deadline passed -> error replies to those waiting."""
         now = time.monotonic() if now is None else now
@@ -432,7 +428,7 @@ class Engine:
 
     # ------------------------------------------------------------------ introspection / checkpoints
     def stats(self) -> dict:
-        return {"mode": self.mode, "version": self.version, "num_workers": self.num_workers,
+        return {"mode": self.mode.name, "version": self.version, "num_workers": self.num_workers,
                 **self.counters, "rejected": dict(self.rejected),
                 "rejected_total": sum(self.rejected.values()),
                 "optimizer_steps": getattr(self.optimizer, "t", 0),
@@ -442,7 +438,7 @@ class Engine:
         """(arrays, metadata) for a checkpoint: weights, optimizer state, per-worker progress, version."""
         sd = self.optimizer.state_dict()
         arrays = {"weights": self.weights.copy(), **{f"opt_{k}": v for k, v in sd["arrays"].items()}}
-        meta = {"version": self.version, "mode": self.mode, "optimizer": getattr(self.optimizer, "name", "sgd"),
+        meta = {"version": self.version, "mode": self.mode.name, "optimizer": getattr(self.optimizer, "name", "sgd"),
                 "optimizer_t": sd["t"], "fingerprint": self.fingerprint, "num_params": self.num_params,
                 "counters": self.counters,
                 "workers": {str(k): {"last_step": v.last_step, "attempt": v.attempt, "applied": v.applied,
@@ -450,9 +446,9 @@ class Engine:
         return arrays, meta
 
     def restore(self, arrays: dict, meta: dict) -> None:
-        if meta["fingerprint"] != self.fingerprint or meta["mode"] != self.mode:
+        if meta["fingerprint"] != self.fingerprint or meta["mode"] != self.mode.name:
             raise ValueError(f"checkpoint is for mode {meta['mode']!r} / fingerprint {meta['fingerprint']:#x}, "
-                             f"this server runs {self.mode!r} / {self.fingerprint:#x}")
+                             f"this server runs {self.mode.name!r} / {self.fingerprint:#x}")
         w = arrays["weights"]
         if w.shape != (self.num_params,):
             raise ValueError(f"checkpoint weights have shape {w.shape}, expected ({self.num_params},)")

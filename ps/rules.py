@@ -1,7 +1,8 @@
-"""Update rules of the trainer modes (DESIGN.md), as pure NumPy functions and small state machines.
+"""Update rules of the trainer modes (DESIGN.md), as pure array functions and small state machines.
 
-No sockets here: :mod:`ps.engine` calls these, and tests check them against hand-computed references.
-All vectors are flat (P,) float32 arrays; ``out`` may alias an input only where said.
+No sockets here: the mode objects of :mod:`ps.modes` call these on the server (NumPy) and in the workers
+(NumPy or CuPy arrays: the worker halves use array operators only), and tests check them against
+hand-computed references. All vectors are flat (P,); ``out`` may alias an input only where said.
 
 * sync      -- :func:`weighted_mean` of the p gradients (weights = batch sizes), optimizer applied once.
 * async     -- DOWNPOUR: each push applied on arrival; :func:`is_stale` rejects a push computed on a version
@@ -14,17 +15,6 @@ All vectors are flat (P,) float32 arrays; ``out`` may alias an input only where 
 from __future__ import annotations
 
 import numpy as np
-
-MODES = ("sync", "async", "easgd", "async-easgd", "eamsgd")
-GRADIENT_MODES = ("sync", "async")
-ELASTIC_MODES = ("easgd", "async-easgd", "eamsgd")
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
-
 
 def default_alpha(num_workers: int, beta: float = 0.9) -> float:
     """EASGD moving rate alpha = beta / p (the authors' choice, beta = 0.9)."""
@@ -82,9 +72,10 @@ def easgd_center_update(center: np.ndarray, xs, alpha: float, out: np.ndarray) -
     return out
 
 
-def elastic_difference(x_local: np.ndarray, center: np.ndarray, alpha: float) -> np.ndarray:
-    """Worker half of async EASGD: e = alpha (x_i - c) (P,). The worker then does x_i -= e and pushes e."""
-    return (np.float32(alpha) * (x_local - center)).astype(np.float32, copy=False)
+def elastic_difference(x_local, center, alpha: float):
+    """Worker half of the elastic modes: e = alpha (x_i - c) (P,), in x_i's dtype and array kind. The worker
+    then does x_i -= e (EASGD's x_i <- x_i - alpha (x_i - c)) and, in async-easgd and eamsgd, pushes e."""
+    return x_local.dtype.type(alpha) * (x_local - center)
 
 
 def apply_elastic(center: np.ndarray, e: np.ndarray, out: np.ndarray) -> np.ndarray:

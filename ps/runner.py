@@ -3,10 +3,11 @@
     result = run(X, y, layers=[64, 100, 10], mode="async", workers=4, backend="numba", epochs=20)
     result.weights, result.history, result.stats
 
-Every wait has a timeout. A worker process that dies can be relaunched with attempt + 1 (``max_restarts``);
-it resumes after the last step the server applied for it. CLI on digits::
+The settings are one :class:`ps.spec.TrainingSpec` (``spec=``, or its fields as keyword arguments), which the
+server hands to every worker. Every wait has a timeout. A worker process that dies can be relaunched with
+attempt + 1 (``max_restarts``); it resumes after the last step the server applied for it. CLI on digits::
 
-    python -m ps.runner --mode async --workers 4 --backend numba --epochs 20
+    python -m ps.runner --trainer async --workers 4 --backend numba --epochs 20
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .server import ParameterServer
+from .spec import TrainingSpec
 
 log = logging.getLogger("ps.runner")
 
@@ -79,34 +81,33 @@ class RunResult:
 class Runner:
     """Start with ``start()``, wait with ``join(timeout)``; ``pids()`` lists live worker processes.
 
-    Server options (tau, staleness, ssp_slack, optimizer, barrier_timeout, checkpoint_dir, ...) pass through
-    ``server_kw``. tolerate_failures: when at least one worker finished, failed workers are listed in
-    ``RunResult.failed`` instead of raising WorkerFailed (async modes keep going without them).
-    worker_options: extra keyword arguments for :func:`ps.worker.run_worker` (e.g. step_delay).
-    start_together: first attempts wait for each other at the server's barrier 0 before training.
+    ``spec``: the run's :class:`ps.spec.TrainingSpec`, or give its fields (``workers`` is ``num_workers``;
+    the runner's defaults: numpy backend, 20 s barrier timeout). tolerate_failures: when at least one worker
+    finished, failed workers are listed in ``RunResult.failed`` instead of raising WorkerFailed (async modes
+    keep going without them). worker_options: extra keyword arguments for :func:`ps.worker.run_worker` (e.g.
+    step_delay). start_together: first attempts wait for each other at the server's barrier 0 before training.
+    devices: one CUDA ordinal per worker (cupy).
     """
 
-    def __init__(self, X, y, layers, mode="async", workers=2, backend="numpy", devices=None, epochs=10,
-                 batch_size=64, learning_rate=0.1, seed=0, secure=True, max_restarts=0, worker_timeout=10.0,
-                 progress=False, tolerate_failures=False, worker_options=None, start_together=True, **server_kw):
-        from core import FeedForwardNetwork
-
-        self.layers, self.mode, self.n = list(layers), mode, int(workers)
+    def __init__(self, X, y, layers=None, *, spec: TrainingSpec | None = None, workers=None, devices=None,
+                 secure=True, max_restarts=0, progress=False, tolerate_failures=False, worker_options=None,
+                 start_together=True, **spec_fields):
+        if spec is None:
+            spec_fields.setdefault("backend", "numpy")
+            spec_fields.setdefault("barrier_timeout", 20.0)
+            spec = TrainingSpec(layers=layers, num_workers=2 if workers is None else workers, **spec_fields)
+        elif layers is not None or workers is not None or spec_fields:
+            raise TypeError("pass either spec= or its fields, not both")
+        self.spec, self.n = spec, spec.num_workers
         self.max_restarts, self.tolerate_failures = int(max_restarts), bool(tolerate_failures)
         self.start_together = bool(start_together)
-        net = FeedForwardNetwork(self.layers, backend="numpy")
-        server_kw.setdefault("barrier_timeout", 20.0)
-        self.server = ParameterServer(net.init_params(seed), mode=mode, learning_rate=learning_rate,
-                                      num_workers=self.n, secure=secure, layers=self.layers, progress=progress,
-                                      **server_kw)
-        self.shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=mode in ("sync", "easgd"))
+        self.server = ParameterServer(spec.initial_weights(), spec=spec, secure=secure, progress=progress)
+        self.shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=spec.rule.equal_shards)
         devices = devices if devices is not None else [None] * self.n
         # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS
         # threads make small GEMMs wait whole scheduler slices)
         cpu_threads = max(1, (os.cpu_count() or 1) // self.n)
-        self.kw = [dict(layers=self.layers, epochs=epochs, batch_size=batch_size, backend=backend,
-                        device=devices[i], seed=seed, timeout=worker_timeout, cpu_threads=cpu_threads,
-                        **(worker_options or {}))
+        self.kw = [dict(device=devices[i], cpu_threads=cpu_threads, **(worker_options or {}))
                    for i in range(self.n)]
         self.ctx = mp.get_context("spawn")
         self.q = self.ctx.Queue()
@@ -188,50 +189,36 @@ class Runner:
             self.errors[i].append((attempt, payload))
 
 
-def run(X, y, layers, timeout=600.0, **kw) -> RunResult:
+def run(X, y, layers=None, timeout=600.0, **kw) -> RunResult:
     """Train with a server and ``workers`` processes; see :class:`Runner` for the options."""
     return Runner(X, y, layers, **kw).start().join(timeout)
 
 
-def load_digits_split(seed=0):
-    """core.cli's digits split (X / 16, stratified 70/30, random_state=seed) as float32 X and int64 y."""
-    from core.cli import load_digits_split as split
-
-    Xtr, Xte, ytr, yte = split(seed=seed)
-    return Xtr.astype(np.float32), Xte.astype(np.float32), ytr.astype(np.int64), yte.astype(np.int64)
-
-
 def main(argv=None) -> int:
-    from . import MODES
+    from core import FeedForwardNetwork
+    from core.cli import add_training_flags
+    from core.datasets import load_digits_split
+
+    from .spec import add_spec_flags, spec_from_flags
 
     ap = argparse.ArgumentParser(description="Train the digits net with the ffps parameter server (no Spark).")
-    ap.add_argument("--mode", choices=MODES, default="async")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--backend", default="numpy", help="numpy | numba | cupy | auto")
+    add_training_flags(ap, layers=[64, 100, 10], epochs=20)
+    add_spec_flags(ap)
     ap.add_argument("--devices", default=None, help="comma-separated GPU ordinals, one per worker (cupy)")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--tau", type=int, default=1)
-    ap.add_argument("--staleness", type=int, default=None)
-    ap.add_argument("--optimizer", default="sgd")
-    ap.add_argument("--insecure", action="store_true", help="turn CURVE off (trusted networks only)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--layers", default="64,100,10")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        spec = spec_from_flags(a, backend=a.backend or "numpy", barrier_timeout=20.0)
+    except ValueError as exc:
+        ap.error(str(exc))
     Xtr, Xte, ytr, yte = load_digits_split()
-    layers = [int(v) for v in a.layers.split(",")]
     devices = [int(d) for d in a.devices.split(",")] if a.devices else None
-    res = run(Xtr, ytr, layers, mode=a.mode, workers=a.workers, backend=a.backend, devices=devices,
-              epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr, tau=a.tau, staleness=a.staleness,
-              optimizer=a.optimizer, secure=not a.insecure, progress=not a.no_progress)
-    from core import FeedForwardNetwork
-
-    loss, acc = FeedForwardNetwork(layers, backend="numpy").evaluate(res.weights, Xte, yte)
-    print(f"mode={a.mode} workers={a.workers} backend={a.backend}: test accuracy {acc:.4f} (loss {loss:.4f}), "
-          f"{res.seconds:.2f}s, {res.samples_per_s:.0f} samples/s, applied {res.stats['applied']}, "
-          f"rejected {res.stats['rejected_total']}")
+    res = run(Xtr, ytr, spec=spec, devices=devices, secure=not a.insecure, progress=not a.no_progress)
+    loss, acc = FeedForwardNetwork(list(spec.layers), backend="numpy").evaluate(res.weights, Xte, yte)
+    print(f"mode={spec.mode} workers={spec.num_workers} backend={spec.backend}: test accuracy {acc:.4f} "
+          f"(loss {loss:.4f}), {res.seconds:.2f}s, {res.samples_per_s:.0f} samples/s, "
+          f"applied {res.stats['applied']}, rejected {res.stats['rejected_total']}")
     return 0
 
 

@@ -71,6 +71,6 @@ def digits():
     """(Xtr, Xte, ytr, yte): sklearn digits / 16, stratified 70/30 split, random_state=0 (cached)."""
     global _DIGITS
     if _DIGITS is None:
-        from ps.runner import load_digits_split
+        from core.datasets import load_digits_split
         _DIGITS = load_digits_split(0)
     return _DIGITS

@@ -7,7 +7,8 @@ import pytest
 
 from ps import rules
 from ps.engine import Engine
-from ps.optimizers import Schedule, make_optimizer
+from ps.spec import TrainingSpec
+from core.optimizers import Schedule, make_optimizer
 from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status, model_fingerprint,
                          read_array, unpack_header)
 
@@ -187,9 +188,9 @@ def test_header_round_trip_and_rejections():
 JOB, FP = b"J" * 16, 1234
 
 
-def engine(mode="async", n=2, **kw):
-    opt = make_optimizer(kw.pop("optimizer", "sgd"), 4, kw.pop("lr", 1.0))
-    return Engine(np.zeros(4, np.float32), mode=mode, optimizer=opt, num_workers=n, job_id=JOB, fingerprint=FP, **kw)
+def engine(mode="async", n=2, lr=1.0, **kw):
+    spec = TrainingSpec(mode=mode, num_workers=n, learning_rate=lr, **kw)
+    return Engine(np.zeros(4, np.float32), spec, job_id=JOB, fingerprint=FP)
 
 
 def msg(op, wid=0, attempt=0, payload=None, **kw):
@@ -284,12 +285,13 @@ def test_engine_wrong_mode_push():
 
 def test_fused_sgd_step_equals_step_and_screens_nan_inf():
     """The server's one-pass SGD update: same weights as step(); NaN/inf gradients change nothing."""
-    from ps.optimizers import make_optimizer
+    from core.backends import host_ops
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal(100_003).astype(np.float32)
     g = rng.standard_normal(w.size).astype(np.float32)
-    ref, fused = make_optimizer("sgd", w.size, learning_rate=0.05), make_optimizer("sgd", w.size, learning_rate=0.05)
+    ref = make_optimizer("sgd", w.size, learning_rate=0.05)                      # the NumPy reference
+    fused = make_optimizer("sgd", w.size, learning_rate=0.05, ops=host_ops())    # the server's ops
     want = ref.step(w, g, out=np.empty_like(w))
     out = np.empty_like(w)
     assert fused.step_screened(w, g, out) and fused.t == 1

@@ -29,7 +29,7 @@ def accuracy(weights):
     ("async", dict(workers=3, learning_rate=0.1, tau=2, staleness=6)),
     ("easgd", dict(workers=2, learning_rate=0.1, tau=4)),
     ("async-easgd", dict(workers=3, learning_rate=0.2, tau=4)),   # 0.957-0.972 over seeds 0-3
-    ("eamsgd", dict(workers=2, learning_rate=0.05, tau=4, momentum=0.9)),
+    ("eamsgd", dict(workers=2, learning_rate=0.05, tau=4, local_momentum=0.9)),
 ], ids=["sync", "async", "async-staleness", "easgd", "async-easgd", "eamsgd"])
 def test_every_mode_trains_digits_to_95_percent(mode, opts):
     Xtr, _, ytr, _ = digits()

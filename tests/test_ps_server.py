@@ -89,7 +89,7 @@ def test_load_8_workers_1000_pushes_each():
         st = s.stats()
         assert st["applied"] == n_workers * pushes == st["version"]
         assert all(st["workers"][str(i)]["applied"] == pushes for i in range(n_workers))
-        assert st["rejected_total"] == 0
+        assert st["rejected_total"] == 0, (st["rejected"], st["dropped_replies"])
         total = sum(g.astype(np.float64).sum(axis=0) for g in grads.values())
         np.testing.assert_allclose(s.weights(), w0 - lr * total, rtol=0, atol=2e-4)
 

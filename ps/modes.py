@@ -1,0 +1,177 @@
+"""The trainer modes as objects: one class per mode owns everything that differs between modes.
+
+What a worker does between and at exchanges, what it pushes, what the server does with a push or a round, and
+how the data is sharded. The update math is :mod:`ps.rules` (and the optimizers of :mod:`core.optimizers`),
+called from here, so the tested math is the math that runs. A new mode is one class and one registry line.
+
+    mode = get_mode("easgd")
+    mode.rounds            # True: the server combines one push per worker per step; shards are cut equal
+    mode.push_flag         # what a push carries on the wire (0 = a gradient)
+
+Worker hooks take the worker's loop (:class:`ps.worker.WorkerLoop`: ``net``, ``trainer``, ``client``,
+``spec``, ``w`` on the backend, ``acc``, ``version``, ``stats``, ``to_host``); server hooks take the
+:class:`ps.engine.Engine` and host float32 vectors. Bounded staleness (reject) and SSP (wait) are policies the
+asynchronous modes take from the spec (``staleness``, ``ssp_slack``).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from . import rules
+from .client import StaleUpdate
+from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS
+
+
+class Mode:
+    """Base of every mode; see the module docstring for the hooks."""
+    name: ClassVar[str]
+    push_flag: ClassVar[int] = 0            # 0: a gradient; FLAG_ELASTIC; FLAG_LOCAL_WEIGHTS
+    rounds: ClassVar[bool] = False          # the server waits for one push per worker per step
+    local_optimizer: ClassVar[str] = "sgd"  # the rule of a worker's own steps
+    windowed: ClassVar[bool] = True         # tau (local steps between exchanges) may exceed 1
+    bounded_staleness: ClassVar[bool] = False   # takes a staleness bound (a push too old is refused)
+
+    @property
+    def pushes_gradients(self) -> bool:
+        """Workers push gradients, which the server's optimizer applies (not weights or elastic differences)."""
+        return self.push_flag == 0
+
+    @property
+    def equal_shards(self) -> bool:
+        """Round modes need every worker to take the same number of steps: shards are cut to one size."""
+        return self.rounds
+
+    # ---------------------------------------------------------------- worker
+    def local_step(self, loop, Xb, yb) -> tuple[float, int]:
+        """One mini-batch between exchanges -> (loss sum, correct count). Default: a local optimizer step."""
+        return loop.trainer.step(loop.w, Xb, yb)
+
+    def exchange(self, loop, step: int, metrics: dict) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- server
+    def screens_payload(self, optimizer) -> bool:
+        """True when :meth:`apply_push` itself refuses NaN/inf, so reading the payload need not look."""
+        return False
+
+    def apply_push(self, engine, w: np.ndarray, payload: np.ndarray, out: np.ndarray) -> bool:
+        """Apply one push on arrival: new weights into ``out`` -> False if the payload was not finite."""
+        raise NotImplementedError
+
+    def apply_round(self, engine, w: np.ndarray, entries: list, out: np.ndarray) -> None:
+        """Combine a full round, ``entries`` = [(header, payload)] one per worker: new weights into ``out``."""
+        raise NotImplementedError
+
+    def round_reply(self, w_old: np.ndarray):
+        """The array each member of a completed round gets back (None: weights only if it asked)."""
+        return None
+
+
+class _GradientMode(Mode):
+    """Workers push summed gradients; the server's optimizer applies them."""
+
+    def local_progress(self, tau: int) -> bool:
+        """Whether a worker also steps its own copy of the weights inside a window."""
+        return False
+
+    def local_step(self, loop, Xb, yb):
+        grad = loop.trainer.grad
+        loss_sum, correct = loop.net.gradient_device(loop.w, Xb, yb, grad)
+        loop.acc += grad
+        if self.local_progress(loop.spec.tau):
+            loop.trainer.optimizer.step(loop.w, grad)
+        return loss_sum, correct
+
+    def exchange(self, loop, step, metrics):
+        try:
+            r = loop.client.push(loop.to_host(loop.acc), base_version=loop.version, step=step,
+                                 want_weights=loop.spec.ssp_slack is None, **metrics)
+        except StaleUpdate:
+            loop.stats["stale"] += 1
+            r = None
+        if r is not None and r.weights is not None:
+            loop.version, wh = r.version, r.weights
+        else:
+            loop.version, wh = loop.client.pull()
+        loop.w[...] = loop.ops.asarray(wh)   # one copy out of the reply's read-only view
+        loop.acc[...] = 0
+
+
+class Sync(_GradientMode):
+    name = "sync"
+    rounds = True
+    windowed = False
+
+    def apply_round(self, engine, w, entries, out):
+        g = rules.weighted_mean([a for _, a in entries], [h.batch_size for h, _ in entries], out=np.empty_like(w))
+        engine.optimizer.step(w, g, out=out)
+
+
+class Async(_GradientMode):
+    name = "async"
+    bounded_staleness = True
+
+    def local_progress(self, tau):
+        return tau > 1                         # DOWNPOUR: local progress inside the window
+
+    def screens_payload(self, optimizer):
+        return optimizer.screens_in_step
+
+    def apply_push(self, engine, w, payload, out):
+        if engine.optimizer.screens_in_step:
+            return engine.optimizer.step_screened(w, payload, out)
+        engine.optimizer.step(w, payload, out=out)
+        return True
+
+
+class Easgd(Mode):
+    name = "easgd"
+    push_flag = FLAG_LOCAL_WEIGHTS
+    rounds = True
+
+    def exchange(self, loop, step, metrics):
+        r = loop.client.push(loop.to_host(loop.w), base_version=loop.version, step=step, kind="local_weights",
+                             **metrics)
+        # x_i <- x_i - a (x_i - c_old), with the center the round used (a view, used before the next request)
+        loop.w -= rules.elastic_difference(loop.w, loop.ops.asarray(r.weights), loop.spec.alpha)
+        loop.version = r.version
+
+    def apply_round(self, engine, w, entries, out):
+        rules.easgd_center_update(w, [a for _, a in entries], engine.spec.alpha, out=out)
+
+    def round_reply(self, w_old):
+        return w_old
+
+
+class AsyncEasgd(Mode):
+    name = "async-easgd"
+    push_flag = FLAG_ELASTIC
+
+    def exchange(self, loop, step, metrics):
+        loop.version, center = loop.client.pull()
+        e = rules.elastic_difference(loop.w, loop.ops.asarray(center), loop.spec.alpha)
+        loop.w -= e
+        loop.client.push(loop.to_host(e), base_version=loop.version, step=step, kind="elastic", **metrics)
+
+    def apply_push(self, engine, w, payload, out):
+        rules.apply_elastic(w, payload, out=out)
+        return True
+
+
+class Eamsgd(AsyncEasgd):
+    name = "eamsgd"
+    local_optimizer = "nesterov"
+
+
+MODES = {m.name: m() for m in (Sync, Async, Easgd, AsyncEasgd, Eamsgd)}
+MODE_NAMES = tuple(MODES)
+
+
+def get_mode(name) -> Mode:
+    """The mode object for ``name``, else ValueError naming the choices."""
+    mode = MODES.get(name) if isinstance(name, str) else None
+    if mode is None:
+        raise ValueError(f"mode must be one of {MODE_NAMES}, got {name!r}")
+    return mode

@@ -1,0 +1,182 @@
+"""One frozen training spec: every setting of a training run, checked once, handed to server and workers alike.
+
+Each launcher (the Spark estimator, ``ps.runner``, the command lines, the benchmarks) builds one
+:class:`TrainingSpec`; the server takes it, and ``server.client_config()`` carries it to every worker next to
+the address, the keys and the ids. A bad value raises :class:`SpecError` (a ValueError) naming the setting
+and the value; :meth:`TrainingSpec.build` names it as the caller spells it (e.g. Spark's ``stepSize``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from core.backends import BACKEND_NAMES
+from core.optimizers import OPTIMIZERS, SCHEDULES
+from core.validation import check_layers
+
+from .modes import MODE_NAMES, MODES, get_mode
+from .rules import default_alpha
+
+SEED_MODULUS = 2 ** 32          # numpy's seeds are unsigned; Spark's default seed is a signed hash
+
+
+class SpecError(ValueError):
+    """A setting out of range. ``relabel(names)`` words the message with the caller's names for settings."""
+
+    def __init__(self, setting: str, template: str, **values):
+        self.setting, self.template, self.values = setting, template, values
+        super().__init__(template.format(name=setting, **values))
+
+    def relabel(self, names: dict) -> ValueError:
+        return ValueError(self.template.format(name=names.get(self.setting, self.setting), **self.values))
+
+
+def _positive_int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SpecError(name, "{name} must be >= %d, got {v!r}" % low, v=value)
+
+
+def _positive_number(name, value):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise SpecError(name, "{name} must be a positive number, got {v!r}", v=value)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Every setting of one training run.
+
+    mode: a :data:`ps.modes.MODE_NAMES` entry. learning_rate: the server optimizer's rate and the workers'
+    local-step rate. optimizer (+ optimizer_options, schedule): the server's update rule for gradient pushes.
+    tau: local steps between exchanges (1 in sync). alpha: the elastic modes' moving rate (default 0.9 /
+    num_workers). local_momentum: eamsgd's Nesterov momentum delta on the local steps. staleness: async only,
+    refuse a push computed on weights more than this many updates old. ssp_slack: hold a pull at clock c until
+    every other live worker reached c - slack. barrier_timeout: seconds a round, barrier or SSP wait may last.
+    worker_timeout: seconds a worker waits for one reply. epochs, batch_size, backend, seed: the workers' loop.
+    """
+    layers: tuple | None = None
+    mode: str = "async"
+    num_workers: int = 2
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 0.1
+    optimizer: str = "sgd"
+    optimizer_options: dict = field(default_factory=dict)
+    schedule: str = "constant"
+    tau: int = 1
+    alpha: float | None = None
+    local_momentum: float = 0.99
+    staleness: int | None = None
+    ssp_slack: int | None = None
+    barrier_timeout: float = 30.0
+    worker_timeout: float = 10.0
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        put = object.__setattr__          # frozen: normalised values are set once, here
+        mode = get_mode(self.mode)
+        if self.layers is not None:
+            put(self, "layers", tuple(check_layers(self.layers)))
+        for name in ("num_workers", "epochs", "batch_size", "tau"):
+            _positive_int(name, getattr(self, name))
+        _positive_number("learning_rate", self.learning_rate)
+        if self.tau != 1 and not mode.windowed:
+            raise SpecError("tau", "{name} must be 1 in {mode} mode, got {v}", mode=self.mode, v=self.tau)
+        if isinstance(self.local_momentum, bool) or not (isinstance(self.local_momentum, (int, float))
+                                                         and 0 <= self.local_momentum < 1):
+            raise SpecError("local_momentum", "{name} must be in [0, 1), got {v!r}", v=self.local_momentum)
+        if self.staleness is not None:
+            _positive_int("staleness", self.staleness, low=0)
+            if not mode.bounded_staleness:
+                takes = " or ".join(f"mode={m!r}" for m, o in MODES.items() if o.bounded_staleness)
+                raise SpecError("staleness", "{name} applies to %s only, got {name}={v} with mode={mode!r}" % takes,
+                                v=self.staleness, mode=self.mode)
+        if self.ssp_slack is not None:
+            _positive_int("ssp_slack", self.ssp_slack, low=0)
+        for name in ("barrier_timeout", "worker_timeout"):
+            _positive_number(name, getattr(self, name))
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("backend", BACKEND_NAMES)):
+            if getattr(self, name) not in choices:
+                raise SpecError(name, "{name} must be one of {c}, got {v!r}", c=", ".join(choices),
+                                v=getattr(self, name))
+        put(self, "optimizer_options", dict(self.optimizer_options or {}))
+        if self.alpha is None:
+            put(self, "alpha", default_alpha(self.num_workers))
+        else:
+            _positive_number("alpha", self.alpha)
+            put(self, "alpha", float(self.alpha))
+        put(self, "seed", int(self.seed) % SEED_MODULUS)
+        put(self, "learning_rate", float(self.learning_rate))
+
+    @classmethod
+    def build(cls, names: dict | None = None, **settings) -> "TrainingSpec":
+        """``TrainingSpec(**settings)``, with an error worded in ``names`` (setting -> the caller's name)."""
+        try:
+            return cls(**settings)
+        except SpecError as exc:
+            raise exc.relabel(names or {}) from None
+
+    def replace(self, **changes) -> "TrainingSpec":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def rule(self):
+        """The :class:`ps.modes.Mode` object of ``mode``."""
+        return get_mode(self.mode)
+
+    @property
+    def num_params(self) -> int:
+        from core.network import param_layout
+
+        return param_layout(self.layers)[-1].end
+
+    def initial_weights(self):
+        """He-normal weights from ``seed`` (the same vector on every backend), float32 (P,)."""
+        from core import FeedForwardNetwork
+
+        return FeedForwardNetwork(list(self.layers), backend="numpy").init_params(self.seed)
+
+
+# ------------------------------------------------------------------------------------- command-line flags
+def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> None:
+    """The parameter-server flags every launcher spells alike: --trainer, --workers, --window,
+    --server-optimizer, --momentum, --staleness, --insecure (the training loop's own flags are
+    :func:`core.cli.add_training_flags`). mode_alias: also accept the old --mode (not where --mode is taken)."""
+    from core.cli import add_flag
+
+    add_flag(parser, "--trainer", *(["--mode"] if mode_alias else []), choices=MODE_NAMES, default="async",
+             help="parameter-server mode (async = DOWNPOUR; ps/README.md compares them)")
+    parser.add_argument("--workers", type=int, default=2, help="training workers (Spark: numWorkers)")
+    add_flag(parser, "--window", "--tau", type=int, default=1,
+             help="local steps between exchanges with the server (communicationWindow; 1 in sync mode)")
+    add_flag(parser, "--server-optimizer", "--optimizer", choices=OPTIMIZERS, default="sgd",
+             help="update rule the server applies to gradient pushes (sync, async)")
+    parser.add_argument("--momentum", type=float, default=None,
+                        help="momentum of the server optimizer momentum/nesterov and eamsgd's local Nesterov "
+                             "momentum (default: 0.9 in Spark, 0.99 for eamsgd elsewhere)")
+    parser.add_argument("--staleness", type=int, default=None,
+                        help="async: refuse pushes computed on weights more than this many updates old")
+    parser.add_argument("--insecure", action="store_true", help="turn CURVE off (trusted networks only)")
+
+
+def spec_from_flags(args, **settings) -> TrainingSpec:
+    """The spec of :func:`add_spec_flags` + :func:`core.cli.add_training_flags` flags; ``settings`` add or
+    override fields."""
+    options = {}
+    if args.momentum is not None and args.server_optimizer in ("momentum", "nesterov"):
+        options["momentum"] = args.momentum
+    fields = dict(layers=args.layers, mode=args.trainer, num_workers=args.workers, epochs=args.epochs,
+                  batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.server_optimizer,
+                  optimizer_options=options, tau=args.window, staleness=args.staleness, seed=args.seed,
+                  backend=args.backend or "auto")
+    if args.momentum is not None:
+        fields["local_momentum"] = args.momentum
+    fields.update(settings)
+    return TrainingSpec.build(FLAG_NAMES, **fields)
+
+
+FLAG_NAMES = {"mode": "--trainer", "num_workers": "--workers", "epochs": "--epochs", "batch_size": "--batch-size",
+              "learning_rate": "--learning-rate", "tau": "--window", "local_momentum": "--momentum",
+              "staleness": "--staleness", "optimizer": "--server-optimizer"}

@@ -1,0 +1,113 @@
+"""The training spec and the mode objects: one place that checks every setting, one class per mode."""
+import pickle
+
+import numpy as np
+import pytest
+
+from ps import ParameterServer
+from ps.modes import MODE_NAMES, MODES, Mode, get_mode
+from ps.protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS
+from ps.spec import SpecError, TrainingSpec, add_spec_flags, spec_from_flags
+
+
+def test_defaults_are_normalised_once():
+    spec = TrainingSpec(layers=[64.0, 100, 10], num_workers=3, seed=-1)
+    assert spec.layers == (64, 100, 10) and spec.mode == "async" and spec.tau == 1
+    assert spec.alpha == pytest.approx(0.9 / 3)              # the EASGD authors' beta / p
+    assert spec.seed == 2 ** 32 - 1                          # one reduction of Spark's signed hash seeds
+    assert spec.num_params == 64 * 100 + 100 + 100 * 10 + 10
+    assert pickle.loads(pickle.dumps(spec)) == spec          # it travels to the workers inside cfg
+    with pytest.raises(AttributeError):
+        spec.mode = "sync"                                    # frozen: server and workers see the same spec
+    np.testing.assert_array_equal(spec.initial_weights(), TrainingSpec(layers=[64, 100, 10], seed=-1)
+                                  .initial_weights())
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_workers=0), "num_workers must be >= 1, got 0"),
+    (dict(epochs=2.5), "epochs must be >= 1, got 2.5"),
+    (dict(learning_rate=-1.0), "learning_rate must be a positive number, got -1.0"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a positive number, got nan"),
+    (dict(mode="sync", tau=3), "tau must be 1 in sync mode, got 3"),
+    (dict(local_momentum=1.0), "local_momentum must be in [0, 1), got 1.0"),
+    (dict(mode="easgd", staleness=2), "staleness applies to mode='async' only, got staleness=2 with mode='easgd'"),
+    (dict(staleness=-1), "staleness must be >= 0, got -1"),
+    (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, nesterov, adagrad, adam, got 'lbfgs'"),
+    (dict(backend="tpu"), "backend must be one of auto, cupy, numba, numpy, got 'tpu'"),
+    (dict(barrier_timeout=0), "barrier_timeout must be a positive number, got 0"),
+    (dict(alpha=-0.5), "alpha must be a positive number, got -0.5"),
+    (dict(mode="downpour"), "mode must be one of ('sync', 'async', 'easgd', 'async-easgd', 'eamsgd'), got 'downpour'"),
+    (dict(layers=[3]), "at least two sizes"),
+])
+def test_every_setting_is_checked_with_its_value(fields, message):
+    with pytest.raises(ValueError) as err:
+        TrainingSpec(**fields)
+    assert message in str(err.value)
+
+
+def test_errors_in_the_callers_words():
+    with pytest.raises(ValueError, match=r"^stepSize must be a positive number, got -1.0$"):
+        TrainingSpec.build({"learning_rate": "stepSize"}, learning_rate=-1.0)
+    with pytest.raises(SpecError) as err:
+        TrainingSpec(tau=0)
+    assert err.value.setting == "tau"
+
+
+def test_server_takes_a_spec_or_its_fields_not_both():
+    spec = TrainingSpec(mode="sync", num_workers=3, layers=[2, 2])
+    s = ParameterServer(np.zeros(6, np.float32), spec=spec)
+    assert s.spec is spec and s.mode == "sync" and s.num_workers == 3
+    assert ParameterServer(np.zeros(6, np.float32), mode="easgd", tau=5).spec.tau == 5
+    with pytest.raises(TypeError, match="either spec= or its fields"):
+        ParameterServer(np.zeros(6, np.float32), spec=spec, mode="async")
+
+
+def test_client_config_carries_address_ids_keys_and_the_spec_only():
+    spec = TrainingSpec(layers=[2, 2], epochs=3, batch_size=16, local_momentum=0.5)
+    with ParameterServer(np.zeros(6, np.float32), spec=spec, progress=False) as s:
+        cfg = s.client_config()
+    assert set(cfg) == {"address", "job_id", "fingerprint", "num_params", "protocol", "secure", "spec",
+                        "server_public", "client_public", "client_secret"}
+    assert cfg["spec"] is spec
+
+
+def test_every_mode_is_one_class_with_the_hooks_its_kind_needs():
+    assert MODE_NAMES == ("sync", "async", "easgd", "async-easgd", "eamsgd")
+    for name, mode in MODES.items():
+        assert get_mode(name) is mode and mode.name == name
+        kind = type(mode)
+        server_hook = "apply_round" if mode.rounds else "apply_push"
+        assert getattr(kind, server_hook) is not getattr(Mode, server_hook), (name, server_hook)
+        assert kind.exchange is not Mode.exchange, name
+        assert mode.equal_shards == mode.rounds
+    assert [n for n, m in MODES.items() if m.pushes_gradients] == ["sync", "async"]
+    assert MODES["easgd"].push_flag == FLAG_LOCAL_WEIGHTS and MODES["eamsgd"].push_flag == FLAG_ELASTIC
+    assert MODES["eamsgd"].local_optimizer == "nesterov" and MODES["async-easgd"].local_optimizer == "sgd"
+    assert [n for n, m in MODES.items() if not m.windowed] == ["sync"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        get_mode("hogwild")
+
+
+def test_flags_one_spelling_old_ones_hidden():
+    import argparse
+
+    from core.cli import add_training_flags
+
+    ap = argparse.ArgumentParser()
+    add_training_flags(ap, layers=[4, 8, 3])
+    add_spec_flags(ap)
+    spec = spec_from_flags(ap.parse_args(["--trainer", "eamsgd", "--window", "5", "--learning-rate", "0.2",
+                                          "--momentum", "0.5", "--workers", "3"]))
+    assert (spec.mode, spec.tau, spec.learning_rate, spec.local_momentum, spec.num_workers) == \
+        ("eamsgd", 5, 0.2, 0.5, 3)
+    old = spec_from_flags(ap.parse_args(["--mode", "eamsgd", "--tau", "5", "--lr", "0.2", "--momentum", "0.5",
+                                         "--workers", "3"]))
+    assert old == spec
+    assert spec_from_flags(ap.parse_args(["--step-size", "0.3"])).learning_rate == 0.3
+    text = ap.format_help()
+    for hidden in ("--mode", "--tau", "--lr", "--step-size", "--optimizer"):
+        assert hidden not in text.replace("--server-optimizer", "")
+    momentum = spec_from_flags(ap.parse_args(["--server-optimizer", "nesterov", "--momentum", "0.8"]))
+    assert momentum.optimizer == "nesterov" and momentum.optimizer_options == {"momentum": 0.8}
+    with pytest.raises(ValueError, match="--window must be 1 in sync mode, got 2"):
+        spec_from_flags(ap.parse_args(["--trainer", "sync", "--window", "2"]))
