@@ -6,8 +6,12 @@ __all__ = ["FeedForwardNetworkPSClassifier", "FeedForwardNetworkPSClassification
 
 
 def __getattr__(name):
-    if name in __all__:
-        from . import estimator
+    if name == "FeedForwardNetworkPSClassifier":
+        from .estimator import FeedForwardNetworkPSClassifier
 
-        return getattr(estimator, name)
+        return FeedForwardNetworkPSClassifier
+    if name == "FeedForwardNetworkPSClassificationModel":
+        from .model import FeedForwardNetworkPSClassificationModel
+
+        return FeedForwardNetworkPSClassificationModel
     raise AttributeError(f"module 'spark' has no attribute {name!r}")

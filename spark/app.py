@@ -23,7 +23,8 @@ if __name__ == "__main__" and not __package__:      # spark-submit spark/app.py:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from core.cli import add_backend_flag, parse_layers
+from core.cli import add_training_flags
+from ps.spec import add_spec_flags
 
 FORMATS = ("auto", "libsvm", "parquet", "csv")
 
@@ -40,24 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="train: replace an existing model directory")
     p.add_argument("--master", help="Spark master when not launched by spark-submit (default local[*])")
     t = p.add_argument_group("training (--mode train)")
-    t.add_argument("--layers", type=parse_layers, default=None,
-                   help="layer sizes, e.g. 4,100,3 (default: features,100,classes from the data)")
-    t.add_argument("--epochs", type=int, default=30, help="passes over the data (maxIter)")
-    t.add_argument("--batch-size", type=int, default=32, help="rows per worker step (blockSize)")
-    t.add_argument("--learning-rate", "--lr", type=float, default=0.1, help="stepSize")
-    t.add_argument("--trainer", default="async", choices=("sync", "async", "easgd", "async-easgd", "eamsgd"),
-                   help="parameter-server mode")
-    t.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "nesterov", "adagrad", "adam"))
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--window", type=int, default=1, help="local steps between exchanges (communicationWindow)")
-    t.add_argument("--workers", type=int, default=2, help="training tasks (numWorkers)")
-    t.add_argument("--seed", type=int, default=0)
+    add_training_flags(t, layers=None)
+    add_spec_flags(t, mode_alias=False)          # --mode is the job's here
     t.add_argument("--use-gpu", action="store_true", help="ask Spark for one GPU per training task")
-    t.add_argument("--insecure", action="store_true", help="no CURVE encryption (trusted networks only)")
     t.add_argument("--plot", metavar="PNG", help="write loss and accuracy curves here (needs matplotlib)")
     t.add_argument("--mlflow", action="store_true",
                    help="log the fit to MLflow (mlflowTracking=True; MLFLOW_TRACKING_URI picks the server)")
-    add_backend_flag(t)
     return p
 
 
@@ -129,10 +118,10 @@ def train(spark, args) -> dict:
         layers = [first[0].size, 100, max(classes, 2)]
     clf = FeedForwardNetworkPSClassifier(
         featuresCol=args.features_col, labelCol=args.label_col, layers=layers, maxIter=args.epochs,
-        blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.optimizer,
+        blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.server_optimizer,
         momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
-        backend=args.backend or "auto", useGpu=args.use_gpu, secure=not args.insecure,
-        mlflowTracking=True if args.mlflow else None)
+        maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
+        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None)
     t0 = time.perf_counter()
     model = clf.fit(df)
     seconds = time.perf_counter() - t0

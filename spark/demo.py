@@ -1,6 +1,6 @@
 """Digits on Spark local[*]: train ffps, evaluate, save, load, predict, beside MLlib's MLPC on the same split.
 
-    python -m spark.demo [--master local[2]] [--backend numba] [--epochs 40]
+    python -m spark.demo [--master local[2]] [--backend numba] [--epochs 40] [--trainer easgd]
 """
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import sys
 import tempfile
 import time
 
+from core.cli import add_flag
+from ps.modes import MODE_NAMES
+
 
 def digits_frames(spark):
     """sklearn digits / 16, 70/30 stratified (random_state=0) -> cached (train, test) DataFrames."""
     from pyspark.ml.linalg import Vectors
 
-    from core.cli import load_digits_split
+    from core.datasets import load_digits_split
 
     Xtr, Xte, ytr, yte = load_digits_split(seed=0)
 
@@ -72,9 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--master", default="local[*]")
     ap.add_argument("--backend", default="numba", choices=("auto", "numba", "numpy", "cupy"))
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--mode", default="async")
-    ap.add_argument("--step-size", type=float, default=0.1)
-    ap.add_argument("--window", type=int, default=4, help="communicationWindow")
+    add_flag(ap, "--trainer", "--mode", choices=MODE_NAMES, default="async", help="parameter-server mode")
+    add_flag(ap, "--learning-rate", "--lr", "--step-size", type=float, default=0.1, help="stepSize")
+    add_flag(ap, "--window", "--tau", type=int, default=4, help="communicationWindow")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
     spark = session(a.master)
@@ -82,9 +85,9 @@ def main(argv=None) -> int:
 
     train, test = digits_frames(spark)
     print(f"digits: {train.count()} train / {test.count()} test rows on {spark.sparkContext.master}", flush=True)
-    fit_ffps(train, test, a.backend, epochs=1, mode=a.mode, workers=a.workers)      # warm-up: JIT, workers
-    model, secs, acc = fit_ffps(train, test, a.backend, a.epochs, a.mode, a.step_size, a.workers, a.window)
-    print(f"ffps  {a.mode} [64,100,10] {a.epochs} passes, {a.workers} workers: fit {secs:6.2f} s  "
+    fit_ffps(train, test, a.backend, epochs=1, mode=a.trainer, workers=a.workers)      # warm-up: JIT, workers
+    model, secs, acc = fit_ffps(train, test, a.backend, a.epochs, a.trainer, a.learning_rate, a.workers, a.window)
+    print(f"ffps  {a.trainer} [64,100,10] {a.epochs} passes, {a.workers} workers: fit {secs:6.2f} s  "
           f"test accuracy {acc:.4f}", flush=True)
     m_secs, m_acc = fit_mllib(train, test)
     print(f"MLlib MLPC l-bfgs [64,100,10] maxIter 100:        fit {m_secs:6.2f} s  test accuracy {m_acc:.4f}",

@@ -1,167 +1,188 @@
-"""The Params shared by :class:`FeedForwardNetworkPSClassifier` and its model, declared once.
+"""The Params of :class:`FeedForwardNetworkPSClassifier` and its model: declared once, in one table.
 
 Spark's own names where they exist (``layers``, ``maxIter``, ``stepSize``, ``blockSize``, ``seed``, ``tol``,
 ``initialWeights``, the column params) with the meaning they have in ``MultilayerPerceptronClassifier``;
-the parameter-server options (``mode``, ``optimizer``, ``communicationWindow``, ...) are ours.
+the parameter-server options (``mode``, ``optimizer``, ``communicationWindow``, ...) are ours. Each row of
+:data:`PARAMS` gives a Param its doc string, type converter and default; the getters, the setters and the
+constructors' keyword arguments are generated from it. The choice lists are core's and ps's own.
+:func:`training_spec` turns the values into the :class:`ps.spec.TrainingSpec` of a fit, checking every one.
 """
 from __future__ import annotations
 
+import inspect
+import math
+import socket
+
+import numpy as np
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (HasBlockSize, HasFeaturesCol, HasLabelCol, HasMaxIter, HasPredictionCol,
                                      HasProbabilityCol, HasRawPredictionCol, HasSeed, HasStepSize, HasTol)
 
-MODES = ("sync", "async", "easgd", "async-easgd", "eamsgd")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
-BACKENDS = ("auto", "cupy", "numba", "numpy")
+from core.backends import BACKEND_NAMES
+from core.optimizers import OPTIMIZERS
+from core.validation import check_layers
+from ps.modes import MODE_NAMES
+from ps.spec import TrainingSpec
+
+T = TypeConverters
 
 
 def _choice(name, choices):
     def convert(value):
-        value = TypeConverters.toString(value)
+        value = T.toString(value)
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
     return convert
 
 
+# name -> (doc, converter, default); doc None: a Spark shared param (its doc and converter are Spark's);
+# default None: unset until the user sets it
+PARAMS = {
+    "layers": ("sizes of the layers from input to output: layers[0] = feature vector width, layers[-1] = number of "
+               "classes, e.g. [780, 100, 10]", T.toListInt, None),
+    "initialWeights": ("initial flat weight vector (for each layer W row-major then b); default: He-normal from "
+                       "seed", T.toListFloat, None),
+    "maxIter": (None, None, 100),
+    "stepSize": (None, None, 0.1),
+    "blockSize": (None, None, 64),
+    "seed": (None, None, None),
+    "tol": (None, None, 1e-6),
+    "mode": ("how workers combine their work on the parameter server: sync (averaged gradients, one step per "
+             "round), async (DOWNPOUR), easgd, async-easgd, eamsgd (elastic averaging)",
+             _choice("mode", MODE_NAMES), "async"),
+    "optimizer": ("update rule the server applies to gradient pushes (sync, async): " + ", ".join(OPTIMIZERS),
+                  _choice("optimizer", OPTIMIZERS), "sgd"),
+    "communicationWindow": ("local mini-batch steps between exchanges with the server (tau); must be 1 in sync "
+                            "mode (>= 1)", T.toInt, 1),
+    "rho": ("elastic modes: moving rate alpha = stepSize * rho; unset = the EASGD default alpha = 0.9 / "
+            "numWorkers", T.toFloat, None),
+    "momentum": ("momentum: of the server optimizer 'momentum'/'nesterov', and delta of eamsgd's local Nesterov "
+                 "steps (0 <= momentum < 1)", T.toFloat, 0.9),
+    "maxStaleness": ("async only: reject a push computed on weights more than this many updates old (the worker "
+                     "pulls and recomputes); -1 = unbounded", T.toInt, -1),
+    "numWorkers": ("training tasks in the barrier stage (each needs a free task slot; >= 1)", T.toInt, 2),
+    "backend": ("compute backend of the training tasks: auto (cupy with a GPU, else numba), cupy, numba, numpy",
+                _choice("backend", BACKEND_NAMES), "auto"),
+    "useGpu": ("ask Spark for one GPU per training task (a stage-level ResourceProfile where the cluster manager "
+               "supports it); implied by backend='cupy'", T.toBoolean, False),
+    "psHost": ("address the parameter server binds on the driver and workers connect to; empty = 127.0.0.1 in "
+               "local mode, else spark.driver.host", T.toString, ""),
+    "psPort": ("parameter server TCP port; 0 = any free port", T.toInt, 0),
+    "secure": ("encrypt and authenticate parameter-server traffic with per-job CURVE keys; turn off only on a "
+               "trusted network", T.toBoolean, True),
+    "checkpointDir": ("driver-local directory for parameter-server checkpoints; empty = none", T.toString, ""),
+    "checkpointInterval": ("server updates between checkpoints when checkpointDir is set (>= 1)", T.toInt, 100),
+    "maxRetries": ("times the driver relaunches the barrier training stage after a failure; workers resume after "
+                   "their last applied step (>= 0)", T.toInt, 2),
+    "workerTimeout": ("seconds a worker waits for one server reply before retrying (> 0)", T.toFloat, 30.0),
+    "roundTimeout": ("seconds a sync/easgd round may wait for the slowest worker (> 0)", T.toFloat, 120.0),
+    "forceRepartition": ("shuffle the training rows into numWorkers partitions even when the DataFrame already "
+                         "has numWorkers partitions (it is always shuffled otherwise); set it when partitions are "
+                         "not random samples of the data, e.g. sorted or split by label", T.toBoolean, False),
+    "mlflowTracking": ("log the fit to MLflow (params, per-epoch loss and accuracy, the model): true = always, "
+                       "into the active run or else a new run named after the estimator uid; false = never; "
+                       "unset (the default) = only when an MLflow run is active", T.toBoolean, None),
+}
+TRAINING_PARAMS = tuple(PARAMS)
+COLUMN_PARAMS = {"featuresCol": "features", "labelCol": "label", "predictionCol": "prediction",
+                 "probabilityCol": "probability", "rawPredictionCol": "rawPrediction"}
+MODEL_SETTABLE = ("featuresCol", "predictionCol", "probabilityCol", "rawPredictionCol")
+# the TrainingSpec settings under their Spark names, for error messages
+SPEC_NAMES = {"num_workers": "numWorkers", "epochs": "maxIter", "batch_size": "blockSize",
+              "learning_rate": "stepSize", "tau": "communicationWindow", "local_momentum": "momentum",
+              "staleness": "maxStaleness", "barrier_timeout": "roundTimeout", "worker_timeout": "workerTimeout"}
+
+
+def _camel(name: str) -> str:
+    return name[0].upper() + name[1:]
+
+
 class FeedForwardNetworkPSParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol,
                                  HasRawPredictionCol, HasMaxIter, HasStepSize, HasBlockSize, HasSeed, HasTol):
     """Params of the estimator and the model (the model keeps the values it was trained with)."""
 
-    layers = Param(Params._dummy(), "layers",
-                   "sizes of the layers from input to output: layers[0] = feature vector width, "
-                   "layers[-1] = number of classes, e.g. [780, 100, 10]", typeConverter=TypeConverters.toListInt)
-    initialWeights = Param(Params._dummy(), "initialWeights",
-                           "initial flat weight vector (for each layer W row-major then b); default: He-normal "
-                           "from seed", typeConverter=TypeConverters.toListFloat)
-    mode = Param(Params._dummy(), "mode",
-                 "how workers combine their work on the parameter server: sync (averaged gradients, one step "
-                 "per round), async (DOWNPOUR), easgd, async-easgd, eamsgd (elastic averaging)",
-                 typeConverter=_choice("mode", MODES))
-    optimizer = Param(Params._dummy(), "optimizer",
-                      "update rule the server applies to gradient pushes (sync, async): "
-                      + ", ".join(SERVER_OPTIMIZERS), typeConverter=_choice("optimizer", SERVER_OPTIMIZERS))
-    communicationWindow = Param(Params._dummy(), "communicationWindow",
-                                "local mini-batch steps between exchanges with the server (tau); must be 1 in "
-                                "sync mode (>= 1)", typeConverter=TypeConverters.toInt)
-    rho = Param(Params._dummy(), "rho",
-                "elastic modes: moving rate alpha = stepSize * rho; unset = the EASGD default alpha = 0.9 / "
-                "numWorkers", typeConverter=TypeConverters.toFloat)
-    momentum = Param(Params._dummy(), "momentum",
-                     "momentum: of the server optimizer 'momentum'/'nesterov', and delta of eamsgd's local "
-                     "Nesterov steps (0 <= momentum < 1)", typeConverter=TypeConverters.toFloat)
-    maxStaleness = Param(Params._dummy(), "maxStaleness",
-                         "async only: reject a push computed on weights more than this many updates old (the "
-                         "worker pulls and recomputes); -1 = unbounded", typeConverter=TypeConverters.toInt)
-    numWorkers = Param(Params._dummy(), "numWorkers",
-                       "training tasks in the barrier stage (each needs a free task slot; >= 1)",
-                       typeConverter=TypeConverters.toInt)
-    backend = Param(Params._dummy(), "backend",
-                    "compute backend of the training tasks: auto (cupy with a GPU, else numba), cupy, numba, "
-                    "numpy", typeConverter=_choice("backend", BACKENDS))
-    useGpu = Param(Params._dummy(), "useGpu",
-                   "ask Spark for one GPU per training task (a stage-level ResourceProfile where the cluster "
-                   "manager supports it); implied by backend='cupy'", typeConverter=TypeConverters.toBoolean)
-    psHost = Param(Params._dummy(), "psHost",
-                   "address the parameter server binds on the driver and workers connect to; empty = "
-                   "127.0.0.1 in local mode, else spark.driver.host", typeConverter=TypeConverters.toString)
-    psPort = Param(Params._dummy(), "psPort", "parameter server TCP port; 0 = any free port",
-                   typeConverter=TypeConverters.toInt)
-    secure = Param(Params._dummy(), "secure",
-                   "encrypt and authenticate parameter-server traffic with per-job CURVE keys; turn off only "
-                   "on a trusted network", typeConverter=TypeConverters.toBoolean)
-    checkpointDir = Param(Params._dummy(), "checkpointDir",
-                          "driver-local directory for parameter-server checkpoints; empty = none",
-                          typeConverter=TypeConverters.toString)
-    checkpointInterval = Param(Params._dummy(), "checkpointInterval",
-                               "server updates between checkpoints when checkpointDir is set (>= 1)",
-                               typeConverter=TypeConverters.toInt)
-    maxRetries = Param(Params._dummy(), "maxRetries",
-                       "times the driver relaunches the barrier training stage after a failure; workers resume "
-                       "after their last applied step (>= 0)", typeConverter=TypeConverters.toInt)
-    workerTimeout = Param(Params._dummy(), "workerTimeout",
-                          "seconds a worker waits for one server reply before retrying (> 0)",
-                          typeConverter=TypeConverters.toFloat)
-    roundTimeout = Param(Params._dummy(), "roundTimeout",
-                         "seconds a sync/easgd round may wait for the slowest worker (> 0)",
-                         typeConverter=TypeConverters.toFloat)
-    forceRepartition = Param(Params._dummy(), "forceRepartition",
-                             "shuffle the training rows into numWorkers partitions even when the DataFrame "
-                             "already has numWorkers partitions (it is always shuffled otherwise); set it when "
-                             "partitions are not random samples of the data, e.g. sorted or split by label",
-                             typeConverter=TypeConverters.toBoolean)
-    mlflowTracking = Param(Params._dummy(), "mlflowTracking",
-                           "log the fit to MLflow (params, per-epoch loss and accuracy, the model): true = "
-                           "always, into the active run or else a new run named after the estimator uid; "
-                           "false = never; unset (the default) = only when an MLflow run is active",
-                           typeConverter=TypeConverters.toBoolean)
-
     def __init__(self, *args):
         super().__init__(*args)
-        self._setDefault(maxIter=100, stepSize=0.1, blockSize=64, tol=1e-6, mode="async", optimizer="sgd",
-                         communicationWindow=1, momentum=0.9, maxStaleness=-1, numWorkers=2, backend="auto",
-                         useGpu=False, psHost="", psPort=0, secure=True, checkpointDir="", checkpointInterval=100,
-                         maxRetries=2, workerTimeout=30.0, roundTimeout=120.0, forceRepartition=False)
+        self._setDefault(**{k: d for k, (_, _, d) in PARAMS.items() if d is not None})
 
-    def getLayers(self):
-        return self.getOrDefault(self.layers)
 
-    def getInitialWeights(self):
-        return self.getOrDefault(self.initialWeights)
+for _name, (_doc, _convert, _) in PARAMS.items():
+    if _doc is not None:
+        setattr(FeedForwardNetworkPSParams, _name, Param(Params._dummy(), _name, _doc, typeConverter=_convert))
+    if not hasattr(FeedForwardNetworkPSParams, "get" + _camel(_name)):
+        setattr(FeedForwardNetworkPSParams, "get" + _camel(_name),
+                lambda self, _n=_name: self.getOrDefault(_n))
 
-    def getMode(self):
-        return self.getOrDefault(self.mode)
 
-    def getOptimizer(self):
-        return self.getOrDefault(self.optimizer)
+def add_setters(cls, names):
+    """``setX(value)`` for each Param name, returning self (as Spark's own setters do)."""
+    for name in names:
+        def setter(self, value, _name=name):
+            return self._set(**{_name: value})
+        setter.__name__ = "set" + _camel(name)
+        setter.__doc__ = f"Sets the value of :py:attr:`{name}`."
+        setattr(cls, setter.__name__, setter)
+    return cls
 
-    def getCommunicationWindow(self):
-        return self.getOrDefault(self.communicationWindow)
 
-    def getRho(self):
-        return self.getOrDefault(self.rho)
+def keyword_signature(names) -> inspect.Signature:
+    """The keyword-only signature of a constructor taking these Params (defaults from the table), for help()."""
+    defaults = {**COLUMN_PARAMS, **{k: d for k, (_, _, d) in PARAMS.items()}}
+    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(n)) for n in names])
 
-    def getMomentum(self):
-        return self.getOrDefault(self.momentum)
 
-    def getMaxStaleness(self):
-        return self.getOrDefault(self.maxStaleness)
+# ------------------------------------------------------------------------------------------------ checking
+def training_spec(p: Params) -> TrainingSpec:
+    """Every training setting of ``p`` checked, with the offending Param and value named -> the fit's spec."""
+    if not p.isDefined("layers"):
+        raise ValueError("layers is not set: give the layer sizes, e.g. layers=[num_features, 100, num_classes]")
+    get = p.getOrDefault
+    layers = check_layers(get("layers"))
+    for name, low in (("maxRetries", 0), ("checkpointInterval", 1), ("psPort", 0), ("maxStaleness", -1)):
+        if get(name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {get(name)!r}")
+    if get("psPort") > 65535:
+        raise ValueError(f"psPort must be 0..65535, got {get('psPort')}")
+    alpha = None
+    if p.isDefined("rho"):
+        rho = get("rho")
+        if not (math.isfinite(rho) and rho > 0):
+            raise ValueError(f"rho must be a positive number, got {rho!r}")
+        alpha = get("stepSize") * rho
+    optimizer_options = {"momentum": get("momentum")} if get("optimizer") in ("momentum", "nesterov") else {}
+    spec = TrainingSpec.build(
+        SPEC_NAMES, layers=layers, mode=get("mode"), num_workers=get("numWorkers"), epochs=get("maxIter"),
+        batch_size=get("blockSize"), learning_rate=get("stepSize"), optimizer=get("optimizer"),
+        optimizer_options=optimizer_options, tau=get("communicationWindow"), alpha=alpha,
+        local_momentum=get("momentum"), staleness=None if get("maxStaleness") < 0 else get("maxStaleness"),
+        barrier_timeout=get("roundTimeout"), worker_timeout=get("workerTimeout"), backend=get("backend"),
+        seed=get("seed"))
+    if p.isDefined("initialWeights"):
+        w0 = np.asarray(get("initialWeights"), dtype=np.float32)
+        if w0.shape != (spec.num_params,):
+            raise ValueError(f"initialWeights has {w0.size} values but layers {layers} have {spec.num_params} "
+                             f"parameters")
+        if not np.isfinite(w0).all():
+            raise ValueError("initialWeights contains NaN or infinite values")
+    return spec
 
-    def getNumWorkers(self):
-        return self.getOrDefault(self.numWorkers)
 
-    def getBackend(self):
-        return self.getOrDefault(self.backend)
+def initial_weights(p: Params, spec: TrainingSpec) -> np.ndarray:
+    """initialWeights when set, else He-normal from the spec's seed."""
+    if p.isDefined("initialWeights"):
+        return np.asarray(p.getOrDefault("initialWeights"), dtype=np.float32)
+    return spec.initial_weights()
 
-    def getUseGpu(self):
-        return self.getOrDefault(self.useGpu)
 
-    def getPsHost(self):
-        return self.getOrDefault(self.psHost)
-
-    def getPsPort(self):
-        return self.getOrDefault(self.psPort)
-
-    def getSecure(self):
-        return self.getOrDefault(self.secure)
-
-    def getCheckpointDir(self):
-        return self.getOrDefault(self.checkpointDir)
-
-    def getCheckpointInterval(self):
-        return self.getOrDefault(self.checkpointInterval)
-
-    def getMaxRetries(self):
-        return self.getOrDefault(self.maxRetries)
-
-    def getForceRepartition(self):
-        return self.getOrDefault(self.forceRepartition)
-
-    def getWorkerTimeout(self):
-        return self.getOrDefault(self.workerTimeout)
-
-    def getRoundTimeout(self):
-        return self.getOrDefault(self.roundTimeout)
-
-    def getMlflowTracking(self):
-        return self.getOrDefault(self.mlflowTracking)
+def ps_bind(master: str, driver_host: str | None, host: str, port: int) -> str:
+    """tcp://IP:PORT for the server: psHost, else 127.0.0.1 in local modes, else the driver's address."""
+    if not host:
+        host = "127.0.0.1" if master.startswith("local") else (driver_host or socket.gethostname())
+    try:
+        ip = socket.gethostbyname(host)
+    except OSError as exc:
+        raise ValueError(f"psHost {host!r} does not resolve to an address ({exc}); set psHost to an IP of the "
+                         f"driver that executors can reach") from None
+    return f"tcp://{ip}:{int(port)}"

@@ -4,6 +4,7 @@ Layout under PATH (any URI Spark can write: file, HDFS, S3, ...):
 ``metadata/``  DefaultParamsWriter JSON (class, uid, params) with ``ffpsFormat`` and ``numParams`` added;
 ``data/``      Parquet, one row: layers array<int>, weights binary (little-endian float32, flat layout).
 A directory that is not an ffps model, or a damaged one, raises ValueError naming the path and the problem.
+Models saved when the model class lived in ``spark.estimator`` load as well (Pipelines find the class there too).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class ModelWriter(MLWriter):
 
     def saveImpl(self, path: str) -> None:
         model = self.instance
-        w = np.ascontiguousarray(model._weights, dtype="<f4")
+        w = np.ascontiguousarray(model.weights.toArray(), dtype="<f4")   # float32 -> float64 -> float32: exact
         DefaultParamsWriter.saveMetadata(model, path, self.sc,
                                          extraMetadata={"ffpsFormat": FORMAT_VERSION, "numParams": int(w.size)})
         frame = self.sparkSession.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
@@ -40,12 +41,13 @@ class ModelReader(MLReader):
 
     def load(self, path: str):
         expected = f"{self.cls.__module__}.{self.cls.__name__}"
+        accepted = {expected, f"spark.estimator.{self.cls.__name__}"}   # saved before spark/model.py existed
         try:
             metadata = DefaultParamsReader.loadMetadata(path, self.sc)
         except Exception as exc:  # noqa: BLE001 - missing dir, no metadata, unreadable JSON
             raise ValueError(f"{path!r} is not a saved ffps model: no readable Spark ML metadata "
                              f"({_short(exc)})") from None
-        if metadata.get("class") != expected or metadata.get("ffpsFormat") != FORMAT_VERSION:
+        if metadata.get("class") not in accepted or metadata.get("ffpsFormat") != FORMAT_VERSION:
             raise ValueError(f"{path!r} holds a saved {metadata.get('class')!r}, not an ffps model ({expected}, "
                              f"format {FORMAT_VERSION})")
         try:

@@ -62,9 +62,9 @@ def _wanted(estimator) -> bool:
 
 def training_params(estimator) -> dict:
     """{name: str(value)} of every defined training param, as logged."""
-    from .estimator import _TRAINING_PARAMS
+    from .params import TRAINING_PARAMS
 
-    return {name: str(estimator.getOrDefault(name))[:_MAX_PARAM_CHARS] for name in _TRAINING_PARAMS
+    return {name: str(estimator.getOrDefault(name))[:_MAX_PARAM_CHARS] for name in TRAINING_PARAMS
             if estimator.isDefined(name)}
 
 
@@ -122,7 +122,7 @@ def load_model(model_uri: str, dst_path: str | None = None):
         raise ImportError("load_model needs mlflow, which is not installed: pip install ffps[mlflow]")
     import mlflow
 
-    from .estimator import FeedForwardNetworkPSClassificationModel
+    from .model import FeedForwardNetworkPSClassificationModel
 
     if ":" not in model_uri and "/" not in model_uri:          # a bare run id
         local = mlflow.artifacts.download_artifacts(run_id=model_uri, artifact_path="model", dst_path=dst_path)

@@ -22,20 +22,19 @@ RESULT_SCHEMA = "worker long, stats string"
 DATA_BARRIER = -1     # the gather barrier where tasks exchange their partition reports (ps.worker uses 0)
 
 
-def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int, backend: str, seed: int,
-                        timeout: float, attempt: int, equal_shards: bool, features_col: str, label_col: str,
-                        fault=None):
+def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col: str, on_step=None):
     """-> ``train(batches)`` for ``mapInArrow``: Arrow batches of (features list<float>, label) -> one row.
 
-    Each task reads its partition, registers with the server and exchanges a report of its data at the
-    server's gather barrier (no Spark ``allGather``: each costs about a second in Spark 3.5); every task
-    judges all reports alike (:func:`spark.data.data_problem`), so bad data stop every task before any update
-    and the row returned carries the message (``data_error``) for the driver to raise. equal_shards: sync and
-    easgd rounds need every worker to take the same number of steps, so all shards are cut to the smallest.
-    fault: test-only (worker, local_step): that worker's Python process exits at that step on attempt 0, as
-    if the executor's Python worker were killed.
+    ``cfg``: the server's client config; its training spec says the rest (layers, epochs, batch size,
+    backend, seed, timeouts, mode). Each task reads its partition, registers with the server and exchanges a
+    report of its data at the server's gather barrier (no Spark ``allGather``: each costs about a second in
+    Spark 3.5); every task judges all reports alike (:func:`spark.data.data_problem`), so bad data stop every
+    task before any update and the row returned carries the message (``data_error``) for the driver to raise.
+    Round modes need every worker to take the same number of steps, so all shards are cut to the smallest.
+    on_step(worker, local_step): optional, picklable; called before each local step of each task.
     """
-    layers = [int(d) for d in layers]
+    spec = cfg["spec"]
+    layers = [int(d) for d in spec.layers]
     width = layers[0]
 
     def train(batches):
@@ -52,14 +51,14 @@ def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int
         worker = ctx.partitionId()
         X, y, report = read_partition(batches, width)
         t_read = time.time()
-        client = ParameterClient(cfg, worker_id=worker, attempt=attempt, timeout=timeout)
+        client = ParameterClient(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
         try:
             reports = client.gather(DATA_BARRIER, report)
             stats = {"worker_id": worker, "attempt": attempt, "rows": report["rows"],
                      "partition_rows": [r["rows"] for r in reports]}
             problem = data_problem(reports, width, layers[-1], features_col, label_col)
             if problem is None:
-                if equal_shards:
+                if spec.rule.equal_shards:
                     n = min(stats["partition_rows"])
                     X, y = X[:n], y[:n]
                 stats.update(train_shard(ctx, worker, X, y, client))
@@ -74,27 +73,16 @@ def make_train_function(cfg: dict, layers: list, *, epochs: int, batch_size: int
                                          names=["worker", "stats"])
 
     def train_shard(ctx, worker, X, y, client):
-        import os
-
         from core import resolve_backend_name
         from ps.worker import run_worker
         from spark.gpu import task_gpu
 
         address, ordinal = task_gpu(ctx.resources())
-        name = resolve_backend_name(backend)
-        device = ordinal if name == "cupy" else None
-        on_step = None
-        if fault is not None and attempt == 0 and int(fault[0]) == worker:
-            kill_at = int(fault[1])
-
-            def on_step(k):
-                if k == kill_at:
-                    os._exit(17)
+        device = ordinal if resolve_backend_name(spec.backend) == "cupy" else None
+        step_hook = None if on_step is None else (lambda k: on_step(worker, k))
         # the task's CPU share bounds BLAS/numba threads: executors run several tasks side by side
-        stats = run_worker(cfg, worker, X, y.astype(np.int32), layers=layers, epochs=epochs,
-                           batch_size=batch_size, backend=name, device=device, attempt=attempt, seed=seed,
-                           timeout=timeout, on_step=on_step, cpu_threads=max(1, int(ctx.cpus())),
-                           start_together=True, client=client)
+        stats = run_worker(cfg, worker, X, y.astype(np.int32), device=device, attempt=attempt, on_step=step_hook,
+                           cpu_threads=max(1, int(ctx.cpus())), start_together=True, client=client)
         stats.update(rows=int(len(y)), gpu_address=address, cuda_ordinal=ordinal, device=device)
         return stats
 

@@ -69,6 +69,22 @@ def accuracy(frame) -> float:
     return MulticlassClassificationEvaluator(metricName="accuracy").evaluate(frame)
 
 
+def kill_python_worker(monkeypatch, worker: int, step: int) -> None:
+    """Make worker ``worker``'s Python process exit (os._exit) at local step ``step`` of attempt 0 of the next
+    fits, as if the executor's Python worker were killed: the hook goes in through make_train_function's
+    on_step, and, defined in here, travels to the executors by value."""
+    from spark import training
+
+    real = training.make_train_function
+
+    def with_fault(cfg, *, attempt, **kw):
+        def on_step(w, k):
+            if attempt == 0 and w == worker and k == step:
+                os._exit(17)
+        return real(cfg, attempt=attempt, on_step=on_step, **kw)
+    monkeypatch.setattr(training, "make_train_function", with_fault)
+
+
 # ---------------------------------------------------------------- local-cluster job (subprocess)
 def write_fake_gpu_script(directory: str, addresses) -> str:
     """A discovery script printing {"name": "gpu", "addresses": [...]} like docker/getGpusResources.sh."""
@@ -100,7 +116,7 @@ def cluster_job(out_path: str) -> None:
              .config("spark.executorEnv.PYTHONPATH", REPO)
              .config("spark.executor.memory", "512m").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
-    from core.cli import load_digits_split
+    from core.datasets import load_digits_split
 
     train, test = digits_frames(spark, *load_digits_split())
     clf = FeedForwardNetworkPSClassifier(layers=[64, 32, 10], maxIter=15, blockSize=32, stepSize=0.1, seed=3,

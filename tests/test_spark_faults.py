@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from tests.spark_helpers import accuracy, digits_df, spark  # noqa: F401 - fixtures
+from tests.spark_helpers import accuracy, digits_df, kill_python_worker, spark  # noqa: F401 - fixtures
 
 from spark import FeedForwardNetworkPSClassifier
 
@@ -12,11 +12,11 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.mark.parametrize("mode,step_size", [("async", 0.1), ("sync", 0.3)])
-def test_killed_python_worker_is_retried_without_double_updates(digits_df, mode, step_size):
+def test_killed_python_worker_is_retried_without_double_updates(digits_df, mode, step_size, monkeypatch):
     train, test = digits_df
     clf = FeedForwardNetworkPSClassifier(layers=[64, 100, 10], maxIter=40, blockSize=32, stepSize=step_size,
                                          seed=1, mode=mode, numWorkers=2, backend="numba", maxRetries=2)
-    clf._fault = (1, 150)              # worker 1's Python process calls os._exit at local step 150, attempt 0
+    kill_python_worker(monkeypatch, 1, 150)   # worker 1's Python process calls os._exit at local step 150, attempt 0
     model = clf.fit(train)
     stats = model.trainingStats
     assert stats["attempts"] == 2, "the barrier stage should have been relaunched once"

@@ -86,7 +86,7 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
     calls = {}
 
     def fake_run_worker(cfg, worker, X, y, **kw):
-        calls.update(worker=worker, X=X, y=y, **kw)
+        calls.update(worker=worker, X=X, y=y, backend=cfg["spec"].backend, **kw)
         return {"worker_id": worker}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setattr(pyspark.BarrierTaskContext, "get", classmethod(lambda cls: FakeBarrierContext(1, ["5"])))
@@ -94,7 +94,8 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
     monkeypatch.setattr(core, "resolve_backend_name", lambda name: name)
     layers = [3, 4, 2]
     with ParameterServer(np.zeros(3 * 4 + 4 + 4 * 2 + 2, np.float32), mode="sync", num_workers=2,
-                         secure=False, layers=layers, barrier_timeout=20.0) as server:
+                         secure=False, layers=layers, barrier_timeout=20.0, epochs=1, batch_size=4,
+                         backend=backend, seed=0, worker_timeout=20.0) as server:
         cfg = server.client_config()
         seven = partition_report(np.ones((7, 3), np.float32), np.zeros(7), rows=7, null_features=0, min_width=3,
                                  max_width=3, null_labels=0)
@@ -105,8 +106,7 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
                 gathered["reports"] = client.gather(DATA_BARRIER, seven)
         peer = threading.Thread(target=worker0)
         peer.start()
-        fn = make_train_function(cfg, layers, epochs=1, batch_size=4, backend=backend, seed=0, timeout=20.0,
-                                 attempt=0, equal_shards=True, features_col="f", label_col="label")
+        fn = make_train_function(cfg, attempt=0, features_col="f", label_col="label")
         batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
                                                pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
         out = list(fn(iter(batches)))

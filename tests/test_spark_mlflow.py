@@ -11,7 +11,7 @@ mlflow = pytest.importorskip("mlflow")
 from tests.spark_helpers import digits_df, spark  # noqa: E402, F401 - fixtures
 
 from spark import FeedForwardNetworkPSClassifier  # noqa: E402
-from spark.estimator import _TRAINING_PARAMS  # noqa: E402
+from spark.params import TRAINING_PARAMS as _TRAINING_PARAMS  # noqa: E402
 from spark.tracking import load_model  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)

@@ -51,3 +51,36 @@ def test_setters_and_copy_are_independent():
     assert other.uid == clf.uid and other.getNumWorkers() == 3
     other.setLayers([4, 8, 3])
     assert clf.getLayers() == [4, 3]
+
+
+def test_one_table_gives_every_param_its_getter_setter_argument_and_default():
+    import inspect
+
+    from spark.params import COLUMN_PARAMS, PARAMS
+
+    clf = FeedForwardNetworkPSClassifier()
+    sig = inspect.signature(FeedForwardNetworkPSClassifier.__init__)
+    for name in list(COLUMN_PARAMS) + list(PARAMS):
+        cap = name[0].upper() + name[1:]
+        assert callable(getattr(clf, "get" + cap)) and callable(getattr(clf, "set" + cap)), name
+        assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        if clf.hasDefault(name) and name != "seed":
+            assert sig.parameters[name].default == clf.getOrDefault(name), name
+    assert sig.parameters["maxIter"].default == 100 and sig.parameters["mode"].default == "async"
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['stepsize'\]"):
+        FeedForwardNetworkPSClassifier(stepsize=0.1)
+    model = FeedForwardNetworkPSClassificationModel()
+    assert callable(model.setPredictionCol) and not hasattr(model, "setLabelCol") and not hasattr(model, "setMode")
+    assert model.getMode() == "async"                  # the model keeps (and reads) the same Params
+
+
+def test_choice_lists_are_core_and_ps_own():
+    from core.backends import BACKEND_NAMES
+    from core.optimizers import OPTIMIZERS
+    from ps.modes import MODE_NAMES
+
+    clf = FeedForwardNetworkPSClassifier()
+    for name, choices in (("mode", MODE_NAMES), ("optimizer", OPTIMIZERS), ("backend", BACKEND_NAMES)):
+        for value in choices:
+            clf.set(clf.getParam(name), value)
+            assert clf.getOrDefault(name) == value

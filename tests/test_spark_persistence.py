@@ -111,6 +111,31 @@ def test_loading_something_else_is_a_clear_error(spark, model, tmp_path):
         FeedForwardNetworkPSClassificationModel.load(other)
 
 
+def test_a_model_saved_under_the_old_module_path_loads(spark, model, tmp_path, digits_df):
+    """Models saved before the model class moved from spark.estimator to spark.model: alone and in a Pipeline."""
+    import json
+
+    from pyspark.ml import PipelineModel
+
+    path = str(tmp_path / "old")
+    PipelineModel(stages=[model]).save(path)
+    stage_dir = os.path.join(path, "stages", os.listdir(os.path.join(path, "stages"))[0])
+    for name in os.listdir(os.path.join(stage_dir, "metadata")):
+        if name.startswith("part-"):
+            meta_file = os.path.join(stage_dir, "metadata", name)
+            meta = json.loads(open(meta_file).read())
+            assert meta["class"] == "spark.model.FeedForwardNetworkPSClassificationModel"
+            meta["class"] = "spark.estimator.FeedForwardNetworkPSClassificationModel"
+            with open(meta_file, "w") as f:
+                f.write(json.dumps(meta))
+            os.remove(os.path.join(stage_dir, "metadata", f".{name}.crc"))     # Hadoop checks it
+    alone = FeedForwardNetworkPSClassificationModel.load(stage_dir)
+    np.testing.assert_array_equal(alone.weights.toArray(), model.weights.toArray())
+    again = PipelineModel.load(path).stages[0]
+    assert isinstance(again, FeedForwardNetworkPSClassificationModel)
+    np.testing.assert_array_equal(again.weights.toArray(), model.weights.toArray())
+
+
 def test_loading_a_damaged_model_is_a_clear_error(spark, model, tmp_path):
     path = str(tmp_path / "m")
     model.save(path)

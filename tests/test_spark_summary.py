@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.spark_helpers import digits_df, spark  # noqa: F401 - fixtures
+from tests.spark_helpers import digits_df, kill_python_worker, spark  # noqa: F401 - fixtures
 
 from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier
 from spark.summary import FeedForwardNetworkPSTrainingSummary
@@ -125,10 +125,10 @@ def test_windows_across_epochs_and_a_relaunched_attempt():
     assert (w1["attempts"], w1["stale"]) == (1, 1)
 
 
-def test_summary_spans_a_relaunched_training_stage(digits_df):
+def test_summary_spans_a_relaunched_training_stage(digits_df, monkeypatch):
     clf = FeedForwardNetworkPSClassifier(layers=[64, 32, 10], maxIter=3, blockSize=BLOCK, stepSize=0.1, seed=1,
                                          numWorkers=2, mode="async", backend="numba", maxRetries=1)
-    clf._fault = (1, 25)             # worker 1's Python process exits at local step 25 (epoch 2) of attempt 0
+    kill_python_worker(monkeypatch, 1, 25)    # worker 1's Python process exits at local step 25 (epoch 2), attempt 0
     model = clf.fit(digits_df[0])
     s = model.summary
     assert model.trainingStats["attempts"] == 2
