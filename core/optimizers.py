@@ -15,6 +15,7 @@ that is not in flight). ``state_dict()`` / ``load_state_dict()`` round-trip the 
 """
 from __future__ import annotations
 
+import enum
 import math
 
 import numpy as np
@@ -59,6 +60,16 @@ class Schedule:
         return self.lr_min + (self.lr0 - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+class Verdict(enum.Enum):
+    """What a checked update did; true only when it was applied."""
+    APPLIED = "applied"
+    BAD_GRADIENT = "gradient"    # the gradient held NaN/inf: nothing changed
+    BAD_RESULT = "result"        # a finite gradient gave non-finite weights: rolled back, nothing changed
+
+    def __bool__(self) -> bool:
+        return self is Verdict.APPLIED
+
+
 class Optimizer:
     """Plain SGD; subclasses keep per-parameter state arrays (on the backend) in ``self.state``."""
     name = "sgd"
@@ -93,17 +104,39 @@ class Optimizer:
         """Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update."""
         return type(self) is Optimizer
 
-    def step_screened(self, w, g, out) -> bool:
-        """``step`` unless g holds NaN/inf -> False with ``out`` scribbled on and nothing else changed.
+    def step_screened(self, w, g, out) -> Verdict:
+        """``step`` into ``out`` unless g holds NaN/inf (BAD_GRADIENT) or the new weights would not be finite
+        (BAD_RESULT); either way ``out`` is scribbled on and nothing else changes.
 
         ``out`` must not be ``w`` (it is a scratch buffer until the caller commits it). One fused pass on the
         numba backend: the server's update of a 1M-parameter push drops from ~0.68 to ~0.24 ms (2-core VM)."""
         if not self.screens_in_step:
             raise TypeError(f"{self.name} keeps state: screen the gradient before step()")
-        if not self.ops.sgd_update_screened(w, g, self.lr, out):
-            return False
+        problem = self.ops.sgd_update_screened(w, g, self.lr, out)
+        if problem is not None:
+            return Verdict(problem)
         self.t += 1
-        return True
+        return Verdict.APPLIED
+
+    def step_checked(self, w, g, out) -> Verdict:
+        """``step`` into ``out`` (not ``w``), rolled back when the new weights are not finite: BAD_RESULT, with
+        the state and the step counter as they were (their arrays are copied first: a pass per state array)."""
+        if self.screens_in_step:
+            return self.step_screened(w, g, out)
+        saved = self._saved_state()
+        self.step(w, g, out)
+        if self.ops.all_finite(out):
+            return Verdict.APPLIED
+        for k, v in self.state.items():
+            v[...] = saved[k]
+        self.t -= 1
+        return Verdict.BAD_RESULT
+
+    def _saved_state(self) -> dict:
+        backup = self.__dict__.setdefault("_backup", {k: self._zeros() for k in self.state})
+        for k, v in self.state.items():
+            backup[k][...] = v
+        return backup
 
     def state_dict(self) -> dict:
         """{"t": updates so far, "arrays": host copies of the state arrays}."""

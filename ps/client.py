@@ -6,6 +6,9 @@
 
 Retries are safe: every request carries a sequence number (late replies to an earlier try are discarded) and
 every push its step, so a retransmitted push the server already applied is answered DUPLICATE, not applied.
+The HELLO reply's session token is sent with every later request: no other client can act as this
+(worker, attempt), and a DUPLICATE is taken as success only for a step this client had already sent or one
+taken before it registered (a retried task replaying its predecessor's steps).
 """
 from __future__ import annotations
 
@@ -35,7 +38,11 @@ class PSError(RuntimeError):
 
 
 class StaleUpdate(PSError):
-    """The push was computed on weights too old for the staleness bound: pull, recompute, push again."""
+    """The push was computed on weights too old for the staleness bound: pull, recompute, push the step again."""
+
+
+class UpdateRejected(PSError):
+    """The push's update made the weights non-finite: the server rolled it back and used up its step."""
 
 
 @dataclass
@@ -66,6 +73,8 @@ class ParameterClient:
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
+        self.session = 0       # issued by the HELLO reply; binds this (worker, attempt) to this client
+        self._registered_step = 0
         self.step = 0          # last step the server applied for this worker
         self._last = None      # keeps the frame behind the last pulled view alive
         if register:
@@ -79,14 +88,19 @@ class ParameterClient:
     def _header(self, op, **kw) -> Header:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return Header(op=int(op), job_id=self.job_id, worker_id=self.worker_id, attempt=self.attempt,
-                      fingerprint=self.fingerprint, seq=self._seq, **kw)
+                      fingerprint=self.fingerprint, seq=self._seq, session=self.session, **kw)
 
     def _request(self, h: Header, payload=None, timeout=None):
         """Send, wait for the reply with the same seq; retry on timeout -> (reply header, payload frame)."""
+        rh, frame, _ = self._request_tries(h, payload, timeout)
+        return rh, frame
+
+    def _request_tries(self, h: Header, payload=None, timeout=None):
+        """:meth:`_request` -> (reply header, payload frame, how many times the request was sent)."""
         timeout = self.timeout if timeout is None else timeout
         frames = [h.pack()] if payload is None else [h.pack(), payload]
         big = payload is not None and len(payload) >= ZERO_COPY_MIN
-        for _ in range(self.retries + 1):
+        for tries in range(1, self.retries + 2):
             tracker = None
             try:
                 tracker = self.sock.send_multipart(frames, copy=not big, track=big)
@@ -105,7 +119,7 @@ class ParameterClient:
                     continue                           # a late reply to an earlier request
                 if tracker is not None and not tracker.done:
                     tracker.wait(timeout)              # the caller may reuse its buffer after we return
-                return rh, (reply[1] if len(reply) > 1 else None)
+                return rh, (reply[1] if len(reply) > 1 else None), tries
         raise ServerUnavailable(f"no reply from the parameter server at {self.cfg['address']} to "
                                 f"{Op(h.op).name} after {self.retries + 1} tries of {timeout:.1f}s: it is gone, "
                                 f"overloaded, or refused this client's keys")
@@ -115,8 +129,11 @@ class ParameterClient:
             self.version = max(self.version, rh.wversion)
             return
         text = bytes(frame.buffer).decode("utf-8", "replace") if frame is not None and rh.flags & FLAG_TEXT else ""
-        cls = StaleUpdate if rh.status == Status.STALE else PSError
-        raise cls(rh.code if rh.code in Reason._value2member_map_ else Reason.MALFORMED, text)
+        code = rh.code if rh.code in Reason._value2member_map_ else Reason.MALFORMED
+        if code == Reason.NON_FINITE_UPDATE:
+            self.step = max(self.step, rh.step)        # the server used the step up: the next push is step + 1
+            raise UpdateRejected(code, text)
+        raise (StaleUpdate if rh.status == Status.STALE else PSError)(code, text)
 
     def _weights(self, rh, frame, out):
         w = read_array(rh, frame, self.num_params, check_finite=False)
@@ -131,7 +148,8 @@ class ParameterClient:
         """Register (worker_id, attempt) -> last step the server applied for this worker (resume after it)."""
         rh, frame = self._request(self._header(Op.HELLO))
         self._check(rh, frame)
-        self.step = rh.step
+        self.step, self.session = rh.step, rh.session
+        self._registered_step = rh.step        # steps up to here were taken before this client: replays are fine
         return rh.step
 
     def pull(self, out: np.ndarray | None = None, clock: int | None = None):
@@ -164,8 +182,11 @@ class ParameterClient:
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=FLOAT32, n_values=n)
         timeout = self.timeout + (self.spec.barrier_timeout if self.spec.rule.rounds else 0)
-        rh, frame = self._request(h, buf, timeout=timeout)
+        rh, frame, tries = self._request_tries(h, buf, timeout=timeout)
         self._check(rh, frame)
+        if rh.status == Status.DUPLICATE and tries == 1 and step > self._registered_step:
+            raise PSError(Reason.DUPLICATE_STEP, f"step {step} of worker {self.worker_id} was taken before this "
+                                                 f"client sent it: another client pushed as this worker")
         self.step = max(self.step, rh.step)
         w = self._weights(rh, frame, out) if frame is not None and rh.dtype == FLOAT32 else None
         return PushResult(rh.wversion, rh.step, rh.status == Status.DUPLICATE, w)
@@ -201,8 +222,11 @@ class ParameterClient:
         rh, frame = self._request(self._header(Op.BYE))
         self._check(rh, frame)
 
-    def stop_server(self) -> None:
-        rh, frame = self._request(self._header(Op.STOP))
+    def report_failure(self, report: dict) -> None:
+        """Tell the server why this task failed (a JSON object: exception type, message, frame, host, ...), so
+        the driver can say it; at most ``MAX_JSON_BYTES`` encoded."""
+        h = self._header(Op.REPORT, flags=FLAG_JSON)
+        rh, frame = self._request(h, json.dumps(report).encode())
         self._check(rh, frame)
 
     def close(self) -> None:

@@ -7,17 +7,25 @@ barriers and SSP waits. Every rejection leaves weights and optimizer state untou
 ``stats()["rejected"]`` by reason.
 
 Retry safety: a worker registers with (worker_id, attempt); the HELLO reply's ``step`` is the last step the
-server applied for it, so a restarted worker resumes after it. Requests from an older attempt are fenced off
-(SUPERSEDED_ATTEMPT); a push for a step already applied gets DUPLICATE and changes nothing.
+server applied for it, so a restarted worker resumes after it, and its ``session`` binds the registration to
+the client that made it: every later request must carry it (FOREIGN_SESSION otherwise), so no other client
+can push or pull as that (worker, attempt). Requests from an older attempt are fenced off
+(SUPERSEDED_ATTEMPT); steps are contiguous: a push for a step already taken gets DUPLICATE and changes
+nothing, one beyond the next step gets STEP_GAP, and a STALE push leaves its step open for the recomputed push. Every update's result is checked: a non-finite one is rolled
+back (weights and optimizer state), answered NON_FINITE_UPDATE and counted, and its step is used up so the
+worker can go on. No client may STOP the server (FORBIDDEN); the process that started it stops it.
 """
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from core.optimizers import Verdict
 
 from . import rules
 from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
@@ -25,13 +33,15 @@ from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, F
                        unpack_header)
 from .spec import TrainingSpec
 
-PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1)}     # payload frames each op may carry; others take none
+PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1), Op.REPORT: (1,)}
+MAX_FAILURE_REPORTS = 64     # payload frames each op may carry; others take none
 
 
 @dataclass
 class WorkerInfo:
     attempt: int = 0
-    token: object = None
+    token: object = None       # the ROUTER identity of the registered client's connection (replies go there)
+    session: int | None = None  # the registration's secret; None until a HELLO (or after a restore)
     last_step: int = 0         # last step applied for this worker (across attempts)
     applied: int = 0           # pushes applied
     rejected: int = 0
@@ -44,7 +54,7 @@ class WorkerInfo:
     done: bool = False
 
     def public(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("token", "last_time")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("token", "session", "last_time")}
 
 
 class BufferPool:
@@ -117,10 +127,11 @@ class Engine:
         self.barrier_step = None
         self.waiting_pulls: list = []             # SSP: (deadline, token, header)
         self.min_attempt = 0                      # requests of older attempts are fenced off (fence_below)
-        self.counters = {"received": 0, "applied": 0, "pulls": 0, "rounds": 0, "stale_pushes": 0}
+        self.counters = {"received": 0, "applied": 0, "pulls": 0, "rounds": 0, "stale_pushes": 0,
+                         "non_finite_updates": 0}
+        self.failures: list = []                  # REPORTs of failed tasks, first come first (at most 64)
         self.rejected: dict[str, int] = {}
         self.history: deque = deque(maxlen=history_limit)
-        self.stop_requested = False
         self.t_start = time.time()
 
     # ------------------------------------------------------------------ helpers
@@ -179,18 +190,20 @@ class Engine:
         if len(payload) not in allowed:
             raise ProtocolError(Reason.BAD_FRAME_COUNT, f"{op.name} takes {' or '.join(map(str, allowed))} "
                                                         f"payload frame(s), got {len(payload)}")
-        if h.attempt < self.min_attempt and op not in (Op.STATS, Op.STOP):
+        if op == Op.STOP:
+            raise ProtocolError(Reason.FORBIDDEN, "clients cannot stop the parameter server; the process that "
+                                                  "started it stops it (server.stop())")
+        if h.attempt < self.min_attempt:
             raise ProtocolError(Reason.SUPERSEDED_ATTEMPT, f"attempt {h.attempt} was superseded: the server now "
                                                            f"accepts attempts >= {self.min_attempt}")
-        if op == Op.STATS:
-            return [(token, h.reply(Status.OK, wversion=self.version, flags=FLAG_JSON),
-                     json.dumps(self.stats()).encode())]
-        if op == Op.STOP:
-            self.stop_requested = True
-            return [self._ok(token, h)]
         if op == Op.HELLO:
             return self._hello(token, h)
         info = self._known(h)
+        if op == Op.STATS:
+            return [(token, h.reply(Status.OK, wversion=self.version, flags=FLAG_JSON),
+                     json.dumps(self.stats()).encode())]
+        if op == Op.REPORT:
+            return self._report(token, h, payload[0])
         if op == Op.PULL:
             return self._pull(token, h, info, now)
         if op == Op.PUSH:
@@ -206,10 +219,15 @@ class Engine:
         info = self.workers.get(h.worker_id)
         if info is None:
             raise ProtocolError(Reason.UNKNOWN_WORKER, f"worker {h.worker_id} has not registered (send HELLO)")
-        if h.attempt != info.attempt:
+        if h.attempt != info.attempt or info.session is None:
             reason = Reason.SUPERSEDED_ATTEMPT if h.attempt < info.attempt else Reason.UNKNOWN_WORKER
             raise ProtocolError(reason, f"worker {h.worker_id} attempt {h.attempt} is not the registered "
-                                        f"attempt {info.attempt}")
+                                        f"attempt {info.attempt}" if h.attempt != info.attempt else
+                                        f"worker {h.worker_id} has not registered since the server restored it "
+                                        f"(send HELLO)")
+        if h.session != info.session:
+            raise ProtocolError(Reason.FOREIGN_SESSION, f"worker {h.worker_id} attempt {h.attempt} is registered "
+                                                        f"to another client (the request's session does not match)")
         return info
 
     def _hello(self, token, h: Header):
@@ -223,18 +241,20 @@ class Engine:
             if h.attempt < info.attempt:
                 raise ProtocolError(Reason.SUPERSEDED_ATTEMPT,
                                     f"worker {wid} attempt {h.attempt} was superseded by attempt {info.attempt}")
-            if h.attempt == info.attempt and token != info.token and info.token is not None:
+            if h.attempt == info.attempt and info.session is not None and h.session != info.session:
                 raise ProtocolError(Reason.DUPLICATE_WORKER,
                                     f"worker {wid} attempt {h.attempt} is already registered from another client")
         else:
             info = self.workers[wid] = WorkerInfo()
         replies = []
-        if h.attempt > info.attempt or info.token is None:
+        if h.attempt > info.attempt or info.session is None:      # a new registration: fence, issue a session
             replies += self._fence(wid)
+            info.session = secrets.randbits(64) or 1
+        # else: the registered client again (its session matches), e.g. after its connection was re-made
         info.attempt, info.token, info.done = h.attempt, token, False
         if self.ssp is not None:
             self.ssp.retired[wid] = False
-        return replies + [self._ok(token, h, step=info.last_step)]
+        return replies + [self._ok(token, h, step=info.last_step, session=info.session)]
 
     def _fence(self, wid: int):
         """A newer attempt registered: drop the old attempt's pending round contributions and waits."""
@@ -298,26 +318,56 @@ class Engine:
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
         arr = read_array(h, frame, self.num_params, check_finite=not self.mode.screens_payload(self.optimizer))
         if h.step <= info.last_step:
-            # a retransmit of an applied push (or a retried task replaying a step): acknowledge, change nothing
+            # a retransmit of a push already taken (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
             info.rejected += 1
             return [(token, h.reply(Status.DUPLICATE, Reason.DUPLICATE_STEP, wversion=self.version,
                                     step=info.last_step), None)]
+        if h.step > info.last_step + 1:
+            raise ProtocolError(Reason.STEP_GAP, f"push for step {h.step}, but worker {h.worker_id}'s next step is "
+                                                 f"{info.last_step + 1}: steps are contiguous")
         if self.mode.rounds:
             return self._round_push(token, h, info, arr, now)
         stale = rules.staleness(h.wversion, self.version)
         if rules.is_stale(h.wversion, self.version, self.spec.staleness):
-            self.counters["stale_pushes"] += 1
+            self.counters["stale_pushes"] += 1             # the step stays open: pull, recompute, push it again
             raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
                                               f"(bound {self.spec.staleness}); pull and recompute")
         new = self.pool.acquire()
-        if not self.mode.apply_push(self, self.weights, arr, new):
+        with np.errstate(over="ignore", invalid="ignore"):   # an overflow is checked for and rolled back
+            verdict = self.mode.apply_push(self, self.weights, arr, new)
+        if verdict is Verdict.BAD_GRADIENT:
             raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
+        if verdict is Verdict.BAD_RESULT:
+            return self._rolled_back([(token, h, info)], now)
         self._commit(new)
         self._record(h, info, stale, now)
-        out = [self._ok(token, h, step=info.last_step)]
+        return [self._ok(token, h, step=info.last_step)] + self._advance_ssp(h, info, now)
+
+    def _use_up(self, h, info, now) -> None:
+        """Step h.step of this worker was refused for good (its update was not finite): the next push may be
+        h.step + 1."""
+        info.last_step = h.step
         if self.ssp is not None:
             self.ssp.advance(h.worker_id, info.last_step)
+
+    def _advance_ssp(self, h, info, now) -> list:
+        if self.ssp is None:
+            return []
+        self.ssp.advance(h.worker_id, info.last_step)
+        return self._serve_waiting(now)
+
+    def _rolled_back(self, members, now) -> list:
+        """An update whose result was not finite: nothing committed (the mode rolled back any optimizer
+        state), the steps of its members [(token, header, info)] used up, each told NON_FINITE_UPDATE."""
+        self.counters["non_finite_updates"] += 1
+        out = []
+        for tok, h, info in members:
+            self._use_up(h, info, now)
+            out += self._reject(tok, h, Reason.NON_FINITE_UPDATE,
+                                f"the update of step {h.step} made the weights non-finite; it was rolled back "
+                                f"(lower the learning rate if this repeats)")
+        if self.ssp is not None:
             out += self._serve_waiting(now)
         return out
 
@@ -337,7 +387,10 @@ class Engine:
         entries, self.round = self.round.entries, None
         new = self.pool.acquire()
         old = self.weights
-        self.mode.apply_round(self, old, [(hh, a) for _, hh, a in entries.values()], new)
+        with np.errstate(over="ignore", invalid="ignore"):
+            verdict = self.mode.apply_round(self, old, [(hh, a) for _, hh, a in entries.values()], new)
+        if not verdict:
+            return self._rolled_back([(tok, hh, self.workers[wid]) for wid, (tok, hh, _) in entries.items()], now)
         self._commit(new)
         self.counters["applied"] += len(entries) - 1          # every contribution counts as applied
         self.counters["rounds"] += 1
@@ -365,9 +418,17 @@ class Engine:
                              "batch_size": h.batch_size, "staleness": stale,
                              "samples_per_s": info.samples_per_s})
 
+    # ------------------------------------------------------------------ failure reports
+    def _report(self, token, h, frame):
+        """A training task failed: keep its JSON account (type, message, frame, host, ...) for the driver."""
+        report = _json_report(h, frame, "REPORT")
+        if len(self.failures) < MAX_FAILURE_REPORTS:
+            self.failures.append({"worker": h.worker_id, "attempt": h.attempt, **report})
+        return [self._ok(token, h)]
+
     # ------------------------------------------------------------------ barrier and timeouts
     def _barrier(self, token, h, frame, now):
-        report = None if frame is None else _json_report(h, frame)
+        report = None if frame is None else _json_report(h, frame, "BARRIER")
         if self.barrier is not None and self.barrier_step != h.step:
             raise ProtocolError(Reason.BAD_FIELD, f"barrier {h.step} while barrier {self.barrier_step} is open")
         if self.barrier is None:
@@ -431,7 +492,7 @@ class Engine:
         return {"mode": self.mode.name, "version": self.version, "num_workers": self.num_workers,
                 **self.counters, "rejected": dict(self.rejected),
                 "rejected_total": sum(self.rejected.values()),
-                "optimizer_steps": getattr(self.optimizer, "t", 0),
+                "optimizer_steps": getattr(self.optimizer, "t", 0), "failures": list(self.failures),
                 "workers": {str(k): v.public() for k, v in sorted(self.workers.items())}}
 
     def snapshot(self) -> tuple[dict, dict]:
@@ -465,18 +526,19 @@ class Engine:
                 self.ssp.advance(int(k), v["last_step"])
 
 
-def _json_report(h: Header, frame) -> dict:
-    """A BARRIER request's payload: one JSON object of at most MAX_JSON_BYTES, else ProtocolError(BAD_PAYLOAD)."""
+def _json_report(h: Header, frame, op_name: str) -> dict:
+    """A BARRIER's or REPORT's payload: one JSON object of at most MAX_JSON_BYTES, else
+    ProtocolError(BAD_PAYLOAD)."""
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if not h.flags & FLAG_JSON:
-        raise ProtocolError(Reason.BAD_PAYLOAD, "a BARRIER payload must be JSON (FLAG_JSON)")
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"a {op_name} payload must be JSON (FLAG_JSON)")
     if len(buf) > MAX_JSON_BYTES:
-        raise ProtocolError(Reason.BAD_PAYLOAD, f"BARRIER report of {len(buf)} bytes exceeds {MAX_JSON_BYTES}")
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"{op_name} report of {len(buf)} bytes exceeds {MAX_JSON_BYTES}")
     try:
         report = json.loads(bytes(buf).decode("utf-8"))
     except (ValueError, RecursionError) as exc:             # UnicodeDecodeError is a ValueError; deep nesting
-        raise ProtocolError(Reason.BAD_PAYLOAD, f"BARRIER report is not valid UTF-8 JSON: {exc}") from None
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"{op_name} report is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(report, dict):
-        raise ProtocolError(Reason.BAD_PAYLOAD, f"BARRIER report must be a JSON object, got "
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"{op_name} report must be a JSON object, got "
                                                 f"{type(report).__name__}")
     return report

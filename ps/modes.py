@@ -19,9 +19,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from core.optimizers import Verdict
+
 from . import rules
-from .client import StaleUpdate
-from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS
+from .client import StaleUpdate, UpdateRejected
+from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS, Reason
 
 
 class Mode:
@@ -44,6 +46,10 @@ class Mode:
         return self.rounds
 
     # ---------------------------------------------------------------- worker
+    def keeps_window(self, spec) -> bool:
+        """Whether the worker must keep copies of the window's batches (to recompute it)."""
+        return False
+
     def local_step(self, loop, Xb, yb) -> tuple[float, int]:
         """One mini-batch between exchanges -> (loss sum, correct count). Default: a local optimizer step."""
         return loop.trainer.step(loop.w, Xb, yb)
@@ -56,12 +62,15 @@ class Mode:
         """True when :meth:`apply_push` itself refuses NaN/inf, so reading the payload need not look."""
         return False
 
-    def apply_push(self, engine, w: np.ndarray, payload: np.ndarray, out: np.ndarray) -> bool:
-        """Apply one push on arrival: new weights into ``out`` -> False if the payload was not finite."""
+    def apply_push(self, engine, w: np.ndarray, payload: np.ndarray, out: np.ndarray) -> Verdict:
+        """Apply one push on arrival: new weights into ``out`` -> APPLIED, BAD_GRADIENT (the payload held
+        NaN/inf: only where :meth:`screens_payload`) or BAD_RESULT (non-finite weights; any optimizer state
+        rolled back)."""
         raise NotImplementedError
 
-    def apply_round(self, engine, w: np.ndarray, entries: list, out: np.ndarray) -> None:
-        """Combine a full round, ``entries`` = [(header, payload)] one per worker: new weights into ``out``."""
+    def apply_round(self, engine, w: np.ndarray, entries: list, out: np.ndarray) -> Verdict:
+        """Combine a full round, ``entries`` = [(header, payload)] one per worker: new weights into ``out``
+        -> APPLIED or BAD_RESULT (as :meth:`apply_push`)."""
         raise NotImplementedError
 
     def round_reply(self, w_old: np.ndarray):
@@ -71,6 +80,7 @@ class Mode:
 
 class _GradientMode(Mode):
     """Workers push summed gradients; the server's optimizer applies them."""
+    stale_retries = 3          # recomputations of one window before a worker gives up on a staleness bound
 
     def local_progress(self, tau: int) -> bool:
         """Whether a worker also steps its own copy of the weights inside a window."""
@@ -85,18 +95,44 @@ class _GradientMode(Mode):
         return loss_sum, correct
 
     def exchange(self, loop, step, metrics):
-        try:
-            r = loop.client.push(loop.to_host(loop.acc), base_version=loop.version, step=step,
-                                 want_weights=loop.spec.ssp_slack is None, **metrics)
-        except StaleUpdate:
-            loop.stats["stale"] += 1
-            r = None
+        for stale in range(self.stale_retries + 1):
+            if stale:                          # pull and recompute the window on the weights it gets
+                loop.stats["stale"] += 1
+                loop.version, wh = loop.client.pull()
+                loop.w[...] = loop.ops.asarray(wh)
+                metrics = self._recompute(loop)
+            try:
+                r = loop.client.push(loop.to_host(loop.acc), base_version=loop.version, step=step,
+                                     want_weights=loop.spec.ssp_slack is None, **metrics)
+                break
+            except StaleUpdate:
+                if stale == self.stale_retries:
+                    raise StaleUpdate(Reason.STALE, f"step {step} was stale {stale + 1} times in a row: the "
+                                                    f"staleness bound {loop.spec.staleness} is too tight for "
+                                                    f"{loop.spec.num_workers} workers; raise it") from None
+            except UpdateRejected:             # the server rolled the update back: go on from its weights
+                loop.stats["rejected_updates"] += 1
+                r = None
+                break
         if r is not None and r.weights is not None:
             loop.version, wh = r.version, r.weights
         else:
             loop.version, wh = loop.client.pull()
         loop.w[...] = loop.ops.asarray(wh)   # one copy out of the reply's read-only view
         loop.acc[...] = 0
+
+    def _recompute(self, loop) -> dict:
+        """The window again, from its saved batches -> its metrics."""
+        loop.acc[...] = 0
+        loss = correct = rows = 0
+        for Xb, yb in loop.window_batches:
+            ls, c = self.local_step(loop, Xb, yb)
+            loss, correct, rows = loss + ls, correct + c, rows + Xb.shape[0]
+        return dict(loss=loss / rows, accuracy=correct / rows, batch_size=rows)
+
+    def keeps_window(self, spec) -> bool:
+        """A bounded-staleness push may be refused and its window recomputed: the worker keeps its batches."""
+        return spec.staleness is not None
 
 
 class Sync(_GradientMode):
@@ -106,7 +142,7 @@ class Sync(_GradientMode):
 
     def apply_round(self, engine, w, entries, out):
         g = rules.weighted_mean([a for _, a in entries], [h.batch_size for h, _ in entries], out=np.empty_like(w))
-        engine.optimizer.step(w, g, out=out)
+        return engine.optimizer.step_checked(w, g, out)
 
 
 class Async(_GradientMode):
@@ -120,10 +156,7 @@ class Async(_GradientMode):
         return optimizer.screens_in_step
 
     def apply_push(self, engine, w, payload, out):
-        if engine.optimizer.screens_in_step:
-            return engine.optimizer.step_screened(w, payload, out)
-        engine.optimizer.step(w, payload, out=out)
-        return True
+        return engine.optimizer.step_checked(w, payload, out)
 
 
 class Easgd(Mode):
@@ -132,14 +165,19 @@ class Easgd(Mode):
     rounds = True
 
     def exchange(self, loop, step, metrics):
-        r = loop.client.push(loop.to_host(loop.w), base_version=loop.version, step=step, kind="local_weights",
-                             **metrics)
+        try:
+            r = loop.client.push(loop.to_host(loop.w), base_version=loop.version, step=step,
+                                 kind="local_weights", **metrics)
+        except UpdateRejected:                 # the round's center update was rolled back: no elastic move
+            loop.stats["rejected_updates"] += 1
+            return
         # x_i <- x_i - a (x_i - c_old), with the center the round used (a view, used before the next request)
         loop.w -= rules.elastic_difference(loop.w, loop.ops.asarray(r.weights), loop.spec.alpha)
         loop.version = r.version
 
     def apply_round(self, engine, w, entries, out):
         rules.easgd_center_update(w, [a for _, a in entries], engine.spec.alpha, out=out)
+        return _finite(engine, out)
 
     def round_reply(self, w_old):
         return w_old
@@ -153,16 +191,23 @@ class AsyncEasgd(Mode):
         loop.version, center = loop.client.pull()
         e = rules.elastic_difference(loop.w, loop.ops.asarray(center), loop.spec.alpha)
         loop.w -= e
-        loop.client.push(loop.to_host(e), base_version=loop.version, step=step, kind="elastic", **metrics)
+        try:
+            loop.client.push(loop.to_host(e), base_version=loop.version, step=step, kind="elastic", **metrics)
+        except UpdateRejected:                 # the center's update was rolled back
+            loop.stats["rejected_updates"] += 1
 
     def apply_push(self, engine, w, payload, out):
         rules.apply_elastic(w, payload, out=out)
-        return True
+        return _finite(engine, out)
 
 
 class Eamsgd(AsyncEasgd):
     name = "eamsgd"
     local_optimizer = "nesterov"
+
+
+def _finite(engine, out) -> Verdict:
+    return Verdict.APPLIED if engine.optimizer.ops.all_finite(out) else Verdict.BAD_RESULT
 
 
 MODES = {m.name: m() for m in (Sync, Async, Easgd, AsyncEasgd, Eamsgd)}

@@ -1,6 +1,6 @@
 """Wire protocol of the ffps parameter server: one fixed-layout binary header, then raw frames.
 
-PROTOCOL (version 1)
+PROTOCOL (version 2)
 --------------------
 Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER adds/strips the peer identity).
 
@@ -8,18 +8,24 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
 
     magic 4s "FFPS" | version u16 | op u8 | status u8 | code u16 | flags u16 | seq u32 | job_id 16s
     worker_id i32 | attempt i32 | fingerprint u64 | wversion i64 | step i64 | loss f64 | accuracy f64
-    batch_size i32 | dtype u8 | pad 3x | n_values i64 | reserved 8x
+    batch_size i32 | dtype u8 | pad 3x | n_values i64 | session u64
 
   ``wversion``: in a push, the weights version the update was computed on; in a reply, the server's version
-  after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts). ``seq``: a
-  per-client request number echoed in the reply so late replies to a retried request are discarded.
+  after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts), contiguous:
+  a push of step s is taken only when step s - 1 was (applied, or refused as a non-finite update; a STALE
+  refusal leaves step s - 1 open for the worker's recomputed push).
+  ``seq``: a per-client request number echoed in the reply so late replies to a retried request are
+  discarded. ``session``: 0 in a first HELLO; the HELLO reply carries the token that binds this (worker,
+  attempt) to the client that registered it, and every later request of that client carries it (version 1
+  had 8 reserved bytes here).
 * ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32), C order, no
   header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
   A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
 
 Requests (op): HELLO, PULL, PUSH (gradient, elastic difference, or local weights for synchronous EASGD;
-``flags & FLAG_WANT_WEIGHTS`` asks for the new weights in the reply), BARRIER, STATS, BYE, STOP. A reply
+``flags & FLAG_WANT_WEIGHTS`` asks for the new weights in the reply), BARRIER, STATS, BYE, REPORT (a failed
+task's JSON account of its exception); STOP is refused: the process that started a server stops it. A reply
 carries ``op | REPLY`` and ``status`` OK / ERROR / STALE / DUPLICATE; ERROR and STALE name a ``Reason`` code.
 A BARRIER (``step`` = the barrier's id) is released when every worker reached it; when any of them sent a JSON
 object, every reply carries the JSON array of what each worker sent, by worker id (null where none): a
@@ -38,9 +44,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"FFPS"
-HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xq8x"
+HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xqQ"
 HEADER = struct.Struct(HEADER_FORMAT)
 ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
@@ -63,7 +69,8 @@ class Op(enum.IntEnum):
     BARRIER = 4
     STATS = 5
     BYE = 6
-    STOP = 7
+    STOP = 7          # refused (FORBIDDEN): kept so an old client gets a clear answer
+    REPORT = 8        # a failed training task's account of its exception (JSON)
 
 
 class Status(enum.IntEnum):
@@ -93,6 +100,10 @@ class Reason(enum.IntEnum):
     WRONG_MODE = 15          # e.g. an elastic push to a gradient-mode server
     BAD_FIELD = 16           # a header field out of range (negative batch size, ...)
     SERVER_STOPPING = 17
+    NON_FINITE_UPDATE = 18   # a finite push whose update overflowed: rolled back, the step is used up
+    STEP_GAP = 19            # a push for a step beyond the next one: steps are contiguous
+    FOREIGN_SESSION = 20     # the request does not carry the session of the registered (worker, attempt)
+    FORBIDDEN = 21           # an op this server does not take from clients (STOP)
 
 
 class ProtocolError(ValueError):
@@ -121,6 +132,7 @@ class Header:
     seq: int = 0
     dtype: int = 0
     n_values: int = 0
+    session: int = 0
     version: int = PROTOCOL_VERSION
     magic: bytes = field(default=MAGIC, repr=False)
 
@@ -128,7 +140,7 @@ class Header:
         return HEADER.pack(self.magic, self.version, self.op, self.status, self.code, self.flags,
                            self.seq & 0xFFFFFFFF, self.job_id, self.worker_id, self.attempt,
                            self.fingerprint, self.wversion, self.step, self.loss, self.accuracy,
-                           self.batch_size, self.dtype, self.n_values)
+                           self.batch_size, self.dtype, self.n_values, self.session)
 
     def reply(self, status=Status.OK, code=Reason.NONE, **kw) -> "Header":
         """A reply header echoing this request's identity fields and seq."""
@@ -142,7 +154,7 @@ def unpack_header(buf) -> Header:
     if len(buf) != HEADER.size:
         raise ProtocolError(Reason.MALFORMED, f"header must be {HEADER.size} bytes, got {len(buf)}")
     (magic, version, op, status, code, flags, seq, job_id, worker_id, attempt, fingerprint, wversion, step,
-     loss, accuracy, batch_size, dtype, n_values) = HEADER.unpack(buf)
+     loss, accuracy, batch_size, dtype, n_values, session) = HEADER.unpack(buf)
     if magic != MAGIC:
         raise ProtocolError(Reason.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != PROTOCOL_VERSION:
@@ -151,7 +163,7 @@ def unpack_header(buf) -> Header:
     return Header(op=op, job_id=job_id, worker_id=worker_id, attempt=attempt, fingerprint=fingerprint,
                   wversion=wversion, step=step, loss=loss, accuracy=accuracy, batch_size=batch_size,
                   status=status, code=code, flags=flags, seq=seq, dtype=dtype, n_values=n_values,
-                  version=version, magic=magic)
+                  session=session, version=version, magic=magic)
 
 
 def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:
@@ -187,6 +199,13 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True) -> np.
         if not math.isfinite(screen) and not np.isfinite(arr).all():
             raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
     return arr
+
+
+def max_message_bytes(num_params: int) -> int:
+    """The largest frame a legitimate peer sends for a model of ``num_params`` float32 values (weights, or a
+    JSON report), with room for CURVE's per-message overhead: the server's ZMQ_MAXMSGSIZE. A peer that
+    announces more is disconnected before anything is buffered, keyless or not."""
+    return max(4 * int(num_params), MAX_JSON_BYTES, HEADER.size) + 4096
 
 
 def model_fingerprint(num_params: int, dtype="float32", layers=None) -> int:

@@ -59,3 +59,79 @@ def secure_client(sock: zmq.Socket, cfg: dict) -> None:
     if cfg.get("secure"):
         sock.curve_serverkey = cfg["server_public"]
         sock.curve_publickey, sock.curve_secretkey = cfg["client_public"], cfg["client_secret"]
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit -> the soft limit now. Every peer of
+    the server holds a descriptor: a soft limit of 1,024 (a common default) let 1,100 idle TCP connections lock
+    new workers out."""
+    try:
+        import resource
+    except ImportError:                         # not POSIX: nothing to raise
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class ConnectionGuard:
+    """Caps the open connections of a server socket at ``limit``, from its monitor's events: a connection
+    accepted beyond the cap is shut down at once (libzmq then drops it cleanly), so peers can never take the
+    process's last descriptors. Peers that never finish their handshake go after the socket's HANDSHAKE_IVL
+    anyway, so idle connections hold a slot for seconds, not for ever. ``poll()`` handles pending events."""
+
+    def __init__(self, sock: zmq.Socket, limit: int):
+        self.limit = int(limit)
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._sock = sock
+        self.open: set = set()
+        self.accepted = self.refused = self.peak = 0
+
+    def poll(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = event["value"]
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.open.discard(fd)
+            elif len(self.open) >= self.limit:
+                self.refused += 1
+                _shut_down(fd)
+            else:
+                self.accepted += 1
+                self.open.add(fd)
+                self.peak = max(self.peak, len(self.open))
+
+    def stats(self) -> dict:
+        return {"open": len(self.open), "peak": self.peak, "accepted": self.accepted, "refused": self.refused,
+                "limit": self.limit}
+
+    def close(self) -> None:
+        self._sock.disable_monitor()
+        self.monitor.close(linger=0)
+
+
+def _shut_down(fd: int) -> None:
+    """End the TCP connection on ``fd`` without closing the descriptor, which libzmq owns."""
+    import socket
+
+    try:
+        conn = socket.socket(fileno=fd)
+    except OSError:                              # gone already, or not a socket any more
+        return
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        conn.detach()

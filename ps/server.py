@@ -18,17 +18,45 @@ import zmq
 from . import checkpoint as ckpt
 from .engine import Engine
 from .progress import ProgressLine
-from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, model_fingerprint
-from .security import CurveServer
+from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint
+from .security import ConnectionGuard, CurveServer, raise_fd_limit
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.server")
+
+
+WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
 
 
 def _bind_url(bind: str) -> str:
     if bind.startswith("tcp://") and bind.rsplit(":", 1)[-1] == "0":
         return bind.rsplit(":", 1)[0] + ":*"          # ZeroMQ's spelling of "any free port"
     return bind
+
+
+def _host(url: str) -> str:
+    return url.split("//", 1)[-1].rsplit(":", 1)[0]
+
+
+def advertised_host(bind: str, advertise_host: str | None) -> str | None:
+    """The host workers connect to: ``advertise_host``, or for an all-interfaces bind this machine's address
+    (refused when it is a loopback one: no other machine could use it); None: the bound address itself."""
+    if advertise_host:
+        return advertise_host
+    if _host(bind) not in WILDCARD_HOSTS:
+        return None
+    import socket
+
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+    except OSError as exc:
+        ip, why = None, f"this host's name does not resolve ({exc})"
+    else:
+        why = f"this host's name resolves to the loopback address {ip}"
+    if ip is None or ip.startswith("127."):
+        raise ValueError(f"the parameter server binds all interfaces ({bind}), but {why}, which workers on other "
+                         f"machines cannot reach: pass advertise_host= (Spark: psHost or spark.driver.host)")
+    return ip
 
 
 class ParameterServer:
@@ -39,12 +67,18 @@ class ParameterServer:
     learning_rate, num_workers, layers, tau, staleness, ssp_slack, alpha, local_momentum, barrier_timeout,
     ...). ``client_config()`` hands the spec to the workers. checkpoint_dir with checkpoint_every (updates)
     and/or checkpoint_seconds; resume=True starts from the latest checkpoint there.
+
+    Exposure: frames larger than the model's (``max_message_bytes``) drop their sender before anything is
+    buffered; a peer that has not finished its handshake after ``handshake_timeout`` seconds is dropped; at
+    most ``max_connections`` are open at once (default: half the process's descriptors, whose soft limit is
+    raised to the hard one). advertise_host: the address handed to workers when binding all interfaces.
     """
 
     def __init__(self, w, mode=None, optimizer=None, learning_rate=None, num_workers=None,
                  bind="tcp://127.0.0.1:0", secure=True, *, spec: TrainingSpec | None = None, checkpoint_dir=None,
                  checkpoint_every=None, checkpoint_seconds=None, resume=False, checkpoint_on_stop=True,
-                 progress=None, hwm=8, **spec_fields):
+                 progress=None, hwm=8, advertise_host=None, handshake_timeout=5.0, max_connections=None,
+                 **spec_fields):
         given = {k: v for k, v in dict(mode=mode, optimizer=optimizer, learning_rate=learning_rate,
                                        num_workers=num_workers).items() if v is not None}
         given.update(spec_fields)
@@ -54,6 +88,8 @@ class ParameterServer:
             raise TypeError(f"pass either spec= or its fields, not both (got {sorted(given)})")
         w = np.asarray(w)
         self.spec, self.bind, self.secure, self.hwm = spec, bind, bool(secure), int(hwm)
+        self.advertise_host = advertised_host(bind, advertise_host)
+        self.handshake_timeout, self.max_connections = float(handshake_timeout), max_connections
         self.job_id = uuid.uuid4().bytes
         self.fingerprint = model_fingerprint(w.shape[0], "float32", spec.layers)
         self.engine = Engine(w, spec, job_id=self.job_id, fingerprint=self.fingerprint)
@@ -73,6 +109,7 @@ class ParameterServer:
         self._progress_enabled = progress
         self.address = None
         self.curve = None
+        self.guard = None
         self.dropped_replies = 0
 
     @property
@@ -93,21 +130,27 @@ class ParameterServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.engine.num_params))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.handshake_timeout * 1000))
+        fds = raise_fd_limit()
+        self.guard = ConnectionGuard(sock, self.max_connections or max(16, fds // 2))
         if self.secure:
             self.curve = CurveServer(self.ctx)
             self.curve.secure(sock)
         else:
             log.warning("SECURITY OFF: parameter server at %s accepts unauthenticated, unencrypted clients; "
                         "use secure=False only on a trusted network", self.bind)
-        host = self.bind.split("//", 1)[-1].rsplit(":", 1)[0]
-        if host in ("*", "0.0.0.0", "[::]", "::"):
-            log.warning("parameter server binds all interfaces (%s) as asked", self.bind)
+        if _host(self.bind) in WILDCARD_HOSTS:
+            log.warning("parameter server binds all interfaces (%s) as asked; workers connect to %s",
+                        self.bind, self.advertise_host)
         try:
             sock.bind(_bind_url(self.bind))
         except zmq.ZMQError as exc:
             self._close_ctx(sock)
             raise OSError(f"cannot bind parameter server to {self.bind!r}: {exc}") from exc
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.advertise_host:
+            self.address = f"tcp://{self.advertise_host}:{self.address.rsplit(':', 1)[-1]}"
         self._sock = sock
         enabled = self._progress_enabled if self._progress_enabled is not None else os.isatty(2)
         self.progress = ProgressLine(bool(enabled))
@@ -118,6 +161,8 @@ class ParameterServer:
         return self
 
     def _close_ctx(self, sock):
+        if self.guard is not None:
+            self.guard.close()
         sock.close(linger=0)
         if self.curve is not None:
             self.curve.stop()
@@ -182,6 +227,7 @@ class ParameterServer:
             s = self.engine.stats()
         s["dropped_replies"] = self.dropped_replies
         s["zap_denied"] = self.curve.denied if self.curve is not None else 0
+        s["connections"] = self.guard.stats() if self.guard is not None else None
         if self._error is not None:
             s["error"] = repr(self._error)
         if self.checkpoints is not None:
@@ -218,7 +264,16 @@ class ParameterServer:
         if payload is not None:
             frames.append(memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload)
         try:
-            tracker = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not big, track=big)
+            try:
+                tracker = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not big, track=big)
+            except zmq.Again:
+                # The socket learns how far its peer's pipe was read only when it processes its command
+                # queue, which sends do at most once a millisecond: a peer that asks faster than that could
+                # meet a pipe that looks full at HWM 8 with one reply in it (one reply in ~500 was lost so,
+                # and the worker waited out its timeout). Reading EVENTS processes the commands; then a
+                # second try fails only for a peer that really does not read its replies.
+                self._sock.getsockopt(zmq.EVENTS)
+                tracker = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not big, track=big)
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN): never block
             self.dropped_replies += 1
             log.debug("reply to %r dropped: %s", token, exc)
@@ -229,9 +284,13 @@ class ParameterServer:
     def _serve(self) -> None:
         sock, poller = self._sock, zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(self.guard.monitor, zmq.POLLIN)
         try:
-            while not self._stop.is_set() and not self.engine.stop_requested:
-                if poller.poll(50):
+            while not self._stop.is_set():
+                ready = dict(poller.poll(50))
+                if self.guard.monitor in ready:
+                    self.guard.poll()
+                if sock in ready:
                     for _ in range(64):               # drain a burst, then look at timers
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -36,6 +36,7 @@ class WorkerLoop:
         self.acc = self.ops.zeros((net.num_params,), net.dtype)
         self.w = None
         self.version = 0
+        self.window_batches = []        # copies of the window's batches, where the mode may recompute it
 
     def to_host(self, x) -> np.ndarray:
         """A device vector copied into the one host buffer the client sends from."""
@@ -72,7 +73,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     t0 = time.perf_counter()
     resume_after = client.step
     stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,
-             "stale": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "tau": tau, "epochs": spec.epochs,
+             "stale": 0, "rejected_updates": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "tau": tau, "epochs": spec.epochs,
              # batches trainer.batches yields per pass: exchange s ends in epoch ceil(s * tau / steps_per_epoch)
              "steps_per_epoch": len(range(0, data.n_rows, spec.batch_size))}
     loop = WorkerLoop(spec, net, trainer, client, stats)
@@ -86,6 +87,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
         loop.w = net.ops.asarray(np.array(wh, copy=True))
         window = {"loss": 0.0, "correct": 0, "rows": 0, "steps": 0}
 
+        keep = mode.keeps_window(spec)
+
         def exchange(step):
             rows = window["rows"]
             mode.exchange(loop, step, dict(loss=window["loss"] / rows, accuracy=window["correct"] / rows,
@@ -93,6 +96,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
             stats["pushes"] += 1
             stats["samples"] += rows
             window.update(loss=0.0, correct=0, rows=0, steps=0)
+            loop.window_batches.clear()
 
         k = 0
         for k, Xb, yb in batch_stream(trainer, data, spec.epochs):
@@ -102,6 +106,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                 on_step(k)
             if step_delay:
                 time.sleep(step_delay)
+            if keep:                                       # views die with the next epoch's shuffle
+                loop.window_batches.append((Xb.copy(), yb.copy()))
             ls, c = mode.local_step(loop, Xb, yb)
             window["loss"] += ls
             window["correct"] += c

@@ -74,3 +74,61 @@ def digits():
         from core.datasets import load_digits_split
         _DIGITS = load_digits_split(0)
     return _DIGITS
+
+
+def rss_mb(pid=None) -> float:
+    """Resident memory of a process (this one by default), MB, from /proc."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/<pid>/status")
+
+
+def curve_greeting() -> bytes:
+    """The 64-byte ZMTP 3.0 greeting of a peer that asks for the CURVE mechanism (no key needed to send it)."""
+    return b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\0") + b"\0" + b"\0" * 31
+
+
+def serve_main(argv) -> int:
+    """``python -m tests.ps_helpers serve OUT [--nofile SOFT[,HARD]] [--max-connections N] [--handshake S]``
+
+    A secure 16-parameter server in its own process (the fd limit set first), its client config pickled to
+    OUT; it serves until stdin closes, then writes ``server.stats()`` as JSON to OUT.stats."""
+    import argparse
+    import json
+    import pickle
+    import resource
+    import sys
+
+    from ps import ParameterServer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--nofile", default=None)
+    ap.add_argument("--max-connections", type=int, default=None)
+    ap.add_argument("--handshake", type=float, default=5.0)
+    a = ap.parse_args(argv)
+    if a.nofile:
+        soft, _, hard = a.nofile.partition(",")
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (int(soft), int(hard) if hard else resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    with ParameterServer(np.zeros(16, np.float32), num_workers=2, progress=False, handshake_timeout=a.handshake,
+                         max_connections=a.max_connections) as s:
+        with open(a.out + ".tmp", "wb") as f:
+            pickle.dump(s.client_config(), f)
+        import os
+        os.replace(a.out + ".tmp", a.out)
+        sys.stdin.read()                     # until the test closes our stdin
+        stats = s.stats()
+    with open(a.out + ".stats", "w") as f:
+        json.dump(stats, f)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] == "serve":
+        sys.exit(serve_main(sys.argv[2:]))
+    sys.exit("usage: python -m tests.ps_helpers serve OUT [--nofile SOFT[,HARD]] ...")

@@ -1,6 +1,7 @@
 """Update rules, optimizers, protocol and the engine state machine, without sockets."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -188,9 +189,25 @@ def test_header_round_trip_and_rejections():
 JOB, FP = b"J" * 16, 1234
 
 
+class SessionEngine(Engine):
+    """The engine as these tests drive it: a request whose header carries session 0 (the messages built
+    below) gets the session its (worker, attempt) registered with, as the real client sends it. A test of
+    foreign sessions sets one explicitly."""
+
+    def handle(self, token, frames, now=None):
+        try:
+            h = unpack_header(frames[0])
+        except ProtocolError:
+            return super().handle(token, frames, now)
+        info = self.workers.get(h.worker_id)
+        if h.session == 0 and h.op != Op.HELLO and info is not None and info.attempt == h.attempt:
+            frames = [replace(h, session=info.session or 0).pack()] + list(frames[1:])
+        return super().handle(token, frames, now)
+
+
 def engine(mode="async", n=2, lr=1.0, **kw):
     spec = TrainingSpec(mode=mode, num_workers=n, learning_rate=lr, **kw)
-    return Engine(np.zeros(4, np.float32), spec, job_id=JOB, fingerprint=FP)
+    return SessionEngine(np.zeros(4, np.float32), spec, job_id=JOB, fingerprint=FP)
 
 
 def msg(op, wid=0, attempt=0, payload=None, **kw):
@@ -307,3 +324,100 @@ def test_fused_sgd_step_equals_step_and_screens_nan_inf():
     assert fused.step_screened(w, huge, out) and fused.t == 2
     with pytest.raises(TypeError, match="keeps state"):
         make_optimizer("adam", w.size).step_screened(w, g, out)
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+def test_engine_binds_each_registration_to_its_session():
+    e = engine()
+    one = np.ones(4, np.float32)
+    r = e.handle(b"a", msg(Op.HELLO, 0, 0))
+    session = r[0][1].session
+    assert status(r) == [(Status.OK, 0)] and session != 0
+    # another client holding the job's keys but not the session: nothing it sends as worker 0 is taken
+    for op, payload, kw in ((Op.PUSH, one, dict(step=1)), (Op.PULL, None, {}), (Op.STATS, None, {}),
+                            (Op.BYE, None, {}), (Op.BARRIER, None, dict(step=3))):
+        assert status(e.handle(b"z", msg(op, 0, 0, payload, session=session ^ 1, **kw))) == \
+            [(Status.ERROR, Reason.FOREIGN_SESSION)], op
+    assert status(e.handle(b"z", msg(Op.HELLO, 0, 0))) == [(Status.ERROR, Reason.DUPLICATE_WORKER)]
+    assert e.version == 0 and not e.workers[0].done
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=1))) == [(Status.OK, 0)]   # the real step 1
+    # the registered client again, from a new connection: same session, its progress kept
+    r = e.handle(b"a2", msg(Op.HELLO, 0, 0, session=session))
+    assert status(r) == [(Status.OK, 0)] and r[0][1].session == session and r[0][1].step == 1
+    assert e.workers[0].token == b"a2"
+
+
+def test_engine_steps_are_contiguous():
+    e = engine(lr=1.0)
+    one = np.ones(4, np.float32)
+    e.handle(b"a", msg(Op.HELLO, 0))
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=1))) == [(Status.OK, 0)]
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=101, wversion=1))) == \
+        [(Status.ERROR, Reason.STEP_GAP)]
+    assert e.version == 1 and e.workers[0].last_step == 1
+    np.testing.assert_array_equal(e.weights, -one)
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=2, wversion=1))) == [(Status.OK, 0)]
+    np.testing.assert_array_equal(e.weights, -2 * one)
+    assert e.stats()["rejected"] == {"step_gap": 1}
+
+
+def test_engine_every_op_honours_registration_and_fencing():
+    e = engine()
+    e.handle(b"a", msg(Op.HELLO, 0, 0))
+    for wid in (0, -5):                                   # nobody stops the server remotely
+        assert status(e.handle(b"x", msg(Op.STOP, wid, 0))) == [(Status.ERROR, Reason.FORBIDDEN)]
+    for op, kw in ((Op.STATS, {}), (Op.PULL, {}), (Op.BYE, {}), (Op.BARRIER, dict(step=2))):
+        assert status(e.handle(b"u", msg(op, 1, 0, **kw))) == [(Status.ERROR, Reason.UNKNOWN_WORKER)], op
+    assert status(e.handle(b"a", msg(Op.STATS, 0, 0)))[0][0] == Status.OK
+    e.fence_below(1)
+    for op in (Op.STATS, Op.PULL, Op.BYE, Op.HELLO):
+        assert status(e.handle(b"a", msg(op, 0, 0))) == [(Status.ERROR, Reason.SUPERSEDED_ATTEMPT)], op
+
+
+@pytest.mark.parametrize("mode,optimizer,pushes_until_overflow", [
+    ("async", "sgd", 3), ("async", "momentum", 2), ("async-easgd", "sgd", 2), ("sync", "sgd", 2)])
+def test_engine_rolls_back_an_update_whose_result_is_not_finite(mode, optimizer, pushes_until_overflow):
+    """Finite pushes whose update overflows float32: rolled back (weights and optimizer state), answered
+    NON_FINITE_UPDATE, counted, the step used up; the next step is applied."""
+    n = 2 if mode == "sync" else 1
+    e = engine(mode, n=n, lr=0.5 if mode != "sync" else 1.0, optimizer=optimizer)
+    huge = np.full(4, 3e38, np.float32)
+    flags = FLAG_ELASTIC if mode == "async-easgd" else 0
+    for wid in range(n):
+        e.handle(bytes([wid]), msg(Op.HELLO, wid))
+
+    def push(step, g):
+        replies = []
+        for wid in range(n):
+            replies += e.handle(bytes([wid]), msg(Op.PUSH, wid, 0, g, step=step, wversion=e.version, flags=flags))
+        return status(replies)
+
+    for step in range(1, pushes_until_overflow):
+        assert push(step, huge) == [(Status.OK, 0)] * n
+    weights, state = e.weights.copy(), {k: v.copy() for k, v in e.optimizer.state.items()}
+    version, t = e.version, e.optimizer.t
+    assert push(pushes_until_overflow, huge) == [(Status.ERROR, Reason.NON_FINITE_UPDATE)] * n
+    assert e.version == version and e.optimizer.t == t and np.isfinite(e.weights).all()
+    np.testing.assert_array_equal(e.weights, weights)
+    for k, v in e.optimizer.state.items():
+        np.testing.assert_array_equal(v, state[k])
+    assert e.stats()["non_finite_updates"] == 1
+    assert all(w.last_step == pushes_until_overflow for w in e.workers.values())
+    assert push(pushes_until_overflow + 1, np.full(4, 1e-3, np.float32)) == [(Status.OK, 0)] * n
+    assert e.version == version + 1 and np.isfinite(e.weights).all()
+
+
+def test_fused_screen_tells_a_bad_gradient_from_a_bad_result():
+    from core.backends import host_ops
+    from core.optimizers import Verdict
+
+    w = np.full(100_003, -3e38, np.float32)
+    opt = make_optimizer("sgd", w.size, learning_rate=1.0, ops=host_ops())
+    g = np.zeros_like(w)
+    g[5] = 3e38                                           # finite, but w - g overflows at index 5
+    assert opt.step_screened(w, g, np.empty_like(w)) is Verdict.BAD_RESULT and opt.t == 0
+    g[5] = np.nan
+    assert opt.step_screened(w, g, np.empty_like(w)) is Verdict.BAD_GRADIENT and opt.t == 0
+    ref = make_optimizer("sgd", w.size, learning_rate=1.0)
+    g[5] = 3e38
+    assert ref.step_screened(w, g, np.empty_like(w)) is Verdict.BAD_RESULT      # the NumPy reference agrees

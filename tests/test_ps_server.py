@@ -11,7 +11,7 @@ import zmq
 from core import FeedForwardNetwork
 from ps import ParameterClient, ParameterServer, PSError, Reason, ServerUnavailable, StaleUpdate, Status
 from ps import checkpoint as ckpt
-from ps.protocol import FLAG_JSON, FLOAT32, HEADER, MAGIC, MAX_JSON_BYTES, Header
+from ps.protocol import FLAG_JSON, FLOAT32, HEADER, MAGIC, MAX_JSON_BYTES, PROTOCOL_VERSION, Header
 try:
     from tests.ps_helpers import header_for, push_frames, raw_socket, request, run_threads
 except ImportError:  # pytest run without the repository root on sys.path
@@ -94,15 +94,17 @@ def test_load_8_workers_1000_pushes_each():
         np.testing.assert_allclose(s.weights(), w0 - lr * total, rtol=0, atol=2e-4)
 
 
-def _fuzz_messages(cfg, rng, n, P):
-    """n messages that must all be refused (each a list of frames)."""
-    good = dict(worker_id=0, attempt=1, step=1)
+def _fuzz_messages(cfg, rng, n, P, session=0):
+    """n messages that must all be refused (each a list of frames). ``session``: the registered worker 0's,
+    so the messages reach the checks behind the session gate (a key holder who also stole the session)."""
+    good = dict(worker_id=0, attempt=1, step=1, session=session)
     wrong = [
         lambda: [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200))).replace(MAGIC, b"XXXX")],
         lambda: [header_for(cfg, 2, **good).pack()[:rng.randrange(0, HEADER.size)]],
         lambda: [header_for(cfg, 2, **good).pack() + b"\0" * rng.randrange(1, 9)],
         lambda: [b"XXXX" + header_for(cfg, 2, **good).pack()[4:]],
-        lambda: [header_for(cfg, 2, version=rng.choice([0, 2, 7, 65535]), **good).pack()],
+        lambda: [header_for(cfg, 2, version=rng.choice([v for v in (0, 1, 2, 7, 65535) if v != PROTOCOL_VERSION]),
+                            **good).pack()],
         lambda: [Header(op=2, job_id=os.urandom(16), fingerprint=cfg["fingerprint"], **good).pack()],
         lambda: [header_for(cfg, 2, **good).pack().replace(cfg["fingerprint"].to_bytes(8, "little"), os.urandom(8))],
         lambda: [header_for(cfg, rng.choice([0, 8, 9, 100, 127, 200, 255]), **good).pack()],
@@ -116,14 +118,17 @@ def _fuzz_messages(cfg, rng, n, P):
                  np.ones(P // 2, np.float64).tobytes()],                                           # float64 bytes
         lambda: push_frames(cfg, np.where(np.arange(P) == rng.randrange(P), rng.choice([np.nan, np.inf, -np.inf]),
                                           1.0), **good),
-        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, loss=float("nan")),
-        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, accuracy=2.0),
-        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=0),                       # bad step
-        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, wversion=10**6),       # future base
+        lambda: push_frames(cfg, np.ones(P), **dict(good, loss=float("nan"))),
+        lambda: push_frames(cfg, np.ones(P), **dict(good, accuracy=2.0)),
+        lambda: push_frames(cfg, np.ones(P), **dict(good, step=0)),                                 # bad step
+        lambda: push_frames(cfg, np.ones(P), **dict(good, wversion=10**6)),                         # future base
         lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=0, step=5),                       # superseded
         lambda: push_frames(cfg, np.ones(P), worker_id=rng.choice([1, 2, -1, 99]), attempt=0, step=1),  # unknown
-        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=-3),
-        lambda: push_frames(cfg, np.ones(P), worker_id=0, attempt=1, step=1, flags=8),              # wrong mode
+        lambda: push_frames(cfg, np.ones(P), **dict(good, step=-3)),
+        lambda: push_frames(cfg, np.ones(P), **dict(good, flags=8)),                                # wrong mode
+        lambda: push_frames(cfg, np.ones(P), **dict(good, step=rng.choice([3, 50, 10**9]))),        # step gap
+        lambda: push_frames(cfg, np.ones(P), **dict(good, session=rng.getrandbits(64))),            # not its session
+        lambda: [header_for(cfg, 7, **good).pack()],                                               # STOP
         lambda: [header_for(cfg, 1, worker_id=rng.choice([5, 99, -7])).pack()],                    # hello, bad id
         lambda: [header_for(cfg, 1, worker_id=0, attempt=0).pack()],                               # superseded hello
         lambda: [header_for(cfg, 2, worker_id=0, attempt=7).pack()],                               # unregistered attempt
@@ -149,7 +154,7 @@ def test_fuzz_authenticated_and_stranger():
         ctx, sock = raw_socket(cfg)
         n = 10_000
         statuses = {}
-        for frames in _fuzz_messages(cfg, random.Random(0), n, P):
+        for frames in _fuzz_messages(cfg, random.Random(0), n, P, session=c.session):
             h, _ = request(sock, frames)
             assert h.status != Status.OK, frames[0][:40]
             statuses[Reason(h.code).name] = statuses.get(Reason(h.code).name, 0) + 1

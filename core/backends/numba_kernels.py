@@ -207,14 +207,19 @@ def _momentum_into(w, v, g, lr, mu, nesterov, out):
 
 
 def _sgd_screened(w, g, lr, out):
-    """out = w - lr g in one pass, returning sum(g*g): NaN/inf when g holds one (the parameter server's
-    screen and update of a pushed gradient in one read of g)."""
+    """out = w - lr g in one pass, returning (sum(g*g), sum(out*0)): the first is NaN/inf when g holds one,
+    the second NaN when out does (x*0 is 0 for finite x; no 'nnan'/'ninf' flag lets LLVM fold it away). The
+    parameter server's screen, update and check of a pushed gradient in one read of g."""
     s = np.float32(0.0)
+    z = np.float32(0.0)
+    zero = np.float32(0.0)
     for i in range(w.shape[0]):
         gi = g[i]
         s += gi * gi
-        out[i] = w[i] - lr * gi
-    return s
+        oi = w[i] - lr * gi
+        out[i] = oi
+        z += oi * zero
+    return s, z
 
 
 def _all_finite(x):

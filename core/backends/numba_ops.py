@@ -138,13 +138,15 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         self._kernel("sgd_into", w.size)(w, g, w.dtype.type(lr), out)
         return out
 
-    def sgd_update_screened(self, w, g, lr, out) -> bool:
-        """One fused pass: the update and the sum of g*g, whose NaN/inf gives a bad g away (a finite g whose
-        squares overflow is told apart by a second look only then)."""
+    def sgd_update_screened(self, w, g, lr, out):
+        """One fused pass: the update, the sum of g*g (NaN/inf gives a bad g away; a finite g whose squares
+        overflow is told apart by a second look only then) and the sum of out*0 (NaN for a non-finite result)."""
         if w.dtype != np.float32 or g.dtype != np.float32:
             return super().sgd_update_screened(w, g, lr, out)
-        screen = sgd_screened(w, g, np.float32(lr), out)
-        return math.isfinite(screen) or bool(np.isfinite(g).all())
+        g_screen, out_screen = sgd_screened(w, g, np.float32(lr), out)
+        if not math.isfinite(g_screen) and not np.isfinite(g).all():
+            return "gradient"
+        return None if math.isfinite(out_screen) else "result"
 
     def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
         t = w.dtype.type

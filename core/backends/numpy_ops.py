@@ -174,13 +174,14 @@ class NumpyOps:
         step = np.multiply(g, w.dtype.type(lr), out=self._scratch("opt_step", g.shape, g.dtype))
         return np.subtract(w, step, out=w if out is None else out)
 
-    def sgd_update_screened(self, w, g, lr, out) -> bool:
-        """``sgd_update`` into ``out`` unless g holds NaN/inf -> False, with ``out`` scribbled on and nothing
-        else changed. ``out`` must not be ``w``: it is a scratch buffer until the caller commits it."""
+    def sgd_update_screened(self, w, g, lr, out):
+        """``sgd_update`` into ``out``, screened -> None, or "gradient" when g holds NaN/inf, or "result" when
+        g is finite but the new weights are not. ``out`` (not ``w``) is a scratch buffer until the caller
+        commits it."""
         if not self.all_finite(g):
-            return False
+            return "gradient"
         self.sgd_update(w, g, lr, out=out)
-        return True
+        return None if self.all_finite(out) else "result"
 
     def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
         """v <- momentum v + g; out <- w - lr v (Nesterov: out <- w - lr (g + momentum v))."""
