@@ -88,12 +88,12 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
         reader = spark.read.format("libsvm")
         if num_features:
             reader = reader.option("numFeatures", str(num_features))
-        df = reader.load(path)
+        df = _read(path, fmt, lambda: reader.load(path))
         if (label_col, features_col) != ("label", "features"):
             df = df.withColumnRenamed("label", label_col).withColumnRenamed("features", features_col)
         return df
-    df = spark.read.option("header", True).option("inferSchema", True).csv(path) if fmt == "csv" \
-        else spark.read.parquet(path)
+    df = _read(path, fmt, lambda: spark.read.option("header", True).option("inferSchema", True).csv(path)
+               if fmt == "csv" else spark.read.parquet(path))
     if features_col in df.columns and isinstance(df.schema[features_col].dataType, VectorUDT):
         return df
     inputs = [f.name for f in df.schema.fields if f.name != label_col and isinstance(f.dataType, NumericType)]
@@ -101,6 +101,16 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
         raise ValueError(f"{path}: no Vector column {features_col!r} and no numeric feature columns besides "
                          f"{label_col!r}; columns: {df.columns}")
     return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
+
+
+def _read(path, fmt, read):
+    """``read()``, with a missing or unreadable input as one ValueError naming the path (not a traceback)."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - AnalysisException (no such path, not that format), Py4J errors
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ValueError(f"cannot read {path!r} as {fmt}: {lines[0][:300] if lines else type(exc).__name__}") \
+            from None
 
 
 def train(spark, args) -> dict:
@@ -188,11 +198,16 @@ def main(argv=None) -> int:
         from core.cli import main as core_main      # the Spark-free digits demo
 
         return core_main(argv)
+    from spark.failures import TrainingFailed
+
     try:
         result = run(argv)
     except ValueError as exc:
         print(f"ffps: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"ffps: error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result))
     return 0
 

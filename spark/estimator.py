@@ -95,8 +95,11 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
 
         checkpoint_dir = self.getCheckpointDir() or None
         server = ParameterServer(initial_weights(self, spec), spec=spec, bind=bind, secure=self.getSecure(),
-                                 checkpoint_dir=checkpoint_dir,
+                                 checkpoint_dir=checkpoint_dir, resume=self.getResume(),
                                  checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None)
+        first_attempt = server.engine.next_attempt() if server.resumed_from else 0
+        if server.resumed_from:
+            log.info("ffps: resuming from %s (version %d)", server.resumed_from, server.version)
         server.start()
         cfg = server.client_config()
         features_col, label_col = self.getFeaturesCol(), self.getLabelCol()   # plain locals: pickled to executors
@@ -111,7 +114,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         try:
             workers, attempts = training.run_barrier_stage(
                 prep, make_fn, num_workers=spec.num_workers, max_retries=self.getMaxRetries(),
-                use_gpu=self.getUseGpu() or spec.backend == "cupy", server=server)
+                use_gpu=self.getUseGpu() or spec.backend == "cupy", server=server, first_attempt=first_attempt)
         finally:
             server.stop()
         seconds = time.perf_counter() - t0
@@ -120,7 +123,9 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
             raise FloatingPointError(f"training diverged (non-finite weights) with stepSize={spec.learning_rate}; "
                                      f"lower stepSize")
         stats = {"seconds": seconds, "attempts": attempts, "workers": workers, "server": server.stats(),
-                 "history": server.history()}
+                 "history": server.history(),
+                 "resumed_from": {"path": server.resumed_from, "attempt": first_attempt}
+                 if server.resumed_from else None}
         return FeedForwardNetworkPSClassificationModel(weights=w, layers=spec.layers), stats
 
 

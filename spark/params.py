@@ -73,6 +73,10 @@ PARAMS = {
                "trusted network", T.toBoolean, True),
     "checkpointDir": ("driver-local directory for parameter-server checkpoints; empty = none", T.toString, ""),
     "checkpointInterval": ("server updates between checkpoints when checkpointDir is set (>= 1)", T.toInt, 100),
+    "resume": ("continue from the newest checkpoint in checkpointDir (a fit whose driver died): weights, "
+               "optimizer state and every worker's last applied step; refused for a checkpoint of other layers "
+               "or another mode. Without it a fit refuses a checkpointDir that already holds checkpoints",
+               T.toBoolean, False),
     "maxRetries": ("times the driver relaunches the barrier training stage after a failure; workers resume after "
                    "their last applied step (>= 0)", T.toInt, 2),
     "workerTimeout": ("seconds a worker waits for one server reply before retrying (> 0)", T.toFloat, 30.0),
@@ -145,6 +149,8 @@ def training_spec(p: Params) -> TrainingSpec:
             raise ValueError(f"{name} must be >= {low}, got {get(name)!r}")
     if get("psPort") > 65535:
         raise ValueError(f"psPort must be 0..65535, got {get('psPort')}")
+    if get("resume") and not get("checkpointDir"):
+        raise ValueError("resume=True needs checkpointDir: the directory whose newest checkpoint the fit continues")
     alpha = None
     if p.isDefined("rho"):
         rho = get("rho")

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from .failures import TrainingFailed, from_reports, from_spark_error
+
 log = logging.getLogger("spark.training")
 
 RESULT_SCHEMA = "worker long, stats string"
@@ -38,20 +40,31 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
     width = layers[0]
 
     def train(batches):
+        from pyspark import BarrierTaskContext
+
+        ctx = BarrierTaskContext.get()
+        worker, sessions = ctx.partitionId(), []
+        try:
+            yield from train_task(ctx, worker, batches, sessions.append)
+        except Exception as exc:                     # say why on the driver, then fail the task as before
+            from spark.failures import report_to_server
+
+            report_to_server(cfg, worker, attempt, sessions[-1] if sessions else None, exc, ctx)
+            raise
+
+    def train_task(ctx, worker, batches, keep_session):
         import os
 
         import pyarrow as pa
-        from pyspark import BarrierTaskContext
 
         from ps.client import ParameterClient
         from spark.data import data_problem, read_partition
 
         t_start = time.time()
-        ctx = BarrierTaskContext.get()
-        worker = ctx.partitionId()
         X, y, report = read_partition(batches, width)
         t_read = time.time()
         client = ParameterClient(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
+        keep_session(client.session)
         try:
             reports = client.gather(DATA_BARRIER, report)
             stats = {"worker_id": worker, "attempt": attempt, "rows": report["rows"],
@@ -104,18 +117,20 @@ class UnsupportedBarrierChain(RuntimeError):
 
 
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
-                      description: str = "ffps training"):
+                      description: str = "ffps training", first_attempt: int = 0):
     """Run the training stage, relaunching it (attempt + 1) after a failure -> (worker results, attempts).
 
     A failed task aborts a barrier stage's job, so the retry is the driver's: the server keeps its state,
     new attempts re-register, resume after their last applied step, and fence off the old attempt's pushes.
+    A failure that repeats on every attempt (see :mod:`spark.failures`) is raised at once, as TrainingFailed
+    naming the task's Python exception. first_attempt: above the attempts a restored checkpoint recorded.
     """
     from .gpu import with_gpu_profile
 
     sc = prep.sparkSession.sparkContext
     errors = []
-    for attempt in range(max_retries + 1):
-        if attempt:
+    for attempt in range(first_attempt, first_attempt + max_retries + 1):
+        if attempt > first_attempt:
             server.fence_below(attempt)        # a straggling task of the failed attempt can hold no barrier
         # mapInArrow's own barrier mode: no Python RDD stage after it (about 0.1 s less per fit than
         # .rdd.barrier().mapPartitions); .rdd only where a GPU ResourceProfile must be attached
@@ -129,11 +144,16 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
             if "BarrierJobUnsupportedRDDChainException" in str(exc):
                 raise UnsupportedBarrierChain(_short(exc)) from None      # nothing ran: the caller reshuffles
-            errors.append(f"attempt {attempt}: {_short(exc)}")
+            failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
+            reason = failure.describe() if failure is not None else _short(exc)
+            errors.append(f"attempt {attempt}: {reason}")
             if not server.running:
-                raise RuntimeError(f"parameter server stopped during training: {server.stats().get('error')}; "
-                                   + "; ".join(errors)) from exc
-            log.warning("training stage failed after %.1fs (%s); %s", time.perf_counter() - t0, _short(exc),
+                raise TrainingFailed(f"parameter server stopped during training: {server.stats().get('error')}; "
+                                     + "; ".join(errors), failure, len(errors)) from exc
+            if failure is not None and failure.deterministic:
+                raise TrainingFailed(f"training failed: {reason}. Not retried: a {failure.type} fails every "
+                                     f"attempt the same way", failure, len(errors)) from None
+            log.warning("training stage failed after %.1fs (%s); %s", time.perf_counter() - t0, reason,
                         "retrying" if attempt < max_retries else "giving up")
             continue
         finally:
@@ -146,7 +166,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         problems = [r["data_error"] for r in results.values() if "data_error" in r]
         if problems:
             raise ValueError(problems[0])      # every task judged the same reports: one message
-        return results, attempt + 1
-    raise RuntimeError(f"training failed in all {max_retries + 1} attempts of the barrier stage: "
-                       + "; ".join(errors) + ". If the stage waited for slots, numWorkers may exceed the "
-                       "cluster's free task slots (or GPUs).")
+        return results, attempt - first_attempt + 1
+    raise TrainingFailed(f"training failed in all {max_retries + 1} attempts of the barrier stage: "
+                         + "; ".join(errors) + ". If the stage waited for slots, numWorkers may exceed the "
+                         "cluster's free task slots (or GPUs).", failure, max_retries + 1)

@@ -135,8 +135,37 @@ def cluster_job(out_path: str) -> None:
         json.dump(report, f)
 
 
+RESUME_FIT = dict(layers=[64, 100, 10], maxIter=12, blockSize=32, stepSize=0.3, seed=5, numWorkers=2, mode="sync",
+                  backend="numpy", checkpointInterval=20)
+
+
+def fit_slowly(checkpoint_dir: str) -> None:
+    """The driver a resume test kills: RESUME_FIT on digits, checkpointing into ``checkpoint_dir``, each local
+    step slowed by 5 ms so the test can kill it mid-fit."""
+    import time
+
+    from pyspark.sql import SparkSession
+
+    from core.datasets import load_digits_split
+    from spark import FeedForwardNetworkPSClassifier, training
+
+    real = training.make_train_function
+
+    def slow(cfg, **kw):
+        def on_step(worker, k):
+            time.sleep(0.005)
+        return real(cfg, on_step=on_step, **kw)
+    training.make_train_function = slow
+    spark = spark_conf(SparkSession.builder, "local[2]").getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    train, _ = digits_frames(spark, *load_digits_split())
+    FeedForwardNetworkPSClassifier(checkpointDir=checkpoint_dir, **RESUME_FIT).fit(train)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "cluster-job":
         cluster_job(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "fit-slowly":
+        fit_slowly(sys.argv[2])
     else:
-        sys.exit("usage: python -m tests.spark_helpers cluster-job OUT.json")
+        sys.exit("usage: python -m tests.spark_helpers cluster-job OUT.json | fit-slowly CHECKPOINT_DIR")

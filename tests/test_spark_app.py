@@ -91,3 +91,14 @@ def test_console_script_points_at_the_app():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         assert tomllib.load(f)["project"]["scripts"]["ffps"] == "spark.app:main"
     assert glob.glob(os.path.join(REPO, "spark", "app.py"))
+
+
+def test_a_missing_input_path_is_a_one_line_error(spark, tmp_path, capsys):
+    from spark.app import main
+
+    for data in ("/no/such/file.parquet", "/no/such/data.txt"):
+        assert main(["--mode", "train", "--dir", str(tmp_path / "m"), data]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ffps: error: cannot read '{data}' as ") and "does not exist" in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

@@ -30,3 +30,58 @@ def test_killed_python_worker_is_retried_without_double_updates(digits_df, mode,
         assert sorted(s for (ww, s) in applied if ww == w) == list(range(1, last + 1))
     assert stats["server"]["workers"]["1"]["attempt"] == 1
     assert accuracy(model.transform(test)) >= 0.96
+
+
+def _raise_in(monkeypatch, worker, step, exc_factory, attempts=(0, 1, 2, 3)):
+    """Worker ``worker`` raises exc_factory() at local step ``step`` of the given attempts (hook sent by value)."""
+    from spark import training
+
+    real = training.make_train_function
+
+    def with_error(cfg, *, attempt, **kw):
+        def on_step(w, k):
+            if attempt in attempts and w == worker and k == step:
+                raise exc_factory()
+        return real(cfg, attempt=attempt, on_step=on_step, **kw)
+    monkeypatch.setattr(training, "make_train_function", with_error)
+
+
+def test_a_deterministic_task_failure_is_named_and_not_retried(digits_df, monkeypatch):
+    """The driver's error names the failed task's Python exception, where in our code, and its executor; an
+    import error would fail every attempt alike, so the stage is not relaunched."""
+    from spark.failures import TrainingFailed
+
+    _raise_in(monkeypatch, 1, 3, lambda: ModuleNotFoundError("No module named 'fastmath_plugin'"))
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=2, blockSize=32, numWorkers=2,
+                                         backend="numpy", maxRetries=2)
+    with pytest.raises(TrainingFailed) as err:
+        clf.fit(digits_df[0])
+    text = str(err.value)
+    assert "task 1 on executor" in text and "ModuleNotFoundError: No module named 'fastmath_plugin'" in text
+    assert "at spark/training.py:" in text and "Not retried" in text      # where our code called the hook
+    assert err.value.attempts == 1 and err.value.failure.worker == 1 and err.value.failure.host
+
+
+def test_a_failure_on_every_attempt_is_named_per_attempt(digits_df, monkeypatch):
+    from spark.failures import TrainingFailed
+
+    _raise_in(monkeypatch, 0, 2, lambda: RuntimeError("scratch disk full"))
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=2, blockSize=32, numWorkers=2,
+                                         backend="numpy", maxRetries=1)
+    with pytest.raises(TrainingFailed) as err:
+        clf.fit(digits_df[0])
+    text = str(err.value)
+    assert err.value.attempts == 2 and "training failed in all 2 attempts" in text
+    for attempt in (0, 1):
+        assert f"attempt {attempt}: task 0 on executor" in text
+    assert text.count("RuntimeError: scratch disk full") == 2
+
+
+def test_a_transient_task_failure_is_retried(digits_df, monkeypatch):
+    _raise_in(monkeypatch, 0, 4, lambda: ConnectionResetError("executor lost its NFS mount"), attempts=(0,))
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=3, blockSize=32, numWorkers=2,
+                                         backend="numpy", maxRetries=1)
+    model = clf.fit(digits_df[0])
+    assert model.trainingStats["attempts"] == 2
+    failures = model.trainingStats["server"]["failures"]
+    assert failures[0]["type"] == "ConnectionResetError" and failures[0]["attempt"] == 0

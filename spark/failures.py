@@ -1,0 +1,140 @@
+"""Why a training task failed, said on the driver.
+
+A failed task aborts its barrier stage, and Spark's error names only "barrier task ResultTask(12, 1) finished
+unsuccessfully" up front. So each task reports its own Python exception to the parameter server (REPORT:
+type, message, the last frame of ours, the executor's address, host and pid) before it fails, and the driver
+names the first report of the failed attempt; where no report came (the task died before it could send one),
+it reads the Python traceback Spark's error carries. Failures that repeat on every attempt (an import error,
+BackendUnavailable) are not retried.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import traceback
+from dataclasses import dataclass
+
+DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "BackendUnavailable")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("core", "ps", "spark"))
+
+
+class TrainingFailed(RuntimeError):
+    """The training stage failed; ``failure`` (a :class:`TaskFailure`, or None) says which task and why."""
+
+    def __init__(self, message: str, failure: "TaskFailure | None" = None, attempts: int = 1):
+        super().__init__(message)
+        self.failure, self.attempts = failure, attempts
+
+
+@dataclass
+class TaskFailure:
+    type: str
+    message: str
+    worker: int | None = None
+    attempt: int | None = None
+    frame: str | None = None          # "spark/training.py:93 in train_shard": the last frame in core/ps/spark
+    executor: str | None = None       # "host:port" of the task's executor
+    host: str | None = None
+    pid: int | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.type in DETERMINISTIC
+
+    def describe(self) -> str:
+        who = f"task {self.worker}" if self.worker is not None else "a task"
+        where = [f"executor {self.executor}"] if self.executor else []
+        if self.host:
+            where.append(f"host {self.host}" + (f", pid {self.pid}" if self.pid else ""))
+        at = f" at {self.frame}" if self.frame else ""
+        return f"{who}{' on ' + '; '.join(where) if where else ''} failed with {self.type}: {self.message}{at}"
+
+
+def _ours(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_OURS)
+
+
+def _frame_text(frame) -> str:
+    name = os.path.relpath(frame.filename, _ROOT) if _ours(frame.filename) else frame.filename
+    return f"{name}:{frame.lineno} in {frame.name}"
+
+
+def task_report(exc: BaseException, executor: str | None = None) -> dict:
+    """What a failing task sends the server: JSON-ready, a few hundred bytes."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if _ours(f.filename)]
+    frame = ours[-1] if ours else (frames[-1] if frames else None)
+    return {"type": type(exc).__name__, "message": str(exc)[:1000],
+            "frame": _frame_text(frame) if frame else None, "executor": executor,
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def report_to_server(cfg: dict, worker: int, attempt: int, session, exc: BaseException, ctx=None) -> None:
+    """Executor side: send :func:`task_report` of ``exc`` as this task (its registered ``session``, or a new
+    registration when it had none yet); never raises, since the task is failing anyway."""
+    from ps.client import ParameterClient
+
+    try:
+        executor = ctx.getTaskInfos()[worker].address if ctx is not None else None
+    except Exception:  # noqa: BLE001 - the report goes without it
+        executor = None
+    client = None
+    try:
+        client = ParameterClient(cfg, worker_id=worker, attempt=attempt, timeout=5.0, retries=0,
+                                 register=session is None)
+        if session is not None:
+            client.session = session
+        client.report_failure(task_report(exc, executor))
+    except Exception:  # noqa: BLE001 - the server may be gone: Spark's own error still carries the traceback
+        pass
+    finally:
+        if client is not None:
+            client.close()
+
+
+def from_reports(reports: list, attempt: int) -> TaskFailure | None:
+    """The first report the server kept from this attempt's tasks."""
+    for r in reports:
+        if r.get("attempt") == attempt:
+            return TaskFailure(type=str(r.get("type")), message=str(r.get("message")), worker=r.get("worker"),
+                               attempt=attempt, frame=r.get("frame"), executor=r.get("executor"),
+                               host=r.get("host"), pid=r.get("pid"))
+    return None
+
+
+_FILE_LINE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)')
+_TASK = re.compile(r"ResultTask\(\d+, (?P<partition>\d+)\)|Lost task \d+\.\d+ in stage \S+ \(TID \d+\) \("
+                   r"(?P<executor>[^)]*)\)")
+
+
+def from_spark_error(exc: BaseException) -> TaskFailure | None:
+    """The Python exception inside Spark's job-failure text (the task's last traceback), or None."""
+    lines = str(exc).splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip().endswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    frames, last = [], None
+    for line in lines[starts[-1] + 1:]:
+        if line.startswith(" "):                     # '  File ..., line N, in f' and its source line
+            m = _FILE_LINE.search(line)
+            if m:
+                frames.append((m["file"], int(m["line"]), m["name"]))
+            continue
+        last = line.strip()
+        break
+    if not last:
+        return None
+    type_, _, message = last.partition(": ")
+    ours = [f for f in frames if _ours(f[0])]
+    frame = ours[-1] if ours else (frames[-1] if frames else None)
+    frame_text = None
+    if frame is not None:
+        name = os.path.relpath(frame[0], _ROOT) if _ours(frame[0]) else frame[0]
+        frame_text = f"{name}:{frame[1]} in {frame[2]}"
+    task = _TASK.search(str(exc))
+    worker = int(task["partition"]) if task and task["partition"] else None
+    executor = task["executor"] if task and task["executor"] else None
+    return TaskFailure(type=type_.rsplit(".", 1)[-1], message=message.strip()[:1000], worker=worker,
+                       frame=frame_text, executor=executor)
