@@ -460,6 +460,10 @@ class Engine:
         self.rejected["superseded_attempt"] = self.rejected.get("superseded_attempt", 0) + dropped
         return dropped
 
+    def next_attempt(self) -> int:
+        """The attempt number a launcher starting over after a restore should use: above every recorded one."""
+        return max((w.attempt for w in self.workers.values()), default=-1) + 1
+
     def drain(self) -> list:
         """The server is stopping: error replies (SERVER_STOPPING) to every waiting round, barrier and SSP pull,
         so nobody waits out a timeout on a stopped server."""
@@ -499,7 +503,8 @@ class Engine:
         """(arrays, metadata) for a checkpoint: weights, optimizer state, per-worker progress, version."""
         sd = self.optimizer.state_dict()
         arrays = {"weights": self.weights.copy(), **{f"opt_{k}": v for k, v in sd["arrays"].items()}}
-        meta = {"version": self.version, "mode": self.mode.name, "optimizer": getattr(self.optimizer, "name", "sgd"),
+        meta = {"version": self.version, "mode": self.mode.name, "layers": list(self.spec.layers or []) or None,
+                "optimizer": getattr(self.optimizer, "name", "sgd"),
                 "optimizer_t": sd["t"], "fingerprint": self.fingerprint, "num_params": self.num_params,
                 "counters": self.counters,
                 "workers": {str(k): {"last_step": v.last_step, "attempt": v.attempt, "applied": v.applied,
@@ -507,9 +512,12 @@ class Engine:
         return arrays, meta
 
     def restore(self, arrays: dict, meta: dict) -> None:
-        if meta["fingerprint"] != self.fingerprint or meta["mode"] != self.mode.name:
-            raise ValueError(f"checkpoint is for mode {meta['mode']!r} / fingerprint {meta['fingerprint']:#x}, "
-                             f"this server runs {self.mode.name!r} / {self.fingerprint:#x}")
+        if meta["mode"] != self.mode.name:
+            raise ValueError(f"it was made by a mode={meta['mode']!r} run; this run's mode is {self.mode.name!r}")
+        if meta["fingerprint"] != self.fingerprint:
+            made = f"layers {meta['layers']}" if meta.get("layers") else f"{meta.get('num_params')} parameters"
+            mine = f"layers {list(self.spec.layers)}" if self.spec.layers else f"{self.num_params} parameters"
+            raise ValueError(f"it was made for {made}; this run has {mine}")
         w = arrays["weights"]
         if w.shape != (self.num_params,):
             raise ValueError(f"checkpoint weights have shape {w.shape}, expected ({self.num_params},)")

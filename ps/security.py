@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import zmq
@@ -135,3 +136,70 @@ def _shut_down(fd: int) -> None:
         pass
     finally:
         conn.detach()
+
+
+CURVE_SLOW_RATIO = 15.0   # CURVE / plain round trip: ~4-9x with libsodium's fast code, 29-43x with the slow wheels
+
+
+@functools.lru_cache(maxsize=1)
+def curve_round_trips(nbytes: int = 1 << 20, reps: int = 3) -> tuple[float, float]:
+    """(plain, CURVE) seconds of an ``nbytes`` DEALER/ROUTER round trip over loopback, best of ``reps``;
+    measured once per process (about 30 ms with a fast CURVE)."""
+    import threading
+    import time
+
+    def round_trip(secure: bool) -> float:
+        ctx = zmq.Context()
+        router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        try:
+            for s in (router, dealer):
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.RCVTIMEO, 10_000)
+                s.setsockopt(zmq.SNDTIMEO, 10_000)
+            if secure:
+                server_public, server_secret = zmq.curve_keypair()
+                client_public, client_secret = zmq.curve_keypair()
+                router.curve_secretkey, router.curve_publickey, router.curve_server = \
+                    server_secret, server_public, True
+                dealer.curve_serverkey, dealer.curve_publickey, dealer.curve_secretkey = \
+                    server_public, client_public, client_secret
+            router.bind("tcp://127.0.0.1:*")
+            dealer.connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
+
+            def echo():
+                try:
+                    for _ in range(reps + 1):
+                        router.send_multipart(router.recv_multipart(copy=False), copy=False)
+                except zmq.ZMQError:
+                    pass
+            th = threading.Thread(target=echo, daemon=True)
+            th.start()
+            payload = bytes(nbytes)
+            best = float("inf")
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                dealer.send(payload, copy=False)
+                dealer.recv(copy=False)
+                if i:                                # the first carries the handshake
+                    best = min(best, time.perf_counter() - t0)
+            th.join(10)
+            return best
+        finally:
+            router.close(0)
+            dealer.close(0)
+            ctx.term()
+
+    return round_trip(False), round_trip(True)
+
+
+def curve_speed_problem() -> str | None:
+    """None when CURVE encrypts at libsodium's speed here; else a sentence with the measurement and the fix."""
+    try:
+        plain, curve = curve_round_trips()
+    except zmq.ZMQError as exc:
+        return f"could not measure CURVE's speed ({exc})"
+    if curve <= CURVE_SLOW_RATIO * plain:
+        return None
+    return (f"CURVE is slow in this pyzmq ({zmq.__version__}): a 1 MB round trip took {curve * 1e3:.1f} ms "
+            f"encrypted against {plain * 1e3:.1f} ms plain ({curve / plain:.0f}x; ~5x is normal). Wheels before "
+            f"27.3 encrypt with a slow fallback: pip install 'pyzmq>=27.3'")

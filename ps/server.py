@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .engine import Engine
 from .progress import ProgressLine
 from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint
-from .security import ConnectionGuard, CurveServer, raise_fd_limit
+from .security import ConnectionGuard, CurveServer, curve_speed_problem, raise_fd_limit
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.server")
@@ -98,10 +98,18 @@ class ParameterServer:
         if checkpoint_dir:
             self.checkpoints = ckpt.CheckpointSchedule(checkpoint_dir, checkpoint_every, checkpoint_seconds,
                                                        checkpoint_on_stop)
-            if resume and ckpt.latest(checkpoint_dir):
-                self.resumed_from = ckpt.latest(checkpoint_dir)
-                self.engine.restore(*ckpt.load(self.resumed_from))
-                log.info("resumed from %s at version %d", self.resumed_from, self.engine.version)
+            newest = ckpt.latest(checkpoint_dir)
+            if newest and not resume:
+                raise ValueError(f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints (newest "
+                                 f"{os.path.basename(newest)}): pass resume=True to continue from it, or use an "
+                                 f"empty directory; a new run would overwrite them")
+            if resume and newest:
+                try:
+                    self.engine.restore(*ckpt.load(newest))
+                except ValueError as exc:
+                    raise ValueError(f"cannot resume from {newest}: {exc}") from None
+                self.resumed_from = newest
+                log.info("resumed from %s at version %d", newest, self.engine.version)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -137,6 +145,9 @@ class ParameterServer:
         if self.secure:
             self.curve = CurveServer(self.ctx)
             self.curve.secure(sock)
+            slow = curve_speed_problem()             # measured once per process
+            if slow:
+                log.warning("%s", slow)
         else:
             log.warning("SECURITY OFF: parameter server at %s accepts unauthenticated, unencrypted clients; "
                         "use secure=False only on a trusted network", self.bind)

@@ -94,8 +94,8 @@ def test_training_with_the_fused_step_follows_the_per_op_path():
     assert not np.allclose(w1, fused.init_params(1))
 
 
-def test_fused_step_declines_what_it_cannot_take():
-    """Mixed dtypes, a strided batch or (with threads to use) a big one: NotImplemented, and the network's
+def test_fused_step_declines_what_it_cannot_take(monkeypatch):
+    """Mixed dtypes, a strided batch or (with a free thread pool) a big one: NotImplemented, and the network's
     per-op path computes it."""
     from core.backends.numba_ops import NumbaOps
 
@@ -109,15 +109,20 @@ def test_fused_step_declines_what_it_cannot_take():
     assert ops.dense_stack_gradient(net._dims, w, X, y, grad, acts, deltas) is NotImplemented
     assert ops.dense_stack_gradient(net._dims, w, X.astype(np.float64), y, grad, acts, deltas) is NotImplemented
     loss, correct = net.gradient_device(w, X, y, grad)
-    # a batch whose activations pass FUSED_STEP_MAX_ELEMENTS is left to the parallel per-op kernels
+    # a batch whose activations pass FUSED_STEP_MAX_ELEMENTS is left to the parallel per-op kernels, where
+    # they may run in parallel (BLAS single-threaded); beside a threaded BLAS the one call takes it
     import numba
+
+    import core.backends
     from core.backends.numba_ops import FUSED_STEP_MAX_ELEMENTS
 
     rows = FUSED_STEP_MAX_ELEMENTS // 12 + 1
     _, _, big_acts, big_deltas = net._workspace(rows)
     Xbig, ybig = np.ones((rows, 6), np.float32), np.zeros(rows, np.int32)
-    got = ops.dense_stack_gradient(net._dims, w, Xbig, ybig, np.empty_like(w), big_acts, big_deltas)
-    assert (got is NotImplemented) == (numba.get_num_threads() > 1)
+    for blas in (1, 2):
+        monkeypatch.setattr(core.backends, "_blas_threads", blas)
+        got = ops.dense_stack_gradient(net._dims, w, Xbig, ybig, np.empty_like(w), big_acts, big_deltas)
+        assert (got is NotImplemented) == (numba.get_num_threads() > 1 and blas == 1), blas
     ref = FeedForwardNetwork([6, 8, 4], backend="numpy")
     want_loss, want_grad, want_correct = ref.loss_grad_and_correct(w, np.ascontiguousarray(X), y)
     assert loss / 5 == pytest.approx(want_loss, rel=1e-5) and correct == want_correct

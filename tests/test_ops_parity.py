@@ -7,7 +7,7 @@ compared. Inputs are fresh random data, never zeros.
 import numpy as np
 import pytest
 
-from core import get_backend
+from core import available_backends, get_backend
 from core.backends.numpy_ops import NumpyOps
 from tests.conftest import BACKEND_PARAMS, DTYPES, tolerance
 
@@ -26,8 +26,19 @@ def check(ops, dtype, got, want):
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()))
 
 
-@pytest.fixture(params=BACKEND_PARAMS)
-def ops(request):
+NUMBA_POOL = pytest.param("numba-pool", id="numba-pool",
+                          marks=[] if "numba" in available_backends() else [pytest.mark.skip(reason="no numba")])
+
+
+@pytest.fixture(params=BACKEND_PARAMS + [NUMBA_POOL])
+def ops(request, monkeypatch):
+    """Every backend; "numba-pool" is numba with BLAS single-threaded, where its parallel kernels run (beside
+    a threaded BLAS they stay serial: core.backends' thread model), so both dispatch branches are compared."""
+    if request.param == "numba-pool":
+        import core.backends
+
+        monkeypatch.setattr(core.backends, "_blas_threads", 1)
+        return get_backend("numba")
     return get_backend(request.param)
 
 
@@ -234,3 +245,20 @@ def test_numba_float32_exp_kernel_over_its_whole_range():
         rel = np.abs(e[0, :20001] - want[0, :20001]) / want[0, :20001]
         assert rel.max() < 3e-7 and e[0, 20000] == 1.0
         assert np.all((e[0, 20001:] >= 0) & (e[0, 20001:] < 2e-38))
+
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+def test_numba_runs_parallel_kernels_only_where_blas_is_single_threaded(monkeypatch):
+    import numba
+
+    import core.backends
+    from core.backends.numba_kernels import KERNELS
+
+    ops = get_backend("numba")
+    serial, parallel = KERNELS["sgd"]
+    monkeypatch.setattr(core.backends, "_blas_threads", 2)
+    assert not ops._pool_free() and ops._kernel("sgd", 1 << 20) is serial
+    monkeypatch.setattr(core.backends, "_blas_threads", 1)
+    if numba.get_num_threads() > 1:
+        assert ops._pool_free() and ops._kernel("sgd", 1 << 20) is parallel
+    assert ops._kernel("sgd", 100) is serial                           # small arrays: serial either way

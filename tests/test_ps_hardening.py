@@ -195,3 +195,23 @@ def test_an_all_interfaces_bind_advertises_a_routable_address(monkeypatch):
     with pytest.raises(ValueError, match=r"binds all interfaces \(tcp://0.0.0.0:0\).*loopback address "
                                          r"127.0.1.1.*advertise_host"):
         ParameterServer(np.zeros(4, np.float32), bind="tcp://0.0.0.0:0")
+
+
+# -------------------------------------------------------------------------------- CURVE at libsodium speed
+def test_a_secure_server_warns_once_when_curve_is_slow(monkeypatch, caplog):
+    import logging
+
+    from ps import security
+
+    plain, curve = security.curve_round_trips()                       # this process's pyzmq, measured
+    assert 0 < plain < curve
+    monkeypatch.setattr(security, "curve_round_trips", lambda: (0.7e-3, 45e-3))   # a pre-27.3 wheel's figures
+    with caplog.at_level(logging.WARNING, logger="ps.server"):
+        with server(secure=True):
+            pass
+        with server(secure=False):                                     # nothing to say without CURVE
+            pass
+    slow = [r.message for r in caplog.records if "CURVE is slow" in r.message]
+    assert len(slow) == 1 and "64x" in slow[0] and "pip install 'pyzmq>=27.3'" in slow[0]
+    monkeypatch.setattr(security, "curve_round_trips", lambda: (0.7e-3, 4e-3))    # 27.3's
+    assert security.curve_speed_problem() is None

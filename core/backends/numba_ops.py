@@ -45,9 +45,16 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
             return super().all_finite(x)
         return bool(all_finite_jit(x.reshape(-1)))
 
+    def _pool_free(self) -> bool:
+        """Whether numba's thread pool may run parallel kernels here: it has threads, and BLAS (which owns the
+        cores otherwise) is single-threaded. See core.backends' thread model."""
+        from . import blas_threads
+
+        return self.parallel and numba.get_num_threads() > 1 and blas_threads() == 1
+
     def _kernel(self, name, size):
         serial, parallel = KERNELS[name]
-        return parallel if self.parallel and size >= PARALLEL_MIN_ELEMENTS else serial
+        return parallel if size >= PARALLEL_MIN_ELEMENTS and self._pool_free() else serial
 
     def bias_add(self, y, b):
         self._kernel("bias_add", y.size)(y, b)
@@ -62,7 +69,7 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         return g
 
     def _column_sums(self, kernel, args, g, out):
-        if g.size < PARALLEL_MIN_ELEMENTS or self.threads == 1:
+        if g.size < PARALLEL_MIN_ELEMENTS or self.threads == 1 or not self._pool_free():
             KERNELS[kernel][0](*args, out.reshape(1, -1))   # one block, straight into out
             return out
         partials = self._scratch("partials", (self.threads, g.shape[1]), g.dtype)
@@ -98,12 +105,13 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
 
     def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas):
         """The whole step as one jitted call (:mod:`.numba_step`) when NumPy's CBLAS gemm was found and the
-        layers are small enough (FUSED_STEP_MAX_ELEMENTS) or numba has one thread."""
+        layers are small enough (FUSED_STEP_MAX_ELEMENTS) or the per-op path's kernels could not run in
+        parallel anyway."""
         if not (self.fuse_step and X.dtype == w.dtype == grad.dtype and X.flags.c_contiguous
                 and w.flags.c_contiguous and grad.flags.c_contiguous):
             return NotImplemented
-        if acts.size > FUSED_STEP_MAX_ELEMENTS and numba.get_num_threads() > 1:
-            return NotImplemented
+        if acts.size > FUSED_STEP_MAX_ELEMENTS and self._pool_free():
+            return NotImplemented                  # the per-op path's parallel kernels have the cores
         args = self._step_args(X.shape[0], int(dims[-1]), X.dtype)
         loss_sum, correct = self._fused_step(dims, w, X, y, grad, acts, deltas, *args)
         return float(loss_sum), int(correct)
