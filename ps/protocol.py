@@ -208,10 +208,14 @@ def max_message_bytes(num_params: int) -> int:
     return max(4 * int(num_params), MAX_JSON_BYTES, HEADER.size) + 4096
 
 
-def model_fingerprint(num_params: int, dtype="float32", layers=None) -> int:
-    """64-bit hash of (layer sizes, dtype, num_params): a push for another model is refused."""
-    desc = json.dumps({"layers": list(map(int, layers)) if layers is not None else None,
-                       "dtype": np.dtype(dtype).name, "num_params": int(num_params)}, sort_keys=True)
+def model_fingerprint(num_params: int, dtype="float32", layers=None, shard=None) -> int:
+    """64-bit hash of (layer sizes, dtype, num_params, shard): a push for another model, or another shard's
+    slice of it, is refused. ``shard``: (index, count) of a sharded server's slice, None for a whole vector."""
+    info = {"layers": list(map(int, layers)) if layers is not None else None,
+            "dtype": np.dtype(dtype).name, "num_params": int(num_params)}
+    if shard is not None:
+        info["shard"] = [int(shard[0]), int(shard[1])]
+    desc = json.dumps(info, sort_keys=True)
     return int.from_bytes(hashlib.blake2b(desc.encode(), digest_size=8).digest(), "little")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .server import ParameterServer
+from .shards import auto_shards, make_server
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.runner")
@@ -86,12 +86,13 @@ class Runner:
     finished, failed workers are listed in ``RunResult.failed`` instead of raising WorkerFailed (async modes
     keep going without them). worker_options: extra keyword arguments for :func:`ps.worker.run_worker` (e.g.
     step_delay). start_together: first attempts wait for each other at the server's barrier 0 before training.
-    devices: one CUDA ordinal per worker (cupy).
+    devices: one CUDA ordinal per worker (cupy). shards: slices of the vector the server serves in parallel
+    (:mod:`ps.shards`; default: :func:`ps.shards.auto_shards`).
     """
 
     def __init__(self, X, y, layers=None, *, spec: TrainingSpec | None = None, workers=None, devices=None,
                  secure=True, max_restarts=0, progress=False, tolerate_failures=False, worker_options=None,
-                 start_together=True, **spec_fields):
+                 start_together=True, shards=None, **spec_fields):
         if spec is None:
             spec_fields.setdefault("backend", "numpy")
             spec_fields.setdefault("barrier_timeout", 20.0)
@@ -101,7 +102,9 @@ class Runner:
         self.spec, self.n = spec, spec.num_workers
         self.max_restarts, self.tolerate_failures = int(max_restarts), bool(tolerate_failures)
         self.start_together = bool(start_together)
-        self.server = ParameterServer(spec.initial_weights(), spec=spec, secure=secure, progress=progress)
+        w0 = spec.initial_weights()
+        self.server = make_server(w0, spec=spec, shards=shards or auto_shards(w0.shape[0]), secure=secure,
+                                  progress=progress)
         self.shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=spec.rule.equal_shards)
         devices = devices if devices is not None else [None] * self.n
         # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS

@@ -78,7 +78,7 @@ class ParameterServer:
                  bind="tcp://127.0.0.1:0", secure=True, *, spec: TrainingSpec | None = None, checkpoint_dir=None,
                  checkpoint_every=None, checkpoint_seconds=None, resume=False, checkpoint_on_stop=True,
                  progress=None, hwm=8, advertise_host=None, handshake_timeout=5.0, max_connections=None,
-                 **spec_fields):
+                 shard=None, **spec_fields):
         given = {k: v for k, v in dict(mode=mode, optimizer=optimizer, learning_rate=learning_rate,
                                        num_workers=num_workers).items() if v is not None}
         given.update(spec_fields)
@@ -91,7 +91,8 @@ class ParameterServer:
         self.advertise_host = advertised_host(bind, advertise_host)
         self.handshake_timeout, self.max_connections = float(handshake_timeout), max_connections
         self.job_id = uuid.uuid4().bytes
-        self.fingerprint = model_fingerprint(w.shape[0], "float32", spec.layers)
+        self.shard = shard                       # (index, count) when this server holds one slice (ps.shards)
+        self.fingerprint = model_fingerprint(w.shape[0], "float32", spec.layers, shard)
         self.engine = Engine(w, spec, job_id=self.job_id, fingerprint=self.fingerprint)
         self.checkpoints = None
         self.resumed_from = None
@@ -228,6 +229,10 @@ class ParameterServer:
     def weights(self) -> np.ndarray:
         with self._lock:
             return self.engine.weights.copy()
+
+    def next_attempt(self) -> int:
+        """The attempt number a launcher should start with: 0, or above those of a restored checkpoint."""
+        return self.engine.next_attempt() if self.resumed_from else 0
 
     @property
     def version(self) -> int:

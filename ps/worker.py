@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .client import ParameterClient
+from .shards import connect
 
 
 def batch_stream(trainer, data, epochs):
@@ -69,7 +69,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     data = net.upload(X, y)
     t_ready = time.perf_counter()
     if client is None:
-        client = ParameterClient(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)
+        client = connect(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)
     t0 = time.perf_counter()
     resume_after = client.step
     stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,

@@ -91,13 +91,14 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         return prep.repartition(self.getNumWorkers()) if shuffle else prep
 
     def _train(self, prep, spec, bind):
-        from ps import ParameterServer
+        from ps.shards import auto_shards, make_server
 
         checkpoint_dir = self.getCheckpointDir() or None
-        server = ParameterServer(initial_weights(self, spec), spec=spec, bind=bind, secure=self.getSecure(),
-                                 checkpoint_dir=checkpoint_dir, resume=self.getResume(),
-                                 checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None)
-        first_attempt = server.engine.next_attempt() if server.resumed_from else 0
+        w0 = initial_weights(self, spec)
+        server = make_server(w0, spec=spec, shards=self.getPsShards() or auto_shards(w0.shape[0]), bind=bind,
+                             secure=self.getSecure(), checkpoint_dir=checkpoint_dir, resume=self.getResume(),
+                             checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None)
+        first_attempt = server.next_attempt()
         if server.resumed_from:
             log.info("ffps: resuming from %s (version %d)", server.resumed_from, server.version)
         server.start()

@@ -82,7 +82,8 @@ def report_to_server(cfg: dict, worker: int, attempt: int, session, exc: BaseExc
         executor = None
     client = None
     try:
-        client = ParameterClient(cfg, worker_id=worker, attempt=attempt, timeout=5.0, retries=0,
+        first = cfg["shards"][0] if "shards" in cfg else cfg        # a sharded server hears reports on shard 0
+        client = ParameterClient(first, worker_id=worker, attempt=attempt, timeout=5.0, retries=0,
                                  register=session is None)
         if session is not None:
             client.session = session

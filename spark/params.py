@@ -68,7 +68,11 @@ PARAMS = {
                "supports it); implied by backend='cupy'", T.toBoolean, False),
     "psHost": ("address the parameter server binds on the driver and workers connect to; empty = 127.0.0.1 in "
                "local mode, else spark.driver.host", T.toString, ""),
-    "psPort": ("parameter server TCP port; 0 = any free port", T.toInt, 0),
+    "psPort": ("parameter server TCP port; 0 = any free port (with psShards > 1 shard k listens on psPort + k)",
+               T.toInt, 0),
+    "psShards": ("slices of the weight vector the parameter server serves with a socket, thread and core each, "
+                 "so the encryption and the update of a large model run in parallel; 0 = auto: 1 below 1M "
+                 "parameters, else up to 4 and half the driver's cores", T.toInt, 0),
     "secure": ("encrypt and authenticate parameter-server traffic with per-job CURVE keys; turn off only on a "
                "trusted network", T.toBoolean, True),
     "checkpointDir": ("driver-local directory for parameter-server checkpoints; empty = none", T.toString, ""),
@@ -144,7 +148,8 @@ def training_spec(p: Params) -> TrainingSpec:
         raise ValueError("layers is not set: give the layer sizes, e.g. layers=[num_features, 100, num_classes]")
     get = p.getOrDefault
     layers = check_layers(get("layers"))
-    for name, low in (("maxRetries", 0), ("checkpointInterval", 1), ("psPort", 0), ("maxStaleness", -1)):
+    for name, low in (("maxRetries", 0), ("checkpointInterval", 1), ("psPort", 0), ("maxStaleness", -1),
+                      ("psShards", 0)):
         if get(name) < low:
             raise ValueError(f"{name} must be >= {low}, got {get(name)!r}")
     if get("psPort") > 65535:
@@ -165,6 +170,8 @@ def training_spec(p: Params) -> TrainingSpec:
         local_momentum=get("momentum"), staleness=None if get("maxStaleness") < 0 else get("maxStaleness"),
         barrier_timeout=get("roundTimeout"), worker_timeout=get("workerTimeout"), backend=get("backend"),
         seed=get("seed"))
+    if get("psShards") > spec.num_params:
+        raise ValueError(f"psShards must be at most the {spec.num_params} parameters, got {get('psShards')}")
     if p.isDefined("initialWeights"):
         w0 = np.asarray(get("initialWeights"), dtype=np.float32)
         if w0.shape != (spec.num_params,):
@@ -177,6 +184,8 @@ def training_spec(p: Params) -> TrainingSpec:
 
 def initial_weights(p: Params, spec: TrainingSpec) -> np.ndarray:
     """initialWeights when set, else He-normal from the spec's seed."""
+    if get("psShards") > spec.num_params:
+        raise ValueError(f"psShards must be at most the {spec.num_params} parameters, got {get('psShards')}")
     if p.isDefined("initialWeights"):
         return np.asarray(p.getOrDefault("initialWeights"), dtype=np.float32)
     return spec.initial_weights()

@@ -57,13 +57,13 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
 
         import pyarrow as pa
 
-        from ps.client import ParameterClient
+        from ps.shards import connect
         from spark.data import data_problem, read_partition
 
         t_start = time.time()
         X, y, report = read_partition(batches, width)
         t_read = time.time()
-        client = ParameterClient(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
+        client = connect(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
         keep_session(client.session)
         try:
             reports = client.gather(DATA_BARRIER, report)

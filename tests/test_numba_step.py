@@ -113,14 +113,14 @@ def test_fused_step_declines_what_it_cannot_take(monkeypatch):
     # they may run in parallel (BLAS single-threaded); beside a threaded BLAS the one call takes it
     import numba
 
-    import core.backends
+    import core.backends.threads
     from core.backends.numba_ops import FUSED_STEP_MAX_ELEMENTS
 
     rows = FUSED_STEP_MAX_ELEMENTS // 12 + 1
     _, _, big_acts, big_deltas = net._workspace(rows)
     Xbig, ybig = np.ones((rows, 6), np.float32), np.zeros(rows, np.int32)
     for blas in (1, 2):
-        monkeypatch.setattr(core.backends, "_blas_threads", blas)
+        monkeypatch.setattr(core.backends.threads, "_blas_threads", blas)
         got = ops.dense_stack_gradient(net._dims, w, Xbig, ybig, np.empty_like(w), big_acts, big_deltas)
         assert (got is NotImplemented) == (numba.get_num_threads() > 1 and blas == 1), blas
     ref = FeedForwardNetwork([6, 8, 4], backend="numpy")

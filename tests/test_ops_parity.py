@@ -35,9 +35,9 @@ def ops(request, monkeypatch):
     """Every backend; "numba-pool" is numba with BLAS single-threaded, where its parallel kernels run (beside
     a threaded BLAS they stay serial: core.backends' thread model), so both dispatch branches are compared."""
     if request.param == "numba-pool":
-        import core.backends
+        import core.backends.threads
 
-        monkeypatch.setattr(core.backends, "_blas_threads", 1)
+        monkeypatch.setattr(core.backends.threads, "_blas_threads", 1)
         return get_backend("numba")
     return get_backend(request.param)
 
@@ -251,14 +251,14 @@ def test_numba_float32_exp_kernel_over_its_whole_range():
 def test_numba_runs_parallel_kernels_only_where_blas_is_single_threaded(monkeypatch):
     import numba
 
-    import core.backends
+    import core.backends.threads
     from core.backends.numba_kernels import KERNELS
 
     ops = get_backend("numba")
     serial, parallel = KERNELS["sgd"]
-    monkeypatch.setattr(core.backends, "_blas_threads", 2)
+    monkeypatch.setattr(core.backends.threads, "_blas_threads", 2)
     assert not ops._pool_free() and ops._kernel("sgd", 1 << 20) is serial
-    monkeypatch.setattr(core.backends, "_blas_threads", 1)
+    monkeypatch.setattr(core.backends.threads, "_blas_threads", 1)
     if numba.get_num_threads() > 1:
         assert ops._pool_free() and ops._kernel("sgd", 1 << 20) is parallel
     assert ops._kernel("sgd", 100) is serial                           # small arrays: serial either way

@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 from .numpy_ops import NumpyOps
+from .threads import blas_threads, limit_cpu_threads
 
 BACKEND_NAMES = ("auto", "cupy", "numba", "numpy")
 ENV_VAR = "FFPS_BACKEND"
@@ -48,46 +49,6 @@ def numba_problem() -> str | None:
     except Exception as exc:
         return f"numba failed to import ({type(exc).__name__}: {exc})"
     return None
-
-
-# One thread model per process: BLAS owns the cores. numba's elementwise kernels run in parallel only where
-# BLAS is single-threaded; beside a threaded BLAS they run serially, because the two pools spin on the same
-# cores: on the 2-core VM a MinibatchTrainer epoch of [784,256,256,10] x 128 ran 13.5k samples/s with both
-# pools at 2 threads, 86.9k with one thread each, and the numba SGD update of 269k floats took 3-7 ms instead
-# of ~0.05 ms once OpenBLAS's threads were spinning beside numba's.
-_blas_threads: int | None = None
-
-
-def blas_threads() -> int:
-    """Threads NumPy's BLAS may use in this process (threadpoolctl, read once; limit_cpu_threads keeps it)."""
-    global _blas_threads
-    if _blas_threads is None:
-        from threadpoolctl import threadpool_info
-
-        counts = [int(p.get("num_threads") or 1) for p in threadpool_info() if p.get("user_api") == "blas"]
-        _blas_threads = max(counts, default=1)
-    return _blas_threads
-
-
-def limit_cpu_threads(n: int) -> None:
-    """Cap the threads this process's CPU math may use: BLAS (through threadpoolctl) and numba's pool.
-
-    Call it in each worker process with its share of the cores (cores / workers on the machine, or Spark's
-    task CPUs). Two processes each running a 2-thread BLAS on 2 cores make small GEMMs wait for a descheduled
-    helper thread: a digits step was seen going from 0.15 to 24 ms that way. Within the share, BLAS takes the
-    threads and numba's kernels stay serial unless n is 1 for BLAS (the module's thread model above).
-    """
-    global _blas_threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"thread count must be a positive integer, got {n!r}")
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=n)
-    _blas_threads = None
-    if numba_problem() is None:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def has_cupy_gpu() -> bool:

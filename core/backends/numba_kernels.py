@@ -22,9 +22,10 @@ POLY_EXP_MIN_CLASSES = 32         # narrower logit rows barely fill the vector l
 
 
 def _jit_pair(fn, fastmath=FASTMATH_FLAGS):
-    """Serial and parallel compilations of one kernel body (prange is plain range when serial)."""
-    serial = numba.njit(cache=True, fastmath=fastmath, parallel=False)(fn)
-    parallel = numba.njit(cache=True, fastmath=fastmath, parallel=True)(fn)
+    """Serial and parallel compilations of one kernel body (prange is plain range when serial). Without the
+    GIL: a sharded parameter server updates its slices in as many threads at once."""
+    serial = numba.njit(cache=True, fastmath=fastmath, parallel=False, nogil=True)(fn)
+    parallel = numba.njit(cache=True, fastmath=fastmath, parallel=True, nogil=True)(fn)
     return serial, parallel
 
 
@@ -241,5 +242,5 @@ KERNELS["softmax_exp_rows_f32"] = _jit_pair(_softmax_exp_rows_f32, fastmath=FAST
 # may take either path for the same update); 'reassoc' lets the screen's sum vectorise and keeps NaN/inf
 KERNELS["sgd"] = _jit_pair(_sgd, fastmath={"reassoc"})
 KERNELS["sgd_into"] = _jit_pair(_sgd_into, fastmath={"reassoc"})
-all_finite_jit = numba.njit(cache=True)(_all_finite)
-sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False)(_sgd_screened)
+all_finite_jit = numba.njit(cache=True, nogil=True)(_all_finite)
+sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False, nogil=True)(_sgd_screened)

@@ -11,6 +11,7 @@ import numpy as np
 from .numba_kernels import (KERNELS, PARALLEL_MIN_ELEMENTS, POLY_EXP_MIN_CLASSES, all_finite_jit,
                             sgd_screened)
 from .numpy_ops import NumpyOps, RowSoftmaxNLL
+from .threads import blas_threads
 
 # The one-call step (numba_step.py) runs its elementwise kernels serially. On 2 cores it is as fast as the
 # per-op path or faster at every size measured (1.00-1.05x from 134k to 2.1M activation elements per step),
@@ -48,8 +49,6 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
     def _pool_free(self) -> bool:
         """Whether numba's thread pool may run parallel kernels here: it has threads, and BLAS (which owns the
         cores otherwise) is single-threaded. See core.backends' thread model."""
-        from . import blas_threads
-
         return self.parallel and numba.get_num_threads() > 1 and blas_threads() == 1
 
     def _kernel(self, name, size):

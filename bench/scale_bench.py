@@ -1,0 +1,268 @@
+"""When does the parameter server pay off? N workers against the best single process at equal total cores.
+
+    .venv/bin/python bench/scale_bench.py                      # [784,256,256,10], 48k rows, async window 8, CURVE on
+    .venv/bin/python bench/scale_bench.py --workers 1,2,4 --backend numba --window 8 --epochs 3
+    .venv/bin/python bench/scale_bench.py --quick              # 6k rows, 2 epochs: checks it runs
+
+1. The anchors: one process with no server (numba and numpy backends, default threads: all cores).
+2. The runner: N worker processes (cores // N threads each) and a CURVE server on this machine.
+   Each run: samples/s (training, from the workers' own clocks), wall time, time to a target training
+   accuracy (the single process's last epoch's, minus a point), test accuracy, and the ratio to the best
+   single process at the same total cores.
+3. A model of the run from measured parts: the step time at c threads, the push+pull round trip of the
+   model's bytes (plain and CURVE, loopback), the server's update time. Per window of tau steps a worker spends
+   T = tau * t_step + t_exchange; the server serves one exchange in t_server. Then
+
+       samples/s(N) = min(N * tau * b / T, tau * b / t_server, cores / cpu_per_sample)
+
+   where the last term (same machine only) is the machine's CPU, shared by workers and server. The model is
+   checked against the measured points (ratio printed), then projected to N executors of ``--executor-cores``
+   each over a network of ``--gbits`` Gbit/s and ``--latency-ms`` one way, the server on the driver.
+
+Writes bench/results/scale_bench.json (or $OUT/) and, with matplotlib, scale_bench.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core import FeedForwardNetwork, MinibatchTrainer, limit_cpu_threads  # noqa: E402
+from core.backends import available_backends  # noqa: E402
+
+
+def synthetic(n_train, n_test, d=784, classes=10, seed=0):
+    """Standard-normal features, labels from a noisy linear teacher (compare_trainers' synthetic set)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_train + n_test, d)).astype(np.float32)
+    W = rng.standard_normal((d, classes)) / math.sqrt(d)
+    z = X.astype(np.float64) @ W
+    y = np.argmax(z / 0.1 + rng.gumbel(size=z.shape), axis=1).astype(np.int64)
+    return X[:n_train], X[n_train:], y[:n_train], y[n_train:]
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def single_process(Xtr, ytr, Xte, yte, layers, backend, a):
+    """One process, no server, default threads -> figures per epoch."""
+    net = FeedForwardNetwork(layers, backend=backend)
+    warm = MinibatchTrainer(net, batch_size=a.batch, learning_rate=a.lr, seed=1)
+    warm.fit(Xtr[:4 * a.batch], ytr[:4 * a.batch], epochs=1)            # kernels loaded, caches filled
+    trainer = MinibatchTrainer(net, batch_size=a.batch, learning_rate=a.lr, seed=1)
+    t0 = time.perf_counter()
+    w, history = trainer.fit(Xtr, ytr, epochs=a.epochs, w0=net.init_params(a.seed))
+    seconds = time.perf_counter() - t0
+    curve, t = [], 0.0
+    for e in history:
+        t += e.seconds
+        curve.append((t, e.epoch, e.accuracy))
+    return {"kind": "single", "backend": backend, "samples_per_s": len(ytr) * a.epochs / seconds,
+            "seconds": seconds, "curve": curve, "test_accuracy": net.evaluate(w, Xte, yte)[1]}
+
+
+def ps_run(Xtr, ytr, Xte, yte, layers, workers, a):
+    from ps.runner import run
+    from ps.spec import TrainingSpec
+
+    spec = TrainingSpec(layers=layers, mode="async", num_workers=workers, epochs=a.epochs, batch_size=a.batch,
+                        learning_rate=a.lr, tau=a.window, backend=a.backend, seed=a.seed, barrier_timeout=60.0)
+    res = run(Xtr, ytr, spec=spec, secure=True, timeout=1800)
+    hist = res.history
+    per_epoch = {}
+    steps = {str(w): r["steps_per_epoch"] for w, r in res.workers.items()}
+    start = min(h["time"] for h in hist) - min(r["seconds"] / max(1, r["pushes"]) for r in res.workers.values())
+    for h in hist:
+        epoch = math.ceil(h["step"] * a.window / steps[str(h["worker"])])
+        acc = per_epoch.setdefault(epoch, [0.0, 0, 0.0])
+        acc[0] += h["accuracy"] * h["batch_size"]
+        acc[1] += h["batch_size"]
+        acc[2] = max(acc[2], h["time"] - start)
+    curve = [(v[2], e, v[0] / v[1]) for e, v in sorted(per_epoch.items()) if v[1]]
+    net = FeedForwardNetwork(layers, backend="numpy")
+    return {"kind": "ps", "workers": workers, "samples_per_s": res.steady_samples_per_s,
+            "wall_samples_per_s": res.samples_per_s, "seconds": max(r["seconds"] for r in res.workers.values()),
+            "curve": curve, "test_accuracy": net.evaluate(res.weights, Xte, yte)[1],
+            "stale": sum(r["stale"] for r in res.workers.values())}
+
+
+def time_to(curve, target):
+    return next((t for t, _, acc in curve if acc >= target), None)
+
+
+def step_seconds(layers, batch, backend, threads, window, reps=30):
+    """One worker's local step at ``threads`` threads (gradient, window sum and DOWNPOUR's local update)."""
+    limit_cpu_threads(threads)
+    net = FeedForwardNetwork(layers, backend=backend)
+    rng = np.random.default_rng(0)
+    data = net.upload(rng.standard_normal((batch * 4, layers[0])).astype(np.float32),
+                      rng.integers(0, layers[-1], batch * 4))
+    trainer = MinibatchTrainer(net, batch_size=batch, learning_rate=1e-3)
+    w, acc = net.ops.asarray(net.init_params(0)), net.ops.zeros((net.num_params,), net.dtype)
+    X, y = data.X[:batch], data.y[:batch]
+    for _ in range(3):
+        net.gradient_device(w, X, y, trainer.grad)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        net.gradient_device(w, X, y, trainer.grad)
+        acc += trainer.grad
+        if window > 1:
+            trainer.optimizer.step(w, trainer.grad)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def exchange_parts(num_params, reps=5):
+    """(plain round trip s, CURVE round trip s, server update s) of a push + new weights of num_params."""
+    from core.backends import host_ops
+    from core.optimizers import make_optimizer
+    from ps import ParameterClient, ParameterServer
+
+    g = (np.random.default_rng(0).standard_normal(num_params) * 1e-6).astype(np.float32)
+    rts = {}
+    for secure in (False, True):
+        with ParameterServer(np.zeros(num_params, np.float32), num_workers=1, secure=secure, progress=False) as s:
+            with ParameterClient(s.client_config(), worker_id=0, timeout=60) as c:
+                c.push(g, want_weights=True)
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    c.push(g, want_weights=True)
+                    best = min(best, time.perf_counter() - t0)
+        rts[secure] = best
+    opt = make_optimizer("sgd", num_params, 0.01, ops=host_ops())
+    w, out = np.zeros(num_params, np.float32), np.empty(num_params, np.float32)
+    opt.step_checked(w, g, out)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        opt.step_checked(w, g, out)
+    return rts[False], rts[True], (time.perf_counter() - t0) / reps
+
+
+# ------------------------------------------------------------------------------------------------- model
+def model(parts, n, *, tau, batch, cores_per_worker, bandwidth=None, latency=0.0, machine_cores=None):
+    """Projected samples/s of N workers (see the module docstring). ``parts``: the measured pieces.
+    bandwidth (bytes/s) and latency (s, one way) add a network between workers and server; machine_cores: all
+    on one machine of that many cores (its CPU caps the run)."""
+    nbytes = 4 * parts["num_params"]
+    t_step = parts["step_s"][str(cores_per_worker)]
+    crypto = parts["curve_rt_s"] - parts["plain_rt_s"]          # encryption both ways, client and server side
+    t_exchange = parts["curve_rt_s"] + (2 * nbytes / bandwidth + 2 * latency if bandwidth else 0.0)
+    window = tau * t_step + t_exchange
+    t_server = parts["apply_s"] + crypto / 2 + parts["plain_rt_s"] / 2   # its half of the crypto and copies
+    rate = min(n * tau * batch / window, tau * batch / t_server)
+    if machine_cores:
+        cpu_per_window = tau * t_step * cores_per_worker + parts["curve_rt_s"] + parts["apply_s"]
+        rate = min(rate, machine_cores * tau * batch / cpu_per_window)
+    return rate
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--rows", type=int, default=48_000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--layers", default="784,256,256,10")
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--executor-cores", type=int, default=2)
+    ap.add_argument("--gbits", type=float, default=10.0, help="network of the projection, Gbit/s")
+    ap.add_argument("--latency-ms", type=float, default=0.1, help="one-way latency of the projection")
+    ap.add_argument("--quick", action="store_true", help="6k rows, 2 epochs, workers 1,2")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rows, a.epochs, a.workers = 6_000, 2, "1,2"
+    layers = [int(v) for v in a.layers.split(",")]
+    workers = [int(v) for v in a.workers.split(",")]
+    cores = os.cpu_count() or 1
+    Xtr, Xte, ytr, yte = synthetic(a.rows, max(2000, a.rows // 5), d=layers[0], classes=layers[-1], seed=a.seed)
+    print(f"{a.rows} rows, {layers}, batch {a.batch}, async window {a.window}, CURVE on, {cores} cores", flush=True)
+
+    singles = [single_process(Xtr, ytr, Xte, yte, layers, b, a) for b in ("numba", "numpy")
+               if b in available_backends()]
+    best = max(singles, key=lambda r: r["samples_per_s"])
+    target = best["curve"][-1][2] - 0.01
+    for r in singles:
+        print(f"  single process {r['backend']:6s}: {r['samples_per_s']:9,.0f} samples/s, test acc "
+              f"{r['test_accuracy']:.3f}, to {target:.3f} train acc in {time_to(r['curve'], target)} s", flush=True)
+    runs = []
+    for n in workers:
+        r = ps_run(Xtr, ytr, Xte, yte, layers, n, a)
+        r["vs_best_single"] = r["samples_per_s"] / best["samples_per_s"]
+        r["time_to_target"] = time_to(r["curve"], target)
+        runs.append(r)
+        print(f"  {n} workers x {max(1, cores // n)} threads: {r['samples_per_s']:9,.0f} samples/s steady "
+              f"({r['vs_best_single']:.2f}x the best single process), test acc {r['test_accuracy']:.3f}, to target "
+              f"in {r['time_to_target']} s, stale {r['stale']}", flush=True)
+
+    num_params = FeedForwardNetwork(layers, backend="numpy").num_params
+    plain, curve_rt, apply = exchange_parts(num_params)
+    step = {str(c): step_seconds(layers, a.batch, a.backend, c, a.window)
+            for c in sorted({max(1, cores // n) for n in workers} | {a.executor_cores}, reverse=True)}
+    parts = {"num_params": num_params, "plain_rt_s": plain, "curve_rt_s": curve_rt, "apply_s": apply,
+             "step_s": step}
+    print(f"  parts: step {', '.join(f'{1e3 * v:.2f} ms @{k}t' for k, v in step.items())}; round trip "
+          f"{1e3 * plain:.2f} ms plain, {1e3 * curve_rt:.2f} ms CURVE; server update {1e3 * apply:.2f} ms")
+    for r in runs:
+        c = max(1, cores // r["workers"])
+        r["model_samples_per_s"] = model(parts, r["workers"], tau=a.window, batch=a.batch, cores_per_worker=c,
+                                         machine_cores=cores)
+        r["model_over_measured"] = r["model_samples_per_s"] / r["samples_per_s"]
+        print(f"  model, {r['workers']} workers here: {r['model_samples_per_s']:9,.0f} samples/s "
+              f"({r['model_over_measured']:.2f}x the measured)")
+    bandwidth, latency = a.gbits * 1e9 / 8, a.latency_ms / 1e3
+    projection = []
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        rate = model(parts, n, tau=a.window, batch=a.batch, cores_per_worker=a.executor_cores,
+                     bandwidth=bandwidth, latency=latency)
+        projection.append({"executors": n, "samples_per_s": rate, "vs_best_single": rate / best["samples_per_s"]})
+    print(f"  projection, executors of {a.executor_cores} cores over {a.gbits:g} Gbit/s, {a.latency_ms:g} ms: "
+          + ", ".join(f"{p['executors']}: {p['samples_per_s']:,.0f} ({p['vs_best_single']:.1f}x)" for p in projection))
+    report = {"machine_cores": cores, "settings": vars(a), "layers": layers, "target_train_accuracy": target,
+              "single": singles, "ps": runs, "parts": parts, "projection": projection}
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale_bench.json").write_text(json.dumps(report, indent=1))
+    _plot(report, out / "scale_bench.png")
+    return 0
+
+
+def _plot(report, path):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    best = max(r["samples_per_s"] for r in report["single"])
+    ax.axhline(best, color="k", ls="--", lw=1, label=f"best single process ({report['machine_cores']} cores)")
+    n = [r["workers"] for r in report["ps"]]
+    ax.plot(n, [r["samples_per_s"] for r in report["ps"]], "o", color="C0", label="measured: N workers, this machine")
+    ax.plot(n, [r["model_samples_per_s"] for r in report["ps"]], "x--", color="C0", label="model, this machine")
+    p = report["projection"]
+    s = report["settings"]
+    ax.plot([q["executors"] for q in p], [q["samples_per_s"] for q in p], "s-", color="C1",
+            label=f"model: N executors x {s['executor_cores']} cores, {s['gbits']:g} Gbit/s")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers / executors")
+    ax.set_ylabel("samples/s")
+    ax.set_title(f"{report['layers']}, batch {s['batch']}, async window {s['window']}, CURVE on")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
