@@ -184,8 +184,6 @@ def training_spec(p: Params) -> TrainingSpec:
 
 def initial_weights(p: Params, spec: TrainingSpec) -> np.ndarray:
     """initialWeights when set, else He-normal from the spec's seed."""
-    if get("psShards") > spec.num_params:
-        raise ValueError(f"psShards must be at most the {spec.num_params} parameters, got {get('psShards')}")
     if p.isDefined("initialWeights"):
         return np.asarray(p.getOrDefault("initialWeights"), dtype=np.float32)
     return spec.initial_weights()
