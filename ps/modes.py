@@ -39,6 +39,12 @@ class Mode:
         return self.push_flag == 0
 
     @property
+    def tol_ignores_silent_workers(self) -> bool:
+        """tol: whether an epoch may be judged without a worker that has gone silent. Asynchronous modes: yes,
+        a dead worker must not hold the decision. Round modes: no, they cannot go on without every worker."""
+        return not self.rounds
+
+    @property
     def equal_shards(self) -> bool:
         """Round modes need every worker to take the same number of steps: shards are cut to one size."""
         return self.rounds

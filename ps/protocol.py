@@ -1,6 +1,6 @@
 """Wire protocol of the ffps parameter server: one fixed-layout binary header, then raw frames.
 
-PROTOCOL (version 1)
+PROTOCOL (version 2)
 --------------------
 Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER adds/strips the peer identity).
 
@@ -8,11 +8,19 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
 
     magic 4s "FFPS" | version u16 | op u8 | status u8 | code u16 | flags u16 | seq u32 | job_id 16s
     worker_id i32 | attempt i32 | fingerprint u64 | wversion i64 | step i64 | loss f64 | accuracy f64
-    batch_size i32 | dtype u8 | pad 3x | n_values i64 | reserved 8x
+    batch_size i32 | dtype u8 | pad 3x | n_values i64 | epoch u32 | reserved 4x
 
   ``wversion``: in a push, the weights version the update was computed on; in a reply, the server's version
   after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts). ``seq``: a
   per-client request number echoed in the reply so late replies to a retried request are discarded.
+  ``epoch``: in a push, the pass over the worker's shard that the exchange's last local step belongs to (1, 2,
+  ...; 0 = not given), with ``FLAG_EPOCH_LAST`` on the worker's last push of that epoch: the server's ``tol``
+  decision (:mod:`ps.convergence`) needs the epoch boundaries. A reply with ``FLAG_STOP`` says the server
+  decided that training stops (``tol``): the worker ends after this exchange.
+* Compatibility: the header stays ``HEADER.size`` bytes. A field carved out of the reserved bytes (version 2
+  took 4 of the 8 for ``epoch``) bumps ``PROTOCOL_VERSION``, and peers of different versions refuse each other
+  with VERSION_MISMATCH: server and workers come from one install, and a version-1 peer would silently ignore
+  the stop decision. Reserved bytes are sent as zeros and not read.
 * ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32), C order, no
   header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
@@ -38,9 +46,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"FFPS"
-HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xq8x"
+HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xqI4x"
 HEADER = struct.Struct(HEADER_FORMAT)
 ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
@@ -53,6 +61,8 @@ FLAG_JSON = 2           # reply payload is UTF-8 JSON
 FLAG_TEXT = 4           # reply payload is UTF-8 text (an error message)
 FLAG_ELASTIC = 8        # push payload is an elastic difference (async-easgd / eamsgd)
 FLAG_LOCAL_WEIGHTS = 16  # push payload is the worker's local weights (synchronous easgd exchange)
+FLAG_EPOCH_LAST = 32    # push: the worker's last push of its ``epoch``
+FLAG_STOP = 64          # reply: the server decided to stop training (tol); finish after this exchange
 REPLY = 0x80
 
 
@@ -121,6 +131,7 @@ class Header:
     seq: int = 0
     dtype: int = 0
     n_values: int = 0
+    epoch: int = 0
     version: int = PROTOCOL_VERSION
     magic: bytes = field(default=MAGIC, repr=False)
 
@@ -128,7 +139,7 @@ class Header:
         return HEADER.pack(self.magic, self.version, self.op, self.status, self.code, self.flags,
                            self.seq & 0xFFFFFFFF, self.job_id, self.worker_id, self.attempt,
                            self.fingerprint, self.wversion, self.step, self.loss, self.accuracy,
-                           self.batch_size, self.dtype, self.n_values)
+                           self.batch_size, self.dtype, self.n_values, self.epoch & 0xFFFFFFFF)
 
     def reply(self, status=Status.OK, code=Reason.NONE, **kw) -> "Header":
         """A reply header echoing this request's identity fields and seq."""
@@ -142,7 +153,7 @@ def unpack_header(buf) -> Header:
     if len(buf) != HEADER.size:
         raise ProtocolError(Reason.MALFORMED, f"header must be {HEADER.size} bytes, got {len(buf)}")
     (magic, version, op, status, code, flags, seq, job_id, worker_id, attempt, fingerprint, wversion, step,
-     loss, accuracy, batch_size, dtype, n_values) = HEADER.unpack(buf)
+     loss, accuracy, batch_size, dtype, n_values, epoch) = HEADER.unpack(buf)
     if magic != MAGIC:
         raise ProtocolError(Reason.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != PROTOCOL_VERSION:
@@ -151,7 +162,7 @@ def unpack_header(buf) -> Header:
     return Header(op=op, job_id=job_id, worker_id=worker_id, attempt=attempt, fingerprint=fingerprint,
                   wversion=wversion, step=step, loss=loss, accuracy=accuracy, batch_size=batch_size,
                   status=status, code=code, flags=flags, seq=seq, dtype=dtype, n_values=n_values,
-                  version=version, magic=magic)
+                  epoch=epoch, version=version, magic=magic)
 
 
 def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:

@@ -54,6 +54,8 @@ class TrainingSpec:
     refuse a push computed on weights more than this many updates old. ssp_slack: hold a pull at clock c until
     every other live worker reached c - slack. barrier_timeout: seconds a round, barrier or SSP wait may last.
     worker_timeout: seconds a worker waits for one reply. epochs, batch_size, backend, seed: the workers' loop.
+    tol: stop early when the relative change of the epoch's mean training loss falls below it (0 = never;
+    :mod:`ps.convergence`).
     """
     layers: tuple | None = None
     mode: str = "async"
@@ -73,6 +75,7 @@ class TrainingSpec:
     worker_timeout: float = 10.0
     backend: str = "auto"
     seed: int = 0
+    tol: float = 0.0
 
     def __post_init__(self):
         put = object.__setattr__          # frozen: normalised values are set once, here
@@ -97,6 +100,10 @@ class TrainingSpec:
             _positive_int("ssp_slack", self.ssp_slack, low=0)
         for name in ("barrier_timeout", "worker_timeout"):
             _positive_number(name, getattr(self, name))
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol)
+                                              and self.tol >= 0):
+            raise SpecError("tol", "{name} must be a number >= 0 (0 = never stop early), got {v!r}", v=self.tol)
+        put(self, "tol", float(self.tol))
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("backend", BACKEND_NAMES)):
             if getattr(self, name) not in choices:
                 raise SpecError(name, "{name} must be one of {c}, got {v!r}", c=", ".join(choices),
@@ -158,6 +165,9 @@ def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> 
                              "momentum (default: 0.9 in Spark, 0.99 for eamsgd elsewhere)")
     parser.add_argument("--staleness", type=int, default=None,
                         help="async: refuse pushes computed on weights more than this many updates old")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="stop when the relative change of the epoch's mean training loss falls below this "
+                             "(default: never in ps.runner; Spark's tol default 1e-6 in the Spark app)")
     parser.add_argument("--insecure", action="store_true", help="turn CURVE off (trusted networks only)")
 
 
@@ -170,7 +180,7 @@ def spec_from_flags(args, **settings) -> TrainingSpec:
     fields = dict(layers=args.layers, mode=args.trainer, num_workers=args.workers, epochs=args.epochs,
                   batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.server_optimizer,
                   optimizer_options=options, tau=args.window, staleness=args.staleness, seed=args.seed,
-                  backend=args.backend or "auto")
+                  backend=args.backend or "auto", tol=0.0 if args.tol is None else args.tol)
     if args.momentum is not None:
         fields["local_momentum"] = args.momentum
     fields.update(settings)
@@ -179,4 +189,4 @@ def spec_from_flags(args, **settings) -> TrainingSpec:
 
 FLAG_NAMES = {"mode": "--trainer", "num_workers": "--workers", "epochs": "--epochs", "batch_size": "--batch-size",
               "learning_rate": "--learning-rate", "tau": "--window", "local_momentum": "--momentum",
-              "staleness": "--staleness", "optimizer": "--server-optimizer"}
+              "staleness": "--staleness", "optimizer": "--server-optimizer", "tol": "--tol"}
