@@ -43,7 +43,7 @@ class ModelWriter(MLWriter):
     def saveImpl(self, path: str) -> None:
         model, spark = self.instance, self.sparkSession
         w = np.ascontiguousarray(model.weights.toArray(), dtype="<f4")   # float32 -> float64 -> float32: exact
-        mode = "overwrite" if self.shouldOverwrite else "errorifexists"
+        mode = "overwrite" if self.shouldOverwrite else "error"      # Connect knows "error", not "errorifexists"
         meta = metadata_json(model, spark.version, {"ffpsFormat": FORMAT_VERSION, "numParams": int(w.size)})
         spark.createDataFrame([(meta,)], "value string").coalesce(1).write.mode(mode).text(_join(path, "metadata"))
         frame = spark.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
