@@ -155,8 +155,9 @@ class ParameterClient:
 
         array: float32 (P,). base_version: weights version it was computed on (default: last pulled).
         step: default last applied step + 1. epoch: the epoch this exchange ends in (0 = not given);
-        last_of_epoch: this worker's last push of it (the server's tol decision needs both). Raises StaleUpdate / PSError on refusal; ServerUnavailable when
-        no reply comes. In sync and easgd modes the reply comes when the round completes.
+        last_of_epoch: this worker's last push of it (the server's tol decision needs both). Raises
+        StaleUpdate / PSError on refusal; ServerUnavailable when no reply comes. In sync and easgd modes the
+        reply comes when the round completes.
         """
         buf, n = array_frame(array)
         if n != self.num_params:
