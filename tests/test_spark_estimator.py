@@ -224,9 +224,9 @@ def test_partitions_are_kept_unless_their_count_differs_or_repartition_is_forced
     from pyspark.sql import functions as F
 
     train = digits_df[0]
-    chained = train.limit(300).coalesce(1).union(train.limit(100).coalesce(1))   # 2 partitions: 300 + 100 rows
-    # 2 partitions of 300 + 100 rows behind a shuffle (barrier-compatible); Spark 4's localCheckpoint of
-    # `chained` keeps one partition, so the uneven frame is cut by a range shuffle on a 0/1 key instead
+    chained = train.limit(400).repartition(4).coalesce(2)      # 2 partitions through a coalesce: no barrier stage
+    # 2 partitions of 300 + 100 rows behind a shuffle (barrier-compatible), cut by a range shuffle on a 0/1 key
+    # (Spark 4 plans a union of two coalesce(1) frames as one partition, so that recipe no longer works)
     keyed = train.limit(400).withColumn("k", F.when(F.monotonically_increasing_id() < 300, 0).otherwise(1))
     uneven = keyed.repartitionByRange(2, "k").drop("k")
     assert uneven.rdd.getNumPartitions() == chained.rdd.getNumPartitions() == 2
