@@ -26,7 +26,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 # the test files that import neither pyspark nor Java
 SPARK_FREE="tests/test_backends.py tests/test_cli.py tests/test_gpu.py tests/test_gradients.py tests/test_network.py
   tests/test_numba_step.py tests/test_ops_parity.py tests/test_ps_rules.py tests/test_ps_runner.py
-  tests/test_ps_server.py tests/test_spark_data.py tests/test_trainer.py"
+  tests/test_ps_server.py tests/test_ps_convergence.py tests/test_ps_spec.py tests/test_spark_data.py tests/test_trainer.py"
 
 status=0
 stage() {   # name, command...: output to $OUT/<name>.txt and the log, exit status remembered

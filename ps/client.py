@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
+from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
+                       FLAG_WANT_WEIGHTS, FLOAT32,
                        ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, read_array,
                        unpack_header)
 from .security import secure_client
@@ -76,6 +77,7 @@ class ParameterClient:
         self.session = 0       # issued by the HELLO reply; binds this (worker, attempt) to this client
         self._registered_step = 0
         self.step = 0          # last step the server applied for this worker
+        self.stop_requested = False   # a reply said the server decided to stop training (tol)
         self._last = None      # keeps the frame behind the last pulled view alive
         if register:
             try:
@@ -125,6 +127,8 @@ class ParameterClient:
                                 f"overloaded, or refused this client's keys")
 
     def _check(self, rh: Header, frame):
+        if rh.flags & FLAG_STOP:
+            self.stop_requested = True
         if rh.status in (Status.OK, Status.DUPLICATE):
             self.version = max(self.version, rh.wversion)
             return
@@ -164,12 +168,14 @@ class ParameterClient:
         return rh.wversion, self._weights(rh, frame, out)
 
     def push(self, array, loss=0.0, accuracy=0.0, batch_size=0, *, base_version=None, step=None,
-             kind="gradient", want_weights=False, out=None) -> PushResult:
+             kind="gradient", want_weights=False, out=None, epoch=0, last_of_epoch=False) -> PushResult:
         """Push a gradient (or elastic difference / local weights, per ``kind``) for ``step``.
 
         array: float32 (P,). base_version: weights version it was computed on (default: last pulled).
-        step: default last applied step + 1. Raises StaleUpdate / PSError on refusal; ServerUnavailable when
-        no reply comes. In sync and easgd modes the reply comes when the round completes.
+        step: default last applied step + 1. epoch: the epoch this exchange ends in (0 = not given);
+        last_of_epoch: this worker's last push of it (the server's tol decision needs both). Raises
+        StaleUpdate / PSError on refusal; ServerUnavailable when no reply comes. In sync and easgd modes the
+        reply comes when the round completes.
         """
         buf, n = array_frame(array)
         if n != self.num_params:
@@ -177,10 +183,12 @@ class ParameterClient:
         flags = {"gradient": 0, "elastic": FLAG_ELASTIC, "local_weights": FLAG_LOCAL_WEIGHTS}[kind]
         if want_weights:
             flags |= FLAG_WANT_WEIGHTS
+        if last_of_epoch:
+            flags |= FLAG_EPOCH_LAST
         step = self.step + 1 if step is None else int(step)
         h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
-                         dtype=FLOAT32, n_values=n)
+                         dtype=FLOAT32, n_values=n, epoch=int(epoch))
         timeout = self.timeout + (self.spec.barrier_timeout if self.spec.rule.rounds else 0)
         rh, frame, tries = self._request_tries(h, buf, timeout=timeout)
         self._check(rh, frame)

@@ -21,14 +21,16 @@ import json
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from core.optimizers import Verdict
 
 from . import rules
-from .protocol import (FLAG_ELASTIC, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32,
+from .convergence import ConvergenceMonitor
+from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
+                       FLAG_WANT_WEIGHTS, FLOAT32,
                        MAX_JSON_BYTES, Header, Op, ProtocolError, Reason, Status, check_metrics, read_array,
                        unpack_header)
 from .spec import TrainingSpec
@@ -133,6 +135,10 @@ class Engine:
         self.rejected: dict[str, int] = {}
         self.history: deque = deque(maxlen=history_limit)
         self.t_start = time.time()
+        # epochs and the tol decision (ps/convergence.py); a dead worker holds no decision in async modes
+        self.convergence = ConvergenceMonitor(self.num_workers, spec.epochs, spec.tol, now=time.monotonic(),
+                                              silence_s=spec.barrier_timeout,
+                                              ignore_silent=self.mode.tol_ignores_silent_workers)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -171,10 +177,21 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - anything unparseable is malformed input, never a crash
             return self._reject(token, None, Reason.MALFORMED, f"unparseable header: {exc}")
         try:
-            return self._dispatch(token, h, frames[1:], now)
+            replies = self._dispatch(token, h, frames[1:], now)
         except ProtocolError as exc:
-            return self._reject(token, h, exc.reason, str(exc),
-                                Status.STALE if exc.reason == Reason.STALE else Status.ERROR)
+            replies = self._reject(token, h, exc.reason, str(exc),
+                                   Status.STALE if exc.reason == Reason.STALE else Status.ERROR)
+        return self._converged(replies, now)
+
+    def _converged(self, replies: list, now) -> list:
+        """Complete the epochs every worker is past (tol may decide to stop); once stopped, every reply says
+        so (FLAG_STOP) and no SSP read waits any longer."""
+        self.convergence.check(now)
+        if self.convergence.stop_requested and self.waiting_pulls:
+            replies = replies + self._serve_waiting(now)
+        if self.convergence.stop_requested:
+            replies = [(tok, replace(rh, flags=rh.flags | FLAG_STOP), pl) for tok, rh, pl in replies]
+        return replies
 
     def _dispatch(self, token, h: Header, payload, now):
         if h.job_id != self.job_id:
@@ -197,8 +214,11 @@ class Engine:
             raise ProtocolError(Reason.SUPERSEDED_ATTEMPT, f"attempt {h.attempt} was superseded: the server now "
                                                            f"accepts attempts >= {self.min_attempt}")
         if op == Op.HELLO:
-            return self._hello(token, h)
+            replies = self._hello(token, h)
+            self.convergence.rejoin(h.worker_id, now)
+            return replies
         info = self._known(h)
+        self.convergence.heard_from(h.worker_id, now)
         if op == Op.STATS:
             return [(token, h.reply(Status.OK, wversion=self.version, flags=FLAG_JSON),
                      json.dumps(self.stats()).encode())]
@@ -211,6 +231,7 @@ class Engine:
         if op == Op.BARRIER:
             return self._barrier(token, h, payload[0] if payload else None, now)
         info.done = True                                   # BYE
+        self.convergence.retire(h.worker_id)
         if self.ssp is not None:
             self.ssp.retire(h.worker_id)
         return [self._ok(token, h)] + self._serve_waiting(now)
@@ -291,7 +312,7 @@ class Engine:
     def _serve_waiting(self, now):
         out, keep = [], []
         for deadline, token, h in self.waiting_pulls:
-            if self.ssp.can_read(h.worker_id, h.step):
+            if self.ssp.can_read(h.worker_id, h.step) or self.convergence.stop_requested:
                 self.counters["pulls"] += 1
                 out.append(self._ok(token, h, weights=True))
             elif now >= deadline:
@@ -326,6 +347,7 @@ class Engine:
         if h.step > info.last_step + 1:
             raise ProtocolError(Reason.STEP_GAP, f"push for step {h.step}, but worker {h.worker_id}'s next step is "
                                                  f"{info.last_step + 1}: steps are contiguous")
+        self.convergence.seen(h.worker_id, h.epoch, bool(h.flags & FLAG_EPOCH_LAST), now)
         if self.mode.rounds:
             return self._round_push(token, h, info, arr, now)
         stale = rules.staleness(h.wversion, self.version)
@@ -417,6 +439,7 @@ class Engine:
                              "step": h.step, "version": self.version, "loss": h.loss, "accuracy": h.accuracy,
                              "batch_size": h.batch_size, "staleness": stale,
                              "samples_per_s": info.samples_per_s})
+        self.convergence.applied(h.epoch, h.loss, h.accuracy, h.batch_size, stale, now)
 
     # ------------------------------------------------------------------ failure reports
     def _report(self, token, h, frame):
@@ -489,7 +512,7 @@ class Engine:
                                         f"the update was not applied")
         if self.waiting_pulls:
             out += self._serve_waiting(now)
-        return out
+        return self._converged(out, now)
 
     # ------------------------------------------------------------------ introspection / checkpoints
     def stats(self) -> dict:
@@ -497,6 +520,7 @@ class Engine:
                 **self.counters, "rejected": dict(self.rejected),
                 "rejected_total": sum(self.rejected.values()),
                 "optimizer_steps": getattr(self.optimizer, "t", 0), "failures": list(self.failures),
+                "convergence": self.convergence.stats(),
                 "workers": {str(k): v.public() for k, v in sorted(self.workers.items())}}
 
     def snapshot(self) -> tuple[dict, dict]:
@@ -506,7 +530,7 @@ class Engine:
         meta = {"version": self.version, "mode": self.mode.name, "layers": list(self.spec.layers or []) or None,
                 "optimizer": getattr(self.optimizer, "name", "sgd"),
                 "optimizer_t": sd["t"], "fingerprint": self.fingerprint, "num_params": self.num_params,
-                "counters": self.counters,
+                "counters": self.counters, "convergence": self.convergence.state(),
                 "workers": {str(k): {"last_step": v.last_step, "attempt": v.attempt, "applied": v.applied,
                                      "samples": v.samples} for k, v in self.workers.items()}}
         return arrays, meta
@@ -526,6 +550,8 @@ class Engine:
                                         "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}})
         self.version = int(meta["version"])
         self.counters.update(meta.get("counters", {}))
+        if "convergence" in meta:
+            self.convergence.load_state(meta["convergence"], time.monotonic())
         for k, v in meta["workers"].items():
             # the old attempts are gone: the next HELLO of any attempt >= the recorded one is accepted
             self.workers[int(k)] = WorkerInfo(attempt=v["attempt"], token=None, last_step=v["last_step"],

@@ -41,6 +41,12 @@ class Mode:
         return self.push_flag == 0
 
     @property
+    def tol_ignores_silent_workers(self) -> bool:
+        """tol: whether an epoch may be judged without a worker that has gone silent. Asynchronous modes: yes,
+        a dead worker must not hold the decision. Round modes: no, they cannot go on without every worker."""
+        return not self.rounds
+
+    @property
     def equal_shards(self) -> bool:
         """Round modes need every worker to take the same number of steps: shards are cut to one size."""
         return self.rounds
@@ -100,7 +106,7 @@ class _GradientMode(Mode):
                 loop.stats["stale"] += 1
                 loop.version, wh = loop.client.pull()
                 loop.w[...] = loop.ops.asarray(wh)
-                metrics = self._recompute(loop)
+                metrics = {**metrics, **self._recompute(loop)}     # the epoch it ends in stays
             try:
                 r = loop.client.push(loop.to_host(loop.acc), base_version=loop.version, step=step,
                                      want_weights=loop.spec.ssp_slack is None, **metrics)

@@ -19,6 +19,15 @@ def summary_line(stats: dict) -> str:
     return " | ".join(parts)
 
 
+def epoch_line(f: dict, epochs: int | None = None) -> str:
+    """'epoch 3/40 loss 0.2513 accuracy 0.9312 48210 samples/s staleness 0.6' from one completed epoch's figures
+    (:meth:`ps.convergence.ConvergenceMonitor.pop_completed`)."""
+    rate = "-" if f.get("samples_per_s") is None else f"{f['samples_per_s']:.0f}"
+    of = f"/{epochs}" if epochs else ""
+    return (f"epoch {f['epoch']}{of} loss {f['loss']:.4f} accuracy {f['accuracy']:.4f} {rate} samples/s "
+            f"staleness {f['staleness']:.1f}")
+
+
 class ProgressLine:
     """``update(stats)`` at any rate; redraws at most every ``interval`` s (plain logging: every 5 s)."""
 

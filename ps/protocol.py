@@ -8,7 +8,7 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
 
     magic 4s "FFPS" | version u16 | op u8 | status u8 | code u16 | flags u16 | seq u32 | job_id 16s
     worker_id i32 | attempt i32 | fingerprint u64 | wversion i64 | step i64 | loss f64 | accuracy f64
-    batch_size i32 | dtype u8 | pad 3x | n_values i64 | session u64
+    batch_size i32 | dtype u8 | pad 1x | epoch u16 | n_values i64 | session u64
 
   ``wversion``: in a push, the weights version the update was computed on; in a reply, the server's version
   after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts), contiguous:
@@ -16,8 +16,15 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   refusal leaves step s - 1 open for the worker's recomputed push).
   ``seq``: a per-client request number echoed in the reply so late replies to a retried request are
   discarded. ``session``: 0 in a first HELLO; the HELLO reply carries the token that binds this (worker,
-  attempt) to the client that registered it, and every later request of that client carries it (version 1
-  had 8 reserved bytes here).
+  attempt) to the client that registered it, and every later request of that client carries it.
+  ``epoch``: in a push, the pass over the worker's shard that the exchange's last local step belongs to (1, 2,
+  ...; 0 = not given), with ``FLAG_EPOCH_LAST`` on the worker's last push of that epoch: the server's ``tol``
+  decision (:mod:`ps.convergence`) needs the epoch boundaries. A reply with ``FLAG_STOP`` says the server
+  decided that training stops (``tol``): the worker ends after this exchange.
+* Compatibility: the header stays ``HEADER.size`` bytes. Version 2 took version 1's 8 reserved bytes for
+  ``session`` and 2 of its 3 pad bytes for ``epoch`` (so at most 65,535 passes); a field carved out of unused
+  bytes bumps ``PROTOCOL_VERSION``, and peers of different versions refuse each other with VERSION_MISMATCH:
+  server and workers come from one install, and a version-1 peer would ignore both sessions and the stop.
 * ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32), C order, no
   header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
@@ -46,7 +53,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 2
 MAGIC = b"FFPS"
-HEADER_FORMAT = "<4sHBBHHI16siiQqqddiB3xqQ"
+HEADER_FORMAT = "<4sHBBHHI16siiQqqddiBxHqQ"
 HEADER = struct.Struct(HEADER_FORMAT)
 ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
@@ -59,6 +66,8 @@ FLAG_JSON = 2           # reply payload is UTF-8 JSON
 FLAG_TEXT = 4           # reply payload is UTF-8 text (an error message)
 FLAG_ELASTIC = 8        # push payload is an elastic difference (async-easgd / eamsgd)
 FLAG_LOCAL_WEIGHTS = 16  # push payload is the worker's local weights (synchronous easgd exchange)
+FLAG_EPOCH_LAST = 32    # push: the worker's last push of its ``epoch``
+FLAG_STOP = 64          # reply: the server decided to stop training (tol); finish after this exchange
 REPLY = 0x80
 
 
@@ -132,6 +141,7 @@ class Header:
     seq: int = 0
     dtype: int = 0
     n_values: int = 0
+    epoch: int = 0
     session: int = 0
     version: int = PROTOCOL_VERSION
     magic: bytes = field(default=MAGIC, repr=False)
@@ -140,7 +150,7 @@ class Header:
         return HEADER.pack(self.magic, self.version, self.op, self.status, self.code, self.flags,
                            self.seq & 0xFFFFFFFF, self.job_id, self.worker_id, self.attempt,
                            self.fingerprint, self.wversion, self.step, self.loss, self.accuracy,
-                           self.batch_size, self.dtype, self.n_values, self.session)
+                           self.batch_size, self.dtype, self.epoch, self.n_values, self.session)
 
     def reply(self, status=Status.OK, code=Reason.NONE, **kw) -> "Header":
         """A reply header echoing this request's identity fields and seq."""
@@ -154,7 +164,7 @@ def unpack_header(buf) -> Header:
     if len(buf) != HEADER.size:
         raise ProtocolError(Reason.MALFORMED, f"header must be {HEADER.size} bytes, got {len(buf)}")
     (magic, version, op, status, code, flags, seq, job_id, worker_id, attempt, fingerprint, wversion, step,
-     loss, accuracy, batch_size, dtype, n_values, session) = HEADER.unpack(buf)
+     loss, accuracy, batch_size, dtype, epoch, n_values, session) = HEADER.unpack(buf)
     if magic != MAGIC:
         raise ProtocolError(Reason.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != PROTOCOL_VERSION:
@@ -163,7 +173,7 @@ def unpack_header(buf) -> Header:
     return Header(op=op, job_id=job_id, worker_id=worker_id, attempt=attempt, fingerprint=fingerprint,
                   wversion=wversion, step=step, loss=loss, accuracy=accuracy, batch_size=batch_size,
                   status=status, code=code, flags=flags, seq=seq, dtype=dtype, n_values=n_values,
-                  session=session, version=version, magic=magic)
+                  epoch=epoch, session=session, version=version, magic=magic)
 
 
 def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:

@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     loss, acc = FeedForwardNetwork(list(spec.layers), backend="numpy").evaluate(res.weights, Xte, yte)
     print(f"mode={spec.mode} workers={spec.num_workers} backend={spec.backend}: test accuracy {acc:.4f} "
           f"(loss {loss:.4f}), {res.seconds:.2f}s, {res.samples_per_s:.0f} samples/s, "
-          f"applied {res.stats['applied']}, rejected {res.stats['rejected_total']}")
+          f"applied {res.stats['applied']}, rejected {res.stats['rejected_total']}; "
+          f"{res.stats['convergence']['message'] or 'stopped'}")
     return 0
 
 

@@ -17,7 +17,7 @@ import zmq
 
 from . import checkpoint as ckpt
 from .engine import Engine
-from .progress import ProgressLine
+from .progress import ProgressLine, epoch_line
 from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint
 from .security import ConnectionGuard, CurveServer, curve_speed_problem, raise_fd_limit
 from .spec import TrainingSpec
@@ -66,7 +66,9 @@ class ParameterServer:
     :class:`ps.spec.TrainingSpec`: pass ``spec=``, or its fields as keyword arguments (mode, optimizer,
     learning_rate, num_workers, layers, tau, staleness, ssp_slack, alpha, local_momentum, barrier_timeout,
     ...). ``client_config()`` hands the spec to the workers. checkpoint_dir with checkpoint_every (updates)
-    and/or checkpoint_seconds; resume=True starts from the latest checkpoint there.
+    and/or checkpoint_seconds; resume=True starts from the latest checkpoint there. on_epoch(figures): called on
+    the serving thread once per completed epoch with its figures (:mod:`ps.convergence`: epoch, loss,
+    accuracy, rows, samples_per_s, staleness, relative_change); default: one INFO line on this module's logger.
 
     Exposure: frames larger than the model's (``max_message_bytes``) drop their sender before anything is
     buffered; a peer that has not finished its handshake after ``handshake_timeout`` seconds is dropped; at
@@ -77,8 +79,8 @@ class ParameterServer:
     def __init__(self, w, mode=None, optimizer=None, learning_rate=None, num_workers=None,
                  bind="tcp://127.0.0.1:0", secure=True, *, spec: TrainingSpec | None = None, checkpoint_dir=None,
                  checkpoint_every=None, checkpoint_seconds=None, resume=False, checkpoint_on_stop=True,
-                 progress=None, hwm=8, advertise_host=None, handshake_timeout=5.0, max_connections=None,
-                 shard=None, **spec_fields):
+                 progress=None, hwm=8, on_epoch=None, advertise_host=None, handshake_timeout=5.0,
+                 max_connections=None, shard=None, **spec_fields):
         given = {k: v for k, v in dict(mode=mode, optimizer=optimizer, learning_rate=learning_rate,
                                        num_workers=num_workers).items() if v is not None}
         given.update(spec_fields)
@@ -116,6 +118,7 @@ class ParameterServer:
         self._thread = None
         self._error = None
         self._progress_enabled = progress
+        self.on_epoch = on_epoch if on_epoch is not None else self._log_epoch
         self.address = None
         self.curve = None
         self.guard = None
@@ -322,6 +325,7 @@ class ParameterServer:
                 for r in replies:
                     self._send(*r)
                 self._maybe_checkpoint()
+                self._report_epochs()
                 if self.progress.enabled:
                     self.progress.update(self.stats())
             with self._lock:                          # nobody waits forever on a stopped server
@@ -333,6 +337,18 @@ class ParameterServer:
             log.exception("parameter server thread failed")
         finally:
             self._close_ctx(sock)
+
+    def _report_epochs(self) -> None:
+        with self._lock:
+            completed = self.engine.convergence.pop_completed()
+        for figures in completed:
+            try:
+                self.on_epoch(figures)
+            except Exception:  # noqa: BLE001 - a reporting hook must not stop the server
+                log.exception("on_epoch hook failed")
+
+    def _log_epoch(self, f: dict) -> None:
+        log.info("%s", epoch_line(f, self.spec.epochs))
 
     def _maybe_checkpoint(self) -> None:
         cp = self.checkpoints

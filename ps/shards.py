@@ -63,7 +63,7 @@ class ShardedServer:
     one server; ``stats()`` and ``history()`` are shard 0's (every push reaches every shard), with each
     shard's stats under ``stats()["shards"]``."""
 
-    def __init__(self, w, *, spec, shards, checkpoint_dir=None, progress=None, **kw):
+    def __init__(self, w, *, spec, shards, checkpoint_dir=None, progress=None, on_epoch=None, **kw):
         w = np.asarray(w, dtype=np.float32)
         self.spec, self.bounds = spec, shard_bounds(w.shape[0], int(shards))
         count = len(self.bounds)
@@ -75,7 +75,9 @@ class ShardedServer:
                                  f"shards ({', '.join(present)}); this server has {count}")
         bind = kw.pop("bind", "tcp://127.0.0.1:0")
         head, port = bind.rsplit(":", 1)
+        quiet = lambda figures: None    # noqa: E731 - every shard sees the same epochs: shard 0 reports them
         self.shards = [ParameterServer(w[a:b], spec=spec, shard=(k, count), progress=progress if k == 0 else False,
+                                       on_epoch=on_epoch if k == 0 else quiet,
                                        bind=bind if port in ("0", "*") else f"{head}:{int(port) + k}",
                                        checkpoint_dir=os.path.join(checkpoint_dir, f"shard-{k}")
                                        if checkpoint_dir else None, **kw)
@@ -205,6 +207,11 @@ class ShardedClient:
         return self.parts[0].version
 
     @property
+    def stop_requested(self) -> bool:
+        """A shard said the server decided to stop (tol); every shard sees the same pushes and decides alike."""
+        return any(p.stop_requested for p in self.parts)
+
+    @property
     def session(self) -> int:
         return self.parts[0].session
 
@@ -220,7 +227,7 @@ class ShardedClient:
         return self.version, buf
 
     def push(self, array, loss=0.0, accuracy=0.0, batch_size=0, *, base_version=None, step=None,
-             kind="gradient", want_weights=False, out=None) -> PushResult:
+             kind="gradient", want_weights=False, out=None, epoch=0, last_of_epoch=False) -> PushResult:
         """Slice k to shard k, with that shard's own base version (``base_version`` is ignored: each shard
         judges staleness by the weights it last sent this client). Shards that already took ``step`` (it was
         refused as STALE elsewhere and is being pushed again) are not sent it again."""
@@ -230,8 +237,8 @@ class ShardedClient:
         step = self.step + 1 if step is None else int(step)
         todo = [k for k, p in enumerate(self.parts) if p.step < step]
         results = self._each(lambda k, p: p.push(array[self.bounds[k][0]:self.bounds[k][1]], loss, accuracy,
-                                                 batch_size, step=step, kind=kind, want_weights=want_weights),
-                             todo)
+                                                 batch_size, step=step, kind=kind, want_weights=want_weights,
+                                                 epoch=epoch, last_of_epoch=last_of_epoch), todo)
         weights = None
         if results and all(r.weights is not None for r in results) and len(results) == len(self.parts):
             weights = self._weights if out is None else out

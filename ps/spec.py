@@ -20,6 +20,7 @@ from .modes import MODE_NAMES, MODES, get_mode
 from .rules import default_alpha
 
 SEED_MODULUS = 2 ** 32          # numpy's seeds are unsigned; Spark's default seed is a signed hash
+MAX_EPOCHS = 0xFFFF             # the header's epoch field (ps/protocol.py)
 
 
 class SpecError(ValueError):
@@ -54,6 +55,8 @@ class TrainingSpec:
     refuse a push computed on weights more than this many updates old. ssp_slack: hold a pull at clock c until
     every other live worker reached c - slack. barrier_timeout: seconds a round, barrier or SSP wait may last.
     worker_timeout: seconds a worker waits for one reply. epochs, batch_size, backend, seed: the workers' loop.
+    tol: stop early when the relative change of the epoch's mean training loss falls below it (0 = never;
+    :mod:`ps.convergence`).
     """
     layers: tuple | None = None
     mode: str = "async"
@@ -73,6 +76,7 @@ class TrainingSpec:
     worker_timeout: float = 10.0
     backend: str = "auto"
     seed: int = 0
+    tol: float = 0.0
 
     def __post_init__(self):
         put = object.__setattr__          # frozen: normalised values are set once, here
@@ -81,6 +85,9 @@ class TrainingSpec:
             put(self, "layers", tuple(check_layers(self.layers)))
         for name in ("num_workers", "epochs", "batch_size", "tau"):
             _positive_int(name, getattr(self, name))
+        if self.epochs > MAX_EPOCHS:
+            raise SpecError("epochs", "{name} must be at most %d (a push names its epoch in 16 bits), got {v!r}"
+                            % MAX_EPOCHS, v=self.epochs)
         _positive_number("learning_rate", self.learning_rate)
         if self.tau != 1 and not mode.windowed:
             raise SpecError("tau", "{name} must be 1 in {mode} mode, got {v}", mode=self.mode, v=self.tau)
@@ -97,6 +104,10 @@ class TrainingSpec:
             _positive_int("ssp_slack", self.ssp_slack, low=0)
         for name in ("barrier_timeout", "worker_timeout"):
             _positive_number(name, getattr(self, name))
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol)
+                                              and self.tol >= 0):
+            raise SpecError("tol", "{name} must be a number >= 0 (0 = never stop early), got {v!r}", v=self.tol)
+        put(self, "tol", float(self.tol))
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("backend", BACKEND_NAMES)):
             if getattr(self, name) not in choices:
                 raise SpecError(name, "{name} must be one of {c}, got {v!r}", c=", ".join(choices),
@@ -158,6 +169,9 @@ def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> 
                              "momentum (default: 0.9 in Spark, 0.99 for eamsgd elsewhere)")
     parser.add_argument("--staleness", type=int, default=None,
                         help="async: refuse pushes computed on weights more than this many updates old")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="stop when the relative change of the epoch's mean training loss falls below this "
+                             "(default: never in ps.runner; Spark's tol default 1e-6 in the Spark app)")
     parser.add_argument("--insecure", action="store_true", help="turn CURVE off (trusted networks only)")
 
 
@@ -170,7 +184,7 @@ def spec_from_flags(args, **settings) -> TrainingSpec:
     fields = dict(layers=args.layers, mode=args.trainer, num_workers=args.workers, epochs=args.epochs,
                   batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.server_optimizer,
                   optimizer_options=options, tau=args.window, staleness=args.staleness, seed=args.seed,
-                  backend=args.backend or "auto")
+                  backend=args.backend or "auto", tol=0.0 if args.tol is None else args.tol)
     if args.momentum is not None:
         fields["local_momentum"] = args.momentum
     fields.update(settings)
@@ -179,4 +193,4 @@ def spec_from_flags(args, **settings) -> TrainingSpec:
 
 FLAG_NAMES = {"mode": "--trainer", "num_workers": "--workers", "epochs": "--epochs", "batch_size": "--batch-size",
               "learning_rate": "--learning-rate", "tau": "--window", "local_momentum": "--momentum",
-              "staleness": "--staleness", "optimizer": "--server-optimizer"}
+              "staleness": "--staleness", "optimizer": "--server-optimizer", "tol": "--tol"}

@@ -5,7 +5,8 @@ setting comes from the server's training spec in ``cfg``. Local steps use the co
 numpy, numba, cupy with a device ordinal); the client moves float32 host vectors. Exchange ``s`` (1, 2, ...)
 covers local steps ``(s-1)*tau+1 .. s*tau`` of a deterministic batch sequence (seeded per worker), so a
 restarted worker (attempt + 1) skips exactly the exchanges the server already applied for it and no
-mini-batch is applied twice.
+mini-batch is applied twice. Each push names the epoch it ends in; a reply with the server's stop decision
+(``tol``) ends the loop after that exchange.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 
+from .convergence import exchange_epoch
 from .shards import connect
 
 
@@ -88,11 +90,13 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
         window = {"loss": 0.0, "correct": 0, "rows": 0, "steps": 0}
 
         keep = mode.keeps_window(spec)
+        spe = stats["steps_per_epoch"]
 
         def exchange(step):
             rows = window["rows"]
+            epoch, last = exchange_epoch(step, tau, spe, spec.epochs)
             mode.exchange(loop, step, dict(loss=window["loss"] / rows, accuracy=window["correct"] / rows,
-                                           batch_size=rows))
+                                           batch_size=rows, epoch=epoch, last_of_epoch=last))
             stats["pushes"] += 1
             stats["samples"] += rows
             window.update(loss=0.0, correct=0, rows=0, steps=0)
@@ -116,11 +120,13 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
             stats["local_steps"] += 1
             if window["steps"] == tau:
                 exchange((k - 1) // tau + 1)
-        if window["steps"]:
+                if client.stop_requested:              # the server decided (tol): end after this exchange
+                    break
+        if window["steps"] and not client.stop_requested:
             exchange((k - 1) // tau + 1)                   # the last, shorter window: no batch goes unsent
         client.bye()
     finally:
         client.close()
     stats.update(seconds=time.perf_counter() - t0, start_wait_s=t0 - t_ready, last_step=client.step,
-                 backend=net.backend_name)
+                 backend=net.backend_name, stopped_by_server=client.stop_requested)
     return stats

@@ -58,7 +58,7 @@ def session(master=None):
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    builder = SparkSession.builder.appName("ffps")
+    builder = SparkSession.builder.appName("ffps").config("spark.ui.showConsoleProgress", "false")  # ours draws
     if master:
         builder = builder.master(master)
     elif not os.environ.get("PYSPARK_GATEWAY_PORT") and "--master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
@@ -117,6 +117,7 @@ def train(spark, args) -> dict:
     from pyspark.sql import functions as F
 
     from spark import FeedForwardNetworkPSClassifier
+    from spark.console import report_epochs
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install ffps[plot]")
@@ -131,9 +132,12 @@ def train(spark, args) -> dict:
         blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.server_optimizer,
         momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
         maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
-        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None)
+        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
+        tol=args.tol)
+    clf._server_progress = False              # report_epochs draws the one live line
     t0 = time.perf_counter()
-    model = clf.fit(df)
+    with report_epochs(sys.stderr):           # a line per epoch on stderr, a progress bar on a terminal
+        model = clf.fit(df)
     seconds = time.perf_counter() - t0
     writer = model.write().overwrite() if args.overwrite else model.write()
     writer.save(args.dir)
@@ -142,7 +146,8 @@ def train(spark, args) -> dict:
     extra = {"plot": model.summary.plot(args.plot)} if args.plot else {}
     return {"mode": "train", "layers": layers, "fit_seconds": round(seconds, 3), "train_accuracy": acc,
             "attempts": model.trainingStats["attempts"], "model": args.dir,
-            "objective_history": [round(v, 5) for v in model.summary.objectiveHistory], **extra}
+            "objective_history": [round(v, 5) for v in model.summary.objectiveHistory],
+            "stop_reason": model.summary.stopReason, "stop_message": model.summary.stopMessage, **extra}
 
 
 def _accuracy(frame, label_col) -> float:

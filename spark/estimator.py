@@ -8,8 +8,10 @@
 ``fit`` checks the params (into one :class:`ps.spec.TrainingSpec`) and the schema before any job, starts the
 parameter server on the driver, runs one barrier stage of ``numWorkers`` tasks (relaunched by the driver after
 a failure) whose tasks check the data they read before any update, and returns the server's final weights in
-a model. ``tol`` is accepted for compatibility with MultilayerPerceptronClassifier; training always runs
-``maxIter`` passes over the data.
+a model. Training stops after ``maxIter`` passes, or earlier when the relative change of the epoch's mean
+training loss falls below ``tol`` (the server decides at each epoch boundary; ``model.summary.stopReason``
+says which). One log line per epoch goes to this module's logger. On a Spark Connect session the same stage
+runs through DataFrame APIs only (:mod:`spark.session`); the parameter server runs in the client process.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .data import check_schema, prepared
 from .model import FeedForwardNetworkPSClassificationModel
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
                      keyword_signature, ps_bind, training_spec)
+from .session import conf, connect_server_host, master, num_partitions, require_connect_support
 from .tracking import log_fit
 
 log = logging.getLogger("spark.estimator")
@@ -41,6 +44,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
     ``blockSize`` = mini-batch rows per worker step, ``stepSize`` = learning rate. See ``explainParams()``.
     Keyword arguments only: every Param by name (the signature lists them with their defaults).
     """
+
+    _server_progress = None     # the server's live line: None = when stderr is a terminal (the app turns it off)
 
     @keyword_only
     def __init__(self, **kwargs):
@@ -60,13 +65,15 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         spec = training_spec(self)
         features_col, label_col = self.getFeaturesCol(), self.getLabelCol()
         check_schema(dataset.schema, features_col, label_col)
-        sc = dataset.sparkSession.sparkContext
-        bind = ps_bind(sc.master, sc.getConf().get("spark.driver.host", None), self.getPsHost(), self.getPsPort())
+        require_connect_support(dataset)
+        spark = dataset.sparkSession
+        bind = ps_bind(master(spark), conf(spark, "spark.driver.host"), self.getPsHost(), self.getPsPort(),
+                       connect_server_host(spark))
         nw = spec.num_workers
         # one partition per worker: shuffled (round-robin) unless the frame already has numWorkers partitions,
         # as xgboost.spark does; a frame whose lineage Spark will not run in a barrier stage (coalesce, limit)
-        # is shuffled too
-        shuffle = self.getForceRepartition() or dataset._jdf.rdd().getNumPartitions() != nw  # no Python RDD
+        # is shuffled too. Spark Connect shows no partition count without a job: shuffled there.
+        shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
         try:
             model, stats = self._train(self._prepared(dataset, shuffle), spec, bind)
         except training.UnsupportedBarrierChain as exc:
@@ -97,7 +104,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         w0 = initial_weights(self, spec)
         server = make_server(w0, spec=spec, shards=self.getPsShards() or auto_shards(w0.shape[0]), bind=bind,
                              secure=self.getSecure(), checkpoint_dir=checkpoint_dir, resume=self.getResume(),
-                             checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None)
+                             checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None,
+                             progress=self._server_progress, on_epoch=epoch_logger(spec.epochs))
         first_attempt = server.next_attempt()
         if server.resumed_from:
             log.info("ffps: resuming from %s (version %d)", server.resumed_from, server.version)
@@ -127,7 +135,19 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  "history": server.history(),
                  "resumed_from": {"path": server.resumed_from, "attempt": first_attempt}
                  if server.resumed_from else None}
+        log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         return FeedForwardNetworkPSClassificationModel(weights=w, layers=spec.layers), stats
+
+
+def epoch_logger(epochs: int):
+    """-> on_epoch(figures) for the server: one INFO line per completed epoch on this module's logger; the record
+    carries the figures (``ffps_epoch``) and the planned epochs (``ffps_epochs``) for handlers such as the app's
+    progress bar."""
+    from ps.progress import epoch_line
+
+    def on_epoch(figures):
+        log.info("ffps %s", epoch_line(figures, epochs), extra={"ffps_epoch": figures, "ffps_epochs": epochs})
+    return on_epoch
 
 
 FeedForwardNetworkPSClassifier.__init__.__signature__ = keyword_signature(_ARGUMENTS)

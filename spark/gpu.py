@@ -75,3 +75,18 @@ def with_gpu_profile(rdd, master: str):
         log.warning("could not attach a GPU ResourceProfile to the training stage (%s); relying on "
                     "spark.task.resource.gpu.amount", exc)
         return rdd
+
+
+def gpu_stage(prep, fn, schema: str, master: str):
+    """The barrier training stage with one GPU per task. Classic sessions attach the ResourceProfile to the
+    stage's RDD (``.rdd.withResources``), as before; Spark Connect has no RDDs and passes it to
+    ``mapInArrow(..., profile=)`` (pyspark >= 4.0). Where stage-level scheduling is unsupported the global
+    ``spark.task.resource.gpu.amount`` conf applies."""
+    from .session import is_connect
+
+    if not is_connect(prep):
+        return with_gpu_profile(prep.mapInArrow(fn, schema, barrier=True).rdd, master)
+    if not supports_stage_level_scheduling(master):
+        log.info("master %s has no stage-level scheduling; GPUs come from spark.task.resource.gpu.amount", master)
+        return prep.mapInArrow(fn, schema, barrier=True)
+    return prep.mapInArrow(fn, schema, barrier=True, profile=gpu_profile())

@@ -47,7 +47,8 @@ PARAMS = {
     "stepSize": (None, None, 0.1),
     "blockSize": (None, None, 64),
     "seed": (None, None, None),
-    "tol": (None, None, 1e-6),
+    "tol": ("stop when the relative change of the epoch's mean training loss falls below tol (>= 0; 0 = always "
+            "run maxIter passes); checked at each epoch boundary by the parameter server", T.toFloat, 1e-6),
     "mode": ("how workers combine their work on the parameter server: sync (averaged gradients, one step per "
              "round), async (DOWNPOUR), easgd, async-easgd, eamsgd (elastic averaging)",
              _choice("mode", MODE_NAMES), "async"),
@@ -66,8 +67,10 @@ PARAMS = {
                 _choice("backend", BACKEND_NAMES), "auto"),
     "useGpu": ("ask Spark for one GPU per training task (a stage-level ResourceProfile where the cluster manager "
                "supports it); implied by backend='cupy'", T.toBoolean, False),
-    "psHost": ("address the parameter server binds on the driver and workers connect to; empty = 127.0.0.1 in "
-               "local mode, else spark.driver.host", T.toString, ""),
+    "psHost": ("address the parameter server binds and the training tasks connect to; empty = 127.0.0.1 in "
+               "local mode, else spark.driver.host. On Spark Connect the server runs in the client process: "
+               "empty works only with a local Connect server and a local master; else give an address of the "
+               "client machine that the executors can reach", T.toString, ""),
     "psPort": ("parameter server TCP port; 0 = any free port (with psShards > 1 shard k listens on psPort + k)",
                T.toInt, 0),
     "psShards": ("slices of the weight vector the parameter server serves with a socket, thread and core each, "
@@ -99,7 +102,8 @@ MODEL_SETTABLE = ("featuresCol", "predictionCol", "probabilityCol", "rawPredicti
 # the TrainingSpec settings under their Spark names, for error messages
 SPEC_NAMES = {"num_workers": "numWorkers", "epochs": "maxIter", "batch_size": "blockSize",
               "learning_rate": "stepSize", "tau": "communicationWindow", "local_momentum": "momentum",
-              "staleness": "maxStaleness", "barrier_timeout": "roundTimeout", "worker_timeout": "workerTimeout"}
+              "staleness": "maxStaleness", "barrier_timeout": "roundTimeout", "worker_timeout": "workerTimeout",
+              "tol": "tol"}
 
 
 def _camel(name: str) -> str:
@@ -169,7 +173,7 @@ def training_spec(p: Params) -> TrainingSpec:
         optimizer_options=optimizer_options, tau=get("communicationWindow"), alpha=alpha,
         local_momentum=get("momentum"), staleness=None if get("maxStaleness") < 0 else get("maxStaleness"),
         barrier_timeout=get("roundTimeout"), worker_timeout=get("workerTimeout"), backend=get("backend"),
-        seed=get("seed"))
+        seed=get("seed"), tol=get("tol"))
     if get("psShards") > spec.num_params:
         raise ValueError(f"psShards must be at most the {spec.num_params} parameters, got {get('psShards')}")
     if p.isDefined("initialWeights"):
@@ -189,8 +193,25 @@ def initial_weights(p: Params, spec: TrainingSpec) -> np.ndarray:
     return spec.initial_weights()
 
 
-def ps_bind(master: str, driver_host: str | None, host: str, port: int) -> str:
-    """tcp://IP:PORT for the server: psHost, else 127.0.0.1 in local modes, else the driver's address."""
+def ps_bind(master: str, driver_host: str | None, host: str, port: int, connect_server: str | None = None) -> str:
+    """tcp://IP:PORT for the server: psHost, else 127.0.0.1 in local modes, else the driver's address.
+
+    connect_server: the Spark Connect server's host when the session is a Connect client. The parameter server
+    then runs in this client process, not on the driver: without psHost that works only when the Connect server
+    is on this machine with a local master (its executors are local too); otherwise a ValueError says to set
+    psHost, instead of tasks waiting on an address they cannot reach.
+    """
+    if not host and connect_server is not None:
+        from .session import is_loopback
+
+        if not (master.startswith("local") and is_loopback(connect_server)):
+            raise ValueError(
+                f"this is a Spark Connect session to the server at {connect_server!r} (master {master!r}): the "
+                f"parameter server runs here, in the client process, and the cluster's executors must connect to "
+                f"it. Set psHost to an address of this machine that the executors can reach (and psPort to a port "
+                f"open to them). Where executors cannot open connections to the client (serverless or NAT'ed "
+                f"notebooks), ffps cannot train over Spark Connect: run the fit in a classic session on the driver")
+        host = "127.0.0.1"
     if not host:
         host = "127.0.0.1" if master.startswith("local") else (driver_host or socket.gethostname())
     try:

@@ -1,15 +1,25 @@
 """Saving and loading the model: Spark ML metadata plus the weights written through Spark.
 
 Layout under PATH (any URI Spark can write: file, HDFS, S3, ...):
-``metadata/``  DefaultParamsWriter JSON (class, uid, params) with ``ffpsFormat`` and ``numParams`` added;
+``metadata/``  DefaultParamsWriter's JSON (class, timestamp, sparkVersion, uid, paramMap, defaultParamMap) with
+               ``ffpsFormat`` and ``numParams`` added, one line of text;
 ``data/``      Parquet, one row: layers array<int>, weights binary (little-endian float32, flat layout).
 A directory that is not an ffps model, or a damaged one, raises ValueError naming the path and the problem.
 Models saved when the model class lived in ``spark.estimator`` load as well (Pipelines find the class there too).
+
+Both parts are written and read through the DataFrame reader and writer of the session, so the same code runs
+on a classic session (Spark 3.5 and 4) and on Spark Connect (no SparkContext there): the metadata line is
+the one ``DefaultParamsWriter.saveMetadata`` writes, and a model saved either way loads either way.
 """
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
-from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
+from pyspark.ml.util import DefaultParamsReader, MLReader, MLWriter
+
+from .session import is_connect
 
 FORMAT_VERSION = 1
 
@@ -24,14 +34,43 @@ class ModelWriter(MLWriter):
         super().__init__()
         self.instance = instance
 
+    def _handleOverwrite(self, path: str) -> None:
+        # classic: Spark's own (it deletes PATH through the JVM); Connect has no JVM handle here, and
+        # saveImpl's writers replace metadata/ and data/ themselves
+        if not is_connect(self.sparkSession):
+            super()._handleOverwrite(path)
+
     def saveImpl(self, path: str) -> None:
-        model = self.instance
+        model, spark = self.instance, self.sparkSession
         w = np.ascontiguousarray(model.weights.toArray(), dtype="<f4")   # float32 -> float64 -> float32: exact
-        DefaultParamsWriter.saveMetadata(model, path, self.sc,
-                                         extraMetadata={"ffpsFormat": FORMAT_VERSION, "numParams": int(w.size)})
-        frame = self.sparkSession.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
-                                                  "layers array<int>, weights binary")
-        frame.coalesce(1).write.parquet(path.rstrip("/") + "/data")
+        mode = "overwrite" if self.shouldOverwrite else "error"      # Connect knows "error", not "errorifexists"
+        meta = metadata_json(model, spark.version, {"ffpsFormat": FORMAT_VERSION, "numParams": int(w.size)})
+        spark.createDataFrame([(meta,)], "value string").coalesce(1).write.mode(mode).text(_join(path, "metadata"))
+        frame = spark.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
+                                      "layers array<int>, weights binary")
+        frame.coalesce(1).write.mode(mode).parquet(_join(path, "data"))
+
+
+def _join(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name
+
+
+def metadata_json(instance, spark_version: str, extra: dict) -> str:
+    """The metadata line of ``DefaultParamsWriter.saveMetadata``: class, timestamp, sparkVersion, uid, paramMap
+    (values set), defaultParamMap (defaults), plus ``extra``."""
+    meta = {"class": f"{type(instance).__module__}.{type(instance).__name__}",
+            "timestamp": int(round(time.time() * 1000)), "sparkVersion": spark_version, "uid": instance.uid,
+            "paramMap": {p.name: v for p, v in instance._paramMap.items()},
+            "defaultParamMap": {p.name: v for p, v in instance._defaultParamMap.items()}, **extra}
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def load_metadata(spark, path: str) -> dict:
+    """The metadata JSON under PATH/metadata (as DefaultParamsReader.loadMetadata reads it)."""
+    first = spark.read.text(_join(path, "metadata")).first()
+    if first is None:
+        raise ValueError("metadata/ is empty")
+    return json.loads(first[0])
 
 
 class ModelReader(MLReader):
@@ -43,7 +82,7 @@ class ModelReader(MLReader):
         expected = f"{self.cls.__module__}.{self.cls.__name__}"
         accepted = {expected, f"spark.estimator.{self.cls.__name__}"}   # saved before spark/model.py existed
         try:
-            metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+            metadata = load_metadata(self.sparkSession, path)
         except Exception as exc:  # noqa: BLE001 - missing dir, no metadata, unreadable JSON
             raise ValueError(f"{path!r} is not a saved ffps model: no readable Spark ML metadata "
                              f"({_short(exc)})") from None
@@ -51,7 +90,7 @@ class ModelReader(MLReader):
             raise ValueError(f"{path!r} holds a saved {metadata.get('class')!r}, not an ffps model ({expected}, "
                              f"format {FORMAT_VERSION})")
         try:
-            rows = self.sparkSession.read.parquet(path.rstrip("/") + "/data").collect()
+            rows = self.sparkSession.read.parquet(_join(path, "data")).collect()
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"ffps model at {path!r} is damaged: its weights (data/) cannot be read "
                              f"({_short(exc)})") from None

@@ -1,6 +1,9 @@
 """Model scoring by Arrow batches: one pandas UDF per batch computes logits, softmax and argmax.
 
-The UDF captures plain locals only (layer sizes and a broadcast of the flat weights), never the model.
+The UDF captures plain locals only, never the model: the layer sizes and the flat float32 weights -- through a
+broadcast on a classic session, and as bytes inside the UDF itself on Spark Connect, which has no broadcasts
+(the plan carries them to the server: a model must stay below the Connect server's message limit,
+``spark.connect.grpc.maxInboundMessageSize``, 128 MiB by default).
 """
 from typing import Iterator
 
@@ -18,6 +21,16 @@ def logits_and_probabilities(net, w, X):
     return logits, e / e.sum(axis=1, keepdims=True)
 
 
+def weights_for_executors(dataset, weights):
+    """The weights as the UDF will read them: a broadcast (classic) or little-endian float32 bytes (Connect)."""
+    from .session import is_connect
+
+    w = np.ascontiguousarray(weights, dtype="<f4")
+    if is_connect(dataset):
+        return w.tobytes()
+    return dataset.sparkSession.sparkContext.broadcast(w)
+
+
 def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col):
     """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double)."""
     import pandas as pd     # annotations below are evaluated here: pandas_udf reads them
@@ -29,14 +42,14 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
 
     layers = [int(d) for d in layers]
     width = layers[0]
-    w_bc = dataset.sparkSession.sparkContext.broadcast(np.ascontiguousarray(weights, dtype=np.float32))
+    w_bc = weights_for_executors(dataset, weights)
 
     @pandas_udf(RESULT_TYPE)
     def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         from core import FeedForwardNetwork
 
         net = FeedForwardNetwork(layers, backend="numpy")
-        w = w_bc.value
+        w = w_bc.value if hasattr(w_bc, "value") else np.frombuffer(w_bc, dtype="<f4")
         for s in batches:
             if len(s) == 0:
                 yield pd.DataFrame({"raw": [], "prob": [], "pred": []})

@@ -3,8 +3,9 @@
     s = model.summary                  # FeedForwardNetworkPSTrainingSummary
     s.objectiveHistory                 # [mean training loss of epoch 1, 2, ...], like MLlib's
     s.accuracyHistory, s.totalIterations, s.trainingSeconds
+    s.stopReason, s.stopMessage        # "tol" (converged early) or "maxIter", and why in words
     s.epochs(); s.workers(); s.history; s.toPandas()
-    s.plot("curves.png")               # loss and accuracy vs time (pip install ffps[plot])
+    s.plot("curves.png")               # loss and accuracy vs time or passes (pip install ffps[plot])
 
 Built from ``model.trainingStats``: the server's record of every applied push and each worker's stats. Push
 ``s`` of a worker covers its local steps (s-1)*tau+1 .. min(s*tau, epochs*steps_per_epoch) (the last window
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 
 _PLOT_HINT = "pip install ffps[plot]"
+PASSES_BELOW_S = 5.0    # a fit whose updates all fell within this many seconds is plotted against passes
 
 
 def _weighted(records, key):
@@ -77,6 +79,20 @@ class FeedForwardNetworkPSTrainingSummary:
         return float(self._stats["seconds"])
 
     @property
+    def stopReason(self) -> str:
+        """Why training stopped: ``"tol"`` (the relative change of the epoch's mean training loss fell below
+        tol: see :attr:`stopMessage`) or ``"maxIter"`` (every pass ran)."""
+        return "tol" if self._convergence().get("stop_reason") == "tol" else "maxIter"
+
+    @property
+    def stopMessage(self) -> str:
+        """Why training stopped, in words (the server's decision at the epoch boundary)."""
+        return self._convergence().get("message") or f"ran {self.totalIterations} epochs (maxIter)"
+
+    def _convergence(self) -> dict:
+        return self._stats.get("server", {}).get("convergence") or {}
+
+    @property
     def history(self) -> list[dict]:
         """The server's records of the applied pushes, oldest first, each with its ``epoch`` added.
 
@@ -124,8 +140,10 @@ class FeedForwardNetworkPSTrainingSummary:
 
     # ------------------------------------------------------------------ plot
     def plot(self, path):
-        """Write a PNG: training loss (log scale) and accuracy vs seconds since training start, one line per
-        worker, the per-epoch means as markers -> ``path``. Needs matplotlib (``pip install ffps[plot]``)."""
+        """Write a PNG: training loss (log scale) and accuracy, one line per worker and the per-epoch means as
+        markers -> ``path``. The x axis is seconds since the first applied update, or passes over the data when
+        all updates fell within ``PASSES_BELOW_S`` seconds (a small fit's time axis shows only start-up noise).
+        Needs matplotlib (``pip install ffps[plot]``)."""
         try:   # the object-oriented API renders with Agg and leaves pyplot's global backend alone
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
@@ -134,24 +152,42 @@ class FeedForwardNetworkPSTrainingSummary:
         fig = Figure(figsize=(9, 6.5), layout="constrained")
         FigureCanvasAgg(fig)
         ax_loss, ax_acc = fig.subplots(2, 1, sharex=True)
+        x_of, x_epoch, x_label = self._plot_axis()
         for w in sorted(self._workers):
             rs = [r for r in self._history if int(r["worker"]) == w]
-            t = [r["time"] for r in rs]
-            ax_loss.plot(t, [r["loss"] for r in rs], lw=0.8, alpha=0.7, label=f"worker {w}")
-            ax_acc.plot(t, [r["accuracy"] for r in rs], lw=0.8, alpha=0.7, label=f"worker {w}")
-        t_end = [e["seconds_end"] for e in self._epochs]
-        ax_loss.plot(t_end, self.objectiveHistory, "ko", ms=4, label="epoch mean")
-        ax_acc.plot(t_end, self.accuracyHistory, "ko", ms=4, label="epoch mean")
+            x = [x_of(r) for r in rs]
+            ax_loss.plot(x, [r["loss"] for r in rs], lw=0.8, alpha=0.7, label=f"worker {w}")
+            ax_acc.plot(x, [r["accuracy"] for r in rs], lw=0.8, alpha=0.7, label=f"worker {w}")
+        x_end = [x_epoch(e) for e in self._epochs]
+        ax_loss.plot(x_end, self.objectiveHistory, "ko", ms=4, label="epoch mean")
+        ax_acc.plot(x_end, self.accuracyHistory, "ko", ms=4, label="epoch mean")
         if all(r["loss"] > 0 for r in self._history):
             ax_loss.set_yscale("log")
         ax_loss.set_ylabel("training loss (NLL)")
         ax_acc.set_ylabel("training accuracy")
-        ax_acc.set_xlabel("seconds since training start")
+        ax_acc.set_xlabel(x_label)
         server = self._stats.get("server", {})
+        stopped = " (stopped by tol)" if self.stopReason == "tol" else ""
         ax_loss.set_title(f"ffps {server.get('mode', '')} training: {len(self._workers)} workers, "
-                          f"{self.totalIterations} epochs, {self.trainingSeconds:.1f} s")
+                          f"{self.totalIterations} epochs{stopped}, {self.trainingSeconds:.1f} s")
         for ax in (ax_loss, ax_acc):
             ax.grid(True, alpha=0.3)
             ax.legend(loc="best", fontsize="small")
         fig.savefig(path, dpi=110)
         return path
+
+    def _plot_axis(self):
+        """(x of a push record, x of an epoch's mean, axis label). Passes: a push sits at the end of its window
+        (its last local step / steps per pass), an epoch's mean at the end of its pass. Seconds: from the first
+        applied update (the server's clock starts with Spark's start-up), an epoch's mean at the time its last
+        push was applied."""
+        times = [r["time"] for r in self._history]
+        t0 = min(times, default=0.0)
+        if times and max(times) - t0 >= PASSES_BELOW_S:
+            return (lambda r: r["time"] - t0), (lambda e: e["seconds_end"] - t0), "seconds since the first update"
+
+        def passes(r):
+            w = self._workers[int(r["worker"])]
+            spe = int(w["steps_per_epoch"])
+            return min(int(r["step"]) * int(w["tau"]), int(w["epochs"]) * spe) / spe
+        return passes, (lambda e: float(e["epoch"])), "passes over the data"

@@ -22,6 +22,7 @@ RESULT_SCHEMA = "worker long, stats string"
 
 
 DATA_BARRIER = -1     # the gather barrier where tasks exchange their partition reports (ps.worker uses 0)
+UNREACHABLE = "FFPS_PS_UNREACHABLE"   # marks a task that could not reach the server: relaunching cannot help
 
 
 def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col: str, on_step=None):
@@ -57,13 +58,23 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
 
         import pyarrow as pa
 
+        from ps.client import ServerUnavailable
         from ps.shards import connect
         from spark.data import data_problem, read_partition
 
         t_start = time.time()
         X, y, report = read_partition(batches, width)
         t_read = time.time()
-        client = connect(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
+        try:
+            client = connect(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
+        except ServerUnavailable as exc:
+            import socket
+
+            raise RuntimeError(f"{UNREACHABLE}: the training task on executor host {socket.gethostname()!r} "
+                               f"could not reach the parameter server at {cfg['address']} ({exc}). Executors must be "
+                               f"able to connect to that address: set psHost to an address of the driver (or, on "
+                               f"Spark Connect, of the client machine) that they can reach, and psPort to an open "
+                               f"port") from None
         keep_session(client.session)
         try:
             reports = client.gather(DATA_BARRIER, report)
@@ -112,6 +123,13 @@ def _short(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _unreachable(exc: BaseException) -> str:
+    """The task's own message about the unreachable server, out of the (Java or Connect) error text."""
+    text = str(exc)
+    start = text.index(UNREACHABLE) + len(UNREACHABLE) + 2
+    return "training stopped: " + text[start:].split("\n", 1)[0].strip()
+
+
 class UnsupportedBarrierChain(RuntimeError):
     """Spark refused the input's RDD chain (e.g. coalesce or limit without a shuffle) in a barrier stage."""
 
@@ -125,25 +143,27 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     A failure that repeats on every attempt (see :mod:`spark.failures`) is raised at once, as TrainingFailed
     naming the task's Python exception. first_attempt: above the attempts a restored checkpoint recorded.
     """
-    from .gpu import with_gpu_profile
+    from .gpu import gpu_stage
+    from .session import master, set_job_description
 
-    sc = prep.sparkSession.sparkContext
+    spark = prep.sparkSession
     errors = []
     for attempt in range(first_attempt, first_attempt + max_retries + 1):
         if attempt > first_attempt:
             server.fence_below(attempt)        # a straggling task of the failed attempt can hold no barrier
         # mapInArrow's own barrier mode: no Python RDD stage after it (about 0.1 s less per fit than
         # .rdd.barrier().mapPartitions); .rdd only where a GPU ResourceProfile must be attached
-        stage = prep.mapInArrow(make_fn(attempt), RESULT_SCHEMA, barrier=True)
-        if use_gpu:
-            stage = with_gpu_profile(stage.rdd, sc.master)
-        sc.setJobDescription(f"{description} (attempt {attempt})")
+        stage = gpu_stage(prep, make_fn(attempt), RESULT_SCHEMA, master(spark)) if use_gpu else \
+            prep.mapInArrow(make_fn(attempt), RESULT_SCHEMA, barrier=True)
+        set_job_description(spark, f"{description} (attempt {attempt})")
         t0 = time.perf_counter()
         try:
             rows = stage.collect()
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
             if "BarrierJobUnsupportedRDDChainException" in str(exc):
                 raise UnsupportedBarrierChain(_short(exc)) from None      # nothing ran: the caller reshuffles
+            if UNREACHABLE in str(exc):                                     # a relaunch would wait again
+                raise TrainingFailed(_unreachable(exc), None, len(errors) + 1) from None
             failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
             reason = failure.describe() if failure is not None else _short(exc)
             errors.append(f"attempt {attempt}: {reason}")
@@ -157,7 +177,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                         "retrying" if attempt < max_retries else "giving up")
             continue
         finally:
-            sc.setJobDescription(None)
+            set_job_description(spark, None)
         if not rows:                           # an empty frame can have no partitions, so no task ran
             raise ValueError("the training DataFrame has no rows")
         results = {int(r.worker): json.loads(r.stats) for r in rows}

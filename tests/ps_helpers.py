@@ -1,12 +1,30 @@
 """Shared helpers for the ps tests (not a conftest: plain functions imported by test modules)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import zmq
 
-from ps.protocol import FLOAT32, Header, unpack_header
+from ps.engine import Engine
+from ps.protocol import FLOAT32, Header, Op, ProtocolError, unpack_header
+
+
+class SessionEngine(Engine):
+    """The engine as these tests drive it: a request whose header carries session 0 (the messages built
+    below) gets the session its (worker, attempt) registered with, as the real client sends it. A test of
+    foreign sessions sets one explicitly."""
+
+    def handle(self, token, frames, now=None):
+        try:
+            h = unpack_header(frames[0])
+        except ProtocolError:
+            return super().handle(token, frames, now)
+        info = self.workers.get(h.worker_id)
+        if h.session == 0 and h.op != Op.HELLO and info is not None and info.attempt == h.attempt:
+            frames = [dataclasses.replace(h, session=info.session or 0).pack()] + list(frames[1:])
+        return super().handle(token, frames, now)
 
 
 def raw_socket(cfg, keys="job"):

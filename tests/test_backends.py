@@ -3,7 +3,6 @@ conformance: every backend method keeps the reference signature (checked from so
 CI verifies the GPU backend's interface too)."""
 import ast
 import inspect
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -10,9 +10,8 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
-from ps import ParameterClient, ParameterServer, PSError, Reason, ServerUnavailable, Status, UpdateRejected
+from ps import ParameterClient, ParameterServer, PSError, Reason, Status, UpdateRejected
 from ps.protocol import Op
 try:
     from tests.ps_helpers import curve_greeting, header_for, push_frames, raw_socket, request, rss_mb

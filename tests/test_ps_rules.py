@@ -1,17 +1,19 @@
 """Update rules, optimizers, protocol and the engine state machine, without sockets."""
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from ps import rules
-from ps.engine import Engine
-from ps.spec import TrainingSpec
 from core.optimizers import Schedule, make_optimizer
+from ps import rules
 from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status, model_fingerprint,
                          read_array, unpack_header)
+from ps.spec import TrainingSpec
+try:
+    from tests.ps_helpers import SessionEngine
+except ImportError:  # pytest run without the repository root on sys.path
+    from ps_helpers import SessionEngine
 
 pytestmark = pytest.mark.timeout(60)
 RNG = np.random.default_rng(0)
@@ -187,22 +189,6 @@ def test_header_round_trip_and_rejections():
 
 # ------------------------------------------------------------------------------------------------ engine
 JOB, FP = b"J" * 16, 1234
-
-
-class SessionEngine(Engine):
-    """The engine as these tests drive it: a request whose header carries session 0 (the messages built
-    below) gets the session its (worker, attempt) registered with, as the real client sends it. A test of
-    foreign sessions sets one explicitly."""
-
-    def handle(self, token, frames, now=None):
-        try:
-            h = unpack_header(frames[0])
-        except ProtocolError:
-            return super().handle(token, frames, now)
-        info = self.workers.get(h.worker_id)
-        if h.session == 0 and h.op != Op.HELLO and info is not None and info.attempt == h.attempt:
-            frames = [replace(h, session=info.session or 0).pack()] + list(frames[1:])
-        return super().handle(token, frames, now)
 
 
 def engine(mode="async", n=2, lr=1.0, **kw):

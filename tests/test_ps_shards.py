@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from ps import ParameterClient, PSError, Reason, StaleUpdate, Status
+from ps import PSError, Reason, StaleUpdate, Status
 from ps import checkpoint as ckpt
 from ps.shards import ShardedClient, ShardedServer, auto_shards, connect, make_server, shard_bounds
 from ps.spec import TrainingSpec

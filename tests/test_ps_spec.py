@@ -26,6 +26,7 @@ def test_defaults_are_normalised_once():
 @pytest.mark.parametrize("fields,message", [
     (dict(num_workers=0), "num_workers must be >= 1, got 0"),
     (dict(epochs=2.5), "epochs must be >= 1, got 2.5"),
+    (dict(epochs=70_000), "epochs must be at most 65535 (a push names its epoch in 16 bits), got 70000"),
     (dict(learning_rate=-1.0), "learning_rate must be a positive number, got -1.0"),
     (dict(learning_rate=float("nan")), "learning_rate must be a positive number, got nan"),
     (dict(mode="sync", tau=3), "tau must be 1 in sync mode, got 3"),

@@ -27,8 +27,14 @@ def test_app_train_then_predict_then_evaluate(spark, tmp_path, capsys):
     data, model_dir, out_dir = sample_data(), str(tmp_path / "model"), str(tmp_path / "pred")
     assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "60", "--batch-size", "16",
                  "--backend", "numba", "--seed", "1"]) == 0
-    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    trained = json.loads(captured.out.strip().splitlines()[-1])
     assert trained["layers"] == [4, 100, 3]               # inferred from the data
+    # one line per epoch on stderr while it trains (stderr is no terminal here: no bar), then why it stopped
+    epochs = [ln for ln in captured.err.splitlines() if ln.startswith("ffps epoch ")]
+    assert epochs[0].startswith("ffps epoch 1/60 loss ") and "samples/s staleness" in epochs[0]
+    assert len(epochs) == len(trained["objective_history"]) and trained["stop_reason"] in ("tol", "maxIter")
+    assert f"ffps: training stopped: {trained['stop_message']}" in captured.err
     assert trained["train_accuracy"] >= 0.85
     assert os.path.isdir(os.path.join(model_dir, "metadata")) and os.path.isdir(os.path.join(model_dir, "data"))
 
@@ -102,3 +108,33 @@ def test_a_missing_input_path_is_a_one_line_error(spark, tmp_path, capsys):
         assert err.startswith(f"ffps: error: cannot read '{data}' as ") and "does not exist" in err, err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_epoch_reporter_draws_one_bar_on_a_terminal_and_lines_elsewhere():
+    import io
+    import logging
+
+    from spark.console import report_epochs
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    log = logging.getLogger("spark.estimator")
+    figures = {"epoch": 1, "loss": 0.5, "accuracy": 0.75, "rows": 10, "samples_per_s": 1234.4, "staleness": 0.5}
+    for stream in (Terminal(), io.StringIO()):
+        with report_epochs(stream):
+            for e in (1, 2):
+                log.info("ffps epoch", extra={"ffps_epoch": dict(figures, epoch=e), "ffps_epochs": 4})
+            log.info("unrelated line")                   # only epoch and stop lines are the reporter's
+            log.info("ffps: training stopped: ran all 4 epochs (maxIter)")
+        text = stream.getvalue()
+        assert "unrelated" not in text
+        if isinstance(stream, Terminal):
+            assert text.count("\r[") == 2 and "\r[######------------------] epoch 1/4".replace("-", ".") in text
+            assert "\r[############............] epoch 2/4 loss 0.5000 accuracy 0.7500 1234 samples/s" in text
+            assert text.endswith("\nffps: training stopped: ran all 4 epochs (maxIter)\n")
+        else:
+            assert text.splitlines() == ["ffps epoch 1/4 loss 0.5000 accuracy 0.7500 1234 samples/s staleness 0.5",
+                                         "ffps epoch 2/4 loss 0.5000 accuracy 0.7500 1234 samples/s staleness 0.5",
+                                         "ffps: training stopped: ran all 4 epochs (maxIter)"]
+    assert log.level == logging.NOTSET and not log.handlers    # left as it was

@@ -22,15 +22,34 @@ def pyproject():
         return tomllib.load(f)["project"]
 
 
+def bounds(spec: str):
+    """'pyspark>=3.5,<5' -> ((3, 5), (5, 0)): the lower and upper (exclusive) bounds as (major, minor)."""
+    lo = re.search(r">=(\d+)\.(\d+)", spec).groups()
+    hi = re.search(r"<(\d+)(?:\.(\d+))?", spec).groups()
+    return tuple(map(int, lo)), (int(hi[0]), int(hi[1] or 0))
+
+
+def test_ci_spark_lines_lie_inside_pyproject():
+    """./dev test's two environments (.ci/spark-*.txt constraints) are both installable with pyproject's pin."""
+    lo, hi = bounds(next(d for d in pyproject()["dependencies"] if d.startswith("pyspark")))
+    lines = {}
+    for name in ("spark-3.5.txt", "spark-4.txt"):
+        with open(os.path.join(REPO, ".ci", name)) as f:
+            lines[name] = bounds(next(ln for ln in f if ln.startswith("pyspark")))
+        assert lo <= lines[name][0] and lines[name][1] <= hi, (name, lines[name], (lo, hi))
+    assert lines["spark-3.5.txt"][1] <= lines["spark-4.txt"][0], "the two lines must not overlap"
+    assert bounds("pyspark>=3.5,<5") == ((3, 5), (5, 0)) and bounds("pyspark>=3.5,<3.6") == ((3, 5), (3, 6))
+
+
 def test_dockerfile_spark_version_satisfies_pyproject():
     spark = re.search(r"ARG SPARK_VERSION=(\d+)\.(\d+)\.(\d+)", read("Dockerfile"))
     assert spark, "Dockerfile must pin ARG SPARK_VERSION"
     spec = next(d for d in pyproject()["dependencies"] if d.startswith("pyspark"))
-    lo = re.search(r">=(\d+)\.(\d+)", spec).groups()
-    hi = re.search(r"<(\d+)\.(\d+)", spec).groups()
+    lo, hi = bounds(spec)
     version = tuple(int(v) for v in spark.groups()[:2])
-    assert tuple(map(int, lo)) <= version < tuple(map(int, hi)), f"Spark {spark.group(0)} vs pyproject {spec}"
+    assert lo <= version < hi, f"Spark {spark.group(0)} vs pyproject {spec}"
     assert '"pyspark==${SPARK_VERSION}"' in read("Dockerfile")
+    assert '"pyspark[connect]==${SPARK_VERSION}"' in read("Dockerfile")     # Connect clients in the image
 
 
 def test_dockerfile_cuda_major_matches_the_gpu_extra():
@@ -61,6 +80,10 @@ def test_compose_workers_reserve_gpus_and_use_the_discovery_script():
         assert "ffps-data:/data" in w["volumes"]
     assert os.path.exists(os.path.join(REPO, services["spark-master"]["build"]["context"].replace("..", "."),
                                        services["spark-master"]["build"]["dockerfile"]))
+    connect = services["spark-connect"]
+    assert connect["image"] == services["spark-master"]["image"] and "15002:15002" in connect["ports"]
+    assert connect["command"][0] == "/opt/spark/sbin/start-connect-server.sh" and \
+        "spark://spark-master:7077" in connect["command"]
 
 
 def test_compose_mentions_only_existing_files_without_yaml():

@@ -221,10 +221,16 @@ def test_partitions_are_kept_unless_their_count_differs_or_repartition_is_forced
     """A frame with numWorkers partitions trains on them as they are (xgboost.spark's rule); otherwise, with
     forceRepartition, or when Spark cannot run its lineage in a barrier stage, rows are shuffled round-robin
     into numWorkers even partitions."""
+    from pyspark.sql import functions as F
+
     train = digits_df[0]
-    chained = train.limit(300).coalesce(1).union(train.limit(100).coalesce(1))   # 2 partitions: 300 + 100 rows
-    uneven = chained.localCheckpoint()                    # same partitions, lineage cut (barrier-compatible)
+    chained = train.limit(400).repartition(4).coalesce(2)      # 2 partitions through a coalesce: no barrier stage
+    # 2 partitions of 300 + 100 rows behind a shuffle (barrier-compatible), cut by a range shuffle on a 0/1 key
+    # (Spark 4 plans a union of two coalesce(1) frames as one partition, so that recipe no longer works)
+    keyed = train.limit(400).withColumn("k", F.when(F.monotonically_increasing_id() < 300, 0).otherwise(1))
+    uneven = keyed.repartitionByRange(2, "k").drop("k")
     assert uneven.rdd.getNumPartitions() == chained.rdd.getNumPartitions() == 2
+    assert sorted(uneven.rdd.glom().map(len).collect()) == [100, 300]
 
     def shard_rows(model):
         return [model.trainingStats["workers"][w]["rows"] for w in (0, 1)]
@@ -232,3 +238,27 @@ def test_partitions_are_kept_unless_their_count_differs_or_repartition_is_forced
     assert shard_rows(make(maxIter=1, forceRepartition=True).fit(uneven)) == [200, 200]
     assert shard_rows(make(maxIter=1).fit(uneven.coalesce(1))) == [200, 200]
     assert shard_rows(make(maxIter=1).fit(chained)) == [200, 200]     # coalesce in a barrier stage: shuffled
+
+
+def test_an_unreachable_parameter_server_is_a_clear_error_not_a_hang(digits_df, monkeypatch, caplog):
+    """Executors that cannot connect to the server (a wrong psHost, a firewall, a remote Spark Connect server)
+    fail at registration with a message naming the address and psHost, and the stage is not relaunched: a
+    relaunch would only wait again."""
+    import socket
+
+    from spark import training
+
+    with socket.socket() as s:                      # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    real = training.make_train_function
+
+    def elsewhere(cfg, **kw):
+        return real(dict(cfg, address=dead), **kw)
+    monkeypatch.setattr(training, "make_train_function", elsewhere)
+    clf = make(maxIter=1, workerTimeout=1.0, maxRetries=2)
+    with caplog.at_level("WARNING", logger="spark.training"), pytest.raises(RuntimeError) as err:
+        clf.fit(digits_df[0])
+    text = str(err.value)
+    assert f"could not reach the parameter server at {dead}" in text and "set psHost" in text
+    assert "retrying" not in caplog.text

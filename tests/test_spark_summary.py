@@ -125,6 +125,23 @@ def test_windows_across_epochs_and_a_relaunched_attempt():
     assert (w1["attempts"], w1["stale"]) == (1, 1)
 
 
+def test_plot_axis_starts_at_the_first_update_or_counts_passes():
+    history = [record(2.0 + 0.01 * i, i % 2, 0, i // 2 + 1, 1.0, 0.5, 10) for i in range(8)]
+    stats = {"seconds": 2.5, "attempts": 1, "server": {"mode": "async"}, "history": history,
+             "workers": {"0": {"steps_per_epoch": 2, "tau": 1, "epochs": 2, "stale": 0},
+                         "1": {"steps_per_epoch": 2, "tau": 1, "epochs": 2, "stale": 0}}}
+    s = FeedForwardNetworkPSTrainingSummary(stats)
+    x_of, x_epoch, label = s._plot_axis()           # 70 ms of updates after 2 s of start-up: passes
+    assert label == "passes over the data"
+    assert [x_of(r) for r in s.history] == [0.5, 0.5, 1.0, 1.0, 1.5, 1.5, 2.0, 2.0]
+    assert [x_epoch(e) for e in s.epochs()] == [1.0, 2.0]         # each epoch's mean at the end of its pass
+    slow = dict(stats, history=[dict(r, time=2.0 + 3.0 * i) for i, r in enumerate(history)])
+    x_of, x_epoch, label = FeedForwardNetworkPSTrainingSummary(slow)._plot_axis()
+    assert label == "seconds since the first update"
+    assert x_of(slow["history"][0]) == 0.0 and x_of(slow["history"][-1]) == 21.0
+    assert [x_epoch(e) for e in FeedForwardNetworkPSTrainingSummary(slow).epochs()] == [9.0, 21.0]
+
+
 def test_summary_spans_a_relaunched_training_stage(digits_df, monkeypatch):
     clf = FeedForwardNetworkPSClassifier(layers=[64, 32, 10], maxIter=3, blockSize=BLOCK, stepSize=0.1, seed=1,
                                          numWorkers=2, mode="async", backend="numba", maxRetries=1)

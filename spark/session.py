@@ -1,0 +1,81 @@
+"""Classic sessions and Spark Connect sessions: the one place that tells them apart.
+
+A classic session (py4j) has a SparkContext on the driver, RDDs and JVM handles. A Spark Connect session
+(``SparkSession.builder.remote(...)``, pyspark >= 4.0 with ``pyspark[connect]``) is a gRPC client: DataFrames
+only, and this Python process is not the Spark driver. ffps needs, from either: the master and the driver's
+host (to bind the parameter server), the partition count of the input, a way to ship the weights to
+``transform`` and to read and write model metadata. Classic sessions keep their faster paths (a broadcast, the
+partition count from the JVM); a Connect session gets DataFrame-only ones.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
+
+
+def session_of(obj):
+    """The SparkSession of a DataFrame, or ``obj`` itself when it is a session."""
+    return getattr(obj, "sparkSession", obj)
+
+
+def is_connect(obj) -> bool:
+    """True when ``obj`` (a DataFrame or a SparkSession) belongs to a Spark Connect session."""
+    try:
+        from pyspark.sql.connect.session import SparkSession as ConnectSession
+    except Exception:  # noqa: BLE001 - pyspark without Connect (or its dependencies): nothing can be Connect
+        return False
+    return isinstance(session_of(obj), ConnectSession)
+
+
+def require_connect_support(obj) -> None:
+    """Spark Connect needs pyspark >= 4.0 (barrier ``mapInArrow``); else a ValueError saying so."""
+    import pyspark
+
+    if is_connect(obj) and int(pyspark.__version__.split(".")[0]) < 4:
+        raise ValueError(f"ffps on Spark Connect needs pyspark >= 4.0 (barrier mapInArrow), this is pyspark "
+                         f"{pyspark.__version__}; use a classic session or upgrade pyspark")
+
+
+def conf(spark, key: str, default=None):
+    """A Spark conf value from either kind of session (Connect reads it from the server)."""
+    if is_connect(spark):
+        return spark.conf.get(key, default)
+    return spark.sparkContext.getConf().get(key, default)
+
+
+def master(spark) -> str:
+    return spark.sparkContext.master if not is_connect(spark) else (conf(spark, "spark.master", "") or "")
+
+
+def connect_server_host(spark) -> str | None:
+    """The host of the Spark Connect server this session talks to (None for a classic session)."""
+    if not is_connect(spark):
+        return None
+    return getattr(getattr(spark, "client", None), "host", None)
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def num_partitions(dataset) -> int | None:
+    """The input's partition count where it is cheap to know (classic: from the JVM, no job, no Python RDD);
+    None on Spark Connect, which exposes no partitions without running a job."""
+    if is_connect(dataset):
+        return None
+    return dataset._jdf.rdd().getNumPartitions()
+
+
+def set_job_description(spark, text: str | None) -> None:
+    """Label the next jobs in the Spark UI (classic sessions; Connect has no SparkContext to label them)."""
+    if not is_connect(spark):
+        spark.sparkContext.setJobDescription(text)
