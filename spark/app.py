@@ -134,7 +134,7 @@ def train(spark, args) -> dict:
         maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
         useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
         tol=args.tol)
-    clf._server_progress = False              # report_epochs draws the one live line
+    clf.liveServerLine = False                # report_epochs draws the one live line
     t0 = time.perf_counter()
     with report_epochs(sys.stderr):           # a line per epoch on stderr, a progress bar on a terminal
         model = clf.fit(df)

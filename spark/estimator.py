@@ -43,9 +43,13 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
     Same column conventions as Spark's MultilayerPerceptronClassifier. ``maxIter`` = passes over the data,
     ``blockSize`` = mini-batch rows per worker step, ``stepSize`` = learning rate. See ``explainParams()``.
     Keyword arguments only: every Param by name (the signature lists them with their defaults).
+
+    ``liveServerLine`` (an attribute, not a Param: it is about this console, not the model): the parameter
+    server's live per-worker line on stderr; None (default) = when stderr is a terminal, False = never (the
+    app turns it off: its epoch bar takes the line).
     """
 
-    _server_progress = None     # the server's live line: None = when stderr is a terminal (the app turns it off)
+    liveServerLine = None
 
     @keyword_only
     def __init__(self, **kwargs):
@@ -105,7 +109,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         server = make_server(w0, spec=spec, shards=self.getPsShards() or auto_shards(w0.shape[0]), bind=bind,
                              secure=self.getSecure(), checkpoint_dir=checkpoint_dir, resume=self.getResume(),
                              checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None,
-                             progress=self._server_progress, on_epoch=epoch_logger(spec.epochs))
+                             progress=self.liveServerLine, on_epoch=epoch_logger(spec.epochs))
         first_attempt = server.next_attempt()
         if server.resumed_from:
             log.info("ffps: resuming from %s (version %d)", server.resumed_from, server.version)
