@@ -45,7 +45,9 @@ class GraphWindows:
         self._warm: set = set()
         self._batch: dict = {}                                  # m -> (xb, yb) fixed batch buffers
         schedule = trainer.optimizer.schedule
-        if schedule.kind != "constant":
+        if ops.recording_problem() is not None:
+            self._give_up(ops.recording_problem())
+        elif schedule.kind != "constant":
             self._give_up(f"the local optimizer's learning rate follows a {schedule.kind!r} schedule; a "
                           "recorded step would keep the rate of the step it was recorded at")
 
@@ -125,8 +127,9 @@ class GraphWindows:
                                 (w, accumulate, data))
             if graph is None:
                 return done
+            t = optimizer.t
             self.ops.launch_graph(graph)
-            optimizer.t += count                                 # recording ran no step; each launch runs count
+            optimizer.t = t + count                              # a replay runs count steps but no Python
             done += count
         return done
 

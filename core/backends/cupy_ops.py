@@ -270,6 +270,9 @@ class CupyOps(RowSoftmaxNLL, NumpyOps):
         finally:
             self._recording = previous
 
+    def recording_problem(self) -> str | None:
+        return None
+
     def run_recordable(self, body):
         """Run ``body()`` once, for real, with the kernels and buffers a recording of it uses: compiles and
         allocates what the recording must not."""

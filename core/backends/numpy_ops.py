@@ -228,10 +228,14 @@ class NumpyOps:
         allocates its buffers now, as recording forbids both)."""
         body()
 
+    def recording_problem(self) -> str | None:
+        """None when :meth:`capture_graph` can record steps here; else a sentence saying why not."""
+        return f"the {self.name} backend computes on the CPU: there is no launch cost to save"
+
     def capture_graph(self, body, repeat: int):
         """Record ``repeat`` back-to-back calls of ``body()`` as one launch -> (graph, None), or (None, a
         sentence saying why this backend cannot). Only device work may happen in ``body``: no host reads."""
-        return None, f"the {self.name} backend computes on the CPU: there is no launch cost to save"
+        return None, self.recording_problem()
 
     def launch_graph(self, graph):
         """Run a graph made by :meth:`capture_graph` (queued behind earlier work; returns at once on a GPU)."""
