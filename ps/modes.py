@@ -12,9 +12,17 @@ Worker hooks take the worker's loop (:class:`ps.worker.WorkerLoop`: ``net``, ``t
 ``spec``, ``w`` on the backend, ``acc``, ``version``, ``stats``, ``to_host``); server hooks take the
 :class:`ps.engine.Engine` and host float32 vectors. Bounded staleness (reject) and SSP (wait) are policies the
 asynchronous modes take from the spec (``staleness``, ``ssp_slack``).
+
+The asynchronous modes split their exchange in three (``pipelines = True``): ``send`` (worker thread: queue a
+device->host copy of what goes out), ``talk`` (any thread: wait for that copy, push and pull; host arrays
+only) and ``receive`` (worker thread: apply the reply to the weights). ``exchange`` runs the three in a row;
+with the spec's ``pipeline`` the worker runs ``talk`` of window k on a thread while it computes window k+1,
+which then starts from weights one exchange older (staleness one higher). Round modes never pipeline: a round
+waits for every worker's push of the same step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -22,6 +30,18 @@ import numpy as np
 from . import rules
 from .client import StaleUpdate
 from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS
+
+
+@dataclass
+class Outgoing:
+    """One exchange in flight: its step, the push's metrics, the host buffer being filled and its copy, and
+    the weights version the window was computed on."""
+    step: int
+    metrics: dict
+    host: np.ndarray
+    transfer: object
+    base_version: int
+    extra: dict = field(default_factory=dict)
 
 
 class Mode:
@@ -32,6 +52,7 @@ class Mode:
     local_optimizer: ClassVar[str] = "sgd"  # the rule of a worker's own steps
     windowed: ClassVar[bool] = True         # tau (local steps between exchanges) may exceed 1
     bounded_staleness: ClassVar[bool] = False   # takes a staleness bound (a push too old is refused)
+    pipelines: ClassVar[bool] = False       # may overlap an exchange with the next window (spec.pipeline)
 
     @property
     def pushes_gradients(self) -> bool:
@@ -44,12 +65,24 @@ class Mode:
         return self.rounds
 
     # ---------------------------------------------------------------- worker
-    def local_step(self, loop, Xb, yb) -> tuple[float, int]:
-        """One mini-batch between exchanges -> (loss sum, correct count). Default: a local optimizer step."""
-        return loop.trainer.step(loop.w, Xb, yb)
+    def local_window(self, loop, data, first: int, count: int) -> int:
+        """Batches ``first .. first+count-1`` of the epoch between exchanges (loss and correct count wait in
+        ``loop.trainer.take_sums``) -> rows. Default: local optimizer steps on the worker's weights."""
+        return loop.trainer.run_window(loop.w, data, first, count)
 
     def exchange(self, loop, step: int, metrics: dict) -> None:
-        raise NotImplementedError
+        """The whole exchange after a window, on the worker's thread."""
+        out = self.send(loop, step, metrics)
+        self.receive(loop, out, self.talk(loop, out))
+
+    def send(self, loop, step: int, metrics: dict) -> Outgoing:
+        raise NotImplementedError(f"mode {self.name!r} exchanges in one piece")
+
+    def talk(self, loop, out: Outgoing):
+        raise NotImplementedError(f"mode {self.name!r} exchanges in one piece")
+
+    def receive(self, loop, out: Outgoing, reply) -> None:
+        raise NotImplementedError(f"mode {self.name!r} exchanges in one piece")
 
     # ---------------------------------------------------------------- server
     def screens_payload(self, optimizer) -> bool:
@@ -76,27 +109,35 @@ class _GradientMode(Mode):
         """Whether a worker also steps its own copy of the weights inside a window."""
         return False
 
-    def local_step(self, loop, Xb, yb):
-        grad = loop.trainer.grad
-        loss_sum, correct = loop.net.gradient_device(loop.w, Xb, yb, grad)
-        loop.acc += grad
-        if self.local_progress(loop.spec.tau):
-            loop.trainer.optimizer.step(loop.w, grad)
-        return loss_sum, correct
+    def local_window(self, loop, data, first, count):
+        return loop.trainer.run_window(loop.w, data, first, count, accumulate=loop.acc,
+                                       update=self.local_progress(loop.spec.tau))
 
-    def exchange(self, loop, step, metrics):
+    def send(self, loop, step, metrics):
+        """Queue the copy of the window's summed gradient and give the next window the other accumulator
+        (zeroed; its own last copy finished when its exchange was received)."""
+        host = loop.outbox(step)
+        transfer = loop.ops.copy_to_host_async(loop.acc, host)
+        loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
+        loop.acc[...] = 0
+        return Outgoing(step, metrics, host, transfer, loop.window_version)
+
+    def talk(self, loop, out):
+        out.transfer.wait(loop.wait_timeout)
         try:
-            r = loop.client.push(loop.to_host(loop.acc), base_version=loop.version, step=step,
-                                 want_weights=loop.spec.ssp_slack is None, **metrics)
+            r = loop.client.push(out.host, base_version=out.base_version, step=out.step,
+                                 want_weights=loop.spec.ssp_slack is None, **out.metrics)
         except StaleUpdate:
             loop.stats["stale"] += 1
             r = None
         if r is not None and r.weights is not None:
-            loop.version, wh = r.version, r.weights
-        else:
-            loop.version, wh = loop.client.pull()
-        loop.w[...] = loop.ops.asarray(wh)   # one copy out of the reply's read-only view
-        loop.acc[...] = 0
+            return r.version, r.weights
+        return loop.client.pull()
+
+    def receive(self, loop, out, reply):
+        loop.version, wh = reply
+        # one copy out of the reply's read-only view (valid until the client's next request)
+        loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
 
 
 class Sync(_GradientMode):
@@ -112,6 +153,7 @@ class Sync(_GradientMode):
 class Async(_GradientMode):
     name = "async"
     bounded_staleness = True
+    pipelines = True
 
     def local_progress(self, tau):
         return tau > 1                         # DOWNPOUR: local progress inside the window
@@ -148,12 +190,25 @@ class Easgd(Mode):
 class AsyncEasgd(Mode):
     name = "async-easgd"
     push_flag = FLAG_ELASTIC
+    pipelines = True
 
-    def exchange(self, loop, step, metrics):
-        loop.version, center = loop.client.pull()
-        e = rules.elastic_difference(loop.w, loop.ops.asarray(center), loop.spec.alpha)
-        loop.w -= e
-        loop.client.push(loop.to_host(e), base_version=loop.version, step=step, kind="elastic", **metrics)
+    def send(self, loop, step, metrics):
+        """Queue the copy of the worker's weights x_i as they are at the end of the window."""
+        host = loop.outbox(step)
+        return Outgoing(step, metrics, host, loop.ops.copy_to_host_async(loop.w, host), loop.window_version)
+
+    def talk(self, loop, out):
+        """Pull the center c, push e = alpha (x_i - c) computed on the host copy of x_i -> (version, e)."""
+        out.transfer.wait(loop.wait_timeout)
+        version, center = loop.client.pull()
+        e = rules.elastic_difference(np.asarray(out.host, np.float32), center, loop.spec.alpha)
+        loop.client.push(e, base_version=version, step=out.step, kind="elastic", **out.metrics)
+        return version, e
+
+    def receive(self, loop, out, reply):
+        """x_i <- x_i - e: what left the worker went to the center (pipelined, x_i moved on meanwhile)."""
+        loop.version, e = reply
+        loop.w -= loop.ops.asarray(e)
 
     def apply_push(self, engine, w, payload, out):
         rules.apply_elastic(w, payload, out=out)

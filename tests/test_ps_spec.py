@@ -38,6 +38,15 @@ def test_defaults_are_normalised_once():
     (dict(alpha=-0.5), "alpha must be a positive number, got -0.5"),
     (dict(mode="downpour"), "mode must be one of ('sync', 'async', 'easgd', 'async-easgd', 'eamsgd'), got 'downpour'"),
     (dict(layers=[3]), "at least two sizes"),
+    (dict(precision="fp8"), "precision must be one of fp32, tf32, bf16, got 'fp8'"),
+    (dict(cuda_graphs=1), "cuda_graphs must be True or False, got 1"),
+    (dict(pipeline="yes"), "pipeline must be True or False, got 'yes'"),
+    (dict(mode="sync", pipeline=True), "pipeline applies to the asynchronous modes (async, async-easgd, eamsgd), "
+                                       "not mode='sync'"),
+    (dict(mode="easgd", pipeline=True), "not mode='easgd'"),
+    (dict(wire_dtype="int8"), "wire_dtype must be one of float32, bfloat16, float16, got 'int8'"),
+    (dict(mode="easgd", wire_dtype="bfloat16"), "wire_dtype='bfloat16' does not apply to mode='easgd': it pushes "
+                                                "its weights"),
 ])
 def test_every_setting_is_checked_with_its_value(fields, message):
     with pytest.raises(ValueError) as err:
@@ -78,12 +87,15 @@ def test_every_mode_is_one_class_with_the_hooks_its_kind_needs():
         kind = type(mode)
         server_hook = "apply_round" if mode.rounds else "apply_push"
         assert getattr(kind, server_hook) is not getattr(Mode, server_hook), (name, server_hook)
-        assert kind.exchange is not Mode.exchange, name
+        split = all(getattr(kind, hook) is not getattr(Mode, hook) for hook in ("send", "talk", "receive"))
+        assert kind.exchange is not Mode.exchange or split, name      # an exchange in one piece or in three
+        assert split or not mode.pipelines, name                      # a pipeline needs the three pieces
         assert mode.equal_shards == mode.rounds
     assert [n for n, m in MODES.items() if m.pushes_gradients] == ["sync", "async"]
     assert MODES["easgd"].push_flag == FLAG_LOCAL_WEIGHTS and MODES["eamsgd"].push_flag == FLAG_ELASTIC
     assert MODES["eamsgd"].local_optimizer == "nesterov" and MODES["async-easgd"].local_optimizer == "sgd"
     assert [n for n, m in MODES.items() if not m.windowed] == ["sync"]
+    assert [n for n, m in MODES.items() if m.pipelines] == ["async", "async-easgd", "eamsgd"]
     with pytest.raises(ValueError, match="mode must be one of"):
         get_mode("hogwild")
 
