@@ -121,7 +121,9 @@ def train(spark, args) -> dict:
         blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.server_optimizer,
         momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
         maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
-        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None)
+        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
+        precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
+        wireDtype=args.wire_dtype)
     t0 = time.perf_counter()
     model = clf.fit(df)
     seconds = time.perf_counter() - t0

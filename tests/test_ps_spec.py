@@ -123,3 +123,22 @@ def test_flags_one_spelling_old_ones_hidden():
     assert momentum.optimizer == "nesterov" and momentum.optimizer_options == {"momentum": 0.8}
     with pytest.raises(ValueError, match="--window must be 1 in sync mode, got 2"):
         spec_from_flags(ap.parse_args(["--trainer", "sync", "--window", "2"]))
+
+
+def test_issue13_flags_reach_the_spec_and_their_errors_name_the_flag():
+    import argparse
+
+    from core.cli import add_training_flags
+
+    ap = argparse.ArgumentParser()
+    add_training_flags(ap, layers=[4, 8, 3])
+    add_spec_flags(ap)
+    default = spec_from_flags(ap.parse_args([]))
+    assert (default.precision, default.cuda_graphs, default.pipeline, default.wire_dtype) == \
+        ("fp32", False, False, "float32")
+    spec = spec_from_flags(ap.parse_args(["--precision", "tf32", "--cuda-graphs", "--pipeline",
+                                          "--wire-dtype", "float16"]))
+    assert (spec.precision, spec.cuda_graphs, spec.pipeline, spec.wire_dtype) == ("tf32", True, True, "float16")
+    assert spec.push_dtype_codes == (1, 3) and default.push_dtype_codes == (1,)
+    with pytest.raises(ValueError, match="^--pipeline applies to the asynchronous modes"):
+        spec_from_flags(ap.parse_args(["--trainer", "sync", "--pipeline"]))
