@@ -136,6 +136,8 @@ class MinibatchTrainer:
         and, with ``update``, takes a local optimizer step on ``w``. Recorded and replayed as one launch where
         the backend can (cuda_graphs), else op by op. Loss and correct count wait in :meth:`take_sums`.
         -> rows trained."""
+        if self._epoch is None:
+            raise RuntimeError("run_window needs an epoch: call begin_epoch(data) first")
         done = 0
         windows = self.graphs if self._epoch == "order" else None
         if windows is not None:

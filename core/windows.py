@@ -63,7 +63,8 @@ class GraphWindows:
             self.order = self.ops.asarray(order_host.astype(np.int64))
             self._graphs.clear()                                 # recorded against the old buffer
         else:
-            self.ops.copy_from_host_async(self.order, order_host.astype(np.int64)).wait()
+            # queued behind the previous epoch's graphs on the same stream; the host buffer is a temporary
+            self.ops.copy_from_host_async(self.order, order_host.astype(np.int64)).wait(timeout=60.0)
 
     def _buffers(self, m, data):
         buf = self._batch.get(m)

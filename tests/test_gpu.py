@@ -208,3 +208,25 @@ def test_async_copies_round_trip_through_pinned_memory():
     np.testing.assert_array_equal(cupy.asnumpy(y), 2 * np.arange(1 << 20, dtype=np.float32))
     with pytest.raises(ValueError, match="one size and dtype"):
         ops.copy_to_host_async(x, np.empty(3, np.float32))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["async", "async-easgd"])
+def test_runner_with_every_gpu_option_trains_digits(mode, digits_split):
+    """Two cupy workers on one GPU with recorded windows, the pipelined exchange and bfloat16 gradient frames:
+    every exchange applied once, digits >= 95 %, and the workers really recorded their windows."""
+    import math
+
+    from ps.runner import run
+
+    Xtr, Xte, ytr, yte = digits_split
+    tau = 4
+    res = run(Xtr, ytr, [64, 100, 10], mode=mode, workers=2, backend="cupy", devices=[0, 0], epochs=20,
+              batch_size=32, learning_rate=0.1 if mode == "async" else 0.2, tau=tau, cuda_graphs=True,
+              pipeline=True, wire_dtype="bfloat16", timeout=240)
+    acc = FeedForwardNetwork([64, 100, 10], backend="numpy").evaluate(res.weights, Xte, yte)[1]
+    assert acc >= 0.95, (mode, acc)
+    n = len(ytr)
+    want = sum(math.ceil(20 * math.ceil((b - a) / 32) / tau) for a, b in ((0, n // 2), (n // 2, n)))
+    assert res.stats["applied"] == want and res.stats["rejected_total"] == 0
+    assert all(r["graphs"] and r["graph_problem"] is None for r in res.workers.values()), res.workers
