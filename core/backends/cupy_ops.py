@@ -25,7 +25,11 @@ import time
 import cupy
 import numpy as np
 from cupy.cuda import runtime
-from cupy_backends.cuda.libs import cublas
+
+try:                                   # CuPy >= 9 keeps the thin cuBLAS wrapper here
+    from cupy_backends.cuda.libs import cublas
+except ImportError:  # pragma: no cover - older layouts
+    from cupy.cuda import cublas
 
 from .numpy_ops import NumpyOps, RowSoftmaxNLL, Transfer
 
@@ -35,6 +39,8 @@ _COMPUTE_32F, _COMPUTE_64F, _COMPUTE_32F_FAST_16BF, _COMPUTE_32F_FAST_TF32 = 68,
 _OP_N, _OP_T = 0, 1
 _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
+_MEMCPY_H2D = getattr(runtime, "memcpyHostToDevice", 1)
+_MEMCPY_D2H = getattr(runtime, "memcpyDeviceToHost", 2)
 COMPUTE_TYPES = {"fp32": _COMPUTE_32F, "tf32": _COMPUTE_32F_FAST_TF32, "bf16": _COMPUTE_32F_FAST_16BF}
 _ONE = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
 _ZERO = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
@@ -324,7 +330,7 @@ class CupyOps(RowSoftmaxNLL, NumpyOps):
         ready = cupy.cuda.Event(disable_timing=True)
         ready.record(cupy.cuda.get_current_stream())
         side.wait_event(ready)
-        runtime.memcpyAsync(out.ctypes.data, x.data.ptr, x.nbytes, runtime.memcpyDeviceToHost, side.ptr)
+        runtime.memcpyAsync(out.ctypes.data, x.data.ptr, x.nbytes, _MEMCPY_D2H, side.ptr)
         done = cupy.cuda.Event(disable_timing=True)
         done.record(side)
         return _CudaTransfer(done, (x, out))
@@ -339,7 +345,7 @@ class CupyOps(RowSoftmaxNLL, NumpyOps):
             raise ValueError(f"copy_from_host_async needs a contiguous destination of {host.nbytes} bytes, got "
                              f"{dst.shape} {dst.dtype}")
         stream = cupy.cuda.get_current_stream()
-        runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, dst.nbytes, runtime.memcpyHostToDevice, stream.ptr)
+        runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, dst.nbytes, _MEMCPY_H2D, stream.ptr)
         done = cupy.cuda.Event(disable_timing=True)
         done.record(stream)
         return _CudaTransfer(done, (dst, host))
