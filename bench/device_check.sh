@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU check of the project, for the device machine (H100/H200: Python 3.12 with cupy, numba, numpy,
-# torch, scikit-learn, pytest; no Java, no pyspark, no pyzmq). A session has 30 device minutes and 10 per
-# command: run the stages in as few calls as fit, and read the results under $OUT.
+# Every GPU check of the project, for the device machine (H100/H200: Python 3.12 with cupy 14 / CUDA 13, numba,
+# numpy, torch, scikit-learn, pytest; no Java, no pyspark, no pyzmq). A session has 15 device minutes and 10 per
+# command: run the stages in two calls, and read the results under $OUT.
 #
-#   here, once (.gitignore keeps /.whl/ out of git):
+#   here, once (.gitignore keeps /.whl/ out of git; pyzmq >= 27.3: older wheels have a 30x slower CURVE):
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#                  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl pyzmq==27.1.0
-#   device:      run(command="bash bench/device_check.sh tests step", carry=[".whl"])
-#                run(command="bash bench/device_check.sh ps", carry=[".whl"])
+#                  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl pyzmq==27.3.0
+#   device:      run(command="bash bench/device_check.sh smoke tests", carry=[".whl"], timeout_s=580)
+#                run(command="bash bench/device_check.sh step ps", carry=[".whl"], timeout_s=580)
 #
 # Stages (any order, default all):
-#   tests  pytest -m gpu, then the Spark-free test files in full (backend "auto" is cupy there)
-#   step   bench/step_bench.py: CPU nets on numpy/numba, every net on cupy, the wide net, torch beside them
-#   ps     bench/ps_bench.py --quick --backend cupy: round trips, updates/s, runner with 1/2/4 GPU workers
+#   tests  pytest -m gpu (cupy parity and gradients per precision, cuBLAS compute types, CUDA-graph windows
+#          against the op-by-op trainer, summing softmax kernel, pinned async copies), then the Spark-free test
+#          files in full (backend "auto" is cupy there; pipelined exchange and 16-bit frames included)
+#   step   bench/step_bench.py --quick: single steps (CPU nets on numpy/numba, every net on cupy op by op and as
+#          a recorded CUDA-graph window in fp32/tf32/bf16, the wide net, torch eager fp32/tf32/bf16 beside them),
+#          then whole-epoch trainer rows on 60k rows (ffps numpy/numba/cupy/cupy+graphs vs a torch eager loop)
+#   ps     bench/ps_bench.py --quick --backend cupy: round trips, updates/s, digits runner with 1/2/4 GPU workers,
+#          and the mid-size table ([784,256,256,10], 60k rows, async window 4, 1/2/4 workers on one GPU, as
+#          shipped and with cuda_graphs + pipeline + bfloat16 frames, beside one process alone)
+#   smoke  one short script: graph capture, compute types and async copies on the GPU, each saying OK or why not
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results/device}
@@ -25,32 +32,37 @@ fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 # the test files that import neither pyspark nor Java
 SPARK_FREE="tests/test_backends.py tests/test_cli.py tests/test_gpu.py tests/test_gradients.py tests/test_network.py
-  tests/test_numba_step.py tests/test_ops_parity.py tests/test_ps_rules.py tests/test_ps_runner.py
-  tests/test_ps_server.py tests/test_ps_convergence.py tests/test_ps_spec.py tests/test_spark_data.py tests/test_trainer.py"
+  tests/test_numba_step.py tests/test_ops_parity.py tests/test_precision.py tests/test_ps_pipeline.py
+  tests/test_ps_rules.py tests/test_ps_runner.py tests/test_ps_server.py tests/test_ps_convergence.py
+  tests/test_ps_spec.py tests/test_ps_wire16.py tests/test_ps_shards.py tests/test_ps_hardening.py
+  tests/test_spark_data.py tests/test_trainer.py tests/test_windows.py tests/test_bench_rows.py"
 
 status=0
 stage() {   # name, command...: output to $OUT/<name>.txt and the log, exit status remembered
   local name=$1; shift
   echo "== $name: $*"
+  local t0=$SECONDS
   "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
-  tail -25 "$OUT/$name.txt"
-  echo "== $name exit $rc"
+  tail -${TAIL:-25} "$OUT/$name.txt"
+  echo "== $name exit $rc after $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || status=1
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
-  "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)"; } \
+  "import cupy, numba, numpy, zmq; print('cupy', cupy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion(), \
+'numba', numba.__version__, 'numpy', numpy.__version__, 'pyzmq', zmq.pyzmq_version())"; } \
   > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-for s in ${*:-tests step ps}; do
+for s in ${*:-smoke tests step ps}; do
   case "$s" in
+    smoke) stage gpu_smoke python3 bench/gpu_smoke.py ;;
     tests) stage pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE
            stage pytest_spark_free python3 -m pytest -q -p no:cacheprovider $SPARK_FREE ;;
-    step)  stage step_bench python3 bench/step_bench.py ;;
-    ps)    stage ps_bench python3 bench/ps_bench.py --quick --backend cupy --out "$OUT/ps_bench_cupy.json" ;;
-    *)     echo "unknown stage $s (tests, step, ps)" >&2; status=2 ;;
+    step)  TAIL=80 stage step_bench python3 bench/step_bench.py --quick ;;
+    ps)    TAIL=40 stage ps_bench python3 bench/ps_bench.py --quick --backend cupy --out "$OUT/ps_bench_cupy.json" ;;
+    *)     echo "unknown stage $s (smoke, tests, step, ps)" >&2; status=2 ;;
   esac
 done
 exit $status

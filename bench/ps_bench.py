@@ -5,8 +5,12 @@
    (the anchor in ../shared/anchors/zmq_loopback.py). Ratio = raw time / our time (1.0 = as fast as raw).
 2. updates/s (push + new weights back) with 1, 2, 4, 8 worker processes on the digits net's vector.
 3. samples/s of the Spark-free runner on digits (CPU workers) vs one process training alone, no server.
+4. ``mid``: the runner on a mid-size net ([784,256,256,10], 60k synthetic rows, async, window 4, batch 128)
+   with 1, 2 and 4 workers sharing one device, as shipped (op by op, exchange in line) and with this
+   project's GPU options (cuda_graphs, pipeline, bfloat16 gradient frames), beside one process alone
+   (MinibatchTrainer, no server) in both configurations. On a GPU: ``--backend cupy``.
 
-    .venv/bin/python bench/ps_bench.py [--quick] [--backend numba]
+    .venv/bin/python bench/ps_bench.py [--quick] [--backend numba] [--sections round_trip,updates,runner,mid]
 """
 from __future__ import annotations
 
@@ -133,16 +137,105 @@ def alone_throughput(backend, epochs):
     return len(ytr) * epochs / dt, net.evaluate(w, Xte, yte)[1]
 
 
+MID_LAYERS = [784, 256, 256, 10]
+
+
+def mid_data(rows, seed=0):
+    """MNIST-shaped synthetic rows: class centres in 784 dimensions plus noise, 10 classes (learnable)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((10, 784)).astype(np.float32) * 0.3
+    y = rng.integers(0, 10, rows)
+    X = centres[y] + rng.standard_normal((rows, 784)).astype(np.float32)
+    return X, y
+
+
+GPU_OPTIONS = dict(cuda_graphs=True, pipeline=True, wire_dtype="bfloat16")
+
+
+def mid_runner(workers, backend, epochs, rows, options):
+    from ps.runner import run
+
+    X, y = mid_data(rows)
+    devices = [0] * workers if backend == "cupy" else None
+    res = run(X, y, MID_LAYERS, mode="async", workers=workers, backend=backend, epochs=epochs, batch_size=128,
+              learning_rate=0.05, tau=4, secure=True, timeout=900, devices=devices, **options)
+    loss = res.history[-1]["loss"] if res.history else float("nan")
+    graphs = [r.get("graph_problem") for r in res.workers.values()]
+    return res.samples_per_s, res.steady_samples_per_s, loss, graphs
+
+
+def mid_alone(backend, epochs, rows, graphs):
+    from core import FeedForwardNetwork, MinibatchTrainer
+
+    X, y = mid_data(rows)
+    net = FeedForwardNetwork(MID_LAYERS, backend=backend)
+    trainer = MinibatchTrainer(net, batch_size=128, learning_rate=0.05, cuda_graphs=graphs)
+    data = net.upload(X, y)
+    w = net.ops.asarray(net.init_params(0))
+    trainer.run_epoch(w, data, 0)                                  # warm-up: compile, record
+    t0 = time.perf_counter()
+    for e in range(epochs):
+        stats = trainer.run_epoch(w, data, e + 1)
+    dt = time.perf_counter() - t0
+    return rows * epochs / dt, stats.loss, trainer.graph_problem
+
+
+def mid_section(backend, quick, out, rows=60_000):
+    epochs = 2 if quick else 4
+    print(f"\nmid-size net {MID_LAYERS}, {rows} rows, async window 4, batch 128, backend {backend}, CURVE on")
+    configs = [("as shipped", {})]
+    if backend == "cupy":
+        configs.append(("graphs+pipeline+bf16 frames", GPU_OPTIONS))
+    for label, options in configs:
+        sps, loss, problem = mid_alone(backend, epochs, rows, graphs=bool(options.get("cuda_graphs")))
+        out["mid"].append({"workers": 0, "label": "one process, no server", "config": label, "backend": backend,
+                           "samples_per_s": sps, "train_loss": loss, "graph_problem": problem})
+        print(f"  {label:28s} alone (no server): {sps:10.0f} samples/s, loss {loss:.4f}"
+              + (f" [no graph: {problem}]" if problem and options else ""))
+        one = None
+        for w in (1, 2, 4):
+            wall, steady, loss, problems = mid_runner(w, backend, epochs, rows, options)
+            one = steady if w == 1 else one
+            row = {"workers": w, "config": label, "backend": backend, "tau": 4, "samples_per_s_wall": wall,
+                   "samples_per_s_steady": steady, "train_loss_last_push": loss,
+                   "steady_over_one_worker": steady / one if one else None, "graph_problems": problems}
+            out["mid"].append(row)
+            print(f"  {label:28s} workers={w}: {wall:10.0f} samples/s wall, {steady:10.0f} steady "
+                  f"({steady / one:.2f}x one worker), last loss {loss:.4f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--sections", default="round_trip,updates,runner,mid",
+                    help="comma-separated subset of round_trip, updates, runner, mid")
+    ap.add_argument("--mid-rows", type=int, default=60_000, help="rows of the mid-size net's data")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "ps_bench.json"))
     a = ap.parse_args(argv)
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(),
                        "libzmq": zmq.zmq_version(), "platform": platform.platform()}, "round_trip": [],
-           "updates_per_s": [], "runner": []}
+           "updates_per_s": [], "runner": [], "mid": []}
+    sections = set(a.sections.split(","))
+    unknown = sections - {"round_trip", "updates", "runner", "mid"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+    if "round_trip" in sections:
+        round_trips(a, out)
+    if "updates" in sections:
+        updates_table(a, out)
+    if "runner" in sections:
+        runner_table(a, out)
+    if "mid" in sections:
+        mid_section(a.backend, a.quick, out, a.mid_rows)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\nwrote {a.out}")
+
+
+def round_trips(a, out):
     print("push+pull round trip (one client, loopback tcp)")
     print(f"{'size':>8} {'raw ms':>9} {'ours ms':>9} {'ours/raw':>9} {'curve ms':>9} {'curve cost':>10} {'GB/s ours':>9}")
     for n, reps in ((1_000_000, 20 if a.quick else 50), (10_000_000, 4 if a.quick else 10)):
@@ -159,6 +252,9 @@ def main(argv=None):
         print(f"{row['mbytes']:6.1f}MB {row['raw_ms']:9.2f} {row['ours_ms']:9.2f} "
               f"{row['ratio_ours_over_raw_throughput']:8.2f}x {row['curve_ms']:9.2f} {row['curve_cost_x']:9.2f}x "
               f"{row['ours_gb_s_both_ways']:9.2f}")
+
+
+def updates_table(a, out):
     P = 64 * 100 + 100 + 100 * 10 + 10
     print(f"\nupdates/s, push + weights back, {P} params (digits net), worker processes")
     for secure in (False, True):
@@ -166,6 +262,9 @@ def main(argv=None):
             u = updates_per_second(w, P, 1.5 if a.quick else 3.0, secure)
             out["updates_per_s"].append({"workers": w, "secure": secure, "updates_per_s": u})
             print(f"  workers={w} secure={secure!s:5}: {u:9.0f} updates/s")
+
+
+def runner_table(a, out):
     print(f"\nSpark-free runner, digits, async, batch 32, backend {a.backend}")
     epochs = 10 if a.quick else 30
     sps, acc = alone_throughput(a.backend, epochs)
@@ -178,10 +277,6 @@ def main(argv=None):
                               "samples_per_s_wall": sps, "samples_per_s_steady": steady, "test_accuracy": acc})
         print(f"  runner workers={w} tau={tau}: {sps:9.0f} samples/s wall (incl. spawn), {steady:9.0f} steady, "
               f"test acc {acc:.4f}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"\nwrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import time
 
 from .backends import BACKEND_NAMES, ENV_VAR, BackendUnavailable
+from .backends.numpy_ops import PRECISIONS
 from .datasets import load_digits_split
 from .network import FeedForwardNetwork
 from .optimizers import LOCAL_OPTIMIZERS
@@ -40,7 +41,7 @@ def add_backend_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), epochs=30) -> None:
     """The training loop's flags, spelled alike in ``ffps train``, ``python -m ps.runner`` and the Spark app:
-    --layers, --epochs, --batch-size, --learning-rate, --seed, --backend."""
+    --layers, --epochs, --batch-size, --learning-rate, --seed, --backend, --precision, --cuda-graphs."""
     parser.add_argument("--layers", type=parse_layers, default=None if layers is None else list(layers),
                         help="layer sizes, e.g. 64,100,10" + (" (default: features,100,classes from the data)"
                                                                if layers is None else ""))
@@ -49,14 +50,20 @@ def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), ep
     add_flag(parser, "--learning-rate", "--lr", "--step-size", type=float, default=0.1, help="stepSize")
     parser.add_argument("--seed", type=int, default=0)
     add_backend_flag(parser)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="GEMM input precision: fp32, tf32 (10-bit mantissa) or bf16 (7-bit), float32 sums "
+                             "and weights; tensor cores on a GPU, emulated (slowly) on the CPU")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cupy: record each window of steps as one CUDA graph (no host work per step)")
 
 
 def cmd_train(args) -> int:
     Xtr, Xte, ytr, yte = load_digits_split(seed=0)
-    net = FeedForwardNetwork(args.layers, backend=args.backend, dtype=args.dtype)
+    net = FeedForwardNetwork(args.layers, backend=args.backend, dtype=args.dtype, precision=args.precision)
     print(f"digits: {len(Xtr)} train / {len(Xte)} test rows; {net}", flush=True)
     trainer = MinibatchTrainer(net, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                               optimizer=args.optimizer, momentum=args.momentum, seed=args.seed)
+                               optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
+                               cuda_graphs=args.cuda_graphs)
 
     def report(s):
         print(f"epoch {s.epoch:3d}  loss {s.loss:.4f}  train acc {s.accuracy:.4f}  "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import get_backend
-from .validation import check_dtype, check_features, check_labels, check_layers, check_params
+from .validation import check_dtype, check_features, check_labels, check_layers, check_params, check_precision
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,17 @@ class FeedForwardNetwork:
 
     ``backend``: "auto" | "cupy" | "numba" | "numpy" | None (None reads $FFPS_BACKEND, default auto) or an ops
     object. ``device``: CUDA ordinal for cupy. NumPy arrays in and out at the public boundary.
+    ``precision``: the GEMMs' input precision, "fp32" (default), "tf32" (10-bit mantissa) or "bf16" (7-bit):
+    operands rounded, products summed in float32; weights, optimizer and loss stay float32. On a GPU the
+    tensor cores do it; on the CPU the NumPy reference emulates it (slow; for tests and parity).
     """
 
     _WORKSPACE_SLOTS = 4  # distinct batch sizes kept (full batch, ragged last batch, predict chunks)
 
-    def __init__(self, layers, backend=None, dtype="float32", device=None):
+    def __init__(self, layers, backend=None, dtype="float32", device=None, precision="fp32"):
         self.layers = check_layers(layers)
         self.dtype = check_dtype(dtype)
+        self.precision = check_precision(precision, self.dtype)
         self.ops = backend if hasattr(backend, "gemm") else get_backend(backend, device=device)
         self.layout = param_layout(self.layers)
         self.num_params = self.layout[-1].end
@@ -68,8 +72,9 @@ class FeedForwardNetwork:
         self._view_cache: dict[int, tuple] = {}
 
     def __repr__(self):
+        extra = "" if self.precision == "fp32" else f", precision={self.precision!r}"
         return (f"FeedForwardNetwork(layers={self.layers}, backend={self.ops.name!r}, "
-                f"dtype={self.dtype.name!r}, num_params={self.num_params})")
+                f"dtype={self.dtype.name!r}{extra}, num_params={self.num_params})")
 
     @property
     def backend_name(self) -> str:
@@ -172,8 +177,9 @@ class FeedForwardNetwork:
         h = X
         params = self._views(w)
         last = len(params) - 1
+        precision = self.precision
         for i, (W, b) in enumerate(params):
-            ops.gemm(h, W, out=acts[i])
+            ops.gemm(h, W, out=acts[i], precision=precision)
             if i < last:
                 ops.bias_relu(acts[i], b)
             else:
@@ -181,36 +187,47 @@ class FeedForwardNetwork:
             h = acts[i]
         return acts
 
-    def gradient_device(self, w, X, y, grad):
+    def gradient_device(self, w, X, y, grad, sums=None):
         """One forward+backward on device arrays: writes dL/dw (mean loss) into ``grad``.
 
         w (P,), X (m, d0), y (m,) int32, grad (P,) -> (loss_sum over rows, n_correct). No validation, no
-        allocation after the first call for a batch size: the trainer's hot path.
+        allocation after the first call for a batch size: the trainer's hot path. With ``sums`` ((2,) float64
+        backend array) the loss sum and correct count are added to it on the device instead, and None is
+        returned: no host read, so a GPU step can be queued (or recorded in a graph) without waiting.
         """
         ops = self.ops
         m = X.shape[0]
+        precision = self.precision
         _, deltas, acts_flat, deltas_flat = self._workspace(m)
-        fused = ops.dense_stack_gradient(self._dims, w, X, y, grad, acts_flat, deltas_flat)
+        fused = ops.dense_stack_gradient(self._dims, w, X, y, grad, acts_flat, deltas_flat, precision)
         if fused is not NotImplemented:
-            return fused
+            if sums is None:
+                return fused
+            sums[0] += fused[0]
+            sums[1] += fused[1]
+            return None
         acts = self.forward_device(w, X)
         logits = acts[-1]
-        loss_sum, n_correct = ops.softmax_nll_grad(logits, y, 1.0 / m, out=logits)  # logits now hold dL/dz
+        if sums is None:
+            loss_sum, n_correct = ops.softmax_nll_grad(logits, y, 1.0 / m, out=logits)  # logits now hold dL/dz
+        else:
+            ops.softmax_nll_grad_sum(logits, y, 1.0 / m, logits, sums)
+            loss_sum = n_correct = None
         g = logits
         params = self._views(w)
         grads = self._views(grad)
         for i in range(len(params) - 1, -1, -1):
             inputs = X if i == 0 else acts[i - 1]
             gW, gb = grads[i]
-            ops.gemm(inputs, g, out=gW, trans_a=True)
+            ops.gemm(inputs, g, out=gW, trans_a=True, precision=precision)
             if i == len(params) - 1:
                 ops.bias_grad(g, out=gb)  # hidden layers' bias grads come fused with their ReLU backward
             if i > 0:
                 prev = deltas[i - 1]
-                ops.gemm(g, params[i][0], out=prev, trans_b=True)
+                ops.gemm(g, params[i][0], out=prev, trans_b=True, precision=precision)
                 ops.relu_backward_bias_grad(prev, acts[i - 1], out=grads[i - 1][1])
                 g = prev
-        return loss_sum, n_correct
+        return None if sums is not None else (loss_sum, n_correct)
 
     # ------------------------------------------------------------------ public API
     def loss_grad_and_correct(self, w, X, y=None, out=None):

@@ -3,6 +3,12 @@
 Data is uploaded to the backend once; each epoch draws a seeded permutation, gathers the rows once on the
 device, and then walks contiguous batch views, so a step does no host<->device traffic except the scalar
 loss and correct count.
+
+Steps run in windows (:meth:`MinibatchTrainer.run_window`: batches ``first .. first+count-1`` of the epoch,
+optionally summing their gradients into an accumulator for the parameter server); the loss and correct count
+are read once per window (:meth:`MinibatchTrainer.take_sums`). With ``cuda_graphs=True`` a backend that can
+record a window (cupy: a CUDA graph, :mod:`core.windows`) replays it as one launch with the batches gathered
+on the device; elsewhere, and wherever recording fails, the steps run op by op as they always did.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import numpy as np
 
 from .network import DeviceData, FeedForwardNetwork
 from .optimizers import local_optimizer
+from .windows import GraphWindows
 
 
 class TrainingDiverged(FloatingPointError):
@@ -40,27 +47,82 @@ class MinibatchTrainer:
     """
 
     def __init__(self, net: FeedForwardNetwork, batch_size=64, learning_rate=0.1, optimizer="sgd",
-                 momentum=0.9, seed=0):
+                 momentum=0.9, seed=0, cuda_graphs=False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(cuda_graphs, (bool, np.bool_)):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         self.net = net
         self.batch_size = int(batch_size)
         self.optimizer = local_optimizer(net, optimizer, learning_rate, momentum)
         self.rng = np.random.default_rng(seed)
         self.grad = net.ops.empty((net.num_params,), net.dtype)
+        self.cuda_graphs = bool(cuda_graphs)
         self._shuffled = None
+        self._windows: GraphWindows | None = None
+        self._epoch = None            # how the current epoch's batches are read: "views" or "order"
+        self._order = None            # the epoch's permutation on the device ("order")
+        self._loose = None            # batch buffers of the op-by-op steps of an "order" epoch
+        self._host_sums = [0.0, 0]
+        self._rows = 0
 
-    def batches(self, data: DeviceData):
-        """One epoch of (X_batch, y_batch) device views in a fresh seeded order; last batch may be ragged."""
+    # ------------------------------------------------------------------ epochs and windows
+    def steps_per_epoch(self, n_rows: int) -> int:
+        """Batches per pass over ``n_rows`` rows (the last one ragged when batch_size does not divide it)."""
+        return -(-int(n_rows) // self.batch_size)
+
+    @property
+    def graphs(self) -> GraphWindows | None:
+        """The recorded windows in use, or None (cuda_graphs off, or the backend cannot record: then
+        ``graph_problem`` says why)."""
+        if not self.cuda_graphs:
+            return None
+        if self._windows is None:
+            self._windows = GraphWindows(self)
+        return self._windows if self._windows.problem is None else None
+
+    @property
+    def graph_problem(self) -> str | None:
+        """Why windows run op by op although cuda_graphs is on (None: they are recorded, or graphs are off)."""
+        return None if self._windows is None else self._windows.problem
+
+    def begin_epoch(self, data: DeviceData) -> None:
+        """Draw the epoch's seeded permutation and lay out its batches: a shuffled copy of the rows walked in
+        views, or (graphs) the permutation on the device, where each recorded step gathers its batch."""
         ops = self.net.ops
-        order = ops.asarray(self.rng.permutation(data.n_rows).astype(np.int64))
+        perm = self.rng.permutation(data.n_rows).astype(np.int64)
+        windows = self.graphs
+        if windows is not None:
+            windows.set_order(perm)
+            self._epoch, self._order = "order", windows.order
+            return
+        order = ops.asarray(perm)
         if self._shuffled is None or self._shuffled[0].shape != data.X.shape:
             self._shuffled = (ops.empty(data.X.shape, self.net.dtype), ops.empty(data.y.shape, data.y.dtype))
         Xs, ys = self._shuffled
         ops.take_rows(data.X, order, out=Xs)
         ops.take_rows(data.y, order, out=ys)
-        for start in range(0, data.n_rows, self.batch_size):
-            yield Xs[start:start + self.batch_size], ys[start:start + self.batch_size]
+        self._epoch = "views"
+
+    def batch(self, data: DeviceData, index: int):
+        """(X_batch, y_batch) device arrays of batch ``index`` of the current epoch."""
+        start, stop = index * self.batch_size, min((index + 1) * self.batch_size, data.n_rows)
+        if self._epoch == "views":
+            Xs, ys = self._shuffled
+            return Xs[start:stop], ys[start:stop]
+        ops, m = self.net.ops, stop - start
+        if self._loose is None or self._loose[0].shape[0] != m:
+            self._loose = (ops.empty((m, data.X.shape[1]), self.net.dtype), ops.empty((m,), data.y.dtype))
+        xb, yb = self._loose
+        ops.take_rows(data.X, self._order[start:stop], out=xb)
+        ops.take_rows(data.y, self._order[start:stop], out=yb)
+        return xb, yb
+
+    def batches(self, data: DeviceData):
+        """One epoch of (X_batch, y_batch) device views in a fresh seeded order; last batch may be ragged."""
+        self.begin_epoch(data)
+        for index in range(self.steps_per_epoch(data.n_rows)):
+            yield self.batch(data, index)
 
     def step(self, w, Xb, yb) -> tuple[float, int]:
         """One SGD step on device arrays, in place on ``w`` -> (loss_sum over the batch, n_correct)."""
@@ -68,16 +130,49 @@ class MinibatchTrainer:
         self.optimizer.step(w, self.grad)
         return loss_sum, correct
 
+    def run_window(self, w, data: DeviceData, first: int, count: int, accumulate=None, update=True) -> int:
+        """Batches ``first .. first+count-1`` of the current epoch (:meth:`begin_epoch`): each computes its
+        gradient, adds it to ``accumulate`` (a device vector, optional: the parameter server's window sum)
+        and, with ``update``, takes a local optimizer step on ``w``. Recorded and replayed as one launch where
+        the backend can (cuda_graphs), else op by op. Loss and correct count wait in :meth:`take_sums`.
+        -> rows trained."""
+        if self._epoch is None:
+            raise RuntimeError("run_window needs an epoch: call begin_epoch(data) first")
+        done = 0
+        windows = self.graphs if self._epoch == "order" else None
+        if windows is not None:
+            done = windows.run(w, data, first, count, accumulate, update)
+        sums = self._host_sums
+        for index in range(first + done, first + count):
+            Xb, yb = self.batch(data, index)
+            loss_sum, correct = self.net.gradient_device(w, Xb, yb, self.grad)
+            if accumulate is not None:
+                accumulate += self.grad
+            if update:
+                self.optimizer.step(w, self.grad)
+            sums[0] += loss_sum
+            sums[1] += correct
+        rows = min((first + count) * self.batch_size, data.n_rows) - first * self.batch_size
+        self._rows += rows
+        return rows
+
+    def take_sums(self) -> tuple[float, int, int]:
+        """(loss sum, correct count, rows) of the steps since the last call; resets them. With recorded
+        windows this is the one device->host read of a window."""
+        loss_sum, correct = self._host_sums
+        if self._windows is not None:
+            dev_loss, dev_correct = self._windows.take_sums()
+            loss_sum, correct = loss_sum + dev_loss, correct + dev_correct
+        rows, self._host_sums, self._rows = self._rows, [0.0, 0], 0
+        return loss_sum, correct, rows
+
     def run_epoch(self, w, data: DeviceData, epoch: int) -> EpochStats:
         t0 = time.perf_counter()
-        loss_sum, correct = 0.0, 0
-        for Xb, yb in self.batches(data):
-            ls, c = self.step(w, Xb, yb)
-            loss_sum += ls
-            correct += c
+        self.begin_epoch(data)
+        self.run_window(w, data, 0, self.steps_per_epoch(data.n_rows))
+        loss_sum, correct, n = self.take_sums()
         self.net.ops.synchronize()
         dt = time.perf_counter() - t0
-        n = data.n_rows
         if not math.isfinite(loss_sum) or not self.net.ops.all_finite(w):
             raise TrainingDiverged(f"training diverged in epoch {epoch}: mean loss {loss_sum / n!r}; "
                                    f"lower the learning rate (now {self.optimizer.lr})")

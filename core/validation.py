@@ -8,6 +8,8 @@ import numbers
 
 import numpy as np
 
+from .backends.numpy_ops import PRECISIONS
+
 SUPPORTED_DTYPES = ("float32", "float64")
 
 
@@ -37,6 +39,17 @@ def check_dtype(dtype) -> np.dtype:
     if dt.name not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     return dt
+
+
+def check_precision(precision, dtype: np.dtype) -> str:
+    """GEMM input precision: fp32 (default), tf32 or bf16; the reduced ones need float32 weights (they round
+    float32 operands and accumulate in float32; master weights, optimizer and loss stay float32)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and np.dtype(dtype) != np.float32:
+        raise ValueError(f"precision={precision!r} rounds float32 GEMM inputs and needs dtype float32, "
+                         f"got dtype {np.dtype(dtype).name}")
+    return precision
 
 
 def check_features(X, width: int, dtype: np.dtype) -> np.ndarray:

@@ -20,9 +20,8 @@ import numpy as np
 import zmq
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
-                       FLAG_WANT_WEIGHTS, FLOAT32,
-                       ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, read_array,
-                       unpack_header)
+                       FLAG_WANT_WEIGHTS, FLOAT32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
+                       array_frame, encode_array, read_array, unpack_header)
 from .security import secure_client
 
 
@@ -177,7 +176,9 @@ class ParameterClient:
         StaleUpdate / PSError on refusal; ServerUnavailable when no reply comes. In sync and easgd modes the
         reply comes when the round completes.
         """
-        buf, n = array_frame(array)
+        wire = self.spec.wire_dtype if kind != "local_weights" else "float32"
+        payload, code = encode_array(array, wire) if wire != "float32" else (array, FLOAT32)
+        buf, n = array_frame(payload)
         if n != self.num_params:
             raise ValueError(f"push of {n} values, the model has {self.num_params}")
         flags = {"gradient": 0, "elastic": FLAG_ELASTIC, "local_weights": FLAG_LOCAL_WEIGHTS}[kind]
@@ -188,7 +189,7 @@ class ParameterClient:
         step = self.step + 1 if step is None else int(step)
         h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
-                         dtype=FLOAT32, n_values=n, epoch=int(epoch))
+                         dtype=code, n_values=n, epoch=int(epoch))
         timeout = self.timeout + (self.spec.barrier_timeout if self.spec.rule.rounds else 0)
         rh, frame, tries = self._request_tries(h, buf, timeout=timeout)
         self._check(rh, frame)

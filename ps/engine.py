@@ -337,7 +337,8 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
-        arr = read_array(h, frame, self.num_params, check_finite=not self.mode.screens_payload(self.optimizer))
+        arr = read_array(h, frame, self.num_params, check_finite=not self.mode.screens_payload(self.optimizer),
+                         accept=self.spec.push_dtype_codes)
         if h.step <= info.last_step:
             # a retransmit of a push already taken (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1

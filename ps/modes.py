@@ -12,9 +12,18 @@ Worker hooks take the worker's loop (:class:`ps.worker.WorkerLoop`: ``net``, ``t
 ``spec``, ``w`` on the backend, ``acc``, ``version``, ``stats``, ``to_host``); server hooks take the
 :class:`ps.engine.Engine` and host float32 vectors. Bounded staleness (reject) and SSP (wait) are policies the
 asynchronous modes take from the spec (``staleness``, ``ssp_slack``).
+
+The asynchronous modes split their exchange in three (``pipelines = True``): ``send`` (worker thread: queue a
+device->host copy of what goes out), ``talk`` (any thread: wait for that copy, push and pull; host arrays
+only) and ``receive`` (worker thread: apply the reply to the weights). ``exchange`` runs the three in a row;
+with the spec's ``pipeline`` the worker runs ``talk`` of window k on a thread while it computes window k+1,
+which then starts from weights one exchange older (staleness one higher). Round modes never pipeline: a round
+waits for every worker's push of the same step. A push refused as STALE keeps its step open: ``receive`` pulls,
+recomputes the window from the batches the worker kept (``keeps_window``) and pushes the step again.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +34,20 @@ from . import rules
 from .client import StaleUpdate, UpdateRejected
 from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS, Reason
 
+STALE = object()      # talk's answer for a push refused as stale: receive recomputes the window
+
+
+@dataclass
+class Outgoing:
+    """One exchange in flight: its step, the push's metrics, the host buffer being filled and its copy, and
+    the weights version the window was computed on."""
+    step: int
+    metrics: dict
+    host: np.ndarray
+    transfer: object
+    base_version: int
+    extra: dict = field(default_factory=dict)
+
 
 class Mode:
     """Base of every mode; see the module docstring for the hooks."""
@@ -34,6 +57,7 @@ class Mode:
     local_optimizer: ClassVar[str] = "sgd"  # the rule of a worker's own steps
     windowed: ClassVar[bool] = True         # tau (local steps between exchanges) may exceed 1
     bounded_staleness: ClassVar[bool] = False   # takes a staleness bound (a push too old is refused)
+    pipelines: ClassVar[bool] = False       # may overlap an exchange with the next window (spec.pipeline)
 
     @property
     def pushes_gradients(self) -> bool:
@@ -53,15 +77,27 @@ class Mode:
 
     # ---------------------------------------------------------------- worker
     def keeps_window(self, spec) -> bool:
-        """Whether the worker must keep copies of the window's batches (to recompute it)."""
+        """Whether the worker must keep copies of a window's batches (to recompute it)."""
         return False
 
-    def local_step(self, loop, Xb, yb) -> tuple[float, int]:
-        """One mini-batch between exchanges -> (loss sum, correct count). Default: a local optimizer step."""
-        return loop.trainer.step(loop.w, Xb, yb)
+    def local_window(self, loop, data, first: int, count: int) -> int:
+        """Batches ``first .. first+count-1`` of the epoch between exchanges (loss and correct count wait in
+        ``loop.trainer.take_sums``) -> rows. Default: local optimizer steps on the worker's weights."""
+        return loop.trainer.run_window(loop.w, data, first, count)
 
     def exchange(self, loop, step: int, metrics: dict) -> None:
-        raise NotImplementedError
+        """The whole exchange after a window, on the worker's thread."""
+        out = self.send(loop, step, metrics)
+        self.receive(loop, out, self.talk(loop, out))
+
+    def send(self, loop, step: int, metrics: dict) -> Outgoing:
+        raise NotImplementedError(f"mode {self.name!r} exchanges in one piece")
+
+    def talk(self, loop, out: Outgoing):
+        raise NotImplementedError(f"mode {self.name!r} exchanges in one piece")
+
+    def receive(self, loop, out: Outgoing, reply) -> None:
+        raise NotImplementedError(f"mode {self.name!r} exchanges in one piece")
 
     # ---------------------------------------------------------------- server
     def screens_payload(self, optimizer) -> bool:
@@ -92,53 +128,73 @@ class _GradientMode(Mode):
         """Whether a worker also steps its own copy of the weights inside a window."""
         return False
 
-    def local_step(self, loop, Xb, yb):
-        grad = loop.trainer.grad
-        loss_sum, correct = loop.net.gradient_device(loop.w, Xb, yb, grad)
-        loop.acc += grad
-        if self.local_progress(loop.spec.tau):
-            loop.trainer.optimizer.step(loop.w, grad)
-        return loss_sum, correct
+    def local_window(self, loop, data, first, count):
+        return loop.trainer.run_window(loop.w, data, first, count, accumulate=loop.acc,
+                                       update=self.local_progress(loop.spec.tau))
 
-    def exchange(self, loop, step, metrics):
-        for stale in range(self.stale_retries + 1):
-            if stale:                          # pull and recompute the window on the weights it gets
-                loop.stats["stale"] += 1
-                loop.version, wh = loop.client.pull()
-                loop.w[...] = loop.ops.asarray(wh)
-                metrics = {**metrics, **self._recompute(loop)}     # the epoch it ends in stays
-            try:
-                r = loop.client.push(loop.to_host(loop.acc), base_version=loop.version, step=step,
-                                     want_weights=loop.spec.ssp_slack is None, **metrics)
-                break
-            except StaleUpdate:
-                if stale == self.stale_retries:
-                    raise StaleUpdate(Reason.STALE, f"step {step} was stale {stale + 1} times in a row: the "
-                                                    f"staleness bound {loop.spec.staleness} is too tight for "
-                                                    f"{loop.spec.num_workers} workers; raise it") from None
-            except UpdateRejected:             # the server rolled the update back: go on from its weights
-                loop.stats["rejected_updates"] += 1
-                r = None
-                break
+    def send(self, loop, step, metrics):
+        """Queue the copy of the window's summed gradient and give the next window the other accumulator
+        (zeroed; its own last copy finished when its exchange was received)."""
+        host = loop.outbox(step)
+        transfer = loop.ops.copy_to_host_async(loop.acc, host)
+        loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
+        loop.acc[...] = 0
+        return Outgoing(step, metrics, host, transfer, loop.window_version)
+
+    def talk(self, loop, out):
+        out.transfer.wait(loop.wait_timeout)
+        try:
+            r = loop.client.push(out.host, base_version=out.base_version, step=out.step,
+                                 want_weights=loop.spec.ssp_slack is None, **out.metrics)
+        except StaleUpdate:
+            return STALE                       # the step stays open: receive recomputes it
+        except UpdateRejected:                 # the server rolled the update back: go on from its weights
+            loop.stats["rejected_updates"] += 1
+            r = None
         if r is not None and r.weights is not None:
-            loop.version, wh = r.version, r.weights
-        else:
-            loop.version, wh = loop.client.pull()
-        loop.w[...] = loop.ops.asarray(wh)   # one copy out of the reply's read-only view
-        loop.acc[...] = 0
+            return r.version, r.weights
+        return loop.client.pull()
 
-    def _recompute(self, loop) -> dict:
-        """The window again, from its saved batches -> its metrics."""
-        loop.acc[...] = 0
-        loss = correct = rows = 0
-        for Xb, yb in loop.window_batches:
-            ls, c = self.local_step(loop, Xb, yb)
-            loss, correct, rows = loss + ls, correct + c, rows + Xb.shape[0]
-        return dict(loss=loss / rows, accuracy=correct / rows, batch_size=rows)
+    def receive(self, loop, out, reply):
+        if reply is STALE:
+            reply = self._push_recomputed(loop, out)
+        loop.forget_window(out.step)
+        loop.version, wh = reply
+        # one copy out of the reply's read-only view (valid until the client's next request)
+        loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
 
     def keeps_window(self, spec) -> bool:
         """A bounded-staleness push may be refused and its window recomputed: the worker keeps its batches."""
         return spec.staleness is not None
+
+    def _push_recomputed(self, loop, out):
+        """Pull, compute window ``out.step`` again from its kept batches on the weights pulled, push the same
+        step; up to ``stale_retries`` times -> (version, weights) as talk returns them."""
+        for attempt in range(1, self.stale_retries + 1):
+            loop.stats["stale"] += 1
+            version, wh = loop.client.pull()
+            w = loop.ops.asarray(np.array(wh, copy=True))
+            acc = loop.ops.zeros(w.shape, w.dtype)
+            loss = correct = rows = 0
+            for Xb, yb in loop.kept_window(out.step):
+                ls, c = loop.net.gradient_device(w, Xb, yb, loop.trainer.grad)
+                acc += loop.trainer.grad
+                if self.local_progress(loop.spec.tau):
+                    loop.trainer.optimizer.step(w, loop.trainer.grad)
+                loss, correct, rows = loss + ls, correct + c, rows + Xb.shape[0]
+            metrics = {**out.metrics, "loss": loss / rows, "accuracy": correct / rows, "batch_size": rows}
+            try:
+                r = loop.client.push(loop.to_host(acc), base_version=version, step=out.step,
+                                     want_weights=loop.spec.ssp_slack is None, **metrics)
+            except StaleUpdate:
+                continue
+            except UpdateRejected:
+                loop.stats["rejected_updates"] += 1
+                return loop.client.pull()
+            return (r.version, r.weights) if r.weights is not None else loop.client.pull()
+        raise StaleUpdate(Reason.STALE, f"step {out.step} was stale {self.stale_retries + 1} times in a row: the "
+                                        f"staleness bound {loop.spec.staleness} is too tight for "
+                                        f"{loop.spec.num_workers} workers; raise it")
 
 
 class Sync(_GradientMode):
@@ -154,6 +210,7 @@ class Sync(_GradientMode):
 class Async(_GradientMode):
     name = "async"
     bounded_staleness = True
+    pipelines = True
 
     def local_progress(self, tau):
         return tau > 1                         # DOWNPOUR: local progress inside the window
@@ -192,15 +249,28 @@ class Easgd(Mode):
 class AsyncEasgd(Mode):
     name = "async-easgd"
     push_flag = FLAG_ELASTIC
+    pipelines = True
 
-    def exchange(self, loop, step, metrics):
-        loop.version, center = loop.client.pull()
-        e = rules.elastic_difference(loop.w, loop.ops.asarray(center), loop.spec.alpha)
-        loop.w -= e
+    def send(self, loop, step, metrics):
+        """Queue the copy of the worker's weights x_i as they are at the end of the window."""
+        host = loop.outbox(step)
+        return Outgoing(step, metrics, host, loop.ops.copy_to_host_async(loop.w, host), loop.window_version)
+
+    def talk(self, loop, out):
+        """Pull the center c, push e = alpha (x_i - c) computed on the host copy of x_i -> (version, e)."""
+        out.transfer.wait(loop.wait_timeout)
+        version, center = loop.client.pull()
+        e = rules.elastic_difference(np.asarray(out.host, np.float32), center, loop.spec.alpha)
         try:
-            loop.client.push(loop.to_host(e), base_version=loop.version, step=step, kind="elastic", **metrics)
-        except UpdateRejected:                 # the center's update was rolled back
+            loop.client.push(e, base_version=version, step=out.step, kind="elastic", **out.metrics)
+        except UpdateRejected:                 # the center's update was rolled back; x_i still moves toward it
             loop.stats["rejected_updates"] += 1
+        return version, e
+
+    def receive(self, loop, out, reply):
+        """x_i <- x_i - e: what left the worker went to the center (pipelined, x_i moved on meanwhile)."""
+        loop.version, e = reply
+        loop.w -= loop.ops.asarray(e)
 
     def apply_push(self, engine, w, payload, out):
         rules.apply_elastic(w, payload, out=out)

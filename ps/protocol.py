@@ -25,8 +25,10 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   ``session`` and 2 of its 3 pad bytes for ``epoch`` (so at most 65,535 passes); a field carved out of unused
   bytes bumps ``PROTOCOL_VERSION``, and peers of different versions refuse each other with VERSION_MISMATCH:
   server and workers come from one install, and a version-1 peer would ignore both sessions and the stop.
-* ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32), C order, no
-  header of its own; or, in STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
+* ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32; in a PUSH of
+  a gradient or an elastic difference also 2 = bfloat16, the upper 16 bits of a float32, rounded to nearest
+  even, or 3 = IEEE float16, when the job's spec sets ``wire_dtype``), C order, no header of its own; or, in
+  STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
   A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
 
@@ -58,8 +60,10 @@ HEADER = struct.Struct(HEADER_FORMAT)
 ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
 MAX_JSON_BYTES = 64 * 1024         # a BARRIER request's report
-DTYPE_CODES = {1: np.dtype("<f4")}
-FLOAT32 = 1
+DTYPE_CODES = {1: np.dtype("<f4"), 2: np.dtype("<u2"), 3: np.dtype("<f2")}   # 2: bfloat16 bit patterns
+FLOAT32, BFLOAT16, FLOAT16 = 1, 2, 3
+WIRE_DTYPES = {"float32": FLOAT32, "bfloat16": BFLOAT16, "float16": FLOAT16}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 FLAG_WANT_WEIGHTS = 1   # request: reply with the weights after this request
 FLAG_JSON = 2           # reply payload is UTF-8 JSON
@@ -181,25 +185,73 @@ def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:
     if not isinstance(arr, np.ndarray) or arr.ndim != 1:
         raise ValueError(f"expected a 1-D numpy array, got {type(arr).__name__} "
                          f"with shape {getattr(arr, 'shape', None)}")
-    if arr.dtype != np.float32:
-        raise ValueError(f"arrays on the wire are float32, got {arr.dtype}; convert with .astype(np.float32)")
+    if arr.dtype not in (np.float32, np.float16, np.uint16):
+        raise ValueError(f"arrays on the wire are float32 (or the 16-bit frames of encode_array), got "
+                         f"{arr.dtype}; convert with .astype(np.float32)")
     if arr.nbytes > MAX_FRAME_BYTES:
         raise ValueError(f"{arr.nbytes} bytes is too large for one frame (max {MAX_FRAME_BYTES})")
     arr = np.ascontiguousarray(arr)
     return memoryview(arr).cast("B"), arr.shape[0]
 
 
-def read_array(header: Header, frame, n_expected: int, check_finite=True) -> np.ndarray:
-    """The payload frame of ``header`` as a read-only float32 view (zero-copy) of exactly ``n_expected`` values."""
-    dt = DTYPE_CODES.get(header.dtype)
+def to_bfloat16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (n,) -> bfloat16 bit patterns (n,) uint16: the upper half of each float32, rounded to nearest,
+    ties to even; NaN stays NaN, inf stays inf, a value within half a bf16 ulp of float32's maximum becomes inf."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    out = np.empty(u.shape, np.uint16) if out is None else out
+    np.copyto(out, rounded, casting="unsafe")
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bit patterns (n,) uint16 -> float32 (n,), exactly (every bf16 is a float32)."""
+    out = np.empty(bits.shape, np.float32) if out is None else out
+    out.view(np.uint32)[...] = bits.astype(np.uint32) << np.uint32(16)
+    return out
+
+
+def encode_array(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
+    """A float32 vector as it goes on the wire -> (array to send, dtype code). bfloat16 / float16 halve the
+    bytes of a gradient or elastic difference; a vector float16 cannot hold (|value| > 65504) goes as float32
+    (the server takes both), so the narrowing never turns a finite value into inf."""
+    code = WIRE_DTYPES.get(wire_dtype)
+    if code is None:
+        raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
+    if code == BFLOAT16:
+        return to_bfloat16(arr), code
+    if code == FLOAT16:
+        with np.errstate(invalid="ignore"):
+            peak = float(np.max(np.abs(arr))) if arr.size else 0.0
+        if peak <= FLOAT16_MAX or not math.isfinite(peak):        # non-finite: let the server refuse it
+            return arr.astype(np.float16), code
+    return arr, FLOAT32
+
+
+def read_array(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)) -> np.ndarray:
+    """The payload frame of ``header`` as a read-only float32 view (zero-copy) of exactly ``n_expected`` values.
+
+    ``accept``: the dtype codes this message may carry (float32 always; a 16-bit code where the job's spec
+    allows it). A 16-bit payload is widened into a new float32 array: the server adds it in float32."""
+    dt = DTYPE_CODES.get(header.dtype) if header.dtype in accept else None
     if dt is None:
-        raise ProtocolError(Reason.BAD_PAYLOAD, f"payload dtype code {header.dtype} is not float32 (code 1)")
+        names = {c: n for n, c in WIRE_DTYPES.items()}
+        allowed = " or ".join(f"{names[c]} (code {c})" for c in accept)
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"payload dtype code {header.dtype} is not {allowed}")
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if header.n_values != n_expected or len(buf) != n_expected * dt.itemsize:
         raise ProtocolError(Reason.BAD_PAYLOAD,
                             f"payload has {len(buf)} bytes / n_values={header.n_values}, model needs "
-                            f"{n_expected} float32 values ({n_expected * dt.itemsize} bytes)")
+                            f"{n_expected} {dt.name if header.dtype != BFLOAT16 else 'bfloat16'} values "
+                            f"({n_expected * dt.itemsize} bytes)")
     arr = np.frombuffer(buf, dtype=dt)
+    if header.dtype == BFLOAT16:
+        arr = from_bfloat16(arr)
+    elif header.dtype == FLOAT16:
+        arr = arr.astype(np.float32)
     # one BLAS dot product a.a is a fast NaN/inf screen (NaN and inf propagate; ~2.5x faster than a pairwise
     # sum); only if it is not finite do we look element-wise, so a square that merely overflowed does not
     # reject finite data

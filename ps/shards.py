@@ -165,6 +165,7 @@ class ShardedClient:
     def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
                  register: bool = True):
         self.cfg, self.worker_id, self.attempt = cfg, int(worker_id), int(attempt)
+        self.timeout, self.retries = float(timeout), int(retries)
         self.bounds, self.num_params, self.spec = cfg["bounds"], int(cfg["num_params"]), cfg["spec"]
         self.parts = [ParameterClient(c, worker_id=worker_id, attempt=attempt, timeout=timeout, retries=retries,
                                       register=False) for c in cfg["shards"]]

@@ -13,10 +13,12 @@ import math
 from dataclasses import dataclass, field
 
 from core.backends import BACKEND_NAMES
+from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS, SCHEDULES
 from core.validation import check_layers
 
 from .modes import MODE_NAMES, MODES, get_mode
+from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, WIRE_DTYPES
 from .rules import default_alpha
 
 SEED_MODULUS = 2 ** 32          # numpy's seeds are unsigned; Spark's default seed is a signed hash
@@ -57,6 +59,11 @@ class TrainingSpec:
     worker_timeout: seconds a worker waits for one reply. epochs, batch_size, backend, seed: the workers' loop.
     tol: stop early when the relative change of the epoch's mean training loss falls below it (0 = never;
     :mod:`ps.convergence`).
+    precision: the workers' GEMM input precision (fp32, tf32, bf16; weights stay float32). cuda_graphs: workers
+    on a GPU record each window of local steps as one CUDA graph (core/windows.py). pipeline: asynchronous modes
+    overlap window k's push and pull with window k+1's steps (staleness one higher). wire_dtype: float32, or
+    bfloat16 / float16 frames for gradient and elastic-difference pushes (the server adds them in float32).
+    The four are off (fp32, False, False, float32) by default.
     """
     layers: tuple | None = None
     mode: str = "async"
@@ -77,6 +84,10 @@ class TrainingSpec:
     backend: str = "auto"
     seed: int = 0
     tol: float = 0.0
+    precision: str = "fp32"
+    cuda_graphs: bool = False
+    pipeline: bool = False
+    wire_dtype: str = "float32"
 
     def __post_init__(self):
         put = object.__setattr__          # frozen: normalised values are set once, here
@@ -108,7 +119,18 @@ class TrainingSpec:
                                               and self.tol >= 0):
             raise SpecError("tol", "{name} must be a number >= 0 (0 = never stop early), got {v!r}", v=self.tol)
         put(self, "tol", float(self.tol))
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("backend", BACKEND_NAMES)):
+        for name in ("cuda_graphs", "pipeline"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(name, "{name} must be True or False, got {v!r}", v=getattr(self, name))
+        if self.pipeline and not mode.pipelines:
+            takes = ", ".join(m for m, o in MODES.items() if o.pipelines)
+            raise SpecError("pipeline", "{name} applies to the asynchronous modes (%s), not mode={mode!r}: its "
+                            "rounds wait for every worker's push of the same step" % takes, mode=self.mode)
+        if self.wire_dtype != "float32" and mode.push_flag == FLAG_LOCAL_WEIGHTS:
+            raise SpecError("wire_dtype", "{name}={v!r} does not apply to mode={mode!r}: it pushes its weights, "
+                            "which 16-bit frames would round; use float32", v=self.wire_dtype, mode=self.mode)
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("backend", BACKEND_NAMES),
+                              ("precision", PRECISIONS), ("wire_dtype", tuple(WIRE_DTYPES))):
             if getattr(self, name) not in choices:
                 raise SpecError(name, "{name} must be one of {c}, got {v!r}", c=", ".join(choices),
                                 v=getattr(self, name))
@@ -138,6 +160,12 @@ class TrainingSpec:
         return get_mode(self.mode)
 
     @property
+    def push_dtype_codes(self) -> tuple:
+        """Payload dtype codes the server takes in a push: float32, and the spec's 16-bit one if set."""
+        code = WIRE_DTYPES[self.wire_dtype]
+        return (FLOAT32,) if code == FLOAT32 else (FLOAT32, code)
+
+    @property
     def num_params(self) -> int:
         from core.network import param_layout
 
@@ -153,7 +181,8 @@ class TrainingSpec:
 # ------------------------------------------------------------------------------------- command-line flags
 def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> None:
     """The parameter-server flags every launcher spells alike: --trainer, --workers, --window,
-    --server-optimizer, --momentum, --staleness, --insecure (the training loop's own flags are
+    --server-optimizer, --momentum, --staleness, --insecure, --pipeline, --wire-dtype (the training loop's own
+    flags, --precision and --cuda-graphs among them, are
     :func:`core.cli.add_training_flags`). mode_alias: also accept the old --mode (not where --mode is taken)."""
     from core.cli import add_flag
 
@@ -173,6 +202,12 @@ def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> 
                         help="stop when the relative change of the epoch's mean training loss falls below this "
                              "(default: never in ps.runner; Spark's tol default 1e-6 in the Spark app)")
     parser.add_argument("--insecure", action="store_true", help="turn CURVE off (trusted networks only)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="asynchronous modes: push and pull window k while window k+1 computes (staleness "
+                             "one higher; pipelineExchange)")
+    parser.add_argument("--wire-dtype", choices=tuple(WIRE_DTYPES), default="float32",
+                        help="frames of gradient / elastic-difference pushes; the server adds them in float32 "
+                             "(wireDtype)")
 
 
 def spec_from_flags(args, **settings) -> TrainingSpec:
@@ -184,7 +219,9 @@ def spec_from_flags(args, **settings) -> TrainingSpec:
     fields = dict(layers=args.layers, mode=args.trainer, num_workers=args.workers, epochs=args.epochs,
                   batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.server_optimizer,
                   optimizer_options=options, tau=args.window, staleness=args.staleness, seed=args.seed,
-                  backend=args.backend or "auto", tol=0.0 if args.tol is None else args.tol)
+                  backend=args.backend or "auto", tol=0.0 if args.tol is None else args.tol,
+                  precision=args.precision, cuda_graphs=args.cuda_graphs, pipeline=args.pipeline,
+                  wire_dtype=args.wire_dtype)
     if args.momentum is not None:
         fields["local_momentum"] = args.momentum
     fields.update(settings)
@@ -193,4 +230,6 @@ def spec_from_flags(args, **settings) -> TrainingSpec:
 
 FLAG_NAMES = {"mode": "--trainer", "num_workers": "--workers", "epochs": "--epochs", "batch_size": "--batch-size",
               "learning_rate": "--learning-rate", "tau": "--window", "local_momentum": "--momentum",
-              "staleness": "--staleness", "optimizer": "--server-optimizer", "tol": "--tol"}
+              "staleness": "--staleness", "optimizer": "--server-optimizer", "tol": "--tol",
+              "precision": "--precision", "cuda_graphs": "--cuda-graphs", "pipeline": "--pipeline",
+              "wire_dtype": "--wire-dtype"}

@@ -1,16 +1,18 @@
 """The training loop one worker runs against the server, for every mode (DESIGN.md rules).
 
-What differs between modes (the local step, the exchange) is the mode object's (:mod:`ps.modes`); every
+What differs between modes (the local window, the exchange) is the mode object's (:mod:`ps.modes`); every
 setting comes from the server's training spec in ``cfg``. Local steps use the core trainer (any backend:
-numpy, numba, cupy with a device ordinal); the client moves float32 host vectors. Exchange ``s`` (1, 2, ...)
-covers local steps ``(s-1)*tau+1 .. s*tau`` of a deterministic batch sequence (seeded per worker), so a
-restarted worker (attempt + 1) skips exactly the exchanges the server already applied for it and no
-mini-batch is applied twice. Each push names the epoch it ends in; a reply with the server's stop decision
-(``tol``) ends the loop after that exchange.
+numpy, numba, cupy with a device ordinal) a window at a time (one recorded launch per window with
+``cuda_graphs``); the client moves float32 host vectors, through page-locked buffers on a GPU. Exchange ``s``
+(1, 2, ...) covers local steps ``(s-1)*tau+1 .. s*tau`` of a deterministic batch sequence (seeded per worker),
+so a restarted worker (attempt + 1) skips exactly the exchanges the server already applied for it and no
+mini-batch is applied twice. With the spec's ``pipeline`` (asynchronous modes) the push and pull of window k
+run on a thread while window k+1 computes.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -18,31 +20,79 @@ from .convergence import exchange_epoch
 from .shards import connect
 
 
-def batch_stream(trainer, data, epochs):
-    """(local step k = 1.., X_batch, y_batch) over ``epochs`` seeded passes."""
-    k = 0
-    for _ in range(epochs):
-        for Xb, yb in trainer.batches(data):
-            k += 1
-            yield k, Xb, yb
-
-
 class WorkerLoop:
     """One worker's state between the mode's hooks: ``w`` (its weights on the backend), ``acc`` (summed
-    gradients of the window), ``version`` (of the weights last received), ``stats``."""
+    gradients of the window) and ``spare_acc`` (the one in flight), ``version`` (of the weights last
+    received), ``window_version`` (of the weights the current window started from), ``stats``."""
 
     def __init__(self, spec, net, trainer, client, stats):
         self.spec, self.net, self.ops, self.trainer, self.client, self.stats = (
             spec, net, net.ops, trainer, client, stats)
-        self.host = np.empty(net.num_params, dtype=np.float32)
+        self.host = self.ops.pinned_empty((net.num_params,), np.float32)
+        self._outboxes = [self.ops.pinned_empty((net.num_params,), net.dtype) for _ in range(2)]
         self.acc = self.ops.zeros((net.num_params,), net.dtype)
+        self.spare_acc = self.ops.zeros((net.num_params,), net.dtype)
         self.w = None
         self.version = 0
-        self.window_batches = []        # copies of the window's batches, where the mode may recompute it
+        self.window_version = 0
+        self._kept: dict = {}           # step -> copies of its window's batches, where the mode may recompute it
+        # a wait on a copy or on the exchange thread outlasts every retry the client makes, then gives up
+        self.wait_timeout = 2 * (client.retries + 1) * (spec.worker_timeout + spec.barrier_timeout) + 10.0
 
     def to_host(self, x) -> np.ndarray:
         """A device vector copied into the one host buffer the client sends from."""
         return self.ops.to_host(x, out=self.host)
+
+    def keep_batches(self, step: int, batches: list) -> None:
+        """Copies of more batches of window ``step`` (a window may span an epoch: the next epoch's shuffle
+        would overwrite the views)."""
+        self._kept.setdefault(step, []).extend((X.copy(), y.copy()) for X, y in batches)
+
+    def kept_window(self, step: int) -> list:
+        return self._kept.get(step, [])
+
+    def forget_window(self, step: int) -> None:
+        self._kept.pop(step, None)
+
+    def outbox(self, step: int) -> np.ndarray:
+        """The host buffer exchange ``step`` sends from: two, alternating, so a pipelined exchange's buffer
+        is never refilled while it is still on its way."""
+        return self._outboxes[step % 2]
+
+
+class Exchanges:
+    """Runs the mode's exchanges in order: in line, or (pipelined) each on one thread while the next window
+    computes; an exchange is received (its weights applied) before the next one is sent."""
+
+    def __init__(self, loop, mode, pipelined: bool):
+        self.loop, self.mode = loop, mode
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffps-exchange") if pipelined else None
+        self.pending = None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if self.pool is None:
+            self.mode.exchange(self.loop, step, metrics)
+            return
+        self.finish()
+        out = self.mode.send(self.loop, step, metrics)
+        self.pending = (out, self.pool.submit(self.mode.talk, self.loop, out))
+
+    def finish(self) -> None:
+        """Receive the exchange in flight, if any (its errors are raised here)."""
+        if self.pending is not None:
+            out, future = self.pending
+            self.pending = None
+            self.mode.receive(self.loop, out, future.result(timeout=self.loop.wait_timeout))
+
+    def close(self) -> None:
+        """Let a talk still in flight end (the client's own timeouts bound it) before its socket closes."""
+        if self.pool is not None:
+            if self.pending is not None:
+                try:
+                    self.pending[1].result(timeout=self.loop.wait_timeout)
+                except Exception:  # noqa: BLE001 - already failing: the first error is the one raised
+                    pass
+            self.pool.shutdown(wait=False)
 
 
 def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, device=None, attempt=0,
@@ -55,8 +105,9 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     loaded) before the first pull, so no worker races through its shard while a peer is still starting;
     for launchers that start all workers at once (a Spark barrier stage), never for a lone restarted worker.
     on_step(local_step): optional hook; step_delay: seconds of sleep per local step (fault tests use it to
-    keep training running long enough to kill a worker mid-way). client: a registered ParameterClient of
-    this (worker_id, attempt) to use instead of opening one; run_worker closes it when training ends.
+    keep training running long enough to kill a worker mid-way); either makes every step a window of its
+    own. client: a registered ParameterClient of this (worker_id, attempt) to use instead of opening one;
+    run_worker closes it when training ends.
     """
     from core import FeedForwardNetwork, MinibatchTrainer, limit_cpu_threads  # the only ps module that trains
 
@@ -64,21 +115,25 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
         limit_cpu_threads(cpu_threads)
     spec = cfg["spec"]
     mode, tau = spec.rule, spec.tau
-    net = FeedForwardNetwork(list(spec.layers), backend=spec.backend, device=device)
+    net = FeedForwardNetwork(list(spec.layers), backend=spec.backend, device=device, precision=spec.precision)
     trainer = MinibatchTrainer(net, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                                optimizer=mode.local_optimizer, momentum=spec.local_momentum,
-                               seed=spec.seed * 1000 + worker_id)
+                               seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs)
     data = net.upload(X, y)
     t_ready = time.perf_counter()
     if client is None:
         client = connect(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)
     t0 = time.perf_counter()
     resume_after = client.step
+    steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,
              "stale": 0, "rejected_updates": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "tau": tau, "epochs": spec.epochs,
-             # batches trainer.batches yields per pass: exchange s ends in epoch ceil(s * tau / steps_per_epoch)
-             "steps_per_epoch": len(range(0, data.n_rows, spec.batch_size))}
+             # batches per pass: exchange s ends in epoch ceil(s * tau / steps_per_epoch)
+             "steps_per_epoch": steps_per_epoch, "pipelined": bool(spec.pipeline)}
     loop = WorkerLoop(spec, net, trainer, client, stats)
+    exchanges = Exchanges(loop, mode, pipelined=spec.pipeline)
+    per_step = on_step is not None or bool(step_delay)
+    keep = mode.keeps_window(spec)
     try:
         if start_together:
             m = min(spec.batch_size, data.n_rows)        # load/compile the kernels before lining up
@@ -87,46 +142,53 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
             t0 = time.perf_counter()
         loop.version, wh = client.pull()
         loop.w = net.ops.asarray(np.array(wh, copy=True))
-        window = {"loss": 0.0, "correct": 0, "rows": 0, "steps": 0}
-
-        keep = mode.keeps_window(spec)
-        spe = stats["steps_per_epoch"]
+        loop.window_version = loop.version
 
         def exchange(step):
-            rows = window["rows"]
-            epoch, last = exchange_epoch(step, tau, spe, spec.epochs)
-            mode.exchange(loop, step, dict(loss=window["loss"] / rows, accuracy=window["correct"] / rows,
-                                           batch_size=rows, epoch=epoch, last_of_epoch=last))
+            loss_sum, correct, rows = trainer.take_sums()     # the window's one host read
+            epoch, last = exchange_epoch(step, tau, steps_per_epoch, spec.epochs)
+            exchanges(step, dict(loss=loss_sum / rows, accuracy=correct / rows, batch_size=rows, epoch=epoch,
+                                 last_of_epoch=last))
             stats["pushes"] += 1
             stats["samples"] += rows
-            window.update(loss=0.0, correct=0, rows=0, steps=0)
-            loop.window_batches.clear()
 
-        k = 0
-        for k, Xb, yb in batch_stream(trainer, data, spec.epochs):
-            if (k - 1) // tau < resume_after:
-                continue                                   # this exchange was applied by an earlier attempt
-            if on_step is not None:
-                on_step(k)
-            if step_delay:
-                time.sleep(step_delay)
-            if keep:                                       # views die with the next epoch's shuffle
-                loop.window_batches.append((Xb.copy(), yb.copy()))
-            ls, c = mode.local_step(loop, Xb, yb)
-            window["loss"] += ls
-            window["correct"] += c
-            window["rows"] += Xb.shape[0]
-            window["steps"] += 1
-            stats["local_steps"] += 1
-            if window["steps"] == tau:
-                exchange((k - 1) // tau + 1)
-                if client.stop_requested:              # the server decided (tol): end after this exchange
-                    break
-        if window["steps"] and not client.stop_requested:
+        k = 0                                  # local steps of the whole run so far (done or skipped)
+        in_window = 0                          # steps of the current window so far
+        for _ in range(spec.epochs):
+            if client.stop_requested:          # the server decided (tol): end after the last exchange
+                break
+            trainer.begin_epoch(data)          # every epoch draws its permutation, skipped or not
+            b = 0
+            while b < steps_per_epoch and not client.stop_requested:
+                window = k // tau + 1                                  # the exchange batch b belongs to
+                if window <= resume_after:                            # applied by an earlier attempt
+                    skip = min(steps_per_epoch - b, resume_after * tau - k)
+                    b, k = b + skip, k + skip
+                    continue
+                count = 1 if per_step else min(steps_per_epoch - b, window * tau - k)
+                if per_step:
+                    if on_step is not None:
+                        on_step(k + 1)
+                    if step_delay:
+                        time.sleep(step_delay)
+                if in_window == 0:
+                    loop.window_version = loop.version
+                if keep:
+                    loop.keep_batches(window, [trainer.batch(data, i) for i in range(b, b + count)])
+                mode.local_window(loop, data, b, count)
+                b, k, in_window = b + count, k + count, in_window + count
+                stats["local_steps"] += count
+                if k == window * tau:
+                    exchange(window)
+                    in_window = 0
+        if in_window and not client.stop_requested:
             exchange((k - 1) // tau + 1)                   # the last, shorter window: no batch goes unsent
+        exchanges.finish()
         client.bye()
     finally:
+        exchanges.close()
         client.close()
     stats.update(seconds=time.perf_counter() - t0, start_wait_s=t0 - t_ready, last_step=client.step,
-                 backend=net.backend_name, stopped_by_server=client.stop_requested)
+                 backend=net.backend_name, precision=net.precision, graphs=trainer.graphs is not None,
+                 graph_problem=trainer.graph_problem, stopped_by_server=client.stop_requested)
     return stats

@@ -133,7 +133,8 @@ def train(spark, args) -> dict:
         momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
         maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
         useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
-        tol=args.tol)
+        tol=args.tol, precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
+        wireDtype=args.wire_dtype)
     clf.liveServerLine = False                # report_epochs draws the one live line
     t0 = time.perf_counter()
     with report_epochs(sys.stderr):           # a line per epoch on stderr, a progress bar on a terminal

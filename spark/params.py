@@ -19,9 +19,11 @@ from pyspark.ml.param.shared import (HasBlockSize, HasFeaturesCol, HasLabelCol, 
                                      HasProbabilityCol, HasRawPredictionCol, HasSeed, HasStepSize, HasTol)
 
 from core.backends import BACKEND_NAMES
+from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS
 from core.validation import check_layers
 from ps.modes import MODE_NAMES
+from ps.protocol import WIRE_DTYPES
 from ps.spec import TrainingSpec
 
 T = TypeConverters
@@ -65,6 +67,15 @@ PARAMS = {
     "numWorkers": ("training tasks in the barrier stage (each needs a free task slot; >= 1)", T.toInt, 2),
     "backend": ("compute backend of the training tasks: auto (cupy with a GPU, else numba), cupy, numba, numpy",
                 _choice("backend", BACKEND_NAMES), "auto"),
+    "precision": ("GEMM input precision of the training tasks: fp32, tf32 (10-bit mantissa) or bf16 (7-bit); "
+                  "products summed in float32, weights, optimizer and loss float32; tensor cores with cupy, "
+                  "emulated (slowly) on CPUs", _choice("precision", PRECISIONS), "fp32"),
+    "cudaGraphs": ("cupy: record each window of local steps as one CUDA graph, with the loss read once per "
+                   "window (falls back to op-by-op steps where recording is impossible)", T.toBoolean, False),
+    "pipelineExchange": ("asynchronous modes: push and pull window k while window k+1 computes (its gradients "
+                         "are one exchange older: staleness one higher)", T.toBoolean, False),
+    "wireDtype": ("frames of gradient and elastic-difference pushes: float32, bfloat16 or float16 (half the "
+                  "bytes; the server adds them in float32)", _choice("wireDtype", tuple(WIRE_DTYPES)), "float32"),
     "useGpu": ("ask Spark for one GPU per training task (a stage-level ResourceProfile where the cluster manager "
                "supports it); implied by backend='cupy'", T.toBoolean, False),
     "psHost": ("address the parameter server binds and the training tasks connect to; empty = 127.0.0.1 in "
@@ -103,7 +114,7 @@ MODEL_SETTABLE = ("featuresCol", "predictionCol", "probabilityCol", "rawPredicti
 SPEC_NAMES = {"num_workers": "numWorkers", "epochs": "maxIter", "batch_size": "blockSize",
               "learning_rate": "stepSize", "tau": "communicationWindow", "local_momentum": "momentum",
               "staleness": "maxStaleness", "barrier_timeout": "roundTimeout", "worker_timeout": "workerTimeout",
-              "tol": "tol"}
+              "tol": "tol", "cuda_graphs": "cudaGraphs", "pipeline": "pipelineExchange", "wire_dtype": "wireDtype"}
 
 
 def _camel(name: str) -> str:
@@ -173,7 +184,8 @@ def training_spec(p: Params) -> TrainingSpec:
         optimizer_options=optimizer_options, tau=get("communicationWindow"), alpha=alpha,
         local_momentum=get("momentum"), staleness=None if get("maxStaleness") < 0 else get("maxStaleness"),
         barrier_timeout=get("roundTimeout"), worker_timeout=get("workerTimeout"), backend=get("backend"),
-        seed=get("seed"), tol=get("tol"))
+        seed=get("seed"), tol=get("tol"), precision=get("precision"), cuda_graphs=get("cudaGraphs"),
+        pipeline=get("pipelineExchange"), wire_dtype=get("wireDtype"))
     if get("psShards") > spec.num_params:
         raise ValueError(f"psShards must be at most the {spec.num_params} parameters, got {get('psShards')}")
     if p.isDefined("initialWeights"):

@@ -42,3 +42,11 @@ def test_bad_flags_are_clear_errors():
     assert out.returncode == 2 and "64 features per row but layers[0] is 32" in out.stderr
     out = run("train", "--backend", "gpu")
     assert out.returncode == 2 and "invalid choice: 'gpu'" in out.stderr
+
+
+def test_train_with_a_reduced_precision():
+    out = run("train", "--backend", "numpy", "--epochs", "2", "--precision", "bf16", "--cuda-graphs")
+    assert out.returncode == 0, out.stderr
+    assert "precision='bf16'" in out.stdout
+    out = run("train", "--precision", "fp8", "--epochs", "1")
+    assert out.returncode == 2 and "invalid choice: 'fp8'" in out.stderr

@@ -39,6 +39,15 @@ def test_defaults_are_normalised_once():
     (dict(alpha=-0.5), "alpha must be a positive number, got -0.5"),
     (dict(mode="downpour"), "mode must be one of ('sync', 'async', 'easgd', 'async-easgd', 'eamsgd'), got 'downpour'"),
     (dict(layers=[3]), "at least two sizes"),
+    (dict(precision="fp8"), "precision must be one of fp32, tf32, bf16, got 'fp8'"),
+    (dict(cuda_graphs=1), "cuda_graphs must be True or False, got 1"),
+    (dict(pipeline="yes"), "pipeline must be True or False, got 'yes'"),
+    (dict(mode="sync", pipeline=True), "pipeline applies to the asynchronous modes (async, async-easgd, eamsgd), "
+                                       "not mode='sync'"),
+    (dict(mode="easgd", pipeline=True), "not mode='easgd'"),
+    (dict(wire_dtype="int8"), "wire_dtype must be one of float32, bfloat16, float16, got 'int8'"),
+    (dict(mode="easgd", wire_dtype="bfloat16"), "wire_dtype='bfloat16' does not apply to mode='easgd': it pushes "
+                                                "its weights"),
 ])
 def test_every_setting_is_checked_with_its_value(fields, message):
     with pytest.raises(ValueError) as err:
@@ -79,12 +88,15 @@ def test_every_mode_is_one_class_with_the_hooks_its_kind_needs():
         kind = type(mode)
         server_hook = "apply_round" if mode.rounds else "apply_push"
         assert getattr(kind, server_hook) is not getattr(Mode, server_hook), (name, server_hook)
-        assert kind.exchange is not Mode.exchange, name
+        split = all(getattr(kind, hook) is not getattr(Mode, hook) for hook in ("send", "talk", "receive"))
+        assert kind.exchange is not Mode.exchange or split, name      # an exchange in one piece or in three
+        assert split or not mode.pipelines, name                      # a pipeline needs the three pieces
         assert mode.equal_shards == mode.rounds
     assert [n for n, m in MODES.items() if m.pushes_gradients] == ["sync", "async"]
     assert MODES["easgd"].push_flag == FLAG_LOCAL_WEIGHTS and MODES["eamsgd"].push_flag == FLAG_ELASTIC
     assert MODES["eamsgd"].local_optimizer == "nesterov" and MODES["async-easgd"].local_optimizer == "sgd"
     assert [n for n, m in MODES.items() if not m.windowed] == ["sync"]
+    assert [n for n, m in MODES.items() if m.pipelines] == ["async", "async-easgd", "eamsgd"]
     with pytest.raises(ValueError, match="mode must be one of"):
         get_mode("hogwild")
 
@@ -112,3 +124,22 @@ def test_flags_one_spelling_old_ones_hidden():
     assert momentum.optimizer == "nesterov" and momentum.optimizer_options == {"momentum": 0.8}
     with pytest.raises(ValueError, match="--window must be 1 in sync mode, got 2"):
         spec_from_flags(ap.parse_args(["--trainer", "sync", "--window", "2"]))
+
+
+def test_issue13_flags_reach_the_spec_and_their_errors_name_the_flag():
+    import argparse
+
+    from core.cli import add_training_flags
+
+    ap = argparse.ArgumentParser()
+    add_training_flags(ap, layers=[4, 8, 3])
+    add_spec_flags(ap)
+    default = spec_from_flags(ap.parse_args([]))
+    assert (default.precision, default.cuda_graphs, default.pipeline, default.wire_dtype) == \
+        ("fp32", False, False, "float32")
+    spec = spec_from_flags(ap.parse_args(["--precision", "tf32", "--cuda-graphs", "--pipeline",
+                                          "--wire-dtype", "float16"]))
+    assert (spec.precision, spec.cuda_graphs, spec.pipeline, spec.wire_dtype) == ("tf32", True, True, "float16")
+    assert spec.push_dtype_codes == (1, 3) and default.push_dtype_codes == (1,)
+    with pytest.raises(ValueError, match="^--pipeline applies to the asynchronous modes"):
+        spec_from_flags(ap.parse_args(["--trainer", "sync", "--pipeline"]))

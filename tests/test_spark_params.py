@@ -9,7 +9,7 @@ SPARK_NAMES = ["layers", "maxIter", "stepSize", "blockSize", "seed", "tol", "ini
                "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol"]
 OURS = ["mode", "optimizer", "communicationWindow", "rho", "momentum", "maxStaleness", "numWorkers", "backend",
         "useGpu", "psHost", "psPort", "checkpointDir", "checkpointInterval", "secure", "maxRetries",
-        "workerTimeout", "roundTimeout"]
+        "workerTimeout", "roundTimeout", "precision", "cudaGraphs", "pipelineExchange", "wireDtype"]
 
 
 def test_constructs_with_no_arguments_and_declares_every_param():
@@ -84,3 +84,21 @@ def test_choice_lists_are_core_and_ps_own():
         for value in choices:
             clf.set(clf.getParam(name), value)
             assert clf.getOrDefault(name) == value
+
+
+def test_issue13_params_reach_the_training_spec():
+    from spark.params import training_spec
+
+    clf = FeedForwardNetworkPSClassifier(layers=[4, 8, 3])
+    spec = training_spec(clf)
+    assert (spec.precision, spec.cuda_graphs, spec.pipeline, spec.wire_dtype) == ("fp32", False, False, "float32")
+    clf = FeedForwardNetworkPSClassifier(layers=[4, 8, 3], precision="bf16", cudaGraphs=True,
+                                         pipelineExchange=True, wireDtype="bfloat16")
+    spec = training_spec(clf)
+    assert (spec.precision, spec.cuda_graphs, spec.pipeline, spec.wire_dtype) == ("bf16", True, True, "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, got 'fp8'"):
+        FeedForwardNetworkPSClassifier(precision="fp8")
+    with pytest.raises(ValueError, match="^pipelineExchange applies to the asynchronous modes"):
+        training_spec(FeedForwardNetworkPSClassifier(layers=[4, 3], mode="sync", pipelineExchange=True))
+    with pytest.raises(ValueError, match="^wireDtype='float16' does not apply to mode='easgd'"):
+        training_spec(FeedForwardNetworkPSClassifier(layers=[4, 3], mode="easgd", wireDtype="float16"))

@@ -102,10 +102,13 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         loss_sum, correct = finish(e, labels, z.dtype.type(scale), row_loss, row_ok, write_grad)
         return float(loss_sum), int(correct)
 
-    def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas):
+    def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas, precision="fp32"):
         """The whole step as one jitted call (:mod:`.numba_step`) when NumPy's CBLAS gemm was found and the
         layers are small enough (FUSED_STEP_MAX_ELEMENTS) or the per-op path's kernels could not run in
-        parallel anyway."""
+        parallel anyway. Reduced-precision GEMMs (tf32, bf16) go op by op through the reference's rounding
+        ``gemm``: the CPU has no such units, and the emulation is for tests and parity, not speed."""
+        if precision != "fp32":
+            return NotImplemented
         if not (self.fuse_step and X.dtype == w.dtype == grad.dtype and X.flags.c_contiguous
                 and w.flags.c_contiguous and grad.flags.c_contiguous):
             return NotImplemented

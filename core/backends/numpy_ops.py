@@ -12,6 +12,33 @@ import threading
 
 import numpy as np
 
+# GEMM input precisions: float32 operands rounded to this many explicit mantissa bits before the product; the
+# products and sums stay float32 (fp32 accumulation), as tensor cores do. fp32 keeps all 23 bits (no rounding).
+PRECISION_MANTISSA_BITS = {"fp32": 23, "tf32": 10, "bf16": 7}
+PRECISIONS = tuple(PRECISION_MANTISSA_BITS)
+
+
+def round_to_precision(x, precision: str) -> np.ndarray:
+    """float32 values rounded to ``precision``'s mantissa (round to nearest, ties to even) -> new float32 array.
+
+    tf32 keeps 10 mantissa bits, bf16 7 (the float32 exponent range either way, so nothing overflows that
+    float32 holds, except a value within half an ulp of float32's maximum, which rounds to inf as the hardware
+    rounds it). NaN stays NaN, +-inf stays +-inf. fp32 returns a float32 copy unchanged.
+    """
+    bits = PRECISION_MANTISSA_BITS[precision]
+    arr = np.array(x, dtype=np.float32, copy=True)
+    drop = 23 - bits
+    if drop == 0:
+        return arr
+    u = arr.view(np.uint32)
+    lsb = (u >> np.uint32(drop)) & np.uint32(1)               # ties go to the even neighbour
+    rounded = (u + np.uint32((1 << (drop - 1)) - 1) + lsb) & np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)
+    nan = np.isnan(arr)
+    out = rounded.view(np.float32)
+    if nan.any():                                             # a NaN's payload may round to the inf pattern
+        out[nan] = np.nan
+    return out
+
 
 class NumpyOps:
     """Reference implementation, float32 and float64. Slow paths are fine here: clarity is the point."""
@@ -77,8 +104,17 @@ class NumpyOps:
         return found
 
     # ------------------------------------------------------------ linear algebra
-    def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
-        """(m, k) @ (k, n) -> (m, n), with either operand optionally transposed first."""
+    def gemm(self, a, b, out=None, trans_a=False, trans_b=False, precision="fp32"):
+        """(m, k) @ (k, n) -> (m, n), with either operand optionally transposed first.
+
+        precision "tf32" / "bf16" (float32 operands only): both operands rounded to that many mantissa bits
+        (:func:`round_to_precision`), then multiplied and summed in float32: what a tensor core computes with
+        float32 accumulation, up to the order of the sums. This is the definition the GPU path is checked against.
+        """
+        if precision != "fp32":
+            if a.dtype != np.float32 or b.dtype != np.float32:
+                raise ValueError(f"precision={precision!r} needs float32 operands, got {a.dtype} and {b.dtype}")
+            a, b = round_to_precision(a, precision), round_to_precision(b, precision)
         a = a.T if trans_a else a
         b = b.T if trans_b else b
         return np.matmul(a, b, out=out)
@@ -155,14 +191,72 @@ class NumpyOps:
         self.softmax_nll_backward(z, labels, scale, out)
         return loss_sum, n_correct
 
+    def softmax_nll_grad_sum(self, z, labels, scale, out, sums):
+        """``softmax_nll_grad`` whose loss sum and correct count are added to ``sums`` (2,) float64, a backend
+        array, instead of being returned: nothing is read back to the host, so a GPU step need not wait."""
+        loss_sum, n_correct = self.softmax_nll_grad(z, labels, scale, out)
+        sums[0] += loss_sum
+        sums[1] += n_correct
+
     # ------------------------------------------------------------- whole step
-    def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas):
+    def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas, precision="fp32"):
         """Forward, softmax-NLL and backward of the whole Dense-ReLU stack in one call, for a backend that
         fuses the step: returns (loss_sum, n_correct) and fills ``grad`` (mean loss) and the flat workspaces
-        ``acts`` (m * sum(dims[1:])) and ``deltas`` (m * sum(dims[1:-1])). ``dims``: layer sizes, int64.
+        ``acts`` (m * sum(dims[1:])) and ``deltas`` (m * sum(dims[1:-1])). ``dims``: layer sizes, int64;
+        ``precision``: the GEMMs' (see :meth:`gemm`).
         Here, and wherever it returns ``NotImplemented``, the network composes the per-layer ops above
         (``FeedForwardNetwork.gradient_device``): that composition is the definition."""
         return NotImplemented
+
+    # ------------------------------------------------------- training windows
+    # A window of steps gathers each batch from the data through a device-side permutation and offset, so a
+    # backend that records a step once (CUDA graphs) can replay it with no host work per step.
+    def gather_batch(self, X, y, order, offset, xb, yb):
+        """xb (m, d) <- X[order[o:o+m]], yb (m,) <- y[order[o:o+m]] with o = offset[0]: one batch of a
+        shuffled epoch, read where ``offset`` (a (1,) int64 backend array) points."""
+        o = int(offset[0])
+        index = order[o:o + xb.shape[0]]
+        np.take(X, index, axis=0, out=xb)
+        np.take(y, index, axis=0, out=yb)
+
+    def advance_offset(self, offset, rows):
+        """offset[0] += rows, where the offset lives (no host read on a GPU)."""
+        offset[0] += rows
+
+    def run_recordable(self, body):
+        """Run ``body()`` once, for real, the way a recording of it would run (the GPU compiles its kernels and
+        allocates its buffers now, as recording forbids both)."""
+        body()
+
+    def recording_problem(self) -> str | None:
+        """None when :meth:`capture_graph` can record steps here; else a sentence saying why not."""
+        return f"the {self.name} backend computes on the CPU: there is no launch cost to save"
+
+    def capture_graph(self, body, repeat: int):
+        """Record ``repeat`` back-to-back calls of ``body()`` as one launch -> (graph, None), or (None, a
+        sentence saying why this backend cannot). Only device work may happen in ``body``: no host reads."""
+        return None, self.recording_problem()
+
+    def launch_graph(self, graph):
+        """Run a graph made by :meth:`capture_graph` (queued behind earlier work; returns at once on a GPU)."""
+        raise NotImplementedError(f"the {self.name} backend makes no graphs")
+
+    # ------------------------------------------------------ host transfers
+    def pinned_empty(self, shape, dtype) -> np.ndarray:
+        """A host array the device can copy to and from asynchronously (page-locked on a GPU)."""
+        return np.empty(shape, dtype=dtype)
+
+    def copy_to_host_async(self, x, out) -> "Transfer":
+        """Start copying device ``x`` into host ``out`` -> a :class:`Transfer`; ``out`` is valid after
+        ``wait()``. Work queued later may change ``x`` only if the backend orders it after the copy (it does)."""
+        np.copyto(out, x)
+        return Transfer()
+
+    def copy_from_host_async(self, dst, host) -> "Transfer":
+        """Start copying host ``host`` into device ``dst``, ordered before any later device work -> a
+        :class:`Transfer`; ``host`` may be overwritten after ``wait()``."""
+        np.copyto(dst, host)
+        return Transfer()
 
     # --------------------------------------------------------------- optimizers
     # Every update rule once, with one convention (PyTorch's): the momentum velocity accumulates gradients,
@@ -221,6 +315,17 @@ class NumpyOps:
         np.divide(m, step, out=step)
         step *= T(lr / (1 - beta1 ** t))
         return np.subtract(w, step, out=w if out is None else out)
+
+
+class Transfer:
+    """A host<->device copy in flight; ``wait()`` returns once it is done (at once for the CPU backends)."""
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    @property
+    def done(self) -> bool:
+        return True
 
 
 class RowSoftmaxNLL:

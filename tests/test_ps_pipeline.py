@@ -1,0 +1,138 @@
+"""The pipelined exchange (spec pipeline=True, asynchronous modes): window k's push and pull run on a thread
+while window k+1 computes. Checked without sockets against a recording stand-in client (the order of pushes,
+the weights version each was computed on, the thread it ran on, every step pushed once) and end to end with the
+Spark-free runner (every mini-batch applied once, digits accuracy, staleness bounded)."""
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from core import FeedForwardNetwork
+from ps.runner import run
+from ps.spec import TrainingSpec
+from ps.worker import run_worker
+
+try:
+    from tests.ps_helpers import digits
+except ImportError:  # pytest run without the repository root on sys.path
+    from ps_helpers import digits
+
+pytestmark = pytest.mark.timeout(120)
+LAYERS = [64, 100, 10]
+
+
+class PushResult:
+    def __init__(self, version, step, weights):
+        self.version, self.step, self.duplicate, self.weights = version, step, False, weights
+
+
+class RecordingClient:
+    """A one-worker server in the client's shape: applies each gradient push (SGD) or elastic push (c += e)
+    at once, versions count pushes, and every call is recorded with the thread that made it."""
+
+    def __init__(self, spec, w0):
+        self.spec, self.w = spec, np.array(w0, np.float32)
+        self.version, self.step, self.retries = 0, 0, 2
+        self.stop_requested = False
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def _log(self, *entry):
+        with self.lock:
+            self.calls.append((*entry, threading.current_thread().name))
+
+    def pull(self, out=None, clock=None):
+        self._log("pull", self.version)
+        return self.version, self.w.copy()
+
+    def push(self, array, loss=0.0, accuracy=0.0, batch_size=0, *, base_version=None, step=None,
+             kind="gradient", want_weights=False, out=None, epoch=0, last_of_epoch=False):
+        assert array.dtype == np.float32 and array.shape == self.w.shape
+        self._log("push", step, base_version, batch_size)
+        if kind == "elastic":
+            self.w += array
+        else:
+            self.w -= np.float32(self.spec.learning_rate) * array
+        self.version += 1
+        self.step = step
+        return PushResult(self.version, step, self.w.copy() if want_weights else None)
+
+    def bye(self):
+        self._log("bye")
+
+    def barrier(self, step):
+        return self.version
+
+    def close(self):
+        pass
+
+
+def worker_run(mode, pipeline, tau=4, epochs=3, **fields):
+    Xtr, _, ytr, _ = digits()
+    X, y = Xtr[:640], ytr[:640]                                  # 20 batches of 32 per epoch
+    spec = TrainingSpec(layers=LAYERS, mode=mode, num_workers=1, epochs=epochs, batch_size=32,
+                        learning_rate=0.1, tau=tau, backend="numpy", pipeline=pipeline, **fields)
+    client = RecordingClient(spec, spec.initial_weights())
+    stats = run_worker({"spec": spec}, 0, X, y, client=client)
+    return stats, client
+
+
+@pytest.mark.parametrize("mode", ["async", "async-easgd", "eamsgd"])
+def test_pipelined_pushes_every_window_once_in_order_from_the_exchange_thread(mode):
+    stats, client = worker_run(mode, pipeline=True)
+    pushes = [c for c in client.calls if c[0] == "push"]
+    assert [p[1] for p in pushes] == list(range(1, 16))          # 60 steps / tau 4: steps 1..15, once each
+    assert sum(p[3] for p in pushes) == 3 * 640                  # every row of every epoch pushed once
+    assert all(p[-1].startswith("ffps-exchange") for p in pushes)
+    assert client.calls[-1][0] == "bye" and stats["pushes"] == 15 and stats["pipelined"]
+
+
+def test_pipelined_gradients_are_computed_one_exchange_older():
+    """In line: window s starts from the weights of exchange s-1 (one worker: staleness 0). Pipelined: window
+    s+1 computes while exchange s is in flight, so it starts from exchange s-1's weights: staleness 1."""
+    _, inline = worker_run("async", pipeline=False)
+    _, piped = worker_run("async", pipeline=True)
+    base = {name: [p[2] for p in c.calls if p[0] == "push"] for name, c in (("inline", inline), ("piped", piped))}
+    assert base["inline"] == list(range(0, 15))                  # push s computed on version s-1
+    assert base["piped"] == [0, 0] + list(range(1, 14))          # push s on version s-2 (s >= 2)
+    staleness = [step - 1 - b for step, b in zip(range(1, 16), base["piped"])]
+    assert max(staleness) == 1
+
+
+def test_in_line_exchange_matches_the_runner_semantics_of_before():
+    """pipeline off: every push happens on the worker's own thread, interleaved with its pulls as before."""
+    _, client = worker_run("async", pipeline=False, tau=1, epochs=1)
+    assert all(c[-1] == threading.current_thread().name for c in client.calls)
+    assert [c[1] for c in client.calls if c[0] == "push"] == list(range(1, 21))
+
+
+def expected_exchanges(shard_rows, epochs, batch, tau):
+    return math.ceil(epochs * math.ceil(shard_rows / batch) / tau)
+
+
+@pytest.mark.parametrize("mode,opts", [
+    ("async", dict(workers=3, learning_rate=0.1, tau=2)),
+    ("async", dict(workers=3, learning_rate=0.1, tau=2, staleness=6)),
+    ("async-easgd", dict(workers=3, learning_rate=0.2, tau=4)),
+], ids=["async", "async-staleness", "async-easgd"])
+def test_runner_pipelined_applies_every_batch_once_and_trains_digits(mode, opts):
+    Xtr, Xte, ytr, yte = digits()
+    res = run(Xtr, ytr, LAYERS, mode=mode, backend="numpy", epochs=20, batch_size=32, pipeline=True,
+              timeout=100, **opts)
+    acc = FeedForwardNetwork(LAYERS, backend="numpy").evaluate(res.weights, Xte, yte)[1]
+    assert acc >= 0.95, (mode, acc)
+    n = len(ytr)
+    shards = [(i * n // 3, (i + 1) * n // 3) for i in range(3)]
+    want = sum(expected_exchanges(b - a, 20, 32, opts["tau"]) for a, b in shards)
+    assert all(r["pipelined"] for r in res.workers.values())
+    assert sum(r["pushes"] for r in res.workers.values()) == want
+    if "staleness" not in opts:
+        assert res.stats["applied"] == want and res.stats["rejected_total"] == 0
+        assert sum(r["batch_size"] for r in res.history) == 20 * n
+    else:     # a push too old is refused and counted; its window is recomputed and pushed again: all applied
+        stale = sum(r["stale"] for r in res.workers.values())
+        assert res.stats["applied"] == want and res.stats["rejected_total"] == stale
+        assert res.stats["rejected"].get("stale", 0) == stale
+        assert sum(r["batch_size"] for r in res.history) == 20 * n
+        assert max(h["staleness"] for h in res.history) <= opts["staleness"]
