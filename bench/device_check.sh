@@ -20,6 +20,11 @@
 #          and the mid-size table ([784,256,256,10], 60k rows, async window 4, 1/2/4 workers on one GPU, as
 #          shipped and with cuda_graphs + pipeline + bfloat16 frames, beside one process alone)
 #   smoke  one short script: graph capture, compute types and async copies on the GPU, each saying OK or why not
+#   gpu    pytest -m gpu alone (the first stage to run when device minutes are short)
+#   mid    ps_bench's mid-size cupy runner table alone
+#   cpu16  the CPU targets of #14: ps_bench round trips (7.5k/1M/10M floats, CURVE, sharded) and updates/s with
+#          numba, then bench/scale_bench.py with 1/2/4/8 numba workers of 2 threads each
+# Each stage is capped (CAP seconds, or its default) so one slow stage cannot eat a call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results/device}
@@ -57,12 +62,22 @@ cat "$OUT/machine.txt"
 
 for s in ${*:-smoke tests step ps}; do
   case "$s" in
-    smoke) stage gpu_smoke python3 bench/gpu_smoke.py ;;
-    tests) stage pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE
-           stage pytest_spark_free python3 -m pytest -q -p no:cacheprovider $SPARK_FREE ;;
-    step)  TAIL=80 stage step_bench python3 bench/step_bench.py --quick ;;
-    ps)    TAIL=40 stage ps_bench python3 bench/ps_bench.py --quick --backend cupy --out "$OUT/ps_bench_cupy.json" ;;
-    *)     echo "unknown stage $s (smoke, tests, step, ps)" >&2; status=2 ;;
+    smoke) stage gpu_smoke timeout ${CAP:-120} python3 bench/gpu_smoke.py ;;
+    gpu)   stage pytest_gpu timeout ${CAP:-200} python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE ;;
+    tests) stage pytest_gpu timeout ${CAP:-300} python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE
+           stage pytest_spark_free timeout ${CAP:-400} python3 -m pytest -q -p no:cacheprovider $SPARK_FREE ;;
+    step)  TAIL=80 stage step_bench timeout ${CAP:-300} python3 bench/step_bench.py --quick ;;
+    ps)    TAIL=40 stage ps_bench timeout ${CAP:-400} python3 bench/ps_bench.py --quick --backend cupy \
+             --out "$OUT/ps_bench_cupy.json" ;;
+    mid)   TAIL=30 stage ps_mid timeout ${CAP:-200} python3 bench/ps_bench.py --quick --backend cupy --sections mid \
+             --out "$OUT/ps_mid.json" ;;
+    # the CPU targets of #14 on this 16-core host: the server's round trips and updates/s (1 vs 8 clients,
+    # sharded CURVE), and 1/2/4/8 numba workers of 2 threads each against the best single process
+    cpu16) TAIL=30 stage ps_cpu timeout ${CAP:-150} python3 bench/ps_bench.py --quick --backend numba \
+             --sections round_trip,updates --out "$OUT/ps_cpu.json"
+           TAIL=30 stage scale timeout ${CAP:-200} python3 bench/scale_bench.py --backend numba --workers 1,2,4,8 \
+             --threads-per-worker 2 --rows 48000 --epochs 2 ;;
+    *)     echo "unknown stage $s (smoke, gpu, tests, step, ps, mid, cpu16)" >&2; status=2 ;;
   esac
 done
 exit $status

@@ -1,8 +1,10 @@
 """Parameter-server benchmarks; prints a table and writes bench/results/ps_bench.json.
 
-1. push+pull round trip of a 1M / 10M float32 vector through ParameterClient/ParameterServer (security off,
-   then CURVE on) against a raw pyzmq DEALER/ROUTER round trip of the same bytes, measured in the same run
-   (the anchor in ../shared/anchors/zmq_loopback.py). Ratio = raw time / our time (1.0 = as fast as raw).
+1. push+pull round trip of the digits net's 7.5k-float vector and of 1M / 10M float32 vectors through
+   ParameterClient/ParameterServer (security off, then CURVE on, then CURVE on a server sharded into --shards
+   slices, default ps.shards.auto_shards) against a raw pyzmq DEALER/ROUTER round trip of the same bytes,
+   measured in the same run (the anchor in ../shared/anchors/zmq_loopback.py). Ratio = raw time / our time
+   (1.0 = as fast as raw).
 2. updates/s (push + new weights back) with 1, 2, 4, 8 worker processes on the digits net's vector.
 3. samples/s of the Spark-free runner on digits (CPU workers) vs one process training alone, no server.
 4. ``mid``: the runner on a mid-size net ([784,256,256,10], 60k synthetic rows, async, window 4, batch 128)
@@ -29,6 +31,8 @@ import zmq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ps import ParameterClient, ParameterServer  # noqa: E402
+from ps.shards import auto_shards, connect, make_server  # noqa: E402
+from ps.spec import TrainingSpec  # noqa: E402
 
 
 def raw_round_trip(n, reps):
@@ -67,11 +71,11 @@ def raw_round_trip(n, reps):
     return dt
 
 
-def ours_round_trip(n, reps, secure):
+def ours_round_trip(n, reps, secure, shards=1):
     g = np.random.default_rng(0).random(n, dtype=np.float32)
-    with ParameterServer(np.zeros(n, np.float32), mode="async", learning_rate=0.01, num_workers=1,
-                         secure=secure, progress=False) as s:
-        with ParameterClient(s.client_config(), worker_id=0, timeout=60) as c:
+    spec = TrainingSpec(mode="async", learning_rate=0.01, num_workers=1)
+    with make_server(np.zeros(n, np.float32), spec=spec, shards=shards, secure=secure, progress=False) as s:
+        with connect(s.client_config(), worker_id=0, timeout=60) as c:
             for _ in range(2):
                 c.push(g, want_weights=True)
             t0 = time.perf_counter()
@@ -211,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--sections", default="round_trip,updates,runner,mid",
                     help="comma-separated subset of round_trip, updates, runner, mid")
     ap.add_argument("--mid-rows", type=int, default=60_000, help="rows of the mid-size net's data")
+    ap.add_argument("--shards", type=int, default=0, help="round trips: slices of a sharded server (0 = auto)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "ps_bench.json"))
     a = ap.parse_args(argv)
@@ -236,21 +241,29 @@ def main(argv=None):
 
 
 def round_trips(a, out):
-    print("push+pull round trip (one client, loopback tcp)")
-    print(f"{'size':>8} {'raw ms':>9} {'ours ms':>9} {'ours/raw':>9} {'curve ms':>9} {'curve cost':>10} {'GB/s ours':>9}")
-    for n, reps in ((1_000_000, 20 if a.quick else 50), (10_000_000, 4 if a.quick else 10)):
-        raw, ours, curve = [], [], []
+    print("push+pull round trip (one client, loopback tcp); ours/raw = raw time / ours; CURVE cost = / plain")
+    print(f"{'size':>8} {'raw ms':>9} {'ours ms':>9} {'ours/raw':>9} {'curve ms':>9} {'curve cost':>10} "
+          f"{'shards':>6} {'sharded ms':>10} {'cost':>6} {'GB/s ours':>9}")
+    for n, reps in ((7510, 1000 if a.quick else 3000), (1_000_000, 20 if a.quick else 50),
+                    (10_000_000, 4 if a.quick else 10)):
+        shards = a.shards or auto_shards(n)
+        raw, ours, curve, sharded = [], [], [], []
         for _ in range(3 if a.quick else 5):   # interleave to share the machine's noise; best of each
             raw.append(raw_round_trip(n, reps))
             ours.append(ours_round_trip(n, reps, secure=False))
             curve.append(ours_round_trip(n, max(2, reps // 2), secure=True))
+            if shards > 1:
+                sharded.append(ours_round_trip(n, max(2, reps // 2), secure=True, shards=shards))
         r, o, c = min(raw), min(ours), min(curve)
+        cs = min(sharded) if sharded else c
         row = {"n_params": n, "mbytes": n * 4 / 2**20, "raw_ms": r * 1e3, "ours_ms": o * 1e3,
                "ratio_ours_over_raw_throughput": r / o, "curve_ms": c * 1e3, "curve_cost_x": c / o,
+               "shards": shards, "sharded_curve_ms": cs * 1e3, "sharded_curve_cost_x": cs / o,
                "ours_gb_s_both_ways": 2 * n * 4 / o / 1e9}
         out["round_trip"].append(row)
-        print(f"{row['mbytes']:6.1f}MB {row['raw_ms']:9.2f} {row['ours_ms']:9.2f} "
+        print(f"{row['mbytes']:6.2f}MB {row['raw_ms']:9.3f} {row['ours_ms']:9.3f} "
               f"{row['ratio_ours_over_raw_throughput']:8.2f}x {row['curve_ms']:9.2f} {row['curve_cost_x']:9.2f}x "
+              f"{shards:6d} {row['sharded_curve_ms']:10.2f} {row['sharded_curve_cost_x']:5.2f}x "
               f"{row['ours_gb_s_both_ways']:9.2f}")
 
 

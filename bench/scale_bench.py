@@ -71,8 +71,9 @@ def ps_run(Xtr, ytr, Xte, yte, layers, workers, a):
     from ps.spec import TrainingSpec
 
     spec = TrainingSpec(layers=layers, mode="async", num_workers=workers, epochs=a.epochs, batch_size=a.batch,
-                        learning_rate=a.lr, tau=a.window, backend=a.backend, seed=a.seed, barrier_timeout=60.0)
-    res = run(Xtr, ytr, spec=spec, secure=True, timeout=1800)
+                        learning_rate=a.lr, tau=a.window, backend=a.backend, seed=a.seed, barrier_timeout=60.0,
+                        pipeline=a.pipeline, wire_dtype=a.wire_dtype)
+    res = run(Xtr, ytr, spec=spec, secure=True, timeout=1800, threads_per_worker=a.threads_per_worker)
     hist = res.history
     per_epoch = {}
     steps = {str(w): r["steps_per_epoch"] for w, r in res.workers.items()}
@@ -175,8 +176,12 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--executor-cores", type=int, default=2)
+    ap.add_argument("--threads-per-worker", type=int, default=None,
+                    help="BLAS/numba threads of each worker (default: the cores shared out, cores // N)")
     ap.add_argument("--gbits", type=float, default=10.0, help="network of the projection, Gbit/s")
     ap.add_argument("--latency-ms", type=float, default=0.1, help="one-way latency of the projection")
+    ap.add_argument("--pipeline", action="store_true", help="overlap each exchange with the next window")
+    ap.add_argument("--wire-dtype", default="float32", help="float32, bfloat16 or float16 gradient frames")
     ap.add_argument("--quick", action="store_true", help="6k rows, 2 epochs, workers 1,2")
     a = ap.parse_args(argv)
     if a.quick:
@@ -197,23 +202,26 @@ def main(argv=None) -> int:
     runs = []
     for n in workers:
         r = ps_run(Xtr, ytr, Xte, yte, layers, n, a)
+        r["threads_per_worker"] = a.threads_per_worker or max(1, cores // n)
         r["vs_best_single"] = r["samples_per_s"] / best["samples_per_s"]
+        r["vs_one_worker"] = r["samples_per_s"] / runs[0]["samples_per_s"] if runs else 1.0
         r["time_to_target"] = time_to(r["curve"], target)
         runs.append(r)
-        print(f"  {n} workers x {max(1, cores // n)} threads: {r['samples_per_s']:9,.0f} samples/s steady "
-              f"({r['vs_best_single']:.2f}x the best single process), test acc {r['test_accuracy']:.3f}, to target "
+        print(f"  {n} workers x {r['threads_per_worker']} threads: {r['samples_per_s']:9,.0f} samples/s steady "
+              f"({r['vs_best_single']:.2f}x the best single process, {r['vs_one_worker']:.2f}x one worker), test acc "
+              f"{r['test_accuracy']:.3f}, to target "
               f"in {r['time_to_target']} s, stale {r['stale']}", flush=True)
 
     num_params = FeedForwardNetwork(layers, backend="numpy").num_params
     plain, curve_rt, apply = exchange_parts(num_params)
     step = {str(c): step_seconds(layers, a.batch, a.backend, c, a.window)
-            for c in sorted({max(1, cores // n) for n in workers} | {a.executor_cores}, reverse=True)}
+            for c in sorted({r["threads_per_worker"] for r in runs} | {a.executor_cores}, reverse=True)}
     parts = {"num_params": num_params, "plain_rt_s": plain, "curve_rt_s": curve_rt, "apply_s": apply,
              "step_s": step}
     print(f"  parts: step {', '.join(f'{1e3 * v:.2f} ms @{k}t' for k, v in step.items())}; round trip "
           f"{1e3 * plain:.2f} ms plain, {1e3 * curve_rt:.2f} ms CURVE; server update {1e3 * apply:.2f} ms")
     for r in runs:
-        c = max(1, cores // r["workers"])
+        c = r["threads_per_worker"]
         r["model_samples_per_s"] = model(parts, r["workers"], tau=a.window, batch=a.batch, cores_per_worker=c,
                                          machine_cores=cores)
         r["model_over_measured"] = r["model_samples_per_s"] / r["samples_per_s"]

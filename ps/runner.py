@@ -87,12 +87,13 @@ class Runner:
     keep going without them). worker_options: extra keyword arguments for :func:`ps.worker.run_worker` (e.g.
     step_delay). start_together: first attempts wait for each other at the server's barrier 0 before training.
     devices: one CUDA ordinal per worker (cupy). shards: slices of the vector the server serves in parallel
-    (:mod:`ps.shards`; default: :func:`ps.shards.auto_shards`).
+    (:mod:`ps.shards`; default: :func:`ps.shards.auto_shards`). threads_per_worker: BLAS/numba threads of each
+    worker process (default: the machine's cores shared out).
     """
 
     def __init__(self, X, y, layers=None, *, spec: TrainingSpec | None = None, workers=None, devices=None,
                  secure=True, max_restarts=0, progress=False, tolerate_failures=False, worker_options=None,
-                 start_together=True, shards=None, **spec_fields):
+                 start_together=True, shards=None, threads_per_worker=None, **spec_fields):
         if spec is None:
             spec_fields.setdefault("backend", "numpy")
             spec_fields.setdefault("barrier_timeout", 20.0)
@@ -109,7 +110,7 @@ class Runner:
         devices = devices if devices is not None else [None] * self.n
         # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS
         # threads make small GEMMs wait whole scheduler slices)
-        cpu_threads = max(1, (os.cpu_count() or 1) // self.n)
+        cpu_threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.n)
         self.kw = [dict(device=devices[i], cpu_threads=cpu_threads, **(worker_options or {}))
                    for i in range(self.n)]
         self.ctx = mp.get_context("spawn")
