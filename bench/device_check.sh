@@ -24,9 +24,11 @@
 #   mid    ps_bench's mid-size cupy runner table alone
 #   cpu16  the CPU targets of #14: ps_bench round trips (7.5k/1M/10M floats, CURVE, sharded) and updates/s with
 #          numba, then bench/scale_bench.py with 1/2/4/8 numba workers of 2 threads each
-# Each stage is capped (CAP seconds, or its default) so one slow stage cannot eat a call.
+# Each stage is capped (CAP_<stage> seconds, or its default) so one slow stage cannot eat a call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1          # a stage cut off at its cap still leaves what it printed
+cap() { local v="CAP_$1"; echo "${!v:-$2}"; }   # a stage's seconds: CAP_<stage> overrides the default
 export OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -62,22 +64,25 @@ cat "$OUT/machine.txt"
 
 for s in ${*:-smoke tests step ps}; do
   case "$s" in
-    smoke) stage gpu_smoke timeout ${CAP:-120} python3 bench/gpu_smoke.py ;;
-    gpu)   stage pytest_gpu timeout ${CAP:-200} python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE ;;
-    tests) stage pytest_gpu timeout ${CAP:-300} python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE
-           stage pytest_spark_free timeout ${CAP:-400} python3 -m pytest -q -p no:cacheprovider $SPARK_FREE ;;
-    step)  TAIL=80 stage step_bench timeout ${CAP:-300} python3 bench/step_bench.py --quick ;;
-    ps)    TAIL=40 stage ps_bench timeout ${CAP:-400} python3 bench/ps_bench.py --quick --backend cupy \
+    smoke) stage gpu_smoke timeout $(cap smoke 120) python3 bench/gpu_smoke.py ;;
+    gpu)   stage pytest_gpu timeout $(cap gpu 200) python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE ;;
+    tests) stage pytest_gpu timeout $(cap tests 300) python3 -m pytest -q -m gpu -p no:cacheprovider $SPARK_FREE
+           stage pytest_spark_free timeout $(cap tests 400) python3 -m pytest -q -p no:cacheprovider $SPARK_FREE ;;
+    step)  TAIL=80 stage step_bench timeout $(cap step 300) python3 bench/step_bench.py --quick ;;
+    ps)    TAIL=40 stage ps_bench timeout $(cap ps 400) python3 bench/ps_bench.py --quick --backend cupy \
              --out "$OUT/ps_bench_cupy.json" ;;
-    mid)   TAIL=30 stage ps_mid timeout ${CAP:-200} python3 bench/ps_bench.py --quick --backend cupy --sections mid \
-             --out "$OUT/ps_mid.json" ;;
+    mid)   TAIL=30 stage ps_mid timeout $(cap mid 200) python3 bench/ps_bench.py --quick --backend cupy --sections mid \
+             --mid-rows ${MID_ROWS:-60000} --out "$OUT/ps_mid.json" ;;
     # the CPU targets of #14 on this 16-core host: the server's round trips and updates/s (1 vs 8 clients,
     # sharded CURVE), and 1/2/4/8 numba workers of 2 threads each against the best single process
-    cpu16) TAIL=30 stage ps_cpu timeout ${CAP:-150} python3 bench/ps_bench.py --quick --backend numba \
+    cpu16) TAIL=30 stage ps_cpu timeout $(cap ps_cpu 150) python3 bench/ps_bench.py --quick --backend numba \
              --sections round_trip,updates --out "$OUT/ps_cpu.json"
-           TAIL=30 stage scale timeout ${CAP:-200} python3 bench/scale_bench.py --backend numba --workers 1,2,4,8 \
-             --threads-per-worker 2 --rows 48000 --epochs 2 ;;
+           TAIL=30 stage scale timeout $(cap scale 200) python3 bench/scale_bench.py --backend numba --workers 1,2,4,8 \
+             --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2 ;;
     *)     echo "unknown stage $s (smoke, gpu, tests, step, ps, mid, cpu16)" >&2; status=2 ;;
   esac
 done
+# the device tool brings back at most 8 files: the stage logs, and everything else in one archive
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz . 2>/dev/null && find . -maxdepth 1 -type f ! -name '*.txt' \
+  ! -name all.tgz -delete)
 exit $status
