@@ -83,6 +83,6 @@ for s in ${*:-smoke tests step ps}; do
   esac
 done
 # the device tool brings back at most 8 files: the stage logs, and everything else in one archive
-(cd "$OUT" && tar czf all.tgz --exclude=all.tgz . 2>/dev/null && find . -maxdepth 1 -type f ! -name '*.txt' \
-  ! -name all.tgz -delete)
+(cd "$OUT" && tar czf /tmp/ffps-device-all.tgz . 2>/dev/null; mv /tmp/ffps-device-all.tgz all.tgz
+ find . -maxdepth 1 -type f ! -name '*.txt' ! -name all.tgz -delete)
 exit $status

@@ -45,6 +45,31 @@ COMPUTE_TYPES = {"fp32": _COMPUTE_32F, "tf32": _COMPUTE_32F_FAST_TF32, "bf16": _
 _ONE = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
 _ZERO = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
 
+@functools.lru_cache(maxsize=None)
+def _libcublas():
+    """libcublas as loaded into this process (by CuPy), through ctypes: CuPy's own wrapper refuses every cuBLAS
+    call during stream capture ("currently unsupported"), while cuBLAS itself records fine into a graph given
+    a workspace of its own (cublasSetWorkspace), so a recorded step calls it directly."""
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcublas.so" in line and "Lt" not in line.split("/")[-1]}
+    lib = ctypes.CDLL(sorted(paths)[0]) if paths else ctypes.CDLL("libcublas.so")
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    lib.cublasSetStream_v2.argtypes = [vp, vp]
+    lib.cublasSetPointerMode_v2.argtypes = [vp, i]
+    lib.cublasSetWorkspace_v2.argtypes = [vp, vp, ctypes.c_size_t]
+    lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]
+    for fn in (lib.cublasSetStream_v2, lib.cublasSetPointerMode_v2, lib.cublasSetWorkspace_v2, lib.cublasGemmEx):
+        fn.restype = i
+    return lib
+
+
+def _checked(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+
 _bias_add = cupy.ElementwiseKernel("T b", "T y", "y = y + b", "ffps_bias_add")
 _bias_relu = cupy.ElementwiseKernel("T b", "T y", "T v = y + b; y = v > (T)0 ? v : (T)0", "ffps_bias_relu")
 _relu_backward = cupy.ElementwiseKernel("T y", "T g", "if (!(y > (T)0)) g = (T)0", "ffps_relu_backward")
@@ -381,12 +406,29 @@ class CupyOps(RowSoftmaxNLL, NumpyOps):
                              f"{(m, n)}; got {a.shape} {a.dtype}, {b.shape} {b.dtype}, {out.shape} {out.dtype}")
         data_type = _CUDA_R_32F if a.dtype == np.float32 else _CUDA_R_64F
         handle = cupy.cuda.device.get_cublas_handle()
-        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
         one, zero = _ONE[a.dtype], _ZERO[a.dtype]
-        cublas.gemmEx(handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
-                      one.ctypes.data, b.data.ptr, data_type, b.shape[1], a.data.ptr, data_type, a.shape[1],
-                      zero.ctypes.data, out.data.ptr, data_type, n, compute, _GEMM_DEFAULT)
+        args = (_OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k, one.ctypes.data, b.data.ptr,
+                data_type, b.shape[1], a.data.ptr, data_type, a.shape[1], zero.ctypes.data, out.data.ptr,
+                data_type, n, compute, _GEMM_DEFAULT)
+        if self._recording:                    # CuPy's wrapper refuses calls during capture: cuBLAS directly
+            lib = _libcublas()
+            self._own_workspace(handle, lib)
+            _checked(lib.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
+            _checked(lib.cublasSetPointerMode_v2(handle, _POINTER_MODE_HOST), "cublasSetPointerMode")
+            _checked(lib.cublasGemmEx(handle, *args), "cublasGemmEx")
+            return out
+        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
+        cublas.gemmEx(handle, *args)
         return out
+
+    def _own_workspace(self, handle, lib) -> None:
+        """A cuBLAS workspace that outlives every recorded graph (set once per handle, before any capture
+        needs it: cuBLAS must not allocate while a stream is captured)."""
+        done = self.__dict__.setdefault("_workspaces", {})
+        if handle not in done:
+            ws = cupy.empty(32 << 20, dtype=cupy.uint8)
+            _checked(lib.cublasSetWorkspace_v2(handle, ws.data.ptr, ws.nbytes), "cublasSetWorkspace")
+            done[handle] = ws
 
     def _column_sums(self, g, out):
         """out (n,) <- column sums of g (m, n), as ones (1, m) @ g: cuBLAS, with no reduction temporaries."""
