@@ -485,7 +485,7 @@ def print_table(report):
             if not isinstance(v, dict):
                 print(f"{name:32s}   {label} = {v}")
     if report.get("trainer"):
-        print(f"\nwhole epochs (MinibatchTrainer.run_epoch; default threads)")
+        print("\nwhole epochs (MinibatchTrainer.run_epoch; default threads)")
         print(f"{'net':32s} {'contender':22s} {'s/epoch':>9s} {'samples/s':>12s} {'loss':>8s}")
         for name, r in report["trainer"].items():
             for label, v in r.items():

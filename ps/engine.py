@@ -21,7 +21,7 @@ import json
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -77,21 +77,38 @@ class BufferPool:
             self._trackers.setdefault(id(buf), []).append(tracker)
 
     def _busy(self, key: int) -> bool:
-        ts = [t for t in self._trackers.get(key, []) if not t.done]
-        self._trackers[key] = ts
-        return bool(ts)
+        ts = self._trackers.get(key)
+        if not ts:
+            return False
+        ts = [t for t in ts if not t.done]
+        if ts:
+            self._trackers[key] = ts
+            return True
+        del self._trackers[key]
+        return False
 
     def acquire(self, exclude=()) -> np.ndarray:
-        skip = {id(self.current)} | {id(b) for b in exclude}
-        free = [k for k in self._all if k not in skip and not self._busy(k)]
-        for k in free[self.max_free:]:
-            del self._all[k]
-            self._trackers.pop(k, None)
-        if free:
-            return self._all[free[0]]
+        """A buffer that is neither current, in ``exclude``, nor in flight; keeps at most ``max_free`` idle."""
+        skip = (id(self.current), *map(id, exclude))
+        first, idle = None, 0
+        for k in list(self._all):
+            if k in skip or self._busy(k):
+                continue
+            if first is None:
+                first = k
+            elif idle < self.max_free - 1:
+                idle += 1
+            else:
+                del self._all[k]
+        if first is not None:
+            return self._all[first]
         buf = np.empty_like(self.current)
         self._all[id(buf)] = buf
         return buf
+
+
+HISTORY_FIELDS = ("time", "worker", "attempt", "step", "version", "loss", "accuracy", "batch_size", "staleness",
+                  "samples_per_s")
 
 
 @dataclass
@@ -120,6 +137,9 @@ class Engine:
         self.pool = BufferPool(w0)
         self.num_params = w0.shape[0]
         self.optimizer = optimizer
+        # fixed for the job, looked up once (per push they cost as much as the update of a small model)
+        self._screen_on_read = not self.mode.screens_payload(optimizer)
+        self._push_codes = spec.push_dtype_codes
         self.ssp = None if spec.ssp_slack is None else rules.SSPClocks(self.num_workers, spec.ssp_slack)
         self.barrier_timeout = spec.barrier_timeout
         self.version = 0
@@ -133,7 +153,7 @@ class Engine:
                          "non_finite_updates": 0}
         self.failures: list = []                  # REPORTs of failed tasks, first come first (at most 64)
         self.rejected: dict[str, int] = {}
-        self.history: deque = deque(maxlen=history_limit)
+        self.history: deque = deque(maxlen=history_limit)   # tuples of HISTORY_FIELDS (history_records)
         self.t_start = time.time()
         # epochs and the tol decision (ps/convergence.py); a dead worker holds no decision in async modes
         self.convergence = ConvergenceMonitor(self.num_workers, spec.epochs, spec.tol, now=time.monotonic(),
@@ -190,7 +210,7 @@ class Engine:
         if self.convergence.stop_requested and self.waiting_pulls:
             replies = replies + self._serve_waiting(now)
         if self.convergence.stop_requested:
-            replies = [(tok, replace(rh, flags=rh.flags | FLAG_STOP), pl) for tok, rh, pl in replies]
+            replies = [(tok, rh.replace(flags=rh.flags | FLAG_STOP), pl) for tok, rh, pl in replies]
         return replies
 
     def _dispatch(self, token, h: Header, payload, now):
@@ -337,8 +357,7 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
-        arr = read_array(h, frame, self.num_params, check_finite=not self.mode.screens_payload(self.optimizer),
-                         accept=self.spec.push_dtype_codes)
+        arr = read_array(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes)
         if h.step <= info.last_step:
             # a retransmit of a push already taken (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
@@ -436,10 +455,8 @@ class Engine:
         if info.last_time is not None and now > info.last_time:
             info.samples_per_s = h.batch_size / (now - info.last_time)
         info.last_time = now
-        self.history.append({"time": time.time() - self.t_start, "worker": h.worker_id, "attempt": h.attempt,
-                             "step": h.step, "version": self.version, "loss": h.loss, "accuracy": h.accuracy,
-                             "batch_size": h.batch_size, "staleness": stale,
-                             "samples_per_s": info.samples_per_s})
+        self.history.append((time.time() - self.t_start, h.worker_id, h.attempt, h.step, self.version, h.loss,
+                             h.accuracy, h.batch_size, stale, info.samples_per_s))
         self.convergence.applied(h.epoch, h.loss, h.accuracy, h.batch_size, stale, now)
 
     # ------------------------------------------------------------------ failure reports
@@ -516,6 +533,10 @@ class Engine:
         return self._converged(out, now)
 
     # ------------------------------------------------------------------ introspection / checkpoints
+    def history_records(self) -> list[dict]:
+        """The per-push history as dicts of HISTORY_FIELDS (kept as tuples: one is appended per push)."""
+        return [dict(zip(HISTORY_FIELDS, r)) for r in self.history]
+
     def stats(self) -> dict:
         return {"mode": self.mode.name, "version": self.version, "num_workers": self.num_workers,
                 **self.counters, "rejected": dict(self.rejected),

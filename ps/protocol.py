@@ -49,7 +49,7 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -127,8 +127,9 @@ class ProtocolError(ValueError):
         self.reason = Reason(reason)
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """One message header (immutable). A NamedTuple, not a dataclass: the server builds two per request, and a
+    frozen dataclass of 20 fields costs ~10 µs to build where a tuple costs ~1 µs."""
     op: int
     job_id: bytes = bytes(16)
     worker_id: int = -1
@@ -139,8 +140,8 @@ class Header:
     loss: float = 0.0
     accuracy: float = 0.0
     batch_size: int = 0
-    status: int = Status.OK
-    code: int = Reason.NONE
+    status: int = 0                 # Status.OK
+    code: int = 0                   # Reason.NONE
     flags: int = 0
     seq: int = 0
     dtype: int = 0
@@ -148,7 +149,7 @@ class Header:
     epoch: int = 0
     session: int = 0
     version: int = PROTOCOL_VERSION
-    magic: bytes = field(default=MAGIC, repr=False)
+    magic: bytes = MAGIC
 
     def pack(self) -> bytes:
         return HEADER.pack(self.magic, self.version, self.op, self.status, self.code, self.flags,
@@ -156,11 +157,18 @@ class Header:
                            self.fingerprint, self.wversion, self.step, self.loss, self.accuracy,
                            self.batch_size, self.dtype, self.epoch, self.n_values, self.session)
 
-    def reply(self, status=Status.OK, code=Reason.NONE, **kw) -> "Header":
+    def replace(self, **changes) -> "Header":
+        """A copy with ``changes``."""
+        return self._replace(**changes)
+
+    def reply(self, status=Status.OK, code=Reason.NONE, *, flags=0, dtype=0, n_values=0, wversion=None, step=None,
+              session=None) -> "Header":
         """A reply header echoing this request's identity fields and seq."""
-        return replace(self, op=(self.op | REPLY) & 0xFF, status=int(status), code=int(code),
-                       flags=kw.pop("flags", 0), dtype=kw.pop("dtype", 0), n_values=kw.pop("n_values", 0),
-                       **kw)
+        (op, job_id, worker_id, attempt, fingerprint, wv, st, loss, accuracy, batch_size, _status, _code, _flags,
+         seq, _dtype, _n, epoch, sess, version, magic) = self
+        return Header((op | REPLY) & 0xFF, job_id, worker_id, attempt, fingerprint, wv if wversion is None else wversion,
+                      st if step is None else step, loss, accuracy, batch_size, int(status), int(code), flags, seq,
+                      dtype, n_values, epoch, sess if session is None else session, version, magic)
 
 
 def unpack_header(buf) -> Header:
@@ -174,10 +182,8 @@ def unpack_header(buf) -> Header:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(Reason.VERSION_MISMATCH,
                             f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
-    return Header(op=op, job_id=job_id, worker_id=worker_id, attempt=attempt, fingerprint=fingerprint,
-                  wversion=wversion, step=step, loss=loss, accuracy=accuracy, batch_size=batch_size,
-                  status=status, code=code, flags=flags, seq=seq, dtype=dtype, n_values=n_values,
-                  epoch=epoch, session=session, version=version, magic=magic)
+    return Header(op, job_id, worker_id, attempt, fingerprint, wversion, step, loss, accuracy, batch_size, status,
+                  code, flags, seq, dtype, n_values, epoch, session, version, magic)
 
 
 def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:

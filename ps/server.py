@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -256,7 +257,7 @@ class ParameterServer:
     def history(self) -> list[dict]:
         """Per-push records: time, worker, step, version, loss, accuracy, batch_size, staleness, samples_per_s."""
         with self._lock:
-            return list(self.engine.history)
+            return self.engine.history_records()
 
     def fence_below(self, attempt: int) -> int:
         """From now on refuse requests of attempts older than ``attempt``; drop those waiting (see Engine)."""
@@ -300,34 +301,31 @@ class ParameterServer:
         if big:
             self.engine.pool.track(payload, tracker)
 
+    HOUSEKEEPING_S = 0.01     # timers (deadlines, checkpoints, epoch lines, progress) at most this often
+
     def _serve(self) -> None:
-        sock, poller = self._sock, zmq.Poller()
+        sock, poller, monitor = self._sock, zmq.Poller(), self.guard.monitor
         poller.register(sock, zmq.POLLIN)
-        poller.register(self.guard.monitor, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        next_housekeeping = 0.0
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(50))
-                if self.guard.monitor in ready:
+                if monitor in ready:
                     self.guard.poll()
                 if sock in ready:
-                    for _ in range(64):               # drain a burst, then look at timers
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        with self._lock:
-                            replies = self.engine.handle(frames[0].bytes, frames[1:])
-                        for r in replies:
-                            self._send(*r)
-                        self._maybe_checkpoint()
-                with self._lock:
-                    replies = self.engine.tick()
-                for r in replies:
-                    self._send(*r)
-                self._maybe_checkpoint()
-                self._report_epochs()
-                if self.progress.enabled:
-                    self.progress.update(self.stats())
+                    self._drain_requests(sock)
+                now = time.monotonic()
+                if not ready or now >= next_housekeeping:   # per request, this would cost as much as the request
+                    next_housekeeping = now + self.HOUSEKEEPING_S
+                    with self._lock:
+                        replies = self.engine.tick(now)
+                    for r in replies:
+                        self._send(*r)
+                    self._maybe_checkpoint()
+                    self._report_epochs()
+                    if self.progress.enabled:
+                        self.progress.update(self.stats())
             with self._lock:                          # nobody waits forever on a stopped server
                 replies = self.engine.drain()
             for r in replies:
@@ -337,6 +335,22 @@ class ParameterServer:
             log.exception("parameter server thread failed")
         finally:
             self._close_ctx(sock)
+
+    def _drain_requests(self, sock) -> None:
+        """Handle a burst of up to 64 queued requests (then the caller looks at its timers)."""
+        for _ in range(64):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)   # poll, or EVENTS below, said one is there
+            except zmq.Again:
+                return
+            with self._lock:
+                replies = self.engine.handle(frames[0].bytes, frames[1:])
+            for r in replies:
+                self._send(*r)
+            if self.checkpoints is not None:
+                self._maybe_checkpoint()
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:     # cheaper than a failed recv's exception
+                break
 
     def _report_epochs(self) -> None:
         with self._lock:

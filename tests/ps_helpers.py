@@ -1,7 +1,6 @@
 """Shared helpers for the ps tests (not a conftest: plain functions imported by test modules)."""
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 import numpy as np
@@ -23,7 +22,7 @@ class SessionEngine(Engine):
             return super().handle(token, frames, now)
         info = self.workers.get(h.worker_id)
         if h.session == 0 and h.op != Op.HELLO and info is not None and info.attempt == h.attempt:
-            frames = [dataclasses.replace(h, session=info.session or 0).pack()] + list(frames[1:])
+            frames = [h.replace(session=info.session or 0).pack()] + list(frames[1:])
         return super().handle(token, frames, now)
 
 
