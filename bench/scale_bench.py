@@ -9,7 +9,8 @@
    Each run: samples/s (training, from the workers' own clocks), wall time, time to a target training
    accuracy (the single process's last epoch's, minus a point), test accuracy, and the ratio to the best
    single process at the same total cores.
-3. A model of the run from measured parts: the step time at c threads, the push+pull round trip of the
+3. A model of the run from measured parts: the step time at c threads (whole epochs; for the points measured
+   on this machine, with N processes stepping at once, as its workers do), the push+pull round trip of the
    model's bytes (plain and CURVE, loopback), the server's update time. Per window of tau steps a worker spends
    T = tau * t_step + t_exchange; the server serves one exchange in t_server. Then
 
@@ -89,34 +90,53 @@ def ps_run(Xtr, ytr, Xte, yte, layers, workers, a):
     return {"kind": "ps", "workers": workers, "samples_per_s": res.steady_samples_per_s,
             "wall_samples_per_s": res.samples_per_s, "seconds": max(r["seconds"] for r in res.workers.values()),
             "curve": curve, "test_accuracy": net.evaluate(res.weights, Xte, yte)[1],
-            "stale": sum(r["stale"] for r in res.workers.values())}
+            "stale": sum(r["stale"] for r in res.workers.values()),
+            # what the workers' clocks say a window cost in this run: its steps, and the wait on the server
+            "in_run_step_s": float(np.mean([(r["seconds"] - r["exchange_s"]) / max(1, r["local_steps"])
+                                            for r in res.workers.values()])),
+            "in_run_exchange_s": float(np.mean([r["exchange_s"] / max(1, r["pushes"]) for r in res.workers.values()]))}
 
 
 def time_to(curve, target):
     return next((t for t, _, acc in curve if acc >= target), None)
 
 
-def step_seconds(layers, batch, backend, threads, window, reps=30):
-    """One worker's local step at ``threads`` threads (gradient, window sum and DOWNPOUR's local update)."""
+def step_seconds(layers, batch, backend, threads, window, epochs=3):
+    """One worker's local step at ``threads`` threads, as a whole epoch pays it: shuffle, gradient and local
+    update of every step (MinibatchTrainer.run_epoch on 32 batches), the median epoch / its steps. A best-of
+    timing of the gradient alone made the model 1.4-1.9x optimistic."""
     limit_cpu_threads(threads)
     net = FeedForwardNetwork(layers, backend=backend)
     rng = np.random.default_rng(0)
-    data = net.upload(rng.standard_normal((batch * 4, layers[0])).astype(np.float32),
-                      rng.integers(0, layers[-1], batch * 4))
+    rows = batch * max(32, 4 * window)
+    data = net.upload(rng.standard_normal((rows, layers[0])).astype(np.float32), rng.integers(0, layers[-1], rows))
     trainer = MinibatchTrainer(net, batch_size=batch, learning_rate=1e-3)
-    w, acc = net.ops.asarray(net.init_params(0)), net.ops.zeros((net.num_params,), net.dtype)
-    X, y = data.X[:batch], data.y[:batch]
-    for _ in range(3):
-        net.gradient_device(w, X, y, trainer.grad)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        net.gradient_device(w, X, y, trainer.grad)
-        acc += trainer.grad
-        if window > 1:
-            trainer.optimizer.step(w, trainer.grad)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    w = net.ops.asarray(net.init_params(0))
+    trainer.run_epoch(w, data, 0)                       # kernels loaded, caches filled
+    seconds = sorted(trainer.run_epoch(w, data, e + 1).seconds for e in range(epochs))
+    return seconds[len(seconds) // 2] / trainer.steps_per_epoch(rows)
+
+
+def _step_in_child(args, q):
+    q.put(step_seconds(*args))
+
+
+def concurrent_step_seconds(n, layers, batch, backend, threads, window):
+    """The step time when ``n`` processes step at once on this machine (they share its cores, caches and memory
+    bandwidth, as the workers of a same-machine run do): the median of theirs; n == 1: alone."""
+    if n == 1:
+        return step_seconds(layers, batch, backend, threads, window)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_step_in_child, args=((layers, batch, backend, threads, window), q)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    times = sorted(q.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(60)
+    return times[len(times) // 2]
 
 
 def exchange_parts(num_params, reps=5):
@@ -153,6 +173,8 @@ def model(parts, n, *, tau, batch, cores_per_worker, bandwidth=None, latency=0.0
     on one machine of that many cores (its CPU caps the run)."""
     nbytes = 4 * parts["num_params"]
     t_step = parts["step_s"][str(cores_per_worker)]
+    if machine_cores:                                   # all on this machine: the step as n peers slow it
+        t_step = parts.get("step_under_load_s", {}).get(f"{n}x{cores_per_worker}", t_step)
     crypto = parts["curve_rt_s"] - parts["plain_rt_s"]          # encryption both ways, client and server side
     t_exchange = parts["curve_rt_s"] + (2 * nbytes / bandwidth + 2 * latency if bandwidth else 0.0)
     window = tau * t_step + t_exchange
@@ -216,17 +238,23 @@ def main(argv=None) -> int:
     plain, curve_rt, apply = exchange_parts(num_params)
     step = {str(c): step_seconds(layers, a.batch, a.backend, c, a.window)
             for c in sorted({r["threads_per_worker"] for r in runs} | {a.executor_cores}, reverse=True)}
+    loaded = {f"{r['workers']}x{r['threads_per_worker']}": concurrent_step_seconds(
+        r["workers"], layers, a.batch, a.backend, r["threads_per_worker"], a.window) for r in runs}
     parts = {"num_params": num_params, "plain_rt_s": plain, "curve_rt_s": curve_rt, "apply_s": apply,
-             "step_s": step}
+             "step_s": step, "step_under_load_s": loaded}
     print(f"  parts: step {', '.join(f'{1e3 * v:.2f} ms @{k}t' for k, v in step.items())}; round trip "
           f"{1e3 * plain:.2f} ms plain, {1e3 * curve_rt:.2f} ms CURVE; server update {1e3 * apply:.2f} ms")
     for r in runs:
         c = r["threads_per_worker"]
+        key = f"{r['workers']}x{c}"
         r["model_samples_per_s"] = model(parts, r["workers"], tau=a.window, batch=a.batch, cores_per_worker=c,
                                          machine_cores=cores)
         r["model_over_measured"] = r["model_samples_per_s"] / r["samples_per_s"]
         print(f"  model, {r['workers']} workers here: {r['model_samples_per_s']:9,.0f} samples/s "
-              f"({r['model_over_measured']:.2f}x the measured)")
+              f"({r['model_over_measured']:.2f}x the measured); in the run a step took "
+              f"{1e3 * r['in_run_step_s']:.2f} ms (alone {1e3 * step[str(c)]:.2f}, with its peers stepping "
+              f"{1e3 * loaded[key]:.2f}), an exchange "
+              f"{1e3 * r['in_run_exchange_s']:.2f} ms (alone {1e3 * curve_rt:.2f})")
     bandwidth, latency = a.gbits * 1e9 / 8, a.latency_ms / 1e3
     projection = []
     for n in (1, 2, 4, 8, 16, 32, 64):

@@ -39,6 +39,14 @@ def _host(url: str) -> str:
     return url.split("//", 1)[-1].rsplit(":", 1)[0]
 
 
+def io_threads_for(cores: int | None = None, sharded: bool = False) -> int:
+    """ZeroMQ I/O threads of a server's context. CURVE encrypts in them, one connection per thread, so with one
+    thread every worker's crypto queues behind the others': a quarter of the cores, at most 4 (a shard of a
+    sharded server: 1, the shards spread it already)."""
+    cores = cores or os.cpu_count() or 1
+    return 1 if sharded else max(1, min(4, cores // 4))
+
+
 def advertised_host(bind: str, advertise_host: str | None) -> str | None:
     """The host workers connect to: ``advertise_host``, or for an all-interfaces bind this machine's address
     (refused when it is a loopback one: no other machine could use it); None: the bound address itself."""
@@ -95,6 +103,7 @@ class ParameterServer:
         self.handshake_timeout, self.max_connections = float(handshake_timeout), max_connections
         self.job_id = uuid.uuid4().bytes
         self.shard = shard                       # (index, count) when this server holds one slice (ps.shards)
+        self.io_threads = io_threads_for(sharded=shard is not None)
         self.fingerprint = model_fingerprint(w.shape[0], "float32", spec.layers, shard)
         self.engine = Engine(w, spec, job_id=self.job_id, fingerprint=self.fingerprint)
         self.checkpoints = None
@@ -137,7 +146,7 @@ class ParameterServer:
     def start(self) -> "ParameterServer":
         if self._thread is not None:
             raise RuntimeError("server already started")
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context(io_threads=self.io_threads)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)

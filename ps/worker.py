@@ -127,7 +127,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     resume_after = client.step
     steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,
-             "stale": 0, "rejected_updates": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "tau": tau, "epochs": spec.epochs,
+             "stale": 0, "rejected_updates": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "exchange_s": 0.0,
+             "tau": tau, "epochs": spec.epochs,
              # batches per pass: exchange s ends in epoch ceil(s * tau / steps_per_epoch)
              "steps_per_epoch": steps_per_epoch, "pipelined": bool(spec.pipeline)}
     loop = WorkerLoop(spec, net, trainer, client, stats)
@@ -147,8 +148,10 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
         def exchange(step):
             loss_sum, correct, rows = trainer.take_sums()     # the window's one host read
             epoch, last = exchange_epoch(step, tau, steps_per_epoch, spec.epochs)
+            t = time.perf_counter()
             exchanges(step, dict(loss=loss_sum / rows, accuracy=correct / rows, batch_size=rows, epoch=epoch,
                                  last_of_epoch=last))
+            stats["exchange_s"] += time.perf_counter() - t        # the time training waited on the server
             stats["pushes"] += 1
             stats["samples"] += rows
 

@@ -30,3 +30,21 @@ def test_mid_size_data_is_learnable_and_shaped_like_mnist():
     X, y = bench.mid_data(500)
     assert X.shape == (500, 784) and X.dtype.name == "float32" and set(y) <= set(range(10))
     assert bench.MID_LAYERS == [784, 256, 256, 10] and bench.GPU_OPTIONS["pipeline"] is True
+
+
+def test_scale_model_adds_workers_until_the_server_or_the_machine_is_the_limit():
+    bench = load("scale_bench")
+    parts = {"num_params": 1000, "plain_rt_s": 0.001, "curve_rt_s": 0.003, "apply_s": 0.0005,
+             "step_s": {"1": 0.002}, "step_under_load_s": {"2x1": 0.004}}
+    kw = dict(tau=4, batch=100, cores_per_worker=1)
+    one = bench.model(parts, 1, **kw)
+    assert math.isclose(one, 4 * 100 / (4 * 0.002 + 0.003))                     # a window: 4 steps + an exchange
+    assert math.isclose(bench.model(parts, 2, **kw), 2 * one)                  # separate machines add up
+    server = 4 * 100 / (0.0005 + (0.003 - 0.001) / 2 + 0.001 / 2)              # one exchange at a time
+    assert math.isclose(bench.model(parts, 64, **kw), server)
+    # the same two workers on one machine step at their measured loaded pace and share its 2 cores
+    here = bench.model(parts, 2, machine_cores=2, **kw)
+    assert math.isclose(here, min(2 * 4 * 100 / (4 * 0.004 + 0.003), 2 * 4 * 100 / (4 * 0.004 + 0.003 + 0.0005)))
+    # over a network the exchange also moves 2 x 4 kB and waits 2 x latency
+    slow = bench.model(parts, 1, bandwidth=4000 * 2 / 0.001, latency=0.0005, **kw)
+    assert math.isclose(slow, 4 * 100 / (4 * 0.002 + 0.003 + 0.001 + 0.001))

@@ -214,3 +214,37 @@ def test_a_secure_server_warns_once_when_curve_is_slow(monkeypatch, caplog):
     assert len(slow) == 1 and "64x" in slow[0] and "pip install 'pyzmq>=27.3'" in slow[0]
     monkeypatch.setattr(security, "curve_round_trips", lambda: (0.7e-3, 4e-3))    # 27.3's
     assert security.curve_speed_problem() is None
+
+
+def test_curve_connections_spread_over_io_threads_and_all_are_served(monkeypatch):
+    """With more than one I/O thread (a 16-core driver gets 4), concurrent CURVE clients are each served."""
+    import threading
+
+    import zmq
+
+    from ps import server as server_mod
+
+    monkeypatch.setattr(server_mod.os, "cpu_count", lambda: 16)
+    assert server_mod.io_threads_for() == 4 and server_mod.io_threads_for(sharded=True) == 1
+    n = 4096
+    with ParameterServer(np.zeros(n, np.float32), mode="async", learning_rate=1.0, num_workers=6,
+                         progress=False) as s:
+        assert s.ctx.get(zmq.IO_THREADS) == 4
+        cfg, errors = s.client_config(), []
+
+        def work(wid):
+            try:
+                with ParameterClient(cfg, worker_id=wid, timeout=20) as c:
+                    for _ in range(25):
+                        c.push(np.full(n, 1e-3, np.float32), batch_size=1)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert s.stats()["applied"] == 150
+        np.testing.assert_allclose(s.weights(), np.full(n, -0.15, np.float32), rtol=1e-5)
