@@ -42,7 +42,10 @@ def _host(url: str) -> str:
 def io_threads_for(cores: int | None = None, sharded: bool = False) -> int:
     """ZeroMQ I/O threads of a server's context. CURVE encrypts in them, one connection per thread, so with one
     thread every worker's crypto queues behind the others': a quarter of the cores, at most 4 (a shard of a
-    sharded server: 1, the shards spread it already)."""
+    sharded server: 1, the shards spread it already). ``FFPS_PS_IO_THREADS`` overrides it (a driver whose cores
+    the executors share)."""
+    if os.environ.get("FFPS_PS_IO_THREADS"):
+        return int(os.environ["FFPS_PS_IO_THREADS"])
     cores = cores or os.cpu_count() or 1
     return 1 if sharded else max(1, min(4, cores // 4))
 
