@@ -37,7 +37,9 @@ CPU_NETS = {"digits[64,100,10]x128": ([64, 100, 10], 128),
             "mnist[784,1024,1024,10]x1024": ([784, 1024, 1024, 10], 1024)}
 GPU_ONLY_NETS = {"wide[4096x4,1000]x4096": ([4096, 4096, 4096, 4096, 1000], 4096)}
 TRAINER_NETS = {"digits-like[64,100,10]x128": ([64, 100, 10], 128),
-                "seed[6,50,200,50,100]x256": ([6, 50, 200, 50, 100], 256)}
+                "seed[6,50,200,50,100]x256": ([6, 50, 200, 50, 100], 256),
+                # the net on which numba with its default threads once ran 6x slower than with one (issue #14)
+                "mid[784,256,256,10]x128": ([784, 256, 256, 10], 128)}
 
 
 def flops(layers, batch):
@@ -258,7 +260,7 @@ def measure_interleaved(name, layers, batch, contenders, quick, results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--nets", default="", help="comma-separated subset: digits, seed, mnist, wide")
+    parser.add_argument("--nets", default="", help="comma-separated subset: digits, seed, mnist, wide, mid (trainer rows)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-trainer", action="store_true", help="skip the whole-epoch trainer rows")
     parser.add_argument("--trainer-only", action="store_true", help="only the whole-epoch trainer rows")
