@@ -260,7 +260,8 @@ def measure_interleaved(name, layers, batch, contenders, quick, results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--nets", default="", help="comma-separated subset: digits, seed, mnist, wide, mid (trainer rows)")
+    parser.add_argument("--nets", default="",
+                        help="comma-separated subset: digits, seed, mnist, wide, mid (trainer rows)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-trainer", action="store_true", help="skip the whole-epoch trainer rows")
     parser.add_argument("--trainer-only", action="store_true", help="only the whole-epoch trainer rows")

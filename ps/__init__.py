@@ -13,4 +13,5 @@ from .server import ParameterServer
 from .spec import TrainingSpec
 
 __all__ = ["MODES", "PROTOCOL_VERSION", "Op", "PSError", "ParameterClient", "ParameterServer", "PushResult",
-           "Reason", "ServerUnavailable", "StaleUpdate", "Status", "TrainingSpec", "UpdateRejected", "model_fingerprint"]
+           "Reason", "ServerUnavailable", "StaleUpdate", "Status", "TrainingSpec", "UpdateRejected",
+           "model_fingerprint"]

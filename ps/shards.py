@@ -10,9 +10,9 @@ updated apart give the weights one server gives.
 Each shard is a whole :class:`ps.server.ParameterServer` over its slice, so everything the protocol promises
 holds per shard: registration sessions, fencing, contiguous steps, duplicate answers, bad-input refusals
 (each shard's fingerprint names its slice, so a slice sent to the wrong shard is refused), rounds, SSP waits,
-rollbacks and checkpoints (into ``checkpoint_dir/shard-<k>``). A fixed port binds shard k to port + k. A worker's :class:`ShardedClient` sends slice k
-to shard k and gathers the replies; a step a shard has taken is not sent to it again (after a STALE refusal
-by another shard, only that shard gets the recomputed slice).
+rollbacks and checkpoints (into ``checkpoint_dir/shard-<k>``). A fixed port binds shard k to port + k. A
+worker's :class:`ShardedClient` sends slice k to shard k and gathers the replies; a step a shard has taken is
+not sent to it again (after a STALE refusal by another shard, only that shard gets the recomputed slice).
 
     server = make_server(w, spec=spec, shards=4)     # a ShardedServer, or a ParameterServer for shards=1
     client = connect(server.client_config(), worker_id=0)

@@ -126,8 +126,10 @@ def cluster_job(out_path: str) -> None:
     path = os.path.join(tmp, "model")
     model.save(path)
     loaded = FeedForwardNetworkPSClassificationModel.load(path)
-    same = np.allclose(np.array([r.probability.toArray() for r in model.transform(test).select("probability").collect()]),
-                       np.array([r.probability.toArray() for r in loaded.transform(test).select("probability").collect()]))
+    def probabilities(m):
+        return np.array([r.probability.toArray() for r in m.transform(test).select("probability").collect()])
+
+    same = np.allclose(probabilities(model), probabilities(loaded))
     report = {"master": spark.sparkContext.master, "accuracy": acc, "same_after_load": bool(same),
               "workers": model.trainingStats["workers"], "attempts": model.trainingStats["attempts"]}
     spark.stop()

@@ -7,8 +7,8 @@ import pytest
 
 from core.optimizers import Schedule, make_optimizer
 from ps import rules
-from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status, model_fingerprint,
-                         read_array, unpack_header)
+from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status,
+                         model_fingerprint, read_array, unpack_header)
 from ps.spec import TrainingSpec
 try:
     from tests.ps_helpers import SessionEngine

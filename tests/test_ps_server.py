@@ -131,7 +131,7 @@ def _fuzz_messages(cfg, rng, n, P, session=0):
         lambda: [header_for(cfg, 7, **good).pack()],                                               # STOP
         lambda: [header_for(cfg, 1, worker_id=rng.choice([5, 99, -7])).pack()],                    # hello, bad id
         lambda: [header_for(cfg, 1, worker_id=0, attempt=0).pack()],                               # superseded hello
-        lambda: [header_for(cfg, 2, worker_id=0, attempt=7).pack()],                               # unregistered attempt
+        lambda: [header_for(cfg, 2, worker_id=0, attempt=7).pack()],                      # unregistered attempt
         lambda: [header_for(cfg, 4, flags=FLAG_JSON, **good).pack(),                               # barrier report:
                  rng.choice([b"{not json", b"\xff\xfe", b"[1, 2]", b"3", b"[" * 5000 + b"]" * 5000,   # not an object,
                              b'{"a": "' + b"x" * (MAX_JSON_BYTES + 1) + b'"}'])],                   # deep, too big

@@ -121,5 +121,5 @@ def get_backend(name: str | None = None, device: int | None = None) -> NumpyOps:
 
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "BackendUnavailable", "NumpyOps", "available_backends",
-           "blas_threads", "get_backend", "has_cupy_gpu", "host_ops", "limit_cpu_threads", "resolve_backend_name", "cupy_problem",
-           "numba_problem"]
+           "blas_threads", "get_backend", "has_cupy_gpu", "host_ops", "limit_cpu_threads", "resolve_backend_name",
+           "cupy_problem", "numba_problem"]
