@@ -53,6 +53,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from core.backends.numpy_ops import round_to_precision
+
 PROTOCOL_VERSION = 2
 MAGIC = b"FFPS"
 HEADER_FORMAT = "<4sHBBHHI16siiQqqddiBxHqQ"
@@ -166,9 +168,10 @@ class Header(NamedTuple):
         """A reply header echoing this request's identity fields and seq."""
         (op, job_id, worker_id, attempt, fingerprint, wv, st, loss, accuracy, batch_size, _status, _code, _flags,
          seq, _dtype, _n, epoch, sess, version, magic) = self
-        return Header((op | REPLY) & 0xFF, job_id, worker_id, attempt, fingerprint, wv if wversion is None else wversion,
-                      st if step is None else step, loss, accuracy, batch_size, int(status), int(code), flags, seq,
-                      dtype, n_values, epoch, sess if session is None else session, version, magic)
+        return Header((op | REPLY) & 0xFF, job_id, worker_id, attempt, fingerprint,
+                      wv if wversion is None else wversion, st if step is None else step, loss, accuracy,
+                      batch_size, int(status), int(code), flags, seq, dtype, n_values, epoch,
+                      sess if session is None else session, version, magic)
 
 
 def unpack_header(buf) -> Header:
@@ -201,15 +204,12 @@ def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:
 
 
 def to_bfloat16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 (n,) -> bfloat16 bit patterns (n,) uint16: the upper half of each float32, rounded to nearest,
-    ties to even; NaN stays NaN, inf stays inf, a value within half a bf16 ulp of float32's maximum becomes inf."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    out = np.empty(u.shape, np.uint16) if out is None else out
-    np.copyto(out, rounded, casting="unsafe")
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = 0x7FC0
+    """float32 (n,) -> bfloat16 bit patterns (n,) uint16: the upper half of each float32 rounded as the bf16
+    GEMM precision rounds it (:func:`core.backends.numpy_ops.round_to_precision`: to nearest, ties to even; NaN
+    stays NaN, inf stays inf, a value within half a bf16 ulp of float32's maximum becomes inf)."""
+    high = round_to_precision(x, "bf16").view(np.uint32) >> np.uint32(16)
+    out = np.empty(high.shape, np.uint16) if out is None else out
+    np.copyto(out, high, casting="unsafe")
     return out
 
 
