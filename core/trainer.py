@@ -124,10 +124,14 @@ class MinibatchTrainer:
         for index in range(self.steps_per_epoch(data.n_rows)):
             yield self.batch(data, index)
 
-    def step(self, w, Xb, yb) -> tuple[float, int]:
-        """One SGD step on device arrays, in place on ``w`` -> (loss_sum over the batch, n_correct)."""
+    def step(self, w, Xb, yb, accumulate=None, update=True) -> tuple[float, int]:
+        """One step on device arrays: the gradient, added to ``accumulate`` if given, and (``update``) an
+        optimizer step in place on ``w`` -> (loss_sum over the batch, n_correct)."""
         loss_sum, correct = self.net.gradient_device(w, Xb, yb, self.grad)
-        self.optimizer.step(w, self.grad)
+        if accumulate is not None:
+            accumulate += self.grad
+        if update:
+            self.optimizer.step(w, self.grad)
         return loss_sum, correct
 
     def run_window(self, w, data: DeviceData, first: int, count: int, accumulate=None, update=True) -> int:
@@ -144,12 +148,7 @@ class MinibatchTrainer:
             done = windows.run(w, data, first, count, accumulate, update)
         sums = self._host_sums
         for index in range(first + done, first + count):
-            Xb, yb = self.batch(data, index)
-            loss_sum, correct = self.net.gradient_device(w, Xb, yb, self.grad)
-            if accumulate is not None:
-                accumulate += self.grad
-            if update:
-                self.optimizer.step(w, self.grad)
+            loss_sum, correct = self.step(w, *self.batch(data, index), accumulate, update)
             sums[0] += loss_sum
             sums[1] += correct
         rows = min((first + count) * self.batch_size, data.n_rows) - first * self.batch_size

@@ -11,9 +11,10 @@ server applied for it, so a restarted worker resumes after it, and its ``session
 the client that made it: every later request must carry it (FOREIGN_SESSION otherwise), so no other client
 can push or pull as that (worker, attempt). Requests from an older attempt are fenced off
 (SUPERSEDED_ATTEMPT); steps are contiguous: a push for a step already taken gets DUPLICATE and changes
-nothing, one beyond the next step gets STEP_GAP, and a STALE push leaves its step open for the recomputed push. Every update's result is checked: a non-finite one is rolled
-back (weights and optimizer state), answered NON_FINITE_UPDATE and counted, and its step is used up so the
-worker can go on. No client may STOP the server (FORBIDDEN); the process that started it stops it.
+nothing, one beyond the next step gets STEP_GAP, and a STALE push leaves its step open for the recomputed
+push. Every update's result is checked: a non-finite one is rolled back (weights and optimizer state),
+answered NON_FINITE_UPDATE and counted, and its step is used up so the worker can go on. No client may STOP
+the server (FORBIDDEN); the process that started it stops it.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIG
                        unpack_header)
 from .spec import TrainingSpec
 
-PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1), Op.REPORT: (1,)}
-MAX_FAILURE_REPORTS = 64     # payload frames each op may carry; others take none
+PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1), Op.REPORT: (1,)}   # payload frames an op may carry
+MAX_FAILURE_REPORTS = 64     # REPORTs kept; later ones are answered and dropped
 
 
 @dataclass
@@ -260,12 +261,13 @@ class Engine:
         info = self.workers.get(h.worker_id)
         if info is None:
             raise ProtocolError(Reason.UNKNOWN_WORKER, f"worker {h.worker_id} has not registered (send HELLO)")
-        if h.attempt != info.attempt or info.session is None:
+        if h.attempt != info.attempt:
             reason = Reason.SUPERSEDED_ATTEMPT if h.attempt < info.attempt else Reason.UNKNOWN_WORKER
             raise ProtocolError(reason, f"worker {h.worker_id} attempt {h.attempt} is not the registered "
-                                        f"attempt {info.attempt}" if h.attempt != info.attempt else
-                                        f"worker {h.worker_id} has not registered since the server restored it "
-                                        f"(send HELLO)")
+                                        f"attempt {info.attempt}")
+        if info.session is None:
+            raise ProtocolError(Reason.UNKNOWN_WORKER, f"worker {h.worker_id} has not registered since the server "
+                                                       f"restored it (send HELLO)")
         if h.session != info.session:
             raise ProtocolError(Reason.FOREIGN_SESSION, f"worker {h.worker_id} attempt {h.attempt} is registered "
                                                         f"to another client (the request's session does not match)")
@@ -386,7 +388,7 @@ class Engine:
         self._record(h, info, stale, now)
         return [self._ok(token, h, step=info.last_step)] + self._advance_ssp(h, info, now)
 
-    def _use_up(self, h, info, now) -> None:
+    def _use_up(self, h, info) -> None:
         """Step h.step of this worker was refused for good (its update was not finite): the next push may be
         h.step + 1."""
         info.last_step = h.step
@@ -405,7 +407,7 @@ class Engine:
         self.counters["non_finite_updates"] += 1
         out = []
         for tok, h, info in members:
-            self._use_up(h, info, now)
+            self._use_up(h, info)
             out += self._reject(tok, h, Reason.NON_FINITE_UPDATE,
                                 f"the update of step {h.step} made the weights non-finite; it was rolled back "
                                 f"(lower the learning rate if this repeats)")

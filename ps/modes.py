@@ -144,16 +144,21 @@ class _GradientMode(Mode):
     def talk(self, loop, out):
         out.transfer.wait(loop.wait_timeout)
         try:
-            r = loop.client.push(out.host, base_version=out.base_version, step=out.step,
-                                 want_weights=loop.spec.ssp_slack is None, **out.metrics)
+            return self._push(loop, out.host, out.base_version, out.step, out.metrics)
         except StaleUpdate:
             return STALE                       # the step stays open: receive recomputes it
-        except UpdateRejected:                 # the server rolled the update back: go on from its weights
+
+    @staticmethod
+    def _push(loop, gradient, base_version, step, metrics):
+        """Push window ``step``'s gradient -> (version, weights) to go on from; StaleUpdate propagates. An update
+        the server rolled back (UpdateRejected) is counted, and the worker goes on from the server's weights."""
+        try:
+            r = loop.client.push(gradient, base_version=base_version, step=step,
+                                 want_weights=loop.spec.ssp_slack is None, **metrics)
+        except UpdateRejected:
             loop.stats["rejected_updates"] += 1
-            r = None
-        if r is not None and r.weights is not None:
-            return r.version, r.weights
-        return loop.client.pull()
+            return loop.client.pull()
+        return (r.version, r.weights) if r.weights is not None else loop.client.pull()
 
     def receive(self, loop, out, reply):
         if reply is STALE:
@@ -177,21 +182,13 @@ class _GradientMode(Mode):
             acc = loop.ops.zeros(w.shape, w.dtype)
             loss = correct = rows = 0
             for Xb, yb in loop.kept_window(out.step):
-                ls, c = loop.net.gradient_device(w, Xb, yb, loop.trainer.grad)
-                acc += loop.trainer.grad
-                if self.local_progress(loop.spec.tau):
-                    loop.trainer.optimizer.step(w, loop.trainer.grad)
+                ls, c = loop.trainer.step(w, Xb, yb, accumulate=acc, update=self.local_progress(loop.spec.tau))
                 loss, correct, rows = loss + ls, correct + c, rows + Xb.shape[0]
             metrics = {**out.metrics, "loss": loss / rows, "accuracy": correct / rows, "batch_size": rows}
             try:
-                r = loop.client.push(loop.to_host(acc), base_version=version, step=out.step,
-                                     want_weights=loop.spec.ssp_slack is None, **metrics)
+                return self._push(loop, loop.to_host(acc), version, out.step, metrics)
             except StaleUpdate:
                 continue
-            except UpdateRejected:
-                loop.stats["rejected_updates"] += 1
-                return loop.client.pull()
-            return (r.version, r.weights) if r.weights is not None else loop.client.pull()
         raise StaleUpdate(Reason.STALE, f"step {out.step} was stale {self.stale_retries + 1} times in a row: the "
                                         f"staleness bound {loop.spec.staleness} is too tight for "
                                         f"{loop.spec.num_workers} workers; raise it")

@@ -282,12 +282,15 @@ class ParameterServer:
         cp = self.checkpoints
         if cp is None:
             raise ValueError("no checkpoint_dir was given to this server")
-        with self._lock:                          # a copy of the state, taken here
-            arrays, meta = self.engine.snapshot()
         if cp.writer is None:                     # not serving: write here
-            return cp.save(arrays, meta)
-        cp.submit(arrays, meta)
+            return cp.save(*self._snapshot())
+        cp.submit(*self._snapshot())
         return cp.writer.flush(timeout)
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        """A copy of the state for a checkpoint, taken under the lock (the writer's thread saves it)."""
+        with self._lock:
+            return self.engine.snapshot()
 
     # ------------------------------------------------------------------ serving thread
     def _send(self, token, header, payload) -> None:
@@ -359,8 +362,7 @@ class ParameterServer:
                 replies = self.engine.handle(frames[0].bytes, frames[1:])
             for r in replies:
                 self._send(*r)
-            if self.checkpoints is not None:
-                self._maybe_checkpoint()
+            self._maybe_checkpoint()
             if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:     # cheaper than a failed recv's exception
                 break
 
@@ -379,9 +381,7 @@ class ParameterServer:
     def _maybe_checkpoint(self) -> None:
         cp = self.checkpoints
         if cp is not None and cp.due(self.engine.version):
-            with self._lock:                      # copy the state here; the writer's thread saves it
-                arrays, meta = self.engine.snapshot()
-            cp.submit(arrays, meta)
+            cp.submit(*self._snapshot())
 
     def __repr__(self):
         return f"ParameterServer(mode={self.mode!r}, address={self.address!r}, secure={self.secure})"
