@@ -56,19 +56,22 @@ def _ours(filename: str) -> bool:
     return os.path.abspath(filename).startswith(_OURS)
 
 
-def _frame_text(frame) -> str:
-    name = os.path.relpath(frame.filename, _ROOT) if _ours(frame.filename) else frame.filename
-    return f"{name}:{frame.lineno} in {frame.name}"
+def _where(frames: list) -> str | None:
+    """"spark/training.py:93 in train_shard": the last of ``frames`` [(file, line, function)] in core/ps/spark,
+    else the last one; None for none."""
+    ours = [f for f in frames if _ours(f[0])]
+    frame = ours[-1] if ours else (frames[-1] if frames else None)
+    if frame is None:
+        return None
+    name = os.path.relpath(frame[0], _ROOT) if _ours(frame[0]) else frame[0]
+    return f"{name}:{frame[1]} in {frame[2]}"
 
 
 def task_report(exc: BaseException, executor: str | None = None) -> dict:
     """What a failing task sends the server: JSON-ready, a few hundred bytes."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if _ours(f.filename)]
-    frame = ours[-1] if ours else (frames[-1] if frames else None)
-    return {"type": type(exc).__name__, "message": str(exc)[:1000],
-            "frame": _frame_text(frame) if frame else None, "executor": executor,
-            "host": socket.gethostname(), "pid": os.getpid()}
+    frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(exc.__traceback__)]
+    return {"type": type(exc).__name__, "message": str(exc)[:1000], "frame": _where(frames),
+            "executor": executor, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def report_to_server(cfg: dict, worker: int, attempt: int, session, exc: BaseException, ctx=None) -> None:
@@ -128,14 +131,8 @@ def from_spark_error(exc: BaseException) -> TaskFailure | None:
     if not last:
         return None
     type_, _, message = last.partition(": ")
-    ours = [f for f in frames if _ours(f[0])]
-    frame = ours[-1] if ours else (frames[-1] if frames else None)
-    frame_text = None
-    if frame is not None:
-        name = os.path.relpath(frame[0], _ROOT) if _ours(frame[0]) else frame[0]
-        frame_text = f"{name}:{frame[1]} in {frame[2]}"
     task = _TASK.search(str(exc))
     worker = int(task["partition"]) if task and task["partition"] else None
     executor = task["executor"] if task and task["executor"] else None
     return TaskFailure(type=type_.rsplit(".", 1)[-1], message=message.strip()[:1000], worker=worker,
-                       frame=frame_text, executor=executor)
+                       frame=_where(frames), executor=executor)

@@ -85,3 +85,34 @@ def test_a_transient_task_failure_is_retried(digits_df, monkeypatch):
     assert model.trainingStats["attempts"] == 2
     failures = model.trainingStats["server"]["failures"]
     assert failures[0]["type"] == "ConnectionResetError" and failures[0]["attempt"] == 0
+
+
+def test_without_a_report_the_driver_reads_the_task_traceback_in_sparks_error():
+    """A task that died before it could report: the failure comes from the Python traceback Spark's error
+    carries, named at the last frame of ours (not the library frame below it), with its task and executor."""
+    import os
+
+    from spark.failures import _ROOT, from_spark_error, task_report
+
+    ours, theirs = os.path.join(_ROOT, "spark", "training.py"), "/usr/lib/python3/dist-packages/lib.py"
+    text = ("Job aborted due to stage failure: Lost task 1.0 in stage 3.0 (TID 7) (10.0.0.5 executor 1): "
+            "org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+            f'  File "{ours}", line 93, in train_shard\n    helper()\n'
+            f'  File "{theirs}", line 5, in helper\n    raise ValueError("bad rows")\n'
+            "ValueError: bad rows\n\n\tat org.apache.spark.api.python.BasePythonRunner")
+    failure = from_spark_error(RuntimeError(text))
+    assert (failure.type, failure.message, failure.frame) == ("ValueError", "bad rows",
+                                                              "spark/training.py:93 in train_shard")
+    assert failure.executor == "10.0.0.5 executor 1"
+    assert from_spark_error(RuntimeError("no traceback here")) is None
+
+    def raises():
+        raise KeyError("k")
+
+    try:
+        raises()
+    except KeyError as exc:
+        report = task_report(exc, executor="h:1")
+    assert report["type"] == "KeyError" and report["executor"] == "h:1"
+    # no frame of ours in that traceback (tests/ is not core, ps or spark): its last frame, by its full path
+    assert report["frame"].startswith(os.path.abspath(__file__) + ":") and report["frame"].endswith(" in raises")
