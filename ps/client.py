@@ -13,6 +13,7 @@ taken before it registered (a retried task replaying its predecessor's steps).
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -70,10 +71,16 @@ class ParameterClient:
         s.setsockopt(zmq.RCVHWM, hwm)
         s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         secure_client(s, cfg)
+        # A request queued while a connection fails (refused mid-handshake, say) can be lost with it: the
+        # monitor tells a re-made connection, and the request is sent again on it instead of waiting out a try.
+        self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._lost = False     # a connection went down and no new one has finished its handshake yet
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
-        self.session = 0       # issued by the HELLO reply; binds this (worker, attempt) to this client
+        # Binds this (worker, attempt) to this client. Proposed here, in the first HELLO, so that the HELLO
+        # can be sent again (its reply lost) and still be this client's; the server keeps the one it took.
+        self.session = secrets.randbits(64) | 1
         self._registered_step = 0
         self.step = 0          # last step the server applied for this worker
         self.stop_requested = False   # a reply said the server decided to stop training (tol)
@@ -96,21 +103,42 @@ class ParameterClient:
         rh, frame, _ = self._request_tries(h, payload, timeout)
         return rh, frame
 
+    RESEND_CHECK_S = 0.1    # while a reply is late, look this often whether the connection was re-made
+
+    def _reconnected(self) -> bool:
+        """Whether a connection was lost and a new one finished its handshake since the last look."""
+        remade = False
+        while self._monitor.poll(0):
+            event = int.from_bytes(self._monitor.recv_multipart()[0][:2], "little")
+            if event == zmq.EVENT_DISCONNECTED:
+                self._lost = True
+            elif self._lost:
+                self._lost, remade = False, True
+        return remade
+
     def _request_tries(self, h: Header, payload=None, timeout=None):
         """:meth:`_request` -> (reply header, payload frame, how many times the request was sent)."""
         timeout = self.timeout if timeout is None else timeout
         frames = [h.pack()] if payload is None else [h.pack(), payload]
         big = payload is not None and len(payload) >= ZERO_COPY_MIN
-        for tries in range(1, self.retries + 2):
-            tracker = None
+        sent, trackers = 0, []
+
+        def send():
+            nonlocal sent
+            sent += 1
             try:
-                tracker = self.sock.send_multipart(frames, copy=not big, track=big)
+                trackers.append(self.sock.send_multipart(frames, copy=not big, track=big))
             except zmq.Again:
                 pass        # queue to the server full: wait out this try as if no reply came
+
+        for _ in range(self.retries + 1):
+            send()
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
-                if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    break
+                if not self.sock.poll(int(min(left, self.RESEND_CHECK_S) * 1000) + 1, zmq.POLLIN):
+                    if self._reconnected():     # the request may have gone down with the old connection
+                        send()
+                    continue
                 reply = self.sock.recv_multipart(copy=False)
                 try:
                     rh = unpack_header(reply[0].buffer)
@@ -118,9 +146,9 @@ class ParameterClient:
                     continue
                 if rh.seq != h.seq or rh.op != (h.op | 0x80):
                     continue                           # a late reply to an earlier request
-                if tracker is not None and not tracker.done:
+                for tracker in trackers if big else ():
                     tracker.wait(timeout)              # the caller may reuse its buffer after we return
-                return rh, (reply[1] if len(reply) > 1 else None), tries
+                return rh, (reply[1] if len(reply) > 1 else None), sent
         raise ServerUnavailable(f"no reply from the parameter server at {self.cfg['address']} to "
                                 f"{Op(h.op).name} after {self.retries + 1} tries of {timeout:.1f}s: it is gone, "
                                 f"overloaded, or refused this client's keys")
@@ -242,6 +270,8 @@ class ParameterClient:
         """Close the socket and its context; closing twice is harmless."""
         self._last = None
         if not self.ctx.closed:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
             self.sock.close(linger=0)
             self.ctx.term()
 

@@ -290,9 +290,9 @@ class Engine:
         else:
             info = self.workers[wid] = WorkerInfo()
         replies = []
-        if h.attempt > info.attempt or info.session is None:      # a new registration: fence, issue a session
+        if h.attempt > info.attempt or info.session is None:      # a new registration: fence, take a session
             replies += self._fence(wid)
-            info.session = secrets.randbits(64) or 1
+            info.session = h.session or secrets.randbits(64) or 1   # the client's proposal, or one of ours
         # else: the registered client again (its session matches), e.g. after its connection was re-made
         info.attempt, info.token, info.done = h.attempt, token, False
         if self.ssp is not None:

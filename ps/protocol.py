@@ -15,8 +15,10 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   a push of step s is taken only when step s - 1 was (applied, or refused as a non-finite update; a STALE
   refusal leaves step s - 1 open for the worker's recomputed push).
   ``seq``: a per-client request number echoed in the reply so late replies to a retried request are
-  discarded. ``session``: 0 in a first HELLO; the HELLO reply carries the token that binds this (worker,
-  attempt) to the client that registered it, and every later request of that client carries it.
+  discarded. ``session``: the token that binds this (worker, attempt) to one client. The client proposes a
+  random one in its first HELLO (0: the server picks one), so a HELLO sent again after a lost connection is
+  still the same client's; the HELLO reply carries the session the server took, and every later request of
+  that client carries it.
   ``epoch``: in a push, the pass over the worker's shard that the exchange's last local step belongs to (1, 2,
   ...; 0 = not given), with ``FLAG_EPOCH_LAST`` on the worker's last push of that epoch: the server's ``tol``
   decision (:mod:`ps.convergence`) needs the epoch boundaries. A reply with ``FLAG_STOP`` says the server

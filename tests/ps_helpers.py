@@ -1,6 +1,8 @@
 """Shared helpers for the ps tests (not a conftest: plain functions imported by test modules)."""
 from __future__ import annotations
 
+import select
+import socket
 import threading
 
 import numpy as np
@@ -91,6 +93,63 @@ def digits():
         from core.datasets import load_digits_split
         _DIGITS = load_digits_split(0)
     return _DIGITS
+
+
+class ReplyCutter:
+    """A TCP relay in front of a server at tcp://127.0.0.1:PORT that forwards both ways, except that once
+    ``cut()`` says so it drops one connection at the server's next bytes to the client instead of forwarding
+    them: the request went through, its reply dies with the connection. ``address`` is the relay's;
+    ``cuts`` counts the connections it dropped; ``with`` closes it."""
+
+    def __init__(self, server_address: str, cut):
+        self.target = ("127.0.0.1", int(server_address.rsplit(":", 1)[1]))
+        self.cut, self.cuts, self.armed = cut, 0, True
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            t = threading.Thread(target=self._relay, args=(client,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _relay(self, client):
+        upstream = socket.create_connection(self.target, timeout=5)
+        peer = {client: upstream, upstream: client}
+        try:
+            while not self._stop.is_set():
+                readable, _, _ = select.select(list(peer), [], [], 0.1)
+                for src in readable:
+                    data = src.recv(1 << 16)
+                    if not data:
+                        return
+                    if src is upstream and self.armed and self.cut():
+                        self.armed = False
+                        self.cuts += 1
+                        return                        # the reply never reaches the client
+                    peer[src].sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.listener.close()
+        for t in self._threads:
+            t.join(5)
 
 
 def rss_mb(pid=None) -> float:

@@ -14,9 +14,9 @@ import pytest
 from ps import ParameterClient, ParameterServer, PSError, Reason, Status, UpdateRejected
 from ps.protocol import Op
 try:
-    from tests.ps_helpers import curve_greeting, header_for, push_frames, raw_socket, request, rss_mb
+    from tests.ps_helpers import ReplyCutter, curve_greeting, header_for, push_frames, raw_socket, request, rss_mb
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import curve_greeting, header_for, push_frames, raw_socket, request, rss_mb
+    from ps_helpers import ReplyCutter, curve_greeting, header_for, push_frames, raw_socket, request, rss_mb
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +115,35 @@ def test_idle_connections_do_not_lock_out_a_new_worker(tmp_path, nofile, extra):
     if extra:
         conn = stats["connections"]
         assert conn["limit"] == 300 and conn["peak"] <= 300 and conn["refused"] > 0, conn
+
+
+# -------------------------------------------------------------------------------- requests lost with a connection
+def test_a_hello_whose_reply_died_with_its_connection_is_sent_again_and_registers_the_same_client():
+    """The server registers the HELLO, then the connection drops before the reply gets through. The client
+    sends the HELLO again on the re-made connection at once (it waited out its whole try before) and the
+    server knows it for the same client (before, the second try was refused as DUPLICATE_WORKER)."""
+    with server(secure=True, learning_rate=1.0) as s:
+        with ReplyCutter(s.address, cut=lambda: "0" in s.stats()["workers"]) as relay:
+            cfg = dict(s.client_config(), address=relay.address)
+            with ParameterClient(cfg, worker_id=0, timeout=5.0, retries=1) as c:
+                assert relay.cuts == 1
+                assert c.session == s.engine.workers[0].session
+                assert c.push(np.ones(16, np.float32)).step == 1
+            np.testing.assert_array_equal(s.weights(), -np.ones(16))
+
+
+def test_a_push_whose_reply_died_with_its_connection_is_applied_once():
+    """The reply to step 1 is lost with its connection: the client sends step 1 again on the new one, the
+    server answers DUPLICATE, and the client takes that as its step (no second application, no error)."""
+    with server(secure=True, learning_rate=1.0) as s:
+        with ReplyCutter(s.address, cut=lambda: s.version >= 1) as relay:
+            cfg = dict(s.client_config(), address=relay.address)
+            with ParameterClient(cfg, worker_id=0, timeout=5.0, retries=0) as c:
+                r = c.push(np.ones(16, np.float32))
+                assert relay.cuts == 1 and r.step == 1 and c.step == 1
+                assert c.push(np.ones(16, np.float32)).step == 2
+            assert s.version == 2
+            np.testing.assert_array_equal(s.weights(), -2 * np.ones(16))
 
 
 # -------------------------------------------------------------------------------- impersonation, steps, STOP
