@@ -43,6 +43,7 @@ class ConvergenceMonitor:
         self.stop_reason = None                 # "tol" or "max_iter" once decided
         self.stop_epoch = None
         self.relative_change = None
+        self.furthest_at_stop = None            # the furthest epoch any worker was past when tol decided
 
     @property
     def stop_requested(self) -> bool:
@@ -122,6 +123,7 @@ class ConvergenceMonitor:
         rel = figures["relative_change"]
         if self.tol > 0 and rel is not None and rel < self.tol:
             self.stop_reason, self.stop_epoch, self.relative_change = "tol", e, rel
+            self.furthest_at_stop = max(self.finished)
         elif e == self.epochs:
             self.stop_reason, self.stop_epoch = "max_iter", e
 
@@ -144,7 +146,7 @@ class ConvergenceMonitor:
     def stats(self) -> dict:
         return {"tol": self.tol, "epochs": self.epochs, "stop_reason": self.stop_reason,
                 "stop_epoch": self.stop_epoch, "relative_change": self.relative_change, "message": self.message(),
-                "completed": [dict(f) for f in self.completed]}
+                "furthest_at_stop": self.furthest_at_stop, "completed": [dict(f) for f in self.completed]}
 
     def state(self) -> dict:
         """JSON-ready state for a checkpoint (the sums and decisions, not the liveness timers)."""

@@ -33,6 +33,21 @@ def feed(m, worker, epoch, loss, rows=10, last=True, now=0.0):
     m.applied(epoch, loss, 0.5, rows, 0, now)
 
 
+def test_the_monitor_records_how_far_the_fastest_worker_was_when_tol_decided():
+    """Asynchronous workers run apart: worker 0 is past epoch 5 when worker 1 completes epoch 3, the epoch
+    tol stops at; the stats say so (the workers' last epochs are bounded by it, not by the stop epoch)."""
+    m = ConvergenceMonitor(2, epochs=10, tol=0.2)
+    for e, loss in enumerate([2.0, 1.0, 0.95, 0.5, 0.4], start=1):
+        feed(m, 0, e, loss)
+    for e, loss in enumerate([2.0, 1.0, 0.95], start=1):
+        feed(m, 1, e, loss)
+        m.check(0.0)
+    assert m.stop_epoch == 3 and m.stats()["furthest_at_stop"] == 5
+    feed(m, 1, 4, 0.5)
+    m.check(0.0)
+    assert m.stats()["furthest_at_stop"] == 5, "recorded once, at the decision"
+
+
 def test_monitor_stops_at_the_first_epoch_whose_relative_change_is_below_tol():
     m = ConvergenceMonitor(2, epochs=10, tol=0.05)
     for e, (l0, l1) in enumerate([(2.0, 1.0), (1.0, 0.6), (0.8, 0.7), (0.76, 0.72)], start=1):
