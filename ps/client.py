@@ -22,8 +22,10 @@ import zmq
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
                        FLAG_WANT_WEIGHTS, FLOAT32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
-                       array_frame, encode_array, read_array, unpack_header)
+                       array_frame, encode_array, read_array, recv_frames, unpack_header)
 from .security import secure_client
+
+_SNDMORE = int(zmq.SNDMORE)
 
 
 class ServerUnavailable(ConnectionError):
@@ -75,6 +77,8 @@ class ParameterClient:
         # monitor tells a re-made connection, and the request is sent again on it instead of waiting out a try.
         self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._lost = False     # a connection went down and no new one has finished its handshake yet
+        self._poller = zmq.Poller()   # one for the client's life: Socket.poll builds one per call
+        self._poller.register(s, zmq.POLLIN)
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
@@ -119,15 +123,23 @@ class ParameterClient:
     def _request_tries(self, h: Header, payload=None, timeout=None):
         """:meth:`_request` -> (reply header, payload frame, how many times the request was sent)."""
         timeout = self.timeout if timeout is None else timeout
-        frames = [h.pack()] if payload is None else [h.pack(), payload]
+        head = h.pack()
         big = payload is not None and len(payload) >= ZERO_COPY_MIN
         sent, trackers = 0, []
+
+        sock, poll = self.sock, self._poller.poll
 
         def send():
             nonlocal sent
             sent += 1
             try:
-                trackers.append(self.sock.send_multipart(frames, copy=not big, track=big))
+                if payload is None:
+                    sock.send(head, copy=True)
+                else:                           # plain ints: zmq's flag enums cost more than the header
+                    sock.send(head, _SNDMORE, copy=True)
+                    tracker = sock.send(payload, 0, copy=not big, track=big)
+                    if big:
+                        trackers.append(tracker)
             except zmq.Again:
                 pass        # queue to the server full: wait out this try as if no reply came
 
@@ -135,18 +147,18 @@ class ParameterClient:
             send()
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
-                if not self.sock.poll(int(min(left, self.RESEND_CHECK_S) * 1000) + 1, zmq.POLLIN):
+                if not poll(int(min(left, self.RESEND_CHECK_S) * 1000) + 1):
                     if self._reconnected():     # the request may have gone down with the old connection
                         send()
                     continue
-                reply = self.sock.recv_multipart(copy=False)
+                reply = recv_frames(sock)
                 try:
                     rh = unpack_header(reply[0].buffer)
                 except ProtocolError:
                     continue
                 if rh.seq != h.seq or rh.op != (h.op | 0x80):
                     continue                           # a late reply to an earlier request
-                for tracker in trackers if big else ():
+                for tracker in trackers:
                     tracker.wait(timeout)              # the caller may reuse its buffer after we return
                 return rh, (reply[1] if len(reply) > 1 else None), sent
         raise ServerUnavailable(f"no reply from the parameter server at {self.cfg['address']} to "

@@ -36,6 +36,8 @@ from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIG
                        unpack_header)
 from .spec import TrainingSpec
 
+_OPS = {int(op): op for op in Op}
+
 PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1), Op.REPORT: (1,)}   # payload frames an op may carry
 MAX_FAILURE_REPORTS = 64     # REPORTs kept; later ones are answered and dropped
 
@@ -220,10 +222,9 @@ class Engine:
         if h.fingerprint != self.fingerprint:
             raise ProtocolError(Reason.WRONG_FINGERPRINT, f"model fingerprint {h.fingerprint:#x} does not match "
                                                           f"the server's {self.fingerprint:#x}")
-        try:
-            op = Op(h.op)
-        except ValueError:
-            raise ProtocolError(Reason.UNKNOWN_OP, f"unknown op {h.op}") from None
+        op = _OPS.get(h.op)          # a dict, not Op(h.op): the enum's call costs as much as a check below
+        if op is None:
+            raise ProtocolError(Reason.UNKNOWN_OP, f"unknown op {h.op}")
         allowed = PAYLOAD_FRAMES.get(op, (0,))
         if len(payload) not in allowed:
             raise ProtocolError(Reason.BAD_FRAME_COUNT, f"{op.name} takes {' or '.join(map(str, allowed))} "

@@ -176,6 +176,18 @@ class Header(NamedTuple):
                       sess if session is None else session, version, magic)
 
 
+def recv_frames(sock, flags: int = 0) -> list:
+    """One message as zero-copy frames. Like ``recv_multipart(copy=False)``, but it reads each frame's own
+    more-flag instead of asking the socket (RCVMORE) between frames: a message costs a few microseconds less,
+    which is much of a small request's whole cost."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(flags, copy=False)
+        frames.append(frame)
+    return frames
+
+
 def unpack_header(buf) -> Header:
     """Parse a header frame (bytes / memoryview) -> Header, or raise ProtocolError(MALFORMED / VERSION_MISMATCH)."""
     if len(buf) != HEADER.size:

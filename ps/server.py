@@ -19,11 +19,24 @@ import zmq
 from . import checkpoint as ckpt
 from .engine import Engine
 from .progress import ProgressLine, epoch_line
-from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint
+from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint, recv_frames
 from .security import ConnectionGuard, CurveServer, curve_speed_problem, raise_fd_limit
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.server")
+# zmq's flags as plain ints: its enums cost more per call than the request's header on the hot path
+_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def _send_reply(sock, token, head, frame, big):
+    """ROUTER reply: [peer, header(, payload)], never blocking; a full or gone peer fails at the first frame
+    (libzmq checks the pipe there), so a retry resends the whole message. -> the payload's tracker or None."""
+    sock.send(token, _NOBLOCK | _SNDMORE, copy=True)
+    if frame is None:
+        sock.send(head, _NOBLOCK, copy=True)
+        return None
+    sock.send(head, _NOBLOCK | _SNDMORE, copy=True)
+    return sock.send(frame, _NOBLOCK, copy=not big, track=big)
 
 
 WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
@@ -294,13 +307,16 @@ class ParameterServer:
 
     # ------------------------------------------------------------------ serving thread
     def _send(self, token, header, payload) -> None:
-        frames = [token, header.pack()]
-        big = isinstance(payload, np.ndarray) and payload.nbytes >= ZERO_COPY_MIN
-        if payload is not None:
-            frames.append(memoryview(payload).cast("B") if isinstance(payload, np.ndarray) else payload)
+        big = False
+        if isinstance(payload, np.ndarray):
+            big = payload.nbytes >= ZERO_COPY_MIN
+            frame = memoryview(payload).cast("B")
+        else:
+            frame = payload
+        head = header.pack()
         try:
             try:
-                tracker = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not big, track=big)
+                tracker = _send_reply(self._sock, token, head, frame, big)
             except zmq.Again:
                 # The socket learns how far its peer's pipe was read only when it processes its command
                 # queue, which sends do at most once a millisecond: a peer that asks faster than that could
@@ -308,7 +324,7 @@ class ParameterServer:
                 # and the worker waited out its timeout). Reading EVENTS processes the commands; then a
                 # second try fails only for a peer that really does not read its replies.
                 self._sock.getsockopt(zmq.EVENTS)
-                tracker = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not big, track=big)
+                tracker = _send_reply(self._sock, token, head, frame, big)
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN): never block
             self.dropped_replies += 1
             log.debug("reply to %r dropped: %s", token, exc)
@@ -355,7 +371,7 @@ class ParameterServer:
         """Handle a burst of up to 64 queued requests (then the caller looks at its timers)."""
         for _ in range(64):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)   # poll, or EVENTS below, said one is there
+                frames = recv_frames(sock, _NOBLOCK)   # poll, or EVENTS below, said one is there
             except zmq.Again:
                 return
             with self._lock:
@@ -363,7 +379,7 @@ class ParameterServer:
             for r in replies:
                 self._send(*r)
             self._maybe_checkpoint()
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:     # cheaper than a failed recv's exception
+            if not sock.getsockopt(_EVENTS) & _POLLIN:     # cheaper than a failed recv's exception
                 break
 
     def _report_epochs(self) -> None:
