@@ -152,7 +152,8 @@ class ConvergenceMonitor:
         """JSON-ready state for a checkpoint (the sums and decisions, not the liveness timers)."""
         return {"sums": {str(k): v for k, v in self.sums.items()}, "finished": list(self.finished),
                 "completed": [dict(f) for f in self.completed], "stop_reason": self.stop_reason,
-                "stop_epoch": self.stop_epoch, "relative_change": self.relative_change}
+                "stop_epoch": self.stop_epoch, "relative_change": self.relative_change,
+                "furthest_at_stop": self.furthest_at_stop}
 
     def load_state(self, state: dict, now: float) -> None:
         self.sums = {int(k): list(v) for k, v in state["sums"].items()}
@@ -161,6 +162,7 @@ class ConvergenceMonitor:
         self._unreported = len(self.completed)
         self.stop_reason, self.stop_epoch = state["stop_reason"], state["stop_epoch"]
         self.relative_change = state["relative_change"]
+        self.furthest_at_stop = state.get("furthest_at_stop")     # absent in checkpoints written before it
         self.heard = [now] * self.num_workers
         self._t_last = now
 

@@ -46,6 +46,9 @@ def test_the_monitor_records_how_far_the_fastest_worker_was_when_tol_decided():
     feed(m, 1, 4, 0.5)
     m.check(0.0)
     assert m.stats()["furthest_at_stop"] == 5, "recorded once, at the decision"
+    restored = ConvergenceMonitor(2, epochs=10, tol=0.2)
+    restored.load_state(m.state(), 0.0)
+    assert restored.stats()["furthest_at_stop"] == 5, "a resumed server keeps it"
 
 
 def test_monitor_stops_at_the_first_epoch_whose_relative_change_is_below_tol():
