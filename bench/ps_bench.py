@@ -86,6 +86,73 @@ def ours_round_trip(n, reps, secure, shards=1):
     return dt
 
 
+def _raw_client_process(address, n, reps, q):
+    ctx = zmq.Context()
+    c = ctx.socket(zmq.DEALER)
+    c.connect(address)
+    g = np.random.default_rng(0).random(n, dtype=np.float32)
+    for _ in range(20):
+        c.send_multipart([b"push", g], copy=False)
+        c.recv_multipart(copy=False)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        c.send_multipart([b"push", g], copy=False)
+        c.recv_multipart(copy=False)
+    q.put((time.perf_counter() - t0) / reps)
+    c.close(linger=0)
+    ctx.term()
+
+
+def _ours_client_process(cfg, n, reps, q):
+    g = np.random.default_rng(0).random(n, dtype=np.float32)
+    with connect(cfg, worker_id=0, timeout=60) as c:
+        for _ in range(20):
+            c.push(g, want_weights=True)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            c.push(g, want_weights=True)
+        q.put((time.perf_counter() - t0) / reps)
+
+
+def process_round_trip(n, reps, ours):
+    """The round trip as a worker meets it: the client in a process of its own (spawned), the server (the
+    anchor's ROUTER thread, or ours, security off) in this one -> seconds per round trip."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    if ours:
+        spec = TrainingSpec(mode="async", learning_rate=0.01, num_workers=1)
+        with make_server(np.zeros(n, np.float32), spec=spec, shards=1, secure=False, progress=False) as s:
+            p = ctx.Process(target=_ours_client_process, args=(s.client_config(), n, reps, q))
+            p.start()
+            dt = q.get(timeout=300)
+            p.join(60)
+        return dt
+    zctx = zmq.Context()
+    srv = zctx.socket(zmq.ROUTER)
+    port = srv.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve(total):
+        w = None
+        for _ in range(total):
+            ident, _hdr, payload = srv.recv_multipart(copy=False)
+            g = np.frombuffer(payload.buffer, dtype=np.float32)
+            if w is None:
+                w = np.zeros_like(g)
+            w -= 0.01 * g
+            srv.send_multipart([ident.bytes, b"ok", w], copy=False)
+
+    t = threading.Thread(target=serve, args=(reps + 20,), daemon=True)
+    t.start()
+    p = ctx.Process(target=_raw_client_process, args=(f"tcp://127.0.0.1:{port}", n, reps, q))
+    p.start()
+    dt = q.get(timeout=300)
+    p.join(60)
+    t.join(60)
+    srv.close(linger=0)
+    zctx.term()
+    return dt
+
+
 def _updates_worker(cfg, wid, seconds, q):
     g = np.full(cfg["num_params"], 1e-6, np.float32)
     with ParameterClient(cfg, worker_id=wid, timeout=30) as c:
@@ -265,6 +332,16 @@ def round_trips(a, out):
               f"{row['ratio_ours_over_raw_throughput']:8.2f}x {row['curve_ms']:9.2f} {row['curve_cost_x']:9.2f}x "
               f"{shards:6d} {row['sharded_curve_ms']:10.2f} {row['sharded_curve_cost_x']:5.2f}x "
               f"{row['ours_gb_s_both_ways']:9.2f}")
+    n, reps = 7510, 1000 if a.quick else 3000
+    raw, ours = [], []
+    for _ in range(3 if a.quick else 5):
+        raw.append(process_round_trip(n, reps, ours=False))
+        ours.append(process_round_trip(n, reps, ours=True))
+    r, o = min(raw), min(ours)
+    out["round_trip_processes"] = {"n_params": n, "raw_ms": r * 1e3, "ours_ms": o * 1e3,
+                                   "ratio_ours_over_raw_throughput": r / o}
+    print(f"client in its own process (as a worker), {n} floats, security off: raw {r * 1e3:.3f} ms, ours "
+          f"{o * 1e3:.3f} ms, ours/raw {r / o:.2f}x")
 
 
 def updates_table(a, out):

@@ -22,7 +22,7 @@ import zmq
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
                        FLAG_WANT_WEIGHTS, FLOAT32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
-                       array_frame, encode_array, read_array, recv_frames, unpack_header)
+                       array_frame, encode_array, queue_depth, read_array, recv_frames, unpack_header)
 from .security import secure_client
 
 _SNDMORE = int(zmq.SNDMORE)
@@ -60,7 +60,7 @@ class ParameterClient:
     """Client of one worker. ``timeout`` seconds per try, ``retries`` extra tries, then ServerUnavailable."""
 
     def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
-                 register: bool = True, hwm: int = 8):
+                 register: bool = True, hwm: int | None = None):
         self.cfg, self.worker_id, self.attempt = cfg, int(worker_id), int(attempt)
         self.timeout, self.retries = float(timeout), int(retries)
         self.job_id, self.fingerprint = bytes.fromhex(cfg["job_id"]), int(cfg["fingerprint"])
@@ -69,16 +69,17 @@ class ParameterClient:
         self.ctx = zmq.Context()
         s = self.sock = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        hwm = queue_depth(self.num_params) if hwm is None else int(hwm)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
+        # a receive waits at most this long: then the client looks whether its connection was re-made
+        s.setsockopt(zmq.RCVTIMEO, int(self.RESEND_CHECK_S * 1000))
         s.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         secure_client(s, cfg)
         # A request queued while a connection fails (refused mid-handshake, say) can be lost with it: the
         # monitor tells a re-made connection, and the request is sent again on it instead of waiting out a try.
         self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._lost = False     # a connection went down and no new one has finished its handshake yet
-        self._poller = zmq.Poller()   # one for the client's life: Socket.poll builds one per call
-        self._poller.register(s, zmq.POLLIN)
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
@@ -127,7 +128,7 @@ class ParameterClient:
         big = payload is not None and len(payload) >= ZERO_COPY_MIN
         sent, trackers = 0, []
 
-        sock, poll = self.sock, self._poller.poll
+        sock = self.sock
 
         def send():
             nonlocal sent
@@ -146,21 +147,24 @@ class ParameterClient:
         for _ in range(self.retries + 1):
             send()
             deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                if not poll(int(min(left, self.RESEND_CHECK_S) * 1000) + 1):
-                    if self._reconnected():     # the request may have gone down with the old connection
-                        send()
-                    continue
-                reply = recv_frames(sock)
-                try:
-                    rh = unpack_header(reply[0].buffer)
-                except ProtocolError:
-                    continue
-                if rh.seq != h.seq or rh.op != (h.op | 0x80):
-                    continue                           # a late reply to an earlier request
-                for tracker in trackers:
-                    tracker.wait(timeout)              # the caller may reuse its buffer after we return
-                return rh, (reply[1] if len(reply) > 1 else None), sent
+            while True:
+                try:            # a blocking receive (RCVTIMEO), as a bare DEALER loop: no poller in front
+                    reply = recv_frames(sock)
+                except zmq.Again:
+                    reply = None
+                    if self._reconnected() and time.monotonic() < deadline:
+                        send()      # the request may have gone down with the old connection
+                if reply is not None:
+                    try:
+                        rh = unpack_header(reply[0].buffer)
+                    except ProtocolError:
+                        rh = None
+                    if rh is not None and rh.seq == h.seq and rh.op == (h.op | 0x80):   # else a late reply
+                        for tracker in trackers:
+                            tracker.wait(timeout)          # the caller may reuse its buffer after we return
+                        return rh, (reply[1] if len(reply) > 1 else None), sent
+                if time.monotonic() >= deadline:
+                    break
         raise ServerUnavailable(f"no reply from the parameter server at {self.cfg['address']} to "
                                 f"{Op(h.op).name} after {self.retries + 1} tries of {timeout:.1f}s: it is gone, "
                                 f"overloaded, or refused this client's keys")

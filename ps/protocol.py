@@ -283,6 +283,17 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True, accept
     return arr
 
 
+QUEUE_BYTES = 1 << 20      # what one connection's queue may hold, each way, before its sender waits or fails
+
+
+def queue_depth(num_params: int) -> int:
+    """Messages one connection may queue each way (ZeroMQ's SNDHWM / RCVHWM) for a model of ``num_params``
+    float32 values: about ``QUEUE_BYTES`` of them, at least 8, at most 1,000. A reader tells the writer it may
+    go on every half-depth messages read, a command between threads: at depth 8 that was one per two
+    round trips, a wake-up of the I/O thread as dear as a small request's own work."""
+    return int(min(1000, max(8, QUEUE_BYTES // (4 * max(1, int(num_params)) + HEADER.size))))
+
+
 def max_message_bytes(num_params: int) -> int:
     """The largest frame a legitimate peer sends for a model of ``num_params`` float32 values (weights, or a
     JSON report), with room for CURVE's per-message overhead: the server's ZMQ_MAXMSGSIZE. A peer that

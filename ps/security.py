@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -85,7 +86,11 @@ class ConnectionGuard:
     """Caps the open connections of a server socket at ``limit``, from its monitor's events: a connection
     accepted beyond the cap is shut down at once (libzmq then drops it cleanly), so peers can never take the
     process's last descriptors. Peers that never finish their handshake go after the socket's HANDSHAKE_IVL
-    anyway, so idle connections hold a slot for seconds, not for ever. ``poll()`` handles pending events."""
+    anyway, so idle connections hold a slot for seconds, not for ever. ``poll()`` handles pending events;
+    ``start()`` does it on a thread of the guard's own, which owns the monitor socket (the server's socket is
+    never touched there), so the serving thread waits on its one socket alone."""
+
+    WAIT_MS = 50              # the guard thread looks at its stop flag this often
 
     def __init__(self, sock: zmq.Socket, limit: int):
         self.limit = int(limit)
@@ -93,6 +98,8 @@ class ConnectionGuard:
         self._sock = sock
         self.open: set = set()
         self.accepted = self.refused = self.peak = 0
+        self._thread = None
+        self._stop = threading.Event()
 
     def poll(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -113,11 +120,25 @@ class ConnectionGuard:
                 self.open.add(fd)
                 self.peak = max(self.peak, len(self.open))
 
+    def start(self) -> "ConnectionGuard":
+        self._thread = threading.Thread(target=self._run, name="ps-connection-guard", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.monitor.poll(self.WAIT_MS):
+                self.poll()
+
     def stats(self) -> dict:
         return {"open": len(self.open), "peak": self.peak, "accepted": self.accepted, "refused": self.refused,
                 "limit": self.limit}
 
     def close(self) -> None:
+        """Stop the thread, then the monitor (call it from the thread that owns the server's socket)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10 * self.WAIT_MS / 1000)
         self._sock.disable_monitor()
         self.monitor.close(linger=0)
 

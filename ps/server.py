@@ -19,13 +19,14 @@ import zmq
 from . import checkpoint as ckpt
 from .engine import Engine
 from .progress import ProgressLine, epoch_line
-from .protocol import PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint, recv_frames
+from .protocol import (PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint, queue_depth,
+                       recv_frames)
 from .security import ConnectionGuard, CurveServer, curve_speed_problem, raise_fd_limit
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.server")
 # zmq's flags as plain ints: its enums cost more per call than the request's header on the hot path
-_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 def _send_reply(sock, token, head, frame, big):
@@ -99,12 +100,13 @@ class ParameterServer:
     buffered; a peer that has not finished its handshake after ``handshake_timeout`` seconds is dropped; at
     most ``max_connections`` are open at once (default: half the process's descriptors, whose soft limit is
     raised to the hard one). advertise_host: the address handed to workers when binding all interfaces.
+    hwm: messages each connection may queue each way (default :func:`ps.protocol.queue_depth`, about 1 MiB).
     """
 
     def __init__(self, w, mode=None, optimizer=None, learning_rate=None, num_workers=None,
                  bind="tcp://127.0.0.1:0", secure=True, *, spec: TrainingSpec | None = None, checkpoint_dir=None,
                  checkpoint_every=None, checkpoint_seconds=None, resume=False, checkpoint_on_stop=True,
-                 progress=None, hwm=8, on_epoch=None, advertise_host=None, handshake_timeout=5.0,
+                 progress=None, hwm=None, on_epoch=None, advertise_host=None, handshake_timeout=5.0,
                  max_connections=None, shard=None, **spec_fields):
         given = {k: v for k, v in dict(mode=mode, optimizer=optimizer, learning_rate=learning_rate,
                                        num_workers=num_workers).items() if v is not None}
@@ -114,7 +116,8 @@ class ParameterServer:
         elif given:
             raise TypeError(f"pass either spec= or its fields, not both (got {sorted(given)})")
         w = np.asarray(w)
-        self.spec, self.bind, self.secure, self.hwm = spec, bind, bool(secure), int(hwm)
+        self.spec, self.bind, self.secure = spec, bind, bool(secure)
+        self.hwm = int(hwm) if hwm is not None else queue_depth(w.shape[0])
         self.advertise_host = advertised_host(bind, advertise_host)
         self.handshake_timeout, self.max_connections = float(handshake_timeout), max_connections
         self.job_id = uuid.uuid4().bytes
@@ -171,7 +174,7 @@ class ParameterServer:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.engine.num_params))
         sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.handshake_timeout * 1000))
         fds = raise_fd_limit()
-        self.guard = ConnectionGuard(sock, self.max_connections or max(16, fds // 2))
+        self.guard = ConnectionGuard(sock, self.max_connections or max(16, fds // 2)).start()
         if self.secure:
             self.curve = CurveServer(self.ctx)
             self.curve.secure(sock)
@@ -333,21 +336,28 @@ class ParameterServer:
             self.engine.pool.track(payload, tracker)
 
     HOUSEKEEPING_S = 0.01     # timers (deadlines, checkpoints, epoch lines, progress) at most this often
+    IDLE_WAIT_S = 0.05        # with no request, the timers are looked at this often
 
     def _serve(self) -> None:
-        sock, poller, monitor = self._sock, zmq.Poller(), self.guard.monitor
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        # One blocking receive per request, as a bare ROUTER loop does: no poller (and its extra wake-up and
+        # system calls) in front of it. The connection guard watches its monitor on its own thread.
+        sock, stop = self._sock, self._stop
+        sock.setsockopt(zmq.RCVTIMEO, int(self.IDLE_WAIT_S * 1000))
         next_housekeeping = 0.0
         try:
-            while not self._stop.is_set():
-                ready = dict(poller.poll(50))
-                if monitor in ready:
-                    self.guard.poll()
-                if sock in ready:
-                    self._drain_requests(sock)
+            while not stop.is_set():
+                try:
+                    frames = recv_frames(sock)
+                except zmq.Again:                  # nothing for IDLE_WAIT_S
+                    frames = None
+                if frames is not None:
+                    with self._lock:
+                        replies = self.engine.handle(frames[0].bytes, frames[1:])
+                    for r in replies:
+                        self._send(*r)
+                    self._maybe_checkpoint()
                 now = time.monotonic()
-                if not ready or now >= next_housekeeping:   # per request, this would cost as much as the request
+                if frames is None or now >= next_housekeeping:  # per request, this would cost as much as one
                     next_housekeeping = now + self.HOUSEKEEPING_S
                     with self._lock:
                         replies = self.engine.tick(now)
@@ -366,21 +376,6 @@ class ParameterServer:
             log.exception("parameter server thread failed")
         finally:
             self._close_ctx(sock)
-
-    def _drain_requests(self, sock) -> None:
-        """Handle a burst of up to 64 queued requests (then the caller looks at its timers)."""
-        for _ in range(64):
-            try:
-                frames = recv_frames(sock, _NOBLOCK)   # poll, or EVENTS below, said one is there
-            except zmq.Again:
-                return
-            with self._lock:
-                replies = self.engine.handle(frames[0].bytes, frames[1:])
-            for r in replies:
-                self._send(*r)
-            self._maybe_checkpoint()
-            if not sock.getsockopt(_EVENTS) & _POLLIN:     # cheaper than a failed recv's exception
-                break
 
     def _report_epochs(self) -> None:
         with self._lock:

@@ -400,3 +400,60 @@ def test_stop_answers_every_waiting_request_server_stopping():
             t.join(10)
     assert got == {"round": Reason.SERVER_STOPPING, "barrier": Reason.SERVER_STOPPING,
                    "ssp": Reason.SERVER_STOPPING}
+
+
+# -------------------------------------------------------------------------------- transport settings
+def test_queue_depth_holds_about_a_mebibyte_of_the_models_messages():
+    from ps.protocol import QUEUE_BYTES, queue_depth
+
+    digits = 64 * 100 + 100 + 100 * 10 + 10
+    assert queue_depth(digits) == QUEUE_BYTES // (4 * digits + HEADER.size) == 34
+    assert queue_depth(16) == 1000 and queue_depth(10_000_000) == 8 == queue_depth(269_322)
+    depths = [queue_depth(n) for n in (1, 100, 7510, 100_000, 1_000_000)]
+    assert depths == sorted(depths, reverse=True)
+    w = np.zeros(digits, np.float32)
+    with server(w, secure=False) as s, ParameterClient(s.client_config(), worker_id=0, timeout=5) as c:
+        assert s.hwm == 34
+        assert c.sock.getsockopt(zmq.RCVHWM) == c.sock.getsockopt(zmq.SNDHWM) == 34
+        for _ in range(3 * 34):          # past several half-depths: the reader's go-on commands are sent
+            r = c.push(np.full(digits, 1e-3, np.float32), want_weights=True)
+        assert r.version == 3 * 34 and s.stats()["dropped_replies"] == 0
+    with server(np.zeros(16, np.float32), hwm=3, secure=False) as s:
+        assert s.hwm == 3
+
+
+def test_the_connection_guard_watches_on_its_own_thread_and_stops_with_the_server():
+    """The serving thread waits on its socket alone; connections are counted while no request comes."""
+    import socket
+
+    s = server(secure=False)
+    guards = [t for t in threading.enumerate() if t.name == "ps-connection-guard"]
+    assert len(guards) == 1 and guards[0].is_alive()
+    port = int(s.address.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        deadline = time.monotonic() + 10
+        while s.stats()["connections"]["accepted"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.stats()["connections"]["accepted"] == 1 and s.stats()["received"] == 0
+    s.stop()
+    guards[0].join(5)
+    assert not guards[0].is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_a_reply_later_than_the_receive_wait_still_arrives():
+    """The client's receive waits RESEND_CHECK_S at a time: a reply that takes several of those (an SSP read
+    held for a slower worker) is still taken, within the request's own timeout."""
+    with server(np.zeros(16, np.float32), num_workers=2, mode="async", ssp_slack=0, secure=False,
+                barrier_timeout=20) as s:
+        cfg = s.client_config()
+        with ParameterClient(cfg, worker_id=0, timeout=5) as a, ParameterClient(cfg, worker_id=1, timeout=5) as b:
+            a.push(np.ones(16, np.float32))
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("pull", a.pull(clock=1)))
+            t.start()
+            time.sleep(3 * ParameterClient.RESEND_CHECK_S)
+            assert "pull" not in out                   # held: worker 1 is a step behind
+            b.push(np.ones(16, np.float32))
+            t.join(10)
+            assert out["pull"][0] == 2
