@@ -102,23 +102,38 @@ class ConnectionGuard:
         self._stop = threading.Event()
 
     def poll(self) -> None:
+        """Handle the pending events: all of them are read first, so that a descriptor already closed and
+        reused by a newer connection (its DISCONNECTED and a new ACCEPTED wait behind) is never shut down for
+        the connection it used to be."""
         from zmq.utils.monitor import recv_monitor_message
 
+        events = []
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
-            fd = event["value"]
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+                break
+            events.append((event["event"], event["value"]))
+        for fd in self.account(events):
+            _shut_down(fd)
+
+    def account(self, events: list) -> list:
+        """Count a batch of (event, fd) in order -> the descriptors to shut down: those refused whose last
+        event in the batch is that refusal (an earlier connection on a reused descriptor is gone already)."""
+        last = {fd: i for i, (_, fd) in enumerate(events)}
+        shut = []
+        for i, (event, fd) in enumerate(events):
+            if event == zmq.EVENT_DISCONNECTED:
                 self.open.discard(fd)
             elif len(self.open) >= self.limit:
                 self.refused += 1
-                _shut_down(fd)
+                if last[fd] == i:
+                    shut.append(fd)
             else:
                 self.accepted += 1
                 self.open.add(fd)
                 self.peak = max(self.peak, len(self.open))
+        return shut
 
     def start(self) -> "ConnectionGuard":
         self._thread = threading.Thread(target=self._run, name="ps-connection-guard", daemon=True)

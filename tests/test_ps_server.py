@@ -457,3 +457,26 @@ def test_a_reply_later_than_the_receive_wait_still_arrives():
             b.push(np.ones(16, np.float32))
             t.join(10)
             assert out["pull"][0] == 2
+
+
+def test_the_connection_guard_never_shuts_a_reused_descriptor_for_its_old_connection():
+    """Cap 1, fd 3 open. fd 5 is accepted over the cap, closed, and reused by a newer connection, all before
+    the guard reads: only the newest connection on fd 5 is refused (shut once); a connection whose own
+    DISCONNECTED follows in the batch is only counted."""
+    from ps.security import ConnectionGuard
+
+    A, D = zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        guard = ConnectionGuard(sock, limit=1)
+        assert guard.account([(A, 3)]) == [] and guard.open == {3}
+        assert guard.account([(A, 5), (D, 5), (A, 5)]) == [5]
+        assert guard.account([(A, 7), (D, 7)]) == []                 # refused and gone: nothing to shut
+        assert guard.account([(D, 3), (A, 5), (A, 9), (D, 9)]) == []   # 3 left: 5 fits, 9 was refused and left
+        assert guard.open == {5}
+        assert guard.stats() == {"open": 1, "peak": 1, "accepted": 2, "refused": 4, "limit": 1}
+        guard.close()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
