@@ -35,35 +35,50 @@ from ps.shards import auto_shards, connect, make_server  # noqa: E402
 from ps.spec import TrainingSpec  # noqa: E402
 
 
-def raw_round_trip(n, reps):
-    """The anchor: ROUTER thread applies w -= 0.01 g and sends w back zero-copy; DEALER times round trips."""
-    ctx = zmq.Context()
-    srv = ctx.socket(zmq.ROUTER)
-    port = srv.bind_to_random_port("tcp://127.0.0.1")
+def _raw_serve(srv, total):
+    """The anchor's ROUTER loop: apply w -= 0.01 g, send w back zero-copy, ``total`` times."""
+    w = None
+    for _ in range(total):
+        ident, _hdr, payload = srv.recv_multipart(copy=False)
+        g = np.frombuffer(payload.buffer, dtype=np.float32)
+        if w is None:
+            w = np.zeros_like(g)
+        w -= 0.01 * g
+        srv.send_multipart([ident.bytes, b"ok", w], copy=False)
 
-    def serve(total):
-        w = None
-        for _ in range(total):
-            ident, _hdr, payload = srv.recv_multipart(copy=False)
-            g = np.frombuffer(payload.buffer, dtype=np.float32)
-            if w is None:
-                w = np.zeros_like(g)
-            w -= 0.01 * g
-            srv.send_multipart([ident.bytes, b"ok", w], copy=False)
 
-    t = threading.Thread(target=serve, args=(reps + 2,))
-    t.start()
-    c = ctx.socket(zmq.DEALER)
-    c.connect(f"tcp://127.0.0.1:{port}")
-    g = np.random.default_rng(0).random(n, dtype=np.float32)
-    for _ in range(2):
+def _raw_client_loop(c, g, warm, reps):
+    """The anchor's DEALER side: ``warm`` untimed round trips, then -> seconds per round trip of ``reps``."""
+    for _ in range(warm):
         c.send_multipart([b"push", g], copy=False)
         c.recv_multipart(copy=False)
     t0 = time.perf_counter()
     for _ in range(reps):
         c.send_multipart([b"push", g], copy=False)
         c.recv_multipart(copy=False)
-    dt = (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / reps
+
+
+def _ours_client_loop(c, g, warm, reps):
+    """Our client's side of the same: push ``g``, get the weights back."""
+    for _ in range(warm):
+        c.push(g, want_weights=True)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        c.push(g, want_weights=True)
+    return (time.perf_counter() - t0) / reps
+
+
+def raw_round_trip(n, reps):
+    """The anchor: ROUTER thread applies w -= 0.01 g and sends w back zero-copy; DEALER times round trips."""
+    ctx = zmq.Context()
+    srv = ctx.socket(zmq.ROUTER)
+    port = srv.bind_to_random_port("tcp://127.0.0.1")
+    t = threading.Thread(target=_raw_serve, args=(srv, reps + 2))
+    t.start()
+    c = ctx.socket(zmq.DEALER)
+    c.connect(f"tcp://127.0.0.1:{port}")
+    dt = _raw_client_loop(c, np.random.default_rng(0).random(n, dtype=np.float32), 2, reps)
     t.join()
     c.close(linger=0)
     srv.close(linger=0)
@@ -76,12 +91,7 @@ def ours_round_trip(n, reps, secure, shards=1):
     spec = TrainingSpec(mode="async", learning_rate=0.01, num_workers=1)
     with make_server(np.zeros(n, np.float32), spec=spec, shards=shards, secure=secure, progress=False) as s:
         with connect(s.client_config(), worker_id=0, timeout=60) as c:
-            for _ in range(2):
-                c.push(g, want_weights=True)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                c.push(g, want_weights=True)
-            dt = (time.perf_counter() - t0) / reps
+            dt = _ours_client_loop(c, g, 2, reps)
         assert s.stats()["applied"] == reps + 2
     return dt
 
@@ -90,15 +100,7 @@ def _raw_client_process(address, n, reps, q):
     ctx = zmq.Context()
     c = ctx.socket(zmq.DEALER)
     c.connect(address)
-    g = np.random.default_rng(0).random(n, dtype=np.float32)
-    for _ in range(20):
-        c.send_multipart([b"push", g], copy=False)
-        c.recv_multipart(copy=False)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        c.send_multipart([b"push", g], copy=False)
-        c.recv_multipart(copy=False)
-    q.put((time.perf_counter() - t0) / reps)
+    q.put(_raw_client_loop(c, np.random.default_rng(0).random(n, dtype=np.float32), 20, reps))
     c.close(linger=0)
     ctx.term()
 
@@ -106,12 +108,7 @@ def _raw_client_process(address, n, reps, q):
 def _ours_client_process(cfg, n, reps, q):
     g = np.random.default_rng(0).random(n, dtype=np.float32)
     with connect(cfg, worker_id=0, timeout=60) as c:
-        for _ in range(20):
-            c.push(g, want_weights=True)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            c.push(g, want_weights=True)
-        q.put((time.perf_counter() - t0) / reps)
+        q.put(_ours_client_loop(c, g, 20, reps))
 
 
 def process_round_trip(n, reps, ours):
@@ -130,18 +127,7 @@ def process_round_trip(n, reps, ours):
     zctx = zmq.Context()
     srv = zctx.socket(zmq.ROUTER)
     port = srv.bind_to_random_port("tcp://127.0.0.1")
-
-    def serve(total):
-        w = None
-        for _ in range(total):
-            ident, _hdr, payload = srv.recv_multipart(copy=False)
-            g = np.frombuffer(payload.buffer, dtype=np.float32)
-            if w is None:
-                w = np.zeros_like(g)
-            w -= 0.01 * g
-            srv.send_multipart([ident.bytes, b"ok", w], copy=False)
-
-    t = threading.Thread(target=serve, args=(reps + 20,), daemon=True)
+    t = threading.Thread(target=_raw_serve, args=(srv, reps + 20), daemon=True)
     t.start()
     p = ctx.Process(target=_raw_client_process, args=(f"tcp://127.0.0.1:{port}", n, reps, q))
     p.start()
