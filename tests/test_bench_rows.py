@@ -48,3 +48,15 @@ def test_scale_model_adds_workers_until_the_server_or_the_machine_is_the_limit()
     # over a network the exchange also moves 2 x 4 kB and waits 2 x latency
     slow = bench.model(parts, 1, bandwidth=4000 * 2 / 0.001, latency=0.0005, **kw)
     assert math.isclose(slow, 4 * 100 / (4 * 0.002 + 0.003 + 0.001 + 0.001))
+
+
+def test_syscall_counts_are_read_from_straces_summary_table(tmp_path):
+    bench = load("round_trip_syscalls")
+    table = tmp_path / "s.txt"
+    table.write_text("% time     seconds  usecs/call     calls    errors syscall\n"
+                     "------ ----------- ----------- --------- --------- ----------------\n"
+                     " 41.10    0.123456          12     10000           poll\n"
+                     "  9.00    0.010000           3      3003        17 recvfrom\n"
+                     "------ ----------- ----------- --------- --------- ----------------\n"
+                     "100.00    0.133456          10     13003        17 total\n")
+    assert bench._counts(str(table)) == {"poll": 10000, "recvfrom": 3003}
