@@ -121,14 +121,24 @@ class Round:
     entries: dict = field(default_factory=dict)   # worker -> (token, header, array or None)
 
 
+def check_initial_weights(w0) -> np.ndarray:
+    """The initial weight vector as an array, or ValueError naming what is wrong with it."""
+    w0 = np.asarray(w0)
+    if w0.ndim != 1 or w0.size == 0:
+        raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got shape {w0.shape}")
+    bad = w0.size - int(np.isfinite(w0).sum())
+    if bad:
+        raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got {bad} NaN/inf value(s) "
+                         f"among {w0.size}")
+    return w0
+
+
 class Engine:
     """Server state for one job run by ``spec`` (a :class:`ps.spec.TrainingSpec`). ``optimizer``: the update
     rule of gradient pushes, by default the spec's on :func:`core.backends.host_ops`."""
 
     def __init__(self, w0, spec: TrainingSpec, *, job_id, fingerprint, optimizer=None, history_limit=100_000):
-        w0 = np.asarray(w0)
-        if w0.ndim != 1 or w0.size == 0 or not np.isfinite(w0).all():
-            raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got shape {w0.shape}")
+        w0 = check_initial_weights(w0)
         if optimizer is None:
             from core.backends import host_ops
             from core.optimizers import make_optimizer

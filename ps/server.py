@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from . import checkpoint as ckpt
-from .engine import Engine
+from .engine import Engine, check_initial_weights
 from .progress import ProgressLine, epoch_line
 from .protocol import (PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint, queue_depth,
                        recv_frames)
@@ -115,7 +115,7 @@ class ParameterServer:
             spec = TrainingSpec(**given)
         elif given:
             raise TypeError(f"pass either spec= or its fields, not both (got {sorted(given)})")
-        w = np.asarray(w)
+        w = check_initial_weights(w)          # before anything reads its shape
         self.spec, self.bind, self.secure = spec, bind, bool(secure)
         self.hwm = int(hwm) if hwm is not None else queue_depth(w.shape[0])
         self.advertise_host = advertised_host(bind, advertise_host)

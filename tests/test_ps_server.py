@@ -480,3 +480,13 @@ def test_the_connection_guard_never_shuts_a_reused_descriptor_for_its_old_connec
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize("w,says", [(np.float32(1.0), r"shape \(\)"), (np.zeros((2, 3), np.float32), r"shape \(2, 3\)"),
+                                    (np.zeros(0, np.float32), r"shape \(0,\)"),
+                                    (np.array([1.0, np.nan, np.inf], np.float32), "2 NaN/inf value")])
+def test_bad_initial_weights_are_refused_by_name_before_anything_starts(w, says):
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ValueError, match=f"initial weights must be a finite non-empty 1-D vector, got .*{says}"):
+        ParameterServer(w, secure=False, progress=False)
+    assert {t.name for t in threading.enumerate()} == before
