@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
                        FLAG_WANT_WEIGHTS, FLOAT32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
@@ -114,7 +115,7 @@ class ParameterClient:
         """Whether a connection was lost and a new one finished its handshake since the last look."""
         remade = False
         while self._monitor.poll(0):
-            event = int.from_bytes(self._monitor.recv_multipart()[0][:2], "little")
+            event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._lost = True
             elif self._lost:
