@@ -95,6 +95,11 @@ def digits():
     return _DIGITS
 
 
+def port_of(address: str) -> int:
+    """The port of a tcp://host:port address."""
+    return int(address.rsplit(":", 1)[1])
+
+
 class ReplyCutter:
     """A TCP relay in front of a server at tcp://127.0.0.1:PORT that forwards both ways, except that once
     ``cut()`` says so it drops one connection at the server's next bytes to the client instead of forwarding
@@ -102,7 +107,7 @@ class ReplyCutter:
     ``cuts`` counts the connections it dropped; ``with`` closes it."""
 
     def __init__(self, server_address: str, cut):
-        self.target = ("127.0.0.1", int(server_address.rsplit(":", 1)[1]))
+        self.target = ("127.0.0.1", port_of(server_address))
         self.cut, self.cuts, self.armed = cut, 0, True
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)

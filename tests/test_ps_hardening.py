@@ -14,9 +14,11 @@ import pytest
 from ps import ParameterClient, ParameterServer, PSError, Reason, Status, UpdateRejected
 from ps.protocol import Op
 try:
-    from tests.ps_helpers import ReplyCutter, curve_greeting, header_for, push_frames, raw_socket, request, rss_mb
+    from tests.ps_helpers import (ReplyCutter, curve_greeting, header_for, port_of, push_frames, raw_socket,
+                                  request, rss_mb)
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import ReplyCutter, curve_greeting, header_for, push_frames, raw_socket, request, rss_mb
+    from ps_helpers import (ReplyCutter, curve_greeting, header_for, port_of, push_frames, raw_socket, request,
+                            rss_mb)
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +27,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def server(w=None, **kw):
     kw.setdefault("progress", False)
     return ParameterServer(np.zeros(16, np.float32) if w is None else w, **kw).start()
-
-
-def port_of(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
 
 
 # -------------------------------------------------------------------------------- memory before the handshake

@@ -13,9 +13,9 @@ from ps import ParameterClient, ParameterServer, PSError, Reason, ServerUnavaila
 from ps import checkpoint as ckpt
 from ps.protocol import FLAG_JSON, FLOAT32, HEADER, MAGIC, MAX_JSON_BYTES, PROTOCOL_VERSION, Header
 try:
-    from tests.ps_helpers import header_for, push_frames, raw_socket, request, run_threads
+    from tests.ps_helpers import header_for, port_of, push_frames, raw_socket, request, run_threads
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import header_for, push_frames, raw_socket, request, run_threads
+    from ps_helpers import header_for, port_of, push_frames, raw_socket, request, run_threads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -429,8 +429,7 @@ def test_the_connection_guard_watches_on_its_own_thread_and_stops_with_the_serve
     s = server(secure=False)
     guards = [t for t in threading.enumerate() if t.name == "ps-connection-guard"]
     assert len(guards) == 1 and guards[0].is_alive()
-    port = int(s.address.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=5):
+    with socket.create_connection(("127.0.0.1", port_of(s.address)), timeout=5):
         deadline = time.monotonic() + 10
         while s.stats()["connections"]["accepted"] < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
