@@ -35,6 +35,17 @@ from ps.shards import auto_shards, connect, make_server  # noqa: E402
 from ps.spec import TrainingSpec  # noqa: E402
 
 
+RAW_TIMEOUT_MS = 60_000   # the anchor's sockets wait at most this long: a lost message fails the run, never hangs it
+
+
+def _raw_socket(ctx, kind):
+    """A socket of the raw anchor, with receive and send timeouts (zmq.Again after RAW_TIMEOUT_MS)."""
+    s = ctx.socket(kind)
+    for opt, value in ((zmq.RCVTIMEO, RAW_TIMEOUT_MS), (zmq.SNDTIMEO, RAW_TIMEOUT_MS), (zmq.LINGER, 0)):
+        s.setsockopt(opt, value)
+    return s
+
+
 def _raw_serve(srv, total):
     """The anchor's ROUTER loop: apply w -= 0.01 g, send w back zero-copy, ``total`` times."""
     w = None
@@ -72,14 +83,14 @@ def _ours_client_loop(c, g, warm, reps):
 def raw_round_trip(n, reps):
     """The anchor: ROUTER thread applies w -= 0.01 g and sends w back zero-copy; DEALER times round trips."""
     ctx = zmq.Context()
-    srv = ctx.socket(zmq.ROUTER)
+    srv = _raw_socket(ctx, zmq.ROUTER)
     port = srv.bind_to_random_port("tcp://127.0.0.1")
-    t = threading.Thread(target=_raw_serve, args=(srv, reps + 2))
+    t = threading.Thread(target=_raw_serve, args=(srv, reps + 2), daemon=True)
     t.start()
-    c = ctx.socket(zmq.DEALER)
+    c = _raw_socket(ctx, zmq.DEALER)
     c.connect(f"tcp://127.0.0.1:{port}")
     dt = _raw_client_loop(c, np.random.default_rng(0).random(n, dtype=np.float32), 2, reps)
-    t.join()
+    t.join(RAW_TIMEOUT_MS / 1000)
     c.close(linger=0)
     srv.close(linger=0)
     ctx.term()
@@ -98,7 +109,7 @@ def ours_round_trip(n, reps, secure, shards=1):
 
 def _raw_client_process(address, n, reps, q):
     ctx = zmq.Context()
-    c = ctx.socket(zmq.DEALER)
+    c = _raw_socket(ctx, zmq.DEALER)
     c.connect(address)
     q.put(_raw_client_loop(c, np.random.default_rng(0).random(n, dtype=np.float32), 20, reps))
     c.close(linger=0)
@@ -125,7 +136,7 @@ def process_round_trip(n, reps, ours):
             p.join(60)
         return dt
     zctx = zmq.Context()
-    srv = zctx.socket(zmq.ROUTER)
+    srv = _raw_socket(zctx, zmq.ROUTER)
     port = srv.bind_to_random_port("tcp://127.0.0.1")
     t = threading.Thread(target=_raw_serve, args=(srv, reps + 20), daemon=True)
     t.start()

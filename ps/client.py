@@ -22,11 +22,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
-                       FLAG_WANT_WEIGHTS, FLOAT32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
+                       FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
                        array_frame, encode_array, queue_depth, read_array, recv_frames, unpack_header)
 from .security import secure_client
-
-_SNDMORE = int(zmq.SNDMORE)
 
 
 class ServerUnavailable(ConnectionError):
@@ -138,7 +136,7 @@ class ParameterClient:
                 if payload is None:
                     sock.send(head, copy=True)
                 else:                           # plain ints: zmq's flag enums cost more than the header
-                    sock.send(head, _SNDMORE, copy=True)
+                    sock.send(head, SNDMORE, copy=True)
                     tracker = sock.send(payload, 0, copy=not big, track=big)
                     if big:
                         trackers.append(tracker)

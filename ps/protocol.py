@@ -54,6 +54,7 @@ import struct
 from typing import NamedTuple
 
 import numpy as np
+import zmq
 
 from core.backends.numpy_ops import round_to_precision
 
@@ -174,6 +175,10 @@ class Header(NamedTuple):
                       wv if wversion is None else wversion, st if step is None else step, loss, accuracy,
                       batch_size, int(status), int(code), flags, seq, dtype, n_values, epoch,
                       sess if session is None else session, version, magic)
+
+
+# zmq's send flags as plain ints: its flag enums cost more per call than a small request's header
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 def recv_frames(sock, flags: int = 0) -> list:

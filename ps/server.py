@@ -19,25 +19,23 @@ import zmq
 from . import checkpoint as ckpt
 from .engine import Engine, check_initial_weights
 from .progress import ProgressLine, epoch_line
-from .protocol import (PROTOCOL_VERSION, ZERO_COPY_MIN, max_message_bytes, model_fingerprint, queue_depth,
-                       recv_frames)
+from .protocol import (NOBLOCK, PROTOCOL_VERSION, SNDMORE, ZERO_COPY_MIN, max_message_bytes, model_fingerprint,
+                       queue_depth, recv_frames)
 from .security import ConnectionGuard, CurveServer, curve_speed_problem, raise_fd_limit
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.server")
-# zmq's flags as plain ints: its enums cost more per call than the request's header on the hot path
-_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 def _send_reply(sock, token, head, frame, big):
     """ROUTER reply: [peer, header(, payload)], never blocking; a full or gone peer fails at the first frame
     (libzmq checks the pipe there), so a retry resends the whole message. -> the payload's tracker or None."""
-    sock.send(token, _NOBLOCK | _SNDMORE, copy=True)
+    sock.send(token, NOBLOCK | SNDMORE, copy=True)
     if frame is None:
-        sock.send(head, _NOBLOCK, copy=True)
+        sock.send(head, NOBLOCK, copy=True)
         return None
-    sock.send(head, _NOBLOCK | _SNDMORE, copy=True)
-    return sock.send(frame, _NOBLOCK, copy=not big, track=big)
+    sock.send(head, NOBLOCK | SNDMORE, copy=True)
+    return sock.send(frame, NOBLOCK, copy=not big, track=big)
 
 
 WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
