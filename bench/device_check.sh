@@ -23,7 +23,7 @@
 #   gpu    pytest -m gpu alone (the first stage to run when device minutes are short)
 #   mid    ps_bench's mid-size cupy runner table alone
 #   cpu16  the CPU targets of #14: ps_bench round trips (7.5k/1M/10M floats, CURVE, sharded) and updates/s with
-#          numba, then bench/scale_bench.py with 1/2/4/8 numba workers of 2 threads each
+#          numba, then bench/scale_bench.py with 1/2/4/8 numba workers of 2 threads each, and 1/8 pipelined
 # Each stage is capped (CAP_<stage> seconds, or its default) so one slow stage cannot eat a call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,9 @@ for s in ${*:-smoke tests step ps}; do
     cpu16) TAIL=30 stage ps_cpu timeout $(cap ps_cpu 150) python3 bench/ps_bench.py --quick --backend numba \
              --sections round_trip,updates --out "$OUT/ps_cpu.json"
            TAIL=30 stage scale timeout $(cap scale 200) python3 bench/scale_bench.py --backend numba --workers 1,2,4,8 \
-             --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2 ;;
+             --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2
+           TAIL=30 stage scale_pipelined timeout $(cap scale 200) python3 bench/scale_bench.py --backend numba \
+             --workers 1,8 --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2 --pipeline ;;
     *)     echo "unknown stage $s (smoke, gpu, tests, step, ps, mid, cpu16)" >&2; status=2 ;;
   esac
 done

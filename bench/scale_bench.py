@@ -3,6 +3,7 @@
     .venv/bin/python bench/scale_bench.py                      # [784,256,256,10], 48k rows, async window 8, CURVE on
     .venv/bin/python bench/scale_bench.py --workers 1,2,4 --backend numba --window 8 --epochs 3
     .venv/bin/python bench/scale_bench.py --quick              # 6k rows, 2 epochs: checks it runs
+    .venv/bin/python bench/scale_bench.py --workers 2 --compare-pipeline 5   # in line vs pipelined, alternating
 
 1. The anchors: one process with no server (numba and numpy backends, default threads: all cores).
 2. The runner: N worker processes (cores // N threads each) and a CURVE server on this machine.
@@ -19,6 +20,9 @@
    where the last term (same machine only) is the machine's CPU, shared by workers and server. The model is
    checked against the measured points (ratio printed), then projected to N executors of ``--executor-cores``
    each over a network of ``--gbits`` Gbit/s and ``--latency-ms`` one way, the server on the driver.
+
+4. ``--compare-pipeline K``: only the runner, K times in line and K times pipelined, alternating, at each N:
+   medians of samples/s and test accuracy (runs of one setting spread by ~10 % on the 2-core VM).
 
 Writes bench/results/scale_bench.json (or $OUT/) and, with matplotlib, scale_bench.png.
 """
@@ -205,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", action="store_true", help="overlap each exchange with the next window")
     ap.add_argument("--wire-dtype", default="float32", help="float32, bfloat16 or float16 gradient frames")
     ap.add_argument("--quick", action="store_true", help="6k rows, 2 epochs, workers 1,2")
+    ap.add_argument("--compare-pipeline", type=int, default=0, metavar="K",
+                    help="only the runner: K in-line and K pipelined runs, alternating, medians")
     a = ap.parse_args(argv)
     if a.quick:
         a.rows, a.epochs, a.workers = 6_000, 2, "1,2"
@@ -214,6 +220,8 @@ def main(argv=None) -> int:
     Xtr, Xte, ytr, yte = synthetic(a.rows, max(2000, a.rows // 5), d=layers[0], classes=layers[-1], seed=a.seed)
     print(f"{a.rows} rows, {layers}, batch {a.batch}, async window {a.window}, CURVE on, {cores} cores", flush=True)
 
+    if a.compare_pipeline:
+        return compare_pipeline(Xtr, ytr, Xte, yte, layers, workers, a)
     singles = [single_process(Xtr, ytr, Xte, yte, layers, b, a) for b in ("numba", "numpy")
                if b in available_backends()]
     best = max(singles, key=lambda r: r["samples_per_s"])
@@ -269,6 +277,32 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale_bench.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "scale_bench.png")
+    return 0
+
+
+def compare_pipeline(Xtr, ytr, Xte, yte, layers, workers, a) -> int:
+    """In-line and pipelined runner runs, alternating, ``a.compare_pipeline`` of each per worker count."""
+    import statistics
+
+    report = []
+    for n in workers:
+        runs = {False: [], True: []}
+        for _ in range(a.compare_pipeline):
+            for pipeline in (False, True):
+                a.pipeline = pipeline
+                r = ps_run(Xtr, ytr, Xte, yte, layers, n, a)
+                runs[pipeline].append({"samples_per_s": r["samples_per_s"], "test_accuracy": r["test_accuracy"]})
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("samples_per_s", "test_accuracy")}
+               for k, v in runs.items()}
+        print(f"  {n} workers, {a.compare_pipeline} runs each: in line {med[False]['samples_per_s']:,.0f} samples/s, "
+              f"test acc {med[False]['test_accuracy']:.3f}; pipelined {med[True]['samples_per_s']:,.0f} "
+              f"({med[True]['samples_per_s'] / med[False]['samples_per_s']:.2f}x), test acc "
+              f"{med[True]['test_accuracy']:.3f} (medians)", flush=True)
+        report.append({"workers": n, "in_line": runs[False], "pipelined": runs[True], "medians": {
+            "in_line": med[False], "pipelined": med[True]}})
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale_bench_pipeline.json").write_text(json.dumps({"settings": vars(a), "runs": report}, indent=1))
     return 0
 
 

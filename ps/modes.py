@@ -17,7 +17,9 @@ The asynchronous modes split their exchange in three (``pipelines = True``): ``s
 device->host copy of what goes out), ``talk`` (any thread: wait for that copy, push and pull; host arrays
 only) and ``receive`` (worker thread: apply the reply to the weights). ``exchange`` runs the three in a row;
 with the spec's ``pipeline`` the worker runs ``talk`` of window k on a thread while it computes window k+1,
-which then starts from weights one exchange older (staleness one higher). Round modes never pipeline: a round
+which then starts from weights one exchange older (staleness one higher; a gradient mode's ``receive`` rebases
+the window computed meanwhile onto each reply, so the worker never loses its own last window, and the
+elastic modes subtract what left). Round modes never pipeline: a round
 waits for every worker's push of the same step. A push refused as STALE keeps its step open: ``receive`` pulls,
 recomputes the window from the batches the worker kept (``keeps_window``) and pushes the step again.
 """
@@ -124,21 +126,24 @@ class _GradientMode(Mode):
     """Workers push summed gradients; the server's optimizer applies them."""
     stale_retries = 3          # recomputations of one window before a worker gives up on a staleness bound
 
-    def local_progress(self, tau: int) -> bool:
+    def local_progress(self, spec) -> bool:
         """Whether a worker also steps its own copy of the weights inside a window."""
         return False
 
     def local_window(self, loop, data, first, count):
         return loop.trainer.run_window(loop.w, data, first, count, accumulate=loop.acc,
-                                       update=self.local_progress(loop.spec.tau))
+                                       update=self.local_progress(loop.spec))
 
     def send(self, loop, step, metrics):
         """Queue the copy of the window's summed gradient and give the next window the other accumulator
-        (zeroed; its own last copy finished when its exchange was received)."""
+        (zeroed; its own last copy finished when its exchange was received). Pipelined, also note the weights
+        the next window starts from (``loop.window_start``): receive rebases that window's progress."""
         host = loop.outbox(step)
         transfer = loop.ops.copy_to_host_async(loop.acc, host)
         loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
         loop.acc[...] = 0
+        if loop.window_start is not None:
+            loop.window_start[...] = loop.w
         return Outgoing(step, metrics, host, transfer, loop.window_version)
 
     def talk(self, loop, out):
@@ -161,12 +166,22 @@ class _GradientMode(Mode):
         return (r.version, r.weights) if r.weights is not None else loop.client.pull()
 
     def receive(self, loop, out, reply):
+        """Go on from the reply's weights. Pipelined, the window computed meanwhile keeps its progress: the
+        worker's weights become the reply's plus (weights now - weights that window started from). Its
+        gradient is on its way to the server, which will apply about that step; without the rebase the next
+        window would start from weights that lack the worker's own last window (DOWNPOUR one exchange behind
+        itself), which cost ~0.2 of test accuracy after 3 passes in bench/scale_bench.py --pipeline."""
         if reply is STALE:
             reply = self._push_recomputed(loop, out)
         loop.forget_window(out.step)
         loop.version, wh = reply
+        start = loop.window_start
+        if start is not None:
+            start -= loop.w                    # minus the progress of the window computed while this was away
         # one copy out of the reply's read-only view (valid until the client's next request)
         loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
+        if start is not None:
+            loop.w -= start
 
     def keeps_window(self, spec) -> bool:
         """A bounded-staleness push may be refused and its window recomputed: the worker keeps its batches."""
@@ -182,7 +197,7 @@ class _GradientMode(Mode):
             acc = loop.ops.zeros(w.shape, w.dtype)
             loss = correct = rows = 0
             for Xb, yb in loop.kept_window(out.step):
-                ls, c = loop.trainer.step(w, Xb, yb, accumulate=acc, update=self.local_progress(loop.spec.tau))
+                ls, c = loop.trainer.step(w, Xb, yb, accumulate=acc, update=self.local_progress(loop.spec))
                 loss, correct, rows = loss + ls, correct + c, rows + Xb.shape[0]
             metrics = {**out.metrics, "loss": loss / rows, "accuracy": correct / rows, "batch_size": rows}
             try:
@@ -209,8 +224,9 @@ class Async(_GradientMode):
     bounded_staleness = True
     pipelines = True
 
-    def local_progress(self, tau):
-        return tau > 1                         # DOWNPOUR: local progress inside the window
+    def local_progress(self, spec):
+        # DOWNPOUR: local progress inside the window; pipelined also at tau 1, for receive to rebase it
+        return spec.tau > 1 or spec.pipeline
 
     def screens_payload(self, optimizer):
         return optimizer.screens_in_step

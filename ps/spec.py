@@ -61,8 +61,9 @@ class TrainingSpec:
     :mod:`ps.convergence`).
     precision: the workers' GEMM input precision (fp32, tf32, bf16; weights stay float32). cuda_graphs: workers
     on a GPU record each window of local steps as one CUDA graph (core/windows.py). pipeline: asynchronous modes
-    overlap window k's push and pull with window k+1's steps (staleness one higher). wire_dtype: float32, or
-    bfloat16 / float16 frames for gradient and elastic-difference pushes (the server adds them in float32).
+    overlap window k's push and pull with window k+1's steps (staleness one higher; each worker keeps its own
+    progress across the exchange in flight). wire_dtype: float32, or bfloat16 / float16 frames for gradient
+    and elastic-difference pushes (the server adds them in float32).
     The four are off (fp32, False, False, float32) by default.
     """
     layers: tuple | None = None

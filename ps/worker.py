@@ -23,7 +23,8 @@ from .shards import connect
 class WorkerLoop:
     """One worker's state between the mode's hooks: ``w`` (its weights on the backend), ``acc`` (summed
     gradients of the window) and ``spare_acc`` (the one in flight), ``version`` (of the weights last
-    received), ``window_version`` (of the weights the current window started from), ``stats``."""
+    received), ``window_version`` (of the weights the current window started from), ``window_start`` (pipelined
+    gradient modes: the weights themselves, else None), ``stats``."""
 
     def __init__(self, spec, net, trainer, client, stats):
         self.spec, self.net, self.ops, self.trainer, self.client, self.stats = (
@@ -33,6 +34,8 @@ class WorkerLoop:
         self.acc = self.ops.zeros((net.num_params,), net.dtype)
         self.spare_acc = self.ops.zeros((net.num_params,), net.dtype)
         self.w = None
+        self.window_start = self.ops.zeros((net.num_params,), net.dtype) \
+            if spec.pipeline and spec.rule.pushes_gradients else None
         self.version = 0
         self.window_version = 0
         self._kept: dict = {}           # step -> copies of its window's batches, where the mode may recompute it

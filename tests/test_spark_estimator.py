@@ -40,6 +40,17 @@ def test_each_mode_learns_digits(digits_df, mode):
     assert acc >= 0.96, f"mode {mode}: test accuracy {acc:.4f}"
 
 
+def test_the_pipelined_exchange_learns_digits(digits_df):
+    """pipelineExchange: each task pushes and pulls window k on a thread while window k+1 computes."""
+    train, test = digits_df
+    model = make(mode="async", stepSize=0.1, maxIter=40, communicationWindow=4, pipelineExchange=True).fit(train)
+    workers = model.trainingStats["workers"].values()
+    assert all(w["pipelined"] and w["pushes"] > 0 for w in workers)
+    assert model.trainingStats["server"]["rejected_total"] == 0
+    acc = accuracy(model.transform(test))
+    assert acc >= 0.96, f"pipelined: test accuracy {acc:.4f}"
+
+
 def test_transform_columns_like_spark_probabilistic_classifiers(async_model, digits_df):
     test = digits_df[1]
     out = async_model.transform(test)
