@@ -19,9 +19,9 @@ only) and ``receive`` (worker thread: apply the reply to the weights). ``exchang
 with the spec's ``pipeline`` the worker runs ``talk`` of window k on a thread while it computes window k+1,
 which then starts from weights one exchange older (staleness one higher; a gradient mode's ``receive`` rebases
 the window computed meanwhile onto each reply, so the worker never loses its own last window, and the
-elastic modes subtract what left). Round modes never pipeline: a round
-waits for every worker's push of the same step. A push refused as STALE keeps its step open: ``receive`` pulls,
-recomputes the window from the batches the worker kept (``keeps_window``) and pushes the step again.
+elastic modes subtract what left). Round modes never pipeline: a round waits for every worker's push of the
+same step. A push refused as STALE keeps its step open: ``receive`` pulls, recomputes the window from the
+batches the worker kept (``keeps_window``) and pushes the step again.
 """
 from __future__ import annotations
 
