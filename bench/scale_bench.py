@@ -17,6 +17,8 @@
 
        samples/s(N) = min(N * tau * b / T, tau * b / t_server, cores / cpu_per_sample)
 
+   (with ``--pipeline`` T = max(tau * t_step, t_exchange): the exchange runs while the next window computes)
+
    where the last term (same machine only) is the machine's CPU, shared by workers and server. The model is
    checked against the measured points (ratio printed), then projected to N executors of ``--executor-cores``
    each over a network of ``--gbits`` Gbit/s and ``--latency-ms`` one way, the server on the driver.
@@ -171,17 +173,19 @@ def exchange_parts(num_params, reps=5):
 
 
 # ------------------------------------------------------------------------------------------------- model
-def model(parts, n, *, tau, batch, cores_per_worker, bandwidth=None, latency=0.0, machine_cores=None):
+def model(parts, n, *, tau, batch, cores_per_worker, bandwidth=None, latency=0.0, machine_cores=None,
+          pipelined=False):
     """Projected samples/s of N workers (see the module docstring). ``parts``: the measured pieces.
     bandwidth (bytes/s) and latency (s, one way) add a network between workers and server; machine_cores: all
-    on one machine of that many cores (its CPU caps the run)."""
+    on one machine of that many cores (its CPU caps the run); pipelined: each exchange overlaps the next
+    window, so a window costs the longer of its steps and its exchange instead of their sum."""
     nbytes = 4 * parts["num_params"]
     t_step = parts["step_s"][str(cores_per_worker)]
     if machine_cores:                                   # all on this machine: the step as n peers slow it
         t_step = parts.get("step_under_load_s", {}).get(f"{n}x{cores_per_worker}", t_step)
     crypto = parts["curve_rt_s"] - parts["plain_rt_s"]          # encryption both ways, client and server side
     t_exchange = parts["curve_rt_s"] + (2 * nbytes / bandwidth + 2 * latency if bandwidth else 0.0)
-    window = tau * t_step + t_exchange
+    window = max(tau * t_step, t_exchange) if pipelined else tau * t_step + t_exchange
     t_server = parts["apply_s"] + crypto / 2 + parts["plain_rt_s"] / 2   # its half of the crypto and copies
     rate = min(n * tau * batch / window, tau * batch / t_server)
     if machine_cores:
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
         c = r["threads_per_worker"]
         key = f"{r['workers']}x{c}"
         r["model_samples_per_s"] = model(parts, r["workers"], tau=a.window, batch=a.batch, cores_per_worker=c,
-                                         machine_cores=cores)
+                                         machine_cores=cores, pipelined=a.pipeline)
         r["model_over_measured"] = r["model_samples_per_s"] / r["samples_per_s"]
         print(f"  model, {r['workers']} workers here: {r['model_samples_per_s']:9,.0f} samples/s "
               f"({r['model_over_measured']:.2f}x the measured); in the run a step took "
@@ -267,9 +271,10 @@ def main(argv=None) -> int:
     projection = []
     for n in (1, 2, 4, 8, 16, 32, 64):
         rate = model(parts, n, tau=a.window, batch=a.batch, cores_per_worker=a.executor_cores,
-                     bandwidth=bandwidth, latency=latency)
+                     bandwidth=bandwidth, latency=latency, pipelined=a.pipeline)
         projection.append({"executors": n, "samples_per_s": rate, "vs_best_single": rate / best["samples_per_s"]})
-    print(f"  projection, executors of {a.executor_cores} cores over {a.gbits:g} Gbit/s, {a.latency_ms:g} ms: "
+    print(f"  projection{', pipelined' if a.pipeline else ''}, executors of {a.executor_cores} cores over "
+          f"{a.gbits:g} Gbit/s, {a.latency_ms:g} ms: "
           + ", ".join(f"{p['executors']}: {p['samples_per_s']:,.0f} ({p['vs_best_single']:.1f}x)" for p in projection))
     report = {"machine_cores": cores, "settings": vars(a), "layers": layers, "target_train_accuracy": target,
               "single": singles, "ps": runs, "parts": parts, "projection": projection}

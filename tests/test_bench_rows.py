@@ -48,6 +48,11 @@ def test_scale_model_adds_workers_until_the_server_or_the_machine_is_the_limit()
     # over a network the exchange also moves 2 x 4 kB and waits 2 x latency
     slow = bench.model(parts, 1, bandwidth=4000 * 2 / 0.001, latency=0.0005, **kw)
     assert math.isclose(slow, 4 * 100 / (4 * 0.002 + 0.003 + 0.001 + 0.001))
+    # pipelined, the exchange hides behind the window's steps until it is the longer of the two
+    assert math.isclose(bench.model(parts, 1, pipelined=True, **kw), 4 * 100 / (4 * 0.002))
+    assert math.isclose(bench.model(parts, 1, bandwidth=4000 * 2 / 0.001, latency=0.005, pipelined=True, **kw),
+                        4 * 100 / (0.003 + 0.001 + 0.01))
+    assert math.isclose(bench.model(parts, 64, pipelined=True, **kw), server)     # the server's cap stays
 
 
 def test_syscall_counts_are_read_from_straces_summary_table(tmp_path):
