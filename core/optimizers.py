@@ -93,6 +93,13 @@ class Optimizer:
     def _update(self, w, g, lr, out):
         return self.ops.sgd_update(w, g, lr, out=out)
 
+    @classmethod
+    def steady_gain(cls, **hyper) -> float:
+        """How many ``lr * g`` one update moves the weights once the rule has seen the same gradient g for long:
+        1 for SGD. Rules that rescale each coordinate by its own history (adagrad, adam) have no such factor:
+        1 too."""
+        return 1.0
+
     def step(self, w, g, out=None):
         """New weights from w (P,) and gradient g (P,) into ``out`` (None: in place on w) -> out."""
         out = self._update(w, g, self.schedule(self.t), out)     # not self.lr: a hot path of small steps
@@ -166,6 +173,11 @@ class Momentum(Optimizer):
     def _update(self, w, g, lr, out):
         return self.ops.momentum_update(w, self.state["velocity"], g, lr, self.momentum, self.nesterov, out=out)
 
+    @classmethod
+    def steady_gain(cls, momentum=0.9, nesterov=False, **_) -> float:
+        """v settles at g / (1 - mu): a step of lr g / (1 - mu), with or without Nesterov's look-ahead."""
+        return 1.0 / (1.0 - float(momentum))
+
 
 class Adagrad(Optimizer):
     name = "adagrad"
@@ -218,6 +230,13 @@ def make_optimizer(name: str, num_params: int, learning_rate=0.1, schedule="cons
     if name == "nesterov":
         kw["nesterov"] = True
     return _CLASSES[name](int(num_params), sched, ops=ops, dtype=dtype, **kw)
+
+
+def steady_gain(name: str, options: dict | None = None) -> float:
+    """:meth:`Optimizer.steady_gain` of optimizer ``name`` with ``options`` (as make_optimizer takes them;
+    schedule keys are ignored)."""
+    hyper = {k: v for k, v in (options or {}).items() if k in _HYPER[name]}
+    return _CLASSES[name].steady_gain(**hyper)
 
 
 def local_optimizer(net, name="sgd", learning_rate=0.1, momentum=0.9) -> Optimizer:

@@ -167,10 +167,11 @@ class _GradientMode(Mode):
 
     def receive(self, loop, out, reply):
         """Go on from the reply's weights. Pipelined, the window computed meanwhile keeps its progress: the
-        worker's weights become the reply's plus (weights now - weights that window started from). Its
-        gradient is on its way to the server, which will apply about that step; without the rebase the next
-        window would start from weights that lack the worker's own last window (DOWNPOUR one exchange behind
-        itself), which cost ~0.2 of test accuracy after 3 passes in bench/scale_bench.py --pipeline."""
+        worker's weights become the reply's plus gain x (weights now - weights that window started from). Its
+        gradient is on its way to the server, which will apply about that step (gain: the server optimizer's
+        steady-state factor, 1 for sgd, 1 / (1 - mu) for momentum); without the rebase the next window would
+        start from weights that lack the worker's own last window (DOWNPOUR one exchange behind itself),
+        which cost ~0.2 of test accuracy after 3 passes in bench/scale_bench.py --pipeline."""
         if reply is STALE:
             reply = self._push_recomputed(loop, out)
         loop.forget_window(out.step)
@@ -181,6 +182,8 @@ class _GradientMode(Mode):
         # one copy out of the reply's read-only view (valid until the client's next request)
         loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
         if start is not None:
+            if loop.rebase_gain != 1.0:        # the server will move gain x the local SGD steps (momentum)
+                start *= loop.rebase_gain
             loop.w -= start
 
     def keeps_window(self, spec) -> bool:

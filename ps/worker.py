@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from core.optimizers import steady_gain
+
 from .convergence import exchange_epoch
 from .shards import connect
 
@@ -24,7 +26,8 @@ class WorkerLoop:
     """One worker's state between the mode's hooks: ``w`` (its weights on the backend), ``acc`` (summed
     gradients of the window) and ``spare_acc`` (the one in flight), ``version`` (of the weights last
     received), ``window_version`` (of the weights the current window started from), ``window_start`` (pipelined
-    gradient modes: the weights themselves, else None), ``stats``."""
+    gradient modes: the weights themselves, else None), ``rebase_gain`` (the server optimizer's
+    :func:`core.optimizers.steady_gain`), ``stats``."""
 
     def __init__(self, spec, net, trainer, client, stats):
         self.spec, self.net, self.ops, self.trainer, self.client, self.stats = (
@@ -36,6 +39,8 @@ class WorkerLoop:
         self.w = None
         self.window_start = self.ops.zeros((net.num_params,), net.dtype) \
             if spec.pipeline and spec.rule.pushes_gradients else None
+        # the server's optimizer moves about this many times the worker's own SGD steps for the same gradients
+        self.rebase_gain = steady_gain(spec.optimizer, spec.optimizer_options)
         self.version = 0
         self.window_version = 0
         self._kept: dict = {}           # step -> copies of its window's batches, where the mode may recompute it

@@ -74,8 +74,8 @@ PARAMS = {
                    "window (falls back to op-by-op steps where recording is impossible)", T.toBoolean, False),
     "pipelineExchange": ("asynchronous modes: push and pull window k while window k+1 computes (other "
                          "workers' updates arrive one exchange later: staleness one higher; a worker keeps its "
-                         "own progress across the exchange in flight). Best with the sgd or adagrad optimizer: "
-                         "momentum and adam amplify the extra staleness", T.toBoolean, False),
+                         "own progress across the exchange in flight, scaled by a momentum optimizer's gain). "
+                         "adam loses a little accuracy to it", T.toBoolean, False),
     "wireDtype": ("frames of gradient and elastic-difference pushes: float32, bfloat16 or float16 (half the "
                   "bytes; the server adds them in float32)", _choice("wireDtype", tuple(WIRE_DTYPES)), "float32"),
     "useGpu": ("ask Spark for one GPU per training task (a stage-level ResourceProfile where the cluster manager "

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from core.optimizers import Schedule, make_optimizer
+from core.optimizers import Schedule, make_optimizer, steady_gain
 from ps import rules
 from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status,
                          model_fingerprint, read_array, unpack_header)
@@ -42,6 +42,26 @@ def test_momentum_matches_hand_loop(nesterov):
         v = 0.8 * v + g
         ref = ref - 0.1 * ((g + 0.8 * v) if nesterov else v)
     np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,options,gain", [
+    ("sgd", {}, 1.0), ("momentum", {}, 10.0), ("momentum", {"momentum": 0.5, "step_size": 3}, 2.0),
+    ("nesterov", {"momentum": 0.75}, 4.0)])
+def test_steady_gain_is_how_far_a_step_moves_once_the_gradient_has_stayed_the_same(name, options, gain):
+    """The pipelined worker scales its own progress by it (ps/modes.py): measured here as the step after 300
+    updates with one constant gradient, in units of lr * g."""
+    assert steady_gain(name, options) == pytest.approx(gain)
+    opt = make_optimizer(name, 7, 0.01, **{k: v for k, v in options.items() if k != "step_size"})
+    w, g = np.zeros(7, np.float64), vec().astype(np.float64)
+    for _ in range(300):
+        before = w.copy()
+        w = opt.step(w, g, out=w)
+    np.testing.assert_allclose((before - w) / (0.01 * g), gain, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+def test_adaptive_rules_have_no_steady_gain_to_scale_by(name):
+    assert steady_gain(name, {"eps": 1e-7}) == 1.0
 
 
 def test_adagrad_matches_hand_loop():
