@@ -278,11 +278,17 @@ def main(argv=None) -> int:
           + ", ".join(f"{p['executors']}: {p['samples_per_s']:,.0f} ({p['vs_best_single']:.1f}x)" for p in projection))
     report = {"machine_cores": cores, "settings": vars(a), "layers": layers, "target_train_accuracy": target,
               "single": singles, "ps": runs, "parts": parts, "projection": projection}
-    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _results_dir()
     (out / "scale_bench.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "scale_bench.png")
     return 0
+
+
+def _results_dir() -> Path:
+    """$OUT, or bench/results: where the reports go (made if missing)."""
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def compare_pipeline(Xtr, ytr, Xte, yte, layers, workers, a) -> int:
@@ -305,9 +311,8 @@ def compare_pipeline(Xtr, ytr, Xte, yte, layers, workers, a) -> int:
               f"{med[True]['test_accuracy']:.3f} (medians)", flush=True)
         report.append({"workers": n, "in_line": runs[False], "pipelined": runs[True], "medians": {
             "in_line": med[False], "pipelined": med[True]}})
-    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale_bench_pipeline.json").write_text(json.dumps({"settings": vars(a), "runs": report}, indent=1))
+    summary = {"settings": vars(a), "runs": report}
+    (_results_dir() / "scale_bench_pipeline.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 

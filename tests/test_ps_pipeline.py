@@ -30,13 +30,11 @@ class PushResult:
 
 
 class RecordingClient:
-    """A one-worker server in the client's shape: applies each gradient push (SGD, or momentum SGD when the
-    spec's optimizer is momentum) or elastic push (c += e) at once, versions count pushes, and every call is
-    recorded with the thread that made it."""
+    """A one-worker server in the client's shape: applies each gradient push (SGD) or elastic push (c += e)
+    at once, versions count pushes, and every call is recorded with the thread that made it."""
 
     def __init__(self, spec, w0):
         self.spec, self.w = spec, np.array(w0, np.float32)
-        self.velocity = np.zeros_like(self.w)
         self.version, self.step, self.retries = 0, 0, 2
         self.stop_requested = False
         self.calls = []
@@ -56,9 +54,6 @@ class RecordingClient:
         self._log("push", step, base_version, batch_size)
         if kind == "elastic":
             self.w += array
-        elif self.spec.optimizer == "momentum":
-            self.velocity = np.float32(self.spec.optimizer_options["momentum"]) * self.velocity + array
-            self.w -= np.float32(self.spec.learning_rate) * self.velocity
         else:
             self.w -= np.float32(self.spec.learning_rate) * array
         self.version += 1
@@ -75,11 +70,11 @@ class RecordingClient:
         pass
 
 
-def worker_run(mode, pipeline, tau=4, epochs=3, backend="numpy", learning_rate=0.1, **fields):
+def worker_run(mode, pipeline, tau=4, epochs=3, backend="numpy", **fields):
     Xtr, _, ytr, _ = digits()
     X, y = Xtr[:640], ytr[:640]                                  # 20 batches of 32 per epoch
     spec = TrainingSpec(layers=LAYERS, mode=mode, num_workers=1, epochs=epochs, batch_size=32,
-                        learning_rate=learning_rate, tau=tau, backend=backend, pipeline=pipeline, **fields)
+                        learning_rate=0.1, tau=tau, backend=backend, pipeline=pipeline, **fields)
     client = RecordingClient(spec, spec.initial_weights())
     stats = run_worker({"spec": spec}, 0, X, y, client=client)
     return stats, client
