@@ -106,10 +106,14 @@ class Optimizer:
         self.t += 1
         return out
 
-    @property
-    def screens_in_step(self) -> bool:
-        """Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update."""
-        return type(self) is Optimizer
+    # Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update; every subclass
+    # keeps state (or may), so it screens before step(). An attribute, not a property: the server reads it on
+    # every push.
+    screens_in_step = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.screens_in_step = False
 
     def step_screened(self, w, g, out) -> Verdict:
         """``step`` into ``out`` unless g holds NaN/inf (BAD_GRADIENT) or the new weights would not be finite

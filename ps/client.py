@@ -23,8 +23,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
                        FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
-                       array_frame, encode_array, queue_depth, read_array, recv_frames, unpack_header)
+                       array_frame, encode_array, queue_depth, read_array, recv_frames, request_header, unpack_header)
 from .security import secure_client
+
+
+KIND_FLAGS = {"gradient": 0, "elastic": FLAG_ELASTIC, "local_weights": FLAG_LOCAL_WEIGHTS}   # push(kind=...)
+ACCEPTED = frozenset((int(Status.OK), int(Status.DUPLICATE)))     # reply statuses that are not refusals
+DUPLICATE = int(Status.DUPLICATE)       # ints, not the enum: a small request's whole cost is a few such lookups
 
 
 class ServerUnavailable(ConnectionError):
@@ -65,6 +70,8 @@ class ParameterClient:
         self.job_id, self.fingerprint = bytes.fromhex(cfg["job_id"]), int(cfg["fingerprint"])
         self.num_params = int(cfg["num_params"])
         self.spec = cfg["spec"]
+        # a push waits this long per try; in the round modes (sync, easgd) the reply waits for the round too
+        self._push_timeout = self.timeout + (self.spec.barrier_timeout if self.spec.rule.rounds else 0)
         self.ctx = zmq.Context()
         s = self.sock = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
@@ -99,8 +106,8 @@ class ParameterClient:
     # ------------------------------------------------------------------ plumbing
     def _header(self, op, **kw) -> Header:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        return Header(op=int(op), job_id=self.job_id, worker_id=self.worker_id, attempt=self.attempt,
-                      fingerprint=self.fingerprint, seq=self._seq, session=self.session, **kw)
+        return request_header(int(op), self.job_id, self.worker_id, self.attempt, self.fingerprint, self._seq,
+                              self.session, **kw)
 
     def _request(self, h: Header, payload=None, timeout=None):
         """Send, wait for the reply with the same seq; retry on timeout -> (reply header, payload frame)."""
@@ -171,7 +178,7 @@ class ParameterClient:
     def _check(self, rh: Header, frame):
         if rh.flags & FLAG_STOP:
             self.stop_requested = True
-        if rh.status in (Status.OK, Status.DUPLICATE):
+        if rh.status in ACCEPTED:
             self.version = max(self.version, rh.wversion)
             return
         text = bytes(frame.buffer).decode("utf-8", "replace") if frame is not None and rh.flags & FLAG_TEXT else ""
@@ -224,7 +231,7 @@ class ParameterClient:
         buf, n = array_frame(payload)
         if n != self.num_params:
             raise ValueError(f"push of {n} values, the model has {self.num_params}")
-        flags = {"gradient": 0, "elastic": FLAG_ELASTIC, "local_weights": FLAG_LOCAL_WEIGHTS}[kind]
+        flags = KIND_FLAGS[kind]
         if want_weights:
             flags |= FLAG_WANT_WEIGHTS
         if last_of_epoch:
@@ -233,15 +240,15 @@ class ParameterClient:
         h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=code, n_values=n, epoch=int(epoch))
-        timeout = self.timeout + (self.spec.barrier_timeout if self.spec.rule.rounds else 0)
-        rh, frame, tries = self._request_tries(h, buf, timeout=timeout)
+        rh, frame, tries = self._request_tries(h, buf, timeout=self._push_timeout)
         self._check(rh, frame)
-        if rh.status == Status.DUPLICATE and tries == 1 and step > self._registered_step:
+        duplicate = rh.status == DUPLICATE
+        if duplicate and tries == 1 and step > self._registered_step:
             raise PSError(Reason.DUPLICATE_STEP, f"step {step} of worker {self.worker_id} was taken before this "
                                                  f"client sent it: another client pushed as this worker")
         self.step = max(self.step, rh.step)
         w = self._weights(rh, frame, out) if frame is not None and rh.dtype == FLOAT32 else None
-        return PushResult(rh.wversion, rh.step, rh.status == Status.DUPLICATE, w)
+        return PushResult(rh.wversion, rh.step, duplicate, w)
 
     def barrier(self, step: int) -> int:
         """Wait until every worker reached barrier ``step`` (server-side timeout) -> server version."""

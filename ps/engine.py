@@ -37,6 +37,7 @@ from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIG
 from .spec import TrainingSpec
 
 _OPS = {int(op): op for op in Op}
+HELLO, PULL, PUSH, STOP = Op.HELLO, Op.PULL, Op.PUSH, Op.STOP    # looked up per request: module names are cheaper
 
 PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1), Op.REPORT: (1,)}   # payload frames an op may carry
 MAX_FAILURE_REPORTS = 64     # REPORTs kept; later ones are answered and dropped
@@ -219,12 +220,13 @@ class Engine:
     def _converged(self, replies: list, now) -> list:
         """Complete the epochs every worker is past (tol may decide to stop); once stopped, every reply says
         so (FLAG_STOP) and no SSP read waits any longer."""
-        self.convergence.check(now)
-        if self.convergence.stop_requested and self.waiting_pulls:
+        conv = self.convergence
+        conv.check(now)
+        if not conv.stop_requested:
+            return replies
+        if self.waiting_pulls:
             replies = replies + self._serve_waiting(now)
-        if self.convergence.stop_requested:
-            replies = [(tok, rh.replace(flags=rh.flags | FLAG_STOP), pl) for tok, rh, pl in replies]
-        return replies
+        return [(tok, rh.replace(flags=rh.flags | FLAG_STOP), pl) for tok, rh, pl in replies]
 
     def _dispatch(self, token, h: Header, payload, now):
         if h.job_id != self.job_id:
@@ -239,28 +241,28 @@ class Engine:
         if len(payload) not in allowed:
             raise ProtocolError(Reason.BAD_FRAME_COUNT, f"{op.name} takes {' or '.join(map(str, allowed))} "
                                                         f"payload frame(s), got {len(payload)}")
-        if op == Op.STOP:
+        if op is STOP:
             raise ProtocolError(Reason.FORBIDDEN, "clients cannot stop the parameter server; the process that "
                                                   "started it stops it (server.stop())")
         if h.attempt < self.min_attempt:
             raise ProtocolError(Reason.SUPERSEDED_ATTEMPT, f"attempt {h.attempt} was superseded: the server now "
                                                            f"accepts attempts >= {self.min_attempt}")
-        if op == Op.HELLO:
+        if op is HELLO:
             replies = self._hello(token, h)
             self.convergence.rejoin(h.worker_id, now)
             return replies
         info = self._known(h)
         self.convergence.heard_from(h.worker_id, now)
-        if op == Op.STATS:
+        if op is PUSH:               # the ops by how often they come
+            return self._push(token, h, info, payload[0], now)
+        if op is PULL:
+            return self._pull(token, h, info, now)
+        if op is Op.STATS:
             return [(token, h.reply(Status.OK, wversion=self.version, flags=FLAG_JSON),
                      json.dumps(self.stats()).encode())]
-        if op == Op.REPORT:
+        if op is Op.REPORT:
             return self._report(token, h, payload[0])
-        if op == Op.PULL:
-            return self._pull(token, h, info, now)
-        if op == Op.PUSH:
-            return self._push(token, h, info, payload[0], now)
-        if op == Op.BARRIER:
+        if op is Op.BARRIER:
             return self._barrier(token, h, payload[0] if payload else None, now)
         info.done = True                                   # BYE
         self.convergence.retire(h.worker_id)
@@ -397,7 +399,8 @@ class Engine:
             return self._rolled_back([(token, h, info)], now)
         self._commit(new)
         self._record(h, info, stale, now)
-        return [self._ok(token, h, step=info.last_step)] + self._advance_ssp(h, info, now)
+        reply = [self._ok(token, h, step=info.last_step)]
+        return reply if self.ssp is None else reply + self._advance_ssp(h, info, now)
 
     def _use_up(self, h, info) -> None:
         """Step h.step of this worker was refused for good (its update was not finite): the next push may be

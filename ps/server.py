@@ -348,13 +348,13 @@ class ParameterServer:
                     frames = recv_frames(sock)
                 except zmq.Again:                  # nothing for IDLE_WAIT_S
                     frames = None
+                now = time.monotonic()
                 if frames is not None:
                     with self._lock:
-                        replies = self.engine.handle(frames[0].bytes, frames[1:])
+                        replies = self.engine.handle(frames[0].bytes, frames[1:], now)
                     for r in replies:
                         self._send(*r)
                     self._maybe_checkpoint()
-                now = time.monotonic()
                 if frames is None or now >= next_housekeeping:  # per request, this would cost as much as one
                     next_housekeeping = now + self.HOUSEKEEPING_S
                     with self._lock:

@@ -7,8 +7,8 @@ import pytest
 
 from core.optimizers import Schedule, make_optimizer, steady_gain
 from ps import rules
-from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, Header, Op, ProtocolError, Reason, Status,
-                         model_fingerprint, read_array, unpack_header)
+from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, MAGIC, PROTOCOL_VERSION, Header, Op, ProtocolError,
+                         Reason, Status, model_fingerprint, read_array, request_header, unpack_header)
 from ps.spec import TrainingSpec
 try:
     from tests.ps_helpers import SessionEngine
@@ -177,6 +177,27 @@ def test_ssp_clocks():
 
 
 # ------------------------------------------------------------------------------------------------ protocol
+WIRE_ORDER = ("magic version op status code flags seq job_id worker_id attempt fingerprint wversion step loss "
+              "accuracy batch_size dtype epoch n_values session").split()     # the module docstring's layout
+
+
+def test_every_header_field_sits_at_its_documented_place_on_the_wire():
+    values = dict(op=3, status=2, code=13, flags=33, seq=4_000_000_000, job_id=bytes(range(16)), worker_id=7,
+                  attempt=5, fingerprint=2**64 - 3, wversion=123_456, step=654_321, loss=1.5, accuracy=0.25,
+                  batch_size=96, dtype=2, epoch=65_535, n_values=7510, session=2**63 + 11)
+    h = Header(**values)
+    assert HEADER.unpack(h.pack()) == (MAGIC, PROTOCOL_VERSION) + tuple(values[f] for f in WIRE_ORDER[2:])
+    built = request_header(values["op"], values["job_id"], values["worker_id"], values["attempt"],
+                           values["fingerprint"], values["seq"], values["session"], flags=33, wversion=123_456,
+                           step=654_321, loss=1.5, accuracy=0.25, batch_size=96, dtype=2, n_values=7510,
+                           epoch=65_535)
+    assert built == h._replace(status=0, code=0)          # a request carries no status or code
+    r = h.reply(Status.STALE, Reason.STALE, flags=4, wversion=9)
+    assert (r.op, r.status, r.code, r.flags, r.wversion, r.dtype, r.n_values) == (0x83, 2, 13, 4, 9, 0, 0)
+    assert (r.seq, r.job_id, r.worker_id, r.attempt, r.fingerprint, r.step, r.epoch, r.session) == \
+        (h.seq, h.job_id, h.worker_id, h.attempt, h.fingerprint, h.step, h.epoch, h.session)
+
+
 def test_header_round_trip_and_rejections():
     h = Header(op=Op.PUSH, job_id=b"j" * 16, worker_id=3, attempt=2, fingerprint=2**63 + 5, wversion=9, step=11,
                loss=0.5, accuracy=0.75, batch_size=64, dtype=FLOAT32, n_values=10, seq=77)
