@@ -16,8 +16,11 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,9 +35,10 @@ class WorkerFailed(RuntimeError):
     """One or more workers failed and could not be restarted; the message carries their errors."""
 
 
-def _worker_main(out_q, cfg, worker_id, attempt, X, y, kw):
+def _worker_main(out_q, cfg, worker_id, attempt, data, kw):
     from .worker import run_worker
     try:
+        X, y = (np.load(path) for path in data)
         res = run_worker(cfg, worker_id, X, y, attempt=attempt, **kw)
         out_q.put(("ok", worker_id, attempt, res))
     except BaseException as exc:  # noqa: BLE001 - report every failure to the driver, then exit non-zero
@@ -106,7 +110,19 @@ class Runner:
         w0 = spec.initial_weights()
         self.server = make_server(w0, spec=spec, shards=shards or auto_shards(w0.shape[0]), secure=secure,
                                   progress=progress)
-        self.shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=spec.rule.equal_shards)
+        # Each worker reads its shard from a file, not from its start-up arguments: multiprocessing writes those
+        # into a pipe from Process.start(), and a child that dies before reading them all (an import that fails
+        # in it, a script without the __main__ guard) would leave start() blocked for ever on a full pipe.
+        self.data_dir = tempfile.mkdtemp(prefix="ffps-runner-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.data_dir, ignore_errors=True)
+        self.data, self.shard_rows = [], []         # per worker: its files (X, y), its rows
+        for i, arrays in enumerate(shard(np.asarray(X, np.float32), np.asarray(y), self.n,
+                                         equal=spec.rule.equal_shards)):
+            paths = tuple(os.path.join(self.data_dir, f"shard{i}-{name}.npy") for name in ("X", "y"))
+            for path, a in zip(paths, arrays):
+                np.save(path, a)
+            self.data.append(paths)
+            self.shard_rows.append(len(arrays[1]))
         devices = devices if devices is not None else [None] * self.n
         # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS
         # threads make small GEMMs wait whole scheduler slices)
@@ -121,12 +137,11 @@ class Runner:
         self.errors: dict[int, list] = {i: [] for i in range(self.n)}
 
     def _launch(self, i):
-        X, y = self.shards[i]
         # first attempts start together (spawn + imports + kernel load differ by up to a second); a
         # relaunched worker joins the others' run alone
         kw = dict(self.kw[i], start_together=self.attempts[i] == 0 and self.start_together)
         p = self.ctx.Process(target=_worker_main, name=f"ps-worker-{i}", daemon=True,
-                             args=(self.q, self.cfg, i, self.attempts[i], X, y, kw))
+                             args=(self.q, self.cfg, i, self.attempts[i], self.data[i], kw))
         p.start()
         self.procs[i] = p
 
@@ -169,6 +184,7 @@ class Runner:
                 if p.is_alive():
                     p.kill()
             self.server.stop()
+            self._cleanup()
         failed = {i: e for i, e in self.errors.items() if i not in self.results}
         if failed and not (self.tolerate_failures and self.results):
             raise WorkerFailed("; ".join(f"worker {i}: " + " / ".join(f"attempt {a}: {m.splitlines()[0]}"

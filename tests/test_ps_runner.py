@@ -2,6 +2,9 @@
 import math
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -61,7 +64,7 @@ def test_async_goes_on_when_a_worker_is_killed():
     _kill_when(r, 1, 5)
     res = r.join(timeout=100)
     assert 0 in res.workers and 1 not in res.workers and 1 in res.failed
-    assert res.workers[0]["last_step"] == 6 * math.ceil(len(r.shards[0][0]) / 32)
+    assert res.workers[0]["last_step"] == 6 * math.ceil(r.shard_rows[0] / 32)
     assert "exited with code -9" in res.failed[1][0]
 
 
@@ -85,7 +88,7 @@ def test_restarted_worker_resumes_without_double_apply():
                worker_options=dict(step_delay=0.01)).start()
     killed_at = _kill_when(r, 1, 10)
     res = r.join(timeout=100)
-    per_worker = {i: epochs * math.ceil(len(r.shards[i][0]) / bs) for i in range(2)}
+    per_worker = {i: epochs * math.ceil(r.shard_rows[i] / bs) for i in range(2)}
     w1 = res.stats["workers"]["1"]
     assert w1["attempt"] == 1 and res.workers[1]["attempt"] == 1
     assert res.workers[1]["resumed_after"] >= killed_at
@@ -93,6 +96,7 @@ def test_restarted_worker_resumes_without_double_apply():
     assert w1["applied"] == w1["last_step"] == per_worker[1]
     assert res.stats["workers"]["0"]["applied"] == per_worker[0]
     assert res.stats["applied"] == sum(per_worker.values())
+    assert not os.path.exists(r.data_dir)          # the shards' files go with the run
     assert accuracy(res.weights) > 0.9
 
 
@@ -109,3 +113,26 @@ def test_a_last_window_shorter_than_tau_is_pushed(mode):
     assert [r["samples"] for r in sorted(res.workers.values(), key=lambda r: r["worker_id"])] == [576, 576]
     last = {r["worker"]: r for r in res.history}
     assert {w: (r["step"], r["batch_size"]) for w, r in last.items()} == {0: (3, 64), 1: (3, 64)}
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_that_dies_while_starting_fails_the_run_instead_of_hanging_it(tmp_path):
+    # A script without the __main__ guard: each spawned child re-runs it while importing it and dies there,
+    # before reading its start-up arguments. With a shard among those arguments (a ~230 kB digits shard, more
+    # than a pipe holds), Process.start() in the parent waited for ever on the full pipe.
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from core.datasets import load_digits_split
+        from ps.runner import run
+        Xtr, _, ytr, _ = load_digits_split()
+        run(Xtr, ytr, [64, 100, 10], workers=2, epochs=1, secure=False, timeout=60)
+    """))
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the runner hung: {exc.stderr!r:.2000}") from None
+    assert proc.returncode != 0
+    assert "WorkerFailed" in proc.stderr and "exited with code 1" in proc.stderr, proc.stderr[-3000:]
+    assert "bootstrapping phase" in proc.stderr        # multiprocessing's own words reach the user
