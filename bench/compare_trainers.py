@@ -36,6 +36,7 @@ import os
 import platform
 import queue
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import BackendUnavailable, FeedForwardNetwork, get_backend  # noqa: E402
 from ps.modes import get_mode  # noqa: E402
 from ps.rules import default_alpha  # noqa: E402
+from ps.runner import load_arrays, save_arrays  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- settings
 # One dict of per-trainer knobs. Everything else (epochs, batch size, learning rate) is the dataset's budget
@@ -188,11 +190,13 @@ class StartGate:
             self.released.value = max(self.released.value, time.time())
 
 
-def _single_main(out_q, X, y, layers, backend, epochs, batch_size, learning_rate, optimizer, seed, cpu_threads,
+def _single_main(out_q, data, layers, backend, epochs, batch_size, learning_rate, optimizer, seed, cpu_threads,
                  warm_up):
     """Child process of :func:`train_single`: the same one-time costs a parameter-server worker pays."""
     try:
         from core import FeedForwardNetwork, MinibatchTrainer, limit_cpu_threads
+
+        X, y = load_arrays(data)
 
         limit_cpu_threads(cpu_threads)
 
@@ -216,37 +220,39 @@ def _single_main(out_q, X, y, layers, backend, epochs, batch_size, learning_rate
 
 def train_single(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
     """One process, no server. -> dict(weights, train_s, wall_s, samples, curve=[(s, epoch, loss)])."""
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    t_launch = time.perf_counter()
-    p = ctx.Process(target=_single_main, name="single-trainer", daemon=True,
-                    args=(out_q, np.ascontiguousarray(Xtr, np.float32), np.asarray(ytr), spec["layers"], backend,
-                          settings["epochs"], settings["batch_size"], settings["learning_rate"],
-                          settings["optimizer"], seed, settings["cpu_threads"], start_gate))
-    p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                kind, payload = out_q.get(timeout=0.5)
-                break
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"single trainer did not finish within {timeout}s")
-                if not p.is_alive() and out_q.empty():
-                    time.sleep(0.5)                      # its last message may still be in the pipe
-                    if out_q.empty():
-                        raise RuntimeError(f"single trainer exited with code {p.exitcode} and no result")
-        wall = time.perf_counter() - t_launch
-    finally:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
+    with tempfile.TemporaryDirectory(prefix="ffps-single-") as tmp:     # data as files: save_arrays says why
+        data = save_arrays(tmp, "train", np.ascontiguousarray(Xtr, np.float32), np.asarray(ytr))
+        ctx = mp.get_context("spawn")
+        out_q = ctx.Queue()
+        t_launch = time.perf_counter()
+        p = ctx.Process(target=_single_main, name="single-trainer", daemon=True,
+                        args=(out_q, data, spec["layers"], backend, settings["epochs"], settings["batch_size"],
+                              settings["learning_rate"], settings["optimizer"], seed, settings["cpu_threads"],
+                              start_gate))
+        p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    kind, payload = out_q.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"single trainer did not finish within {timeout}s")
+                    if not p.is_alive() and out_q.empty():
+                        time.sleep(0.5)                      # its last message may still be in the pipe
+                        if out_q.empty():
+                            raise RuntimeError(f"single trainer exited with code {p.exitcode} and no result")
+            wall = time.perf_counter() - t_launch
+        finally:
             p.join(timeout=5)
-    if kind != "ok":
-        raise RuntimeError(f"single trainer failed: {payload}")
-    return {"weights": payload["weights"], "train_s": payload["seconds"], "wall_s": wall,
-            "samples": payload["samples"], "curve": payload["curve"], "server": None}
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        if kind != "ok":
+            raise RuntimeError(f"single trainer failed: {payload}")
+        return {"weights": payload["weights"], "train_s": payload["seconds"], "wall_s": wall,
+                "samples": payload["samples"], "curve": payload["curve"], "server": None}
 
 
 def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):

@@ -35,10 +35,27 @@ class WorkerFailed(RuntimeError):
     """One or more workers failed and could not be restarted; the message carries their errors."""
 
 
+def save_arrays(directory: str, name: str, *arrays) -> tuple[str, ...]:
+    """Arrays for a spawned process, as .npy files in ``directory`` -> their paths (:func:`load_arrays`).
+
+    Data goes to a child this way, not among its start-up arguments: multiprocessing writes those into a pipe
+    from ``Process.start()``, and a child that dies before reading them all (an import that fails in it, a
+    script without the ``__main__`` guard) leaves ``start()`` blocked for ever once they exceed the pipe's
+    buffer (64 kB): the parent holds the pipe's read end itself until the write ends."""
+    paths = tuple(os.path.join(directory, f"{name}-{k}.npy") for k in range(len(arrays)))
+    for path, a in zip(paths, arrays):
+        np.save(path, a)
+    return paths
+
+
+def load_arrays(paths) -> tuple:
+    return tuple(np.load(path) for path in paths)
+
+
 def _worker_main(out_q, cfg, worker_id, attempt, data, kw):
     from .worker import run_worker
     try:
-        X, y = (np.load(path) for path in data)
+        X, y = load_arrays(data)
         res = run_worker(cfg, worker_id, X, y, attempt=attempt, **kw)
         out_q.put(("ok", worker_id, attempt, res))
     except BaseException as exc:  # noqa: BLE001 - report every failure to the driver, then exit non-zero
@@ -110,19 +127,12 @@ class Runner:
         w0 = spec.initial_weights()
         self.server = make_server(w0, spec=spec, shards=shards or auto_shards(w0.shape[0]), secure=secure,
                                   progress=progress)
-        # Each worker reads its shard from a file, not from its start-up arguments: multiprocessing writes those
-        # into a pipe from Process.start(), and a child that dies before reading them all (an import that fails
-        # in it, a script without the __main__ guard) would leave start() blocked for ever on a full pipe.
+        # each worker reads its shard from files (save_arrays says why), removed when the run ends
         self.data_dir = tempfile.mkdtemp(prefix="ffps-runner-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.data_dir, ignore_errors=True)
-        self.data, self.shard_rows = [], []         # per worker: its files (X, y), its rows
-        for i, arrays in enumerate(shard(np.asarray(X, np.float32), np.asarray(y), self.n,
-                                         equal=spec.rule.equal_shards)):
-            paths = tuple(os.path.join(self.data_dir, f"shard{i}-{name}.npy") for name in ("X", "y"))
-            for path, a in zip(paths, arrays):
-                np.save(path, a)
-            self.data.append(paths)
-            self.shard_rows.append(len(arrays[1]))
+        shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=spec.rule.equal_shards)
+        self.data = [save_arrays(self.data_dir, f"shard{i}", *xy) for i, xy in enumerate(shards)]
+        self.shard_rows = [len(y_i) for _, y_i in shards]
         devices = devices if devices is not None else [None] * self.n
         # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS
         # threads make small GEMMs wait whole scheduler slices)
