@@ -434,6 +434,25 @@ def test_engine_rolls_back_an_update_whose_result_is_not_finite(mode, optimizer,
     assert e.version == version + 1 and np.isfinite(e.weights).all()
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_an_overflowing_push_raises_no_warning_on_either_server_backend(backend):
+    """The engine silences NumPy's overflow warnings around an update only where NumPy runs it: with the
+    numba ops the fused SGD kernel runs bare, and neither may warn (here: fail) on an update that overflows."""
+    from core.backends import get_backend
+
+    spec = TrainingSpec(mode="async", num_workers=1, learning_rate=0.5)
+    opt = make_optimizer("sgd", 4, learning_rate=0.5, ops=get_backend(backend))
+    e = SessionEngine(np.zeros(4, np.float32), spec, job_id=JOB, fingerprint=FP, optimizer=opt)
+    e.handle(b"a", msg(Op.HELLO))
+    huge = np.full(4, 3e38, np.float32)
+    for step in (1, 2):                                    # 0 -> -1.5e38 -> -3e38: finite
+        assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, huge, step=step, wversion=e.version))) == [(Status.OK, 0)]
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, huge, step=3, wversion=e.version))) == \
+        [(Status.ERROR, Reason.NON_FINITE_UPDATE)]                      # -4.5e38 overflows: rolled back
+    np.testing.assert_array_equal(e.weights, np.full(4, -3e38, np.float32))
+
+
 def test_fused_screen_tells_a_bad_gradient_from_a_bad_result():
     from core.backends import host_ops
     from core.optimizers import Verdict

@@ -148,6 +148,10 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         self._kernel("sgd_into", w.size)(w, g, w.dtype.type(lr), out)
         return out
 
+    # sgd_update_screened of float32 vectors is one compiled pass plus math.isfinite: no NumPy floating-point
+    # warnings, so a caller need not silence them around it (the server's np.errstate per push)
+    quiet_screened_sgd = True
+
     def sgd_update_screened(self, w, g, lr, out):
         """One fused pass: the update, the sum of g*g (NaN/inf gives a bad g away; a finite g whose squares
         overflow is told apart by a second look only then) and the sum of out*0 (NaN for a non-finite result)."""

@@ -268,6 +268,8 @@ class NumpyOps:
         step = np.multiply(g, w.dtype.type(lr), out=self._scratch("opt_step", g.shape, g.dtype))
         return np.subtract(w, step, out=w if out is None else out)
 
+    quiet_screened_sgd = False      # sgd_update_screened runs NumPy ufuncs: an overflow warns
+
     def sgd_update_screened(self, w, g, lr, out):
         """``sgd_update`` into ``out``, screened -> None, or "gradient" when g holds NaN/inf, or "result" when
         g is finite but the new weights are not. ``out`` (not ``w``) is a scratch buffer until the caller
