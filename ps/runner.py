@@ -109,7 +109,9 @@ class Runner:
     step_delay). start_together: first attempts wait for each other at the server's barrier 0 before training.
     devices: one CUDA ordinal per worker (cupy). shards: slices of the vector the server serves in parallel
     (:mod:`ps.shards`; default: :func:`ps.shards.auto_shards`). threads_per_worker: BLAS/numba threads of each
-    worker process (default: the machine's cores shared out).
+    worker process (default: the machine's cores shared out). The workers' shards are written once to a
+    directory under the temporary directory (``TMPDIR``; :func:`save_arrays` says why) and removed when
+    ``join`` returns, so the data needs that much room there for the run.
     """
 
     def __init__(self, X, y, layers=None, *, spec: TrainingSpec | None = None, workers=None, devices=None,
