@@ -3,7 +3,12 @@
 1. digits (70/30 stratified, seed 0): fit time to >= 97% test accuracy; MLlib MLPC l-bfgs [64,100,10].
 2. synthetic N x 784, [784,256,256,10], labels from a random linear teacher: training samples/s;
    MLlib MLPC gd.
-    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--skip-synthetic]
+3. ``torch`` (only when asked, needs torch): pyspark's TorchDistributor (DDP, gloo, 2 processes of one thread,
+   local mode) against ffps's fit at equal cores, the anchor in ../shared/anchors/torchdistributor_anchor.py:
+   48k x 784, [784,256,256,10], 3 passes, batch 128 per worker. Torch makes its shard inside each process;
+   ffps reads a cached DataFrame. Each ffps fit is split into Spark's task launch, the Arrow read, and the
+   training loop (the time the loop waited on exchanges said apart), in line and with pipelineExchange.
+    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,torch]
 """
 import argparse
 import os
@@ -90,17 +95,133 @@ def synthetic(spark, rows, backend):
           f"{m_rate:,.0f}: {best[0] / m_rate:.1f}x (target >= 10x)", flush=True)
 
 
+TORCH_ROWS, TORCH_EPOCHS, TORCH_BATCH, TORCH_WORKERS = 48_000, 3, 128, 2
+TORCH_LAYERS = [784, 256, 256, 10]
+
+
+def torch_data(rows, seed=0):
+    """The anchor's data: standard-normal float32 features, labels 0..9 (throughput only: nothing to learn)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    return g.standard_normal((rows, 784)).astype(np.float32), g.integers(0, 10, rows)
+
+
+def torch_loop(rows, epochs, batch):
+    """One DDP process of TorchDistributor: its shard of the data, SGD over it -> the loop's seconds."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)                      # a Spark task's one core, as ffps's tasks get
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    X, y = torch_data(rows)
+    Xs, ys = torch.tensor(X[rank::world]), torch.tensor(y[rank::world])
+    mods = []
+    for i, (a, b) in enumerate(zip(TORCH_LAYERS[:-1], TORCH_LAYERS[1:])):
+        mods += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(TORCH_LAYERS) - 2 else [])
+    model = DistributedDataParallel(torch.nn.Sequential(*mods))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(len(Xs))
+        for s in range(0, len(Xs), batch):
+            idx = perm[s:s + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(Xs[idx]), ys[idx]).backward()
+            opt.step()
+    seconds = time.perf_counter() - t0
+    dist.destroy_process_group()
+    return seconds
+
+
+def fit_timeline(stats: dict, t_fit: float, fit_s: float) -> dict:
+    """A fit's trainingStats -> where its seconds went: Spark's launch of the barrier tasks (fit start to the
+    first task's start), the slowest Arrow read, the slowest training loop and, within it, its exchange wait."""
+    workers = stats["workers"].values()
+    t = {"fit_s": fit_s, "launch_s": min(w["task_start"] for w in workers) - t_fit,
+         "read_s": max(w["read_s"] for w in workers), "loop_s": max(w["seconds"] for w in workers),
+         "exchange_s": max(w["exchange_s"] for w in workers)}
+    t["rest_s"] = fit_s - t["launch_s"] - t["read_s"] - t["loop_s"]   # set-up, the gather barrier, the result
+    return t
+
+
+def torch_section(spark, backend):
+    import numpy as np
+    import pandas as pd
+    from pyspark import StorageLevel
+    from pyspark.ml.functions import array_to_vector
+
+    from spark import FeedForwardNetworkPSClassifier
+
+    try:
+        import torch  # noqa: F401
+        from pyspark.ml.torch.distributor import TorchDistributor
+    except ImportError as exc:
+        print(f"torch: skipped ({exc}); pip install torch==2.13.0 (CPU) to run it", flush=True)
+        return
+    rows, epochs, batch, workers = TORCH_ROWS, TORCH_EPOCHS, TORCH_BATCH, TORCH_WORKERS
+    total = rows * epochs
+    t0 = time.perf_counter()
+    loop_s = TorchDistributor(num_processes=workers, local_mode=True, use_gpu=False).run(
+        torch_loop, rows, epochs, batch)
+    torch_wall = time.perf_counter() - t0
+    torch_rate = total / loop_s
+    print(f"torch TorchDistributor DDP gloo, {workers} processes x 1 thread: loop {torch_rate:,.0f} samples/s, "
+          f"{total / torch_wall:,.0f} incl. launch", flush=True)
+    X, y = torch_data(rows)
+    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    df = spark.createDataFrame(pd.DataFrame({"f": list(X.astype(np.float64)), "label": y.astype(np.float64)})) \
+        .select(array_to_vector("f").alias("features"), "label").repartition(workers) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    df.count()
+    best = {}
+    for pipeline in (False, True):
+        clf = FeedForwardNetworkPSClassifier(layers=TORCH_LAYERS, maxIter=epochs, blockSize=batch, stepSize=0.05,
+                                             numWorkers=workers, backend=backend, mode="async",
+                                             communicationWindow=8, pipelineExchange=pipeline)
+        clf.fit(df.limit(2000).repartition(workers))           # warm-up: kernels, Python workers
+        for _ in range(2):                                     # the first fit after a warm-up runs slower
+            t_fit, t0 = time.time(), time.perf_counter()
+            model = clf.fit(df)
+            t = fit_timeline(model.trainingStats, t_fit, time.perf_counter() - t0)
+            print(f"torch ffps {backend} async window 8, CURVE on, pipelineExchange={pipeline}: fit {t['fit_s']:.2f} s"
+                  f" = Spark launch {t['launch_s']:.2f} + Arrow read {t['read_s']:.2f} + loop {t['loop_s']:.2f} "
+                  f"(exchange wait {t['exchange_s']:.2f}) + rest {t['rest_s']:.2f}",
+                  flush=True)
+            if pipeline not in best or t["fit_s"] < best[pipeline]["fit_s"]:
+                best[pipeline] = t
+    for pipeline, t in best.items():
+        fit_rate, loop_rate = total / t["fit_s"], total / t["loop_s"]
+        print(f"RESULT torch (pipelineExchange={pipeline}, best fit): ffps fit {fit_rate:,.0f} samples/s = "
+              f"{fit_rate / torch_rate:.2f}x torch's loop ({torch_wall / t['fit_s']:.2f}x torch incl. launch); ffps "
+              f"loop {loop_rate:,.0f} samples/s = {loop_rate / torch_rate:.2f}x torch's loop (target >= 2x)",
+              flush=True)
+    df.unpersist()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--sections", default="digits,synthetic",
+                    help="comma-separated subset of digits, synthetic, torch")
+    ap.add_argument("--skip-synthetic", action="store_true", help="leave synthetic out of --sections")
     a = ap.parse_args()
+    sections = set(a.sections.split(",")) - ({"synthetic"} if a.skip_synthetic else set())
+    unknown = sections - {"digits", "synthetic", "torch"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
     spark = session(a.master)
-    digits(spark, a.backend)
-    if not a.skip_synthetic:
+    if "digits" in sections:
+        digits(spark, a.backend)
+    if "synthetic" in sections:
         synthetic(spark, a.rows, a.backend)
+    if "torch" in sections:
+        torch_section(spark, a.backend)
     spark.stop()
 
 
