@@ -15,6 +15,7 @@ that is not in flight). ``state_dict()`` / ``load_state_dict()`` round-trip the 
 """
 from __future__ import annotations
 
+import copy
 import enum
 import math
 
@@ -105,6 +106,32 @@ class Optimizer:
         out = self._update(w, g, self.schedule(self.t), out)     # not self.lr: a hot path of small steps
         self.t += 1
         return out
+
+    def step_accumulating(self, w, g, acc):
+        """``acc += g`` and ``step(w, g)`` in place: a worker's local step inside a parameter-server window (acc
+        sums the window's gradients). Plain SGD does both in one pass where the backend fuses them (numba)."""
+        if type(self) is Optimizer:
+            self.ops.sgd_update_accumulate(w, g, self.schedule(self.t), acc)
+            self.t += 1
+            return w
+        acc += g
+        return self.step(w, g)
+
+    def warm_up(self, readonly_gradient: bool = False) -> None:
+        """Run this rule's checked update once, on a twin over 8 zeros, so that a backend which compiles its kernels
+        on first use is ready before the first real update (numba: ~0.7 s for a process's first kernel, which the
+        server's first push, and every worker waiting on it, paid). ``readonly_gradient``: the gradient as the
+        server gets it, a read-only view of a received frame (numba compiles those apart). So few values take
+        the serial kernels: no parallel region is opened, so a caller may run this beside other work. This
+        optimizer's state and step counter are not touched."""
+        twin = copy.copy(self)
+        twin.num_params, twin.t = 8, 0
+        twin.state = {k: twin._zeros() for k in self.state}
+        twin.__dict__.pop("_backup", None)
+        g = twin._zeros()
+        if readonly_gradient:
+            g.flags.writeable = False
+        twin.step_checked(twin._zeros(), g, twin._zeros())
 
     # Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update; every subclass
     # keeps state (or may), so it screens before step(). An attribute, not a property: the server reads it on

@@ -128,10 +128,13 @@ class MinibatchTrainer:
         """One step on device arrays: the gradient, added to ``accumulate`` if given, and (``update``) an
         optimizer step in place on ``w`` -> (loss_sum over the batch, n_correct)."""
         loss_sum, correct = self.net.gradient_device(w, Xb, yb, self.grad)
-        if accumulate is not None:
+        if accumulate is None:
+            if update:
+                self.optimizer.step(w, self.grad)
+        elif update:
+            self.optimizer.step_accumulating(w, self.grad, accumulate)
+        else:
             accumulate += self.grad
-        if update:
-            self.optimizer.step(w, self.grad)
         return loss_sum, correct
 
     def run_window(self, w, data: DeviceData, first: int, count: int, accumulate=None, update=True) -> int:

@@ -200,7 +200,17 @@ class ParameterServer:
             self.checkpoints.start(self.engine.version)
         self._thread = threading.Thread(target=self._serve, name="ps-server", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._warm_up, name="ps-warm-up", daemon=True).start()
         return self
+
+    def _warm_up(self) -> None:
+        """Load the update kernel before the first push needs it: numba's first kernel in a process takes ~0.7 s
+        (2-core VM), which the first push, and every worker waiting on its reply, paid. On a thread of its own,
+        so registrations and barriers are served meanwhile; a push that comes first waits for it as before."""
+        try:
+            self.engine.optimizer.warm_up(readonly_gradient=True)
+        except Exception:  # noqa: BLE001 - the real update says what is wrong, in its own context
+            log.debug("warming the update kernel up failed", exc_info=True)
 
     def _close_ctx(self, sock):
         if self.guard is not None:

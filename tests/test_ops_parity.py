@@ -158,6 +158,20 @@ def test_sgd_update(ops, dtype, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [50, 40000])
+def test_sgd_update_accumulate_adds_the_gradient_and_steps(ops, dtype, n):
+    """A worker's step inside an exchange window: acc <- acc + g and w <- w - lr g, both in place (one pass
+    on numba, serial and parallel kernels)."""
+    rng = np.random.default_rng(11)
+    w, g, acc = rand(rng, n), rand(rng, n), rand(rng, n)
+    wd, gd, accd = (ops.asarray(a.copy(), dtype) for a in (w, g, acc))   # numpy: asarray of float64 is no copy
+    assert ops.sgd_update_accumulate(wd, gd, 0.05, accd) is wd
+    check(ops, dtype, wd, w - 0.05 * g)
+    check(ops, dtype, accd, acc + g)
+    check(ops, dtype, gd, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [50, 40000])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_momentum_update(ops, dtype, n, nesterov):
     rng = np.random.default_rng(8)
@@ -205,6 +219,9 @@ def test_memory_ops(ops, dtype):
     out = ops.empty((40, 6), dtype)
     ops.take_rows(xd, ops.asarray(idx), out=out)
     check(ops, dtype, out, x[idx])
+    some = ops.empty((3, 6), dtype)                       # negative indices count from the end, as in NumPy
+    ops.take_rows(xd, ops.asarray(np.array([-1, 0, -40])), out=some)
+    check(ops, dtype, some, x[[-1, 0, -40]])
     host = np.empty((40, 6), dtype)
     assert ops.to_host(xd, out=host) is host
     check(ops, dtype, host, x)
@@ -262,3 +279,16 @@ def test_numba_runs_parallel_kernels_only_where_blas_is_single_threaded(monkeypa
     if numba.get_num_threads() > 1:
         assert ops._pool_free() and ops._kernel("sgd", 1 << 20) is parallel
     assert ops._kernel("sgd", 100) is serial                           # small arrays: serial either way
+
+
+@pytest.mark.parametrize("bad", [40, -41, 1000])
+def test_gathering_rows_into_a_buffer_refuses_an_index_out_of_range(bad):
+    """The CPU backends' gather into a batch buffer skips NumPy's temporary copy; it still raises on a bad row
+    index (never wraps it around), and leaves the buffer as it was."""
+    for name in [b for b in ("numpy", "numba") if b in available_backends()]:
+        ops = get_backend(name)
+        x = np.arange(240, dtype=np.float32).reshape(40, 6)
+        out = np.full((3, 6), -7.0, np.float32)
+        with pytest.raises(IndexError, match=f"out of range for 40 rows.*{bad}"):
+            ops.take_rows(x, np.array([0, bad, 1]), out=out)
+        assert (out == -7.0).all()

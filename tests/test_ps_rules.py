@@ -98,6 +98,26 @@ def test_optimizer_state_round_trip():
     np.testing.assert_array_equal(a.step(w, g, out=np.empty_like(w)), b.step(w, g, out=np.empty_like(w)))
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+def test_warming_an_optimizer_up_changes_nothing_of_it(name):
+    """warm_up runs the rule's checked update on a twin (the server does it on a thread beside the serving
+    one): this optimizer's state arrays, step counter and later updates are as if it had not happened."""
+    from core.backends import host_ops
+
+    ops = host_ops()
+    a, b = (make_optimizer(name, 7, 0.01, ops=ops) for _ in range(2))
+    w, g0 = vec(), vec()
+    a.step(w.copy(), g0, out=np.empty_like(w))
+    b.step(w.copy(), g0, out=np.empty_like(w))
+    before = {k: v.copy() for k, v in a.state.items()}
+    a.warm_up(readonly_gradient=True)
+    assert a.t == 1 and a.num_params == 7
+    for k, v in a.state.items():
+        np.testing.assert_array_equal(v, before[k])
+    g = vec()
+    np.testing.assert_array_equal(a.step(w, g, out=np.empty_like(w)), b.step(w, g, out=np.empty_like(w)))
+
+
 def test_schedules():
     assert Schedule(0.1)(1000) == 0.1
     s = Schedule(0.1, "step", step_size=10, gamma=0.5)

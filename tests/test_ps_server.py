@@ -25,6 +25,33 @@ def server(w=None, **kw):
     return ParameterServer(np.zeros(16, np.float32) if w is None else w, **kw).start()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_update_kernel_is_warmed_up_beside_serving_and_a_failed_warm_up_harms_nothing(fails, monkeypatch):
+    """start() warms the optimizer's update kernel up on a thread of its own (the first push no longer waits for
+    numba to load it); the optimizer itself is untouched, and a warm-up that raises is only logged: the
+    server serves and applies pushes as before."""
+    from core.optimizers import Optimizer
+
+    calls = []
+
+    def warm_up(self, readonly_gradient=False):
+        calls.append((self.t, readonly_gradient, threading.current_thread().name))
+        if fails:
+            raise RuntimeError("no kernel today")
+    monkeypatch.setattr(Optimizer, "warm_up", warm_up)
+    with server(np.arange(16, dtype=np.float32), learning_rate=0.5, secure=False) as s:
+        with ParameterClient(s.client_config(), worker_id=0, timeout=5) as c:
+            c.pull()
+            r = c.push(np.ones(16, np.float32), want_weights=True)
+            np.testing.assert_array_equal(r.weights, np.arange(16, dtype=np.float32) - 0.5)
+        assert s.running and s.stats()["applied"] == 1
+    for t in threading.enumerate():
+        if t.name == "ps-warm-up":
+            t.join(30)
+    assert calls == [(0, True, "ps-warm-up")]
+
+
 @pytest.mark.parametrize("secure", [True, False])
 def test_pull_push_round_trip(secure):
     w0 = np.arange(16, dtype=np.float32)

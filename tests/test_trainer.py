@@ -91,6 +91,31 @@ def test_local_optimizer_matches_formula(optimizer):
     np.testing.assert_allclose(w, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
+def test_a_step_inside_an_exchange_window_adds_its_gradient_and_steps_as_alone(backend, optimizer, digits_split):
+    """MinibatchTrainer.step with ``accumulate`` (a parameter-server window): the window sum gains exactly the
+    step's gradient, and the weights move as a step without it would (plain SGD: one fused pass on numba), with
+    the schedule's counter advanced once."""
+    Xtr, _, ytr, _ = digits_split
+    net = FeedForwardNetwork([64, 100, 10], backend=backend)
+    ops = net.ops
+    X, y = ops.asarray(Xtr[:32], net.dtype), ops.asarray(ytr[:32].astype(np.int32))
+    alone = MinibatchTrainer(net, batch_size=32, learning_rate=0.1, optimizer=optimizer, momentum=0.5)
+    windowed = MinibatchTrainer(net, batch_size=32, learning_rate=0.1, optimizer=optimizer, momentum=0.5)
+    w0 = net.init_params(0)
+    w_alone, w_win = ops.asarray(w0.copy()), ops.asarray(w0.copy())
+    acc = ops.asarray(np.full(net.num_params, 0.25, np.float32))
+    for _ in range(2):
+        alone.step(w_alone, X, y)
+        windowed.step(w_win, X, y, accumulate=acc)
+        grad = ops.to_host(windowed.grad)
+    np.testing.assert_allclose(ops.to_host(w_win), ops.to_host(w_alone), rtol=1e-5, atol=1e-6)
+    first = net.loss_and_grad(w0, Xtr[:32], ytr[:32])[1]
+    np.testing.assert_allclose(ops.to_host(acc), 0.25 + first + grad, rtol=1e-4, atol=1e-5)
+    assert windowed.optimizer.t == alone.optimizer.t == 2
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow is the point
 def test_divergence_is_a_clear_error(digits_split):
     Xtr, _, ytr, _ = digits_split

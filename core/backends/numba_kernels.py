@@ -193,6 +193,13 @@ def _sgd_into(w, g, lr, out):
         out[i] = w[i] - lr * g[i]
 
 
+def _sgd_accumulate(w, g, lr, acc):
+    for i in prange(w.shape[0]):
+        gi = g[i]
+        acc[i] += gi
+        w[i] -= lr * gi
+
+
 def _momentum(w, v, g, lr, mu, nesterov):
     for i in prange(w.shape[0]):
         vi = mu * v[i] + g[i]
@@ -242,5 +249,6 @@ KERNELS["softmax_exp_rows_f32"] = _jit_pair(_softmax_exp_rows_f32, fastmath=FAST
 # may take either path for the same update); 'reassoc' lets the screen's sum vectorise and keeps NaN/inf
 KERNELS["sgd"] = _jit_pair(_sgd, fastmath={"reassoc"})
 KERNELS["sgd_into"] = _jit_pair(_sgd_into, fastmath={"reassoc"})
+KERNELS["sgd_accumulate"] = _jit_pair(_sgd_accumulate, fastmath={"reassoc"})
 all_finite_jit = numba.njit(cache=True, nogil=True)(_all_finite)
 sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False, nogil=True)(_sgd_screened)

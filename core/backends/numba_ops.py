@@ -148,6 +148,11 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         self._kernel("sgd_into", w.size)(w, g, w.dtype.type(lr), out)
         return out
 
+    def sgd_update_accumulate(self, w, g, lr, acc):
+        """One pass: acc += g and w -= lr g (NumPy: two, and a call each)."""
+        self._kernel("sgd_accumulate", w.size)(w, g, w.dtype.type(lr), acc)
+        return w
+
     # sgd_update_screened of float32 vectors is one compiled pass plus math.isfinite: no NumPy floating-point
     # warnings, so a caller need not silence them around it (the server's np.errstate per push)
     quiet_screened_sgd = True

@@ -68,8 +68,16 @@ class NumpyOps:
         return isinstance(x, np.ndarray)
 
     def take_rows(self, x, index, out=None):
-        """Gather rows: (n, ...) [index (k,)] -> (k, ...)."""
-        return np.take(x, index, axis=0, out=out)
+        """Gather rows: (n, ...) [index (k,)] -> (k, ...); an index outside -n..n-1 raises IndexError."""
+        if out is None:
+            return np.take(x, index, axis=0)
+        # Into ``out``, np.take's default mode gathers into a fresh temporary and copies that over: an allocation
+        # (page faults for a batch of a wide net) and a second pass per batch. The range is checked here instead
+        # and the rows go straight into ``out`` (128 x 784 float32 rows: ~62 -> ~28 us, 2-core VM).
+        n = x.shape[0]
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows: {index.min()}..{index.max()}")
+        return np.take(x, index, axis=0, out=out, mode="wrap")
 
     def all_finite(self, x) -> bool:
         """True when no element is NaN or +-inf."""
@@ -267,6 +275,11 @@ class NumpyOps:
         """out <- w - lr g."""
         step = np.multiply(g, w.dtype.type(lr), out=self._scratch("opt_step", g.shape, g.dtype))
         return np.subtract(w, step, out=w if out is None else out)
+
+    def sgd_update_accumulate(self, w, g, lr, acc):
+        """acc <- acc + g, then w <- w - lr g, both in place (a worker's step inside an exchange window)."""
+        acc += g
+        return self.sgd_update(w, g, lr)
 
     quiet_screened_sgd = False      # sgd_update_screened runs NumPy ufuncs: an overflow warns
 
