@@ -117,21 +117,18 @@ class Optimizer:
         acc += g
         return self.step(w, g)
 
-    def warm_up(self, readonly_gradient: bool = False) -> None:
+    def warm_up(self) -> None:
         """Run this rule's checked update once, on a twin over 8 zeros, so that a backend which compiles its kernels
         on first use is ready before the first real update (numba: ~0.7 s for a process's first kernel, which the
-        server's first push, and every worker waiting on it, paid). ``readonly_gradient``: the gradient as the
-        server gets it, a read-only view of a received frame (numba compiles those apart). So few values take
-        the serial kernels: no parallel region is opened, so a caller may run this beside other work. This
-        optimizer's state and step counter are not touched."""
+        server's first push, and every worker waiting on it, paid). The arrays' types are the server's: writable
+        float32 vectors (a received frame's view is writable; numba compiles a read-only one apart). So few
+        values take the serial kernels: no parallel region is opened, so a caller may run this beside other
+        work. This optimizer's state and step counter are not touched."""
         twin = copy.copy(self)
         twin.num_params, twin.t = 8, 0
         twin.state = {k: twin._zeros() for k in self.state}
         twin.__dict__.pop("_backup", None)
-        g = twin._zeros()
-        if readonly_gradient:
-            g.flags.writeable = False
-        twin.step_checked(twin._zeros(), g, twin._zeros())
+        twin.step_checked(twin._zeros(), twin._zeros(), twin._zeros())
 
     # Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update; every subclass
     # keeps state (or may), so it screens before step(). An attribute, not a property: the server reads it on

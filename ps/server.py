@@ -208,7 +208,7 @@ class ParameterServer:
         (2-core VM), which the first push, and every worker waiting on its reply, paid. On a thread of its own,
         so registrations and barriers are served meanwhile; a push that comes first waits for it as before."""
         try:
-            self.engine.optimizer.warm_up(readonly_gradient=True)
+            self.engine.optimizer.warm_up()
         except Exception:  # noqa: BLE001 - the real update says what is wrong, in its own context
             log.debug("warming the update kernel up failed", exc_info=True)
 

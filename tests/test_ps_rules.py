@@ -110,7 +110,7 @@ def test_warming_an_optimizer_up_changes_nothing_of_it(name):
     a.step(w.copy(), g0, out=np.empty_like(w))
     b.step(w.copy(), g0, out=np.empty_like(w))
     before = {k: v.copy() for k, v in a.state.items()}
-    a.warm_up(readonly_gradient=True)
+    a.warm_up()
     assert a.t == 1 and a.num_params == 7
     for k, v in a.state.items():
         np.testing.assert_array_equal(v, before[k])

@@ -35,8 +35,8 @@ def test_the_update_kernel_is_warmed_up_beside_serving_and_a_failed_warm_up_harm
 
     calls = []
 
-    def warm_up(self, readonly_gradient=False):
-        calls.append((self.t, readonly_gradient, threading.current_thread().name))
+    def warm_up(self):
+        calls.append((self.t, threading.current_thread().name))
         if fails:
             raise RuntimeError("no kernel today")
     monkeypatch.setattr(Optimizer, "warm_up", warm_up)
@@ -49,7 +49,7 @@ def test_the_update_kernel_is_warmed_up_beside_serving_and_a_failed_warm_up_harm
     for t in threading.enumerate():
         if t.name == "ps-warm-up":
             t.join(30)
-    assert calls == [(0, True, "ps-warm-up")]
+    assert calls == [(0, "ps-warm-up")]
 
 
 @pytest.mark.parametrize("secure", [True, False])
