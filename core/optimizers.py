@@ -110,7 +110,7 @@ class Optimizer:
     def step_accumulating(self, w, g, acc):
         """``acc += g`` and ``step(w, g)`` in place: a worker's local step inside a parameter-server window (acc
         sums the window's gradients). Plain SGD does both in one pass where the backend fuses them (numba)."""
-        if type(self) is Optimizer:
+        if self.plain_sgd:
             self.ops.sgd_update_accumulate(w, g, self.schedule(self.t), acc)
             self.t += 1
             return w
@@ -130,14 +130,15 @@ class Optimizer:
         twin.__dict__.pop("_backup", None)
         twin.step_checked(twin._zeros(), twin._zeros(), twin._zeros())
 
-    # Plain SGD has no state to spoil, so it can screen NaN/inf in the same pass as its update; every subclass
-    # keeps state (or may), so it screens before step(). An attribute, not a property: the server reads it on
-    # every push.
-    screens_in_step = True
+    # True for plain SGD (this class) and False for every subclass. Plain SGD has no state to spoil, so it can
+    # screen NaN/inf in the same pass as its update (every subclass keeps state, or may, so it screens before
+    # step()), and its update fuses with a window's gradient sum. An attribute, not a property: the server reads
+    # it on every push.
+    plain_sgd = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.screens_in_step = False
+        cls.plain_sgd = False
 
     def step_screened(self, w, g, out) -> Verdict:
         """``step`` into ``out`` unless g holds NaN/inf (BAD_GRADIENT) or the new weights would not be finite
@@ -145,7 +146,7 @@ class Optimizer:
 
         ``out`` must not be ``w`` (it is a scratch buffer until the caller commits it). One fused pass on the
         numba backend: the server's update of a 1M-parameter push drops from ~0.68 to ~0.24 ms (2-core VM)."""
-        if not self.screens_in_step:
+        if not self.plain_sgd:
             raise TypeError(f"{self.name} keeps state: screen the gradient before step()")
         problem = self.ops.sgd_update_screened(w, g, self.lr, out)
         if problem is not None:
@@ -156,7 +157,7 @@ class Optimizer:
     def step_checked(self, w, g, out) -> Verdict:
         """``step`` into ``out`` (not ``w``), rolled back when the new weights are not finite: BAD_RESULT, with
         the state and the step counter as they were (their arrays are copied first: a pass per state array)."""
-        if self.screens_in_step:
+        if self.plain_sgd:
             return self.step_screened(w, g, out)
         saved = self._saved_state()
         self.step(w, g, out)

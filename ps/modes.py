@@ -232,7 +232,7 @@ class Async(_GradientMode):
         return spec.tau > 1 or spec.pipeline
 
     def screens_payload(self, optimizer):
-        return optimizer.screens_in_step
+        return optimizer.plain_sgd               # its checked update screens in the same pass
 
     def apply_push(self, engine, w, payload, out):
         return engine.optimizer.step_checked(w, payload, out)
