@@ -41,23 +41,32 @@ def digits(spark, backend):
         print("RESULT digits: ffps did not reach 97% in any configuration tried", flush=True)
 
 
-def synthetic(spark, rows, backend):
+def vector_frame(spark, X, y, partitions):
+    """(features Vector, label double) rows of X and y in ``partitions`` partitions, persisted and counted (every
+    contender starts from cached data), built through Arrow."""
     import numpy as np
     import pandas as pd
-    from pyspark.ml.classification import MultilayerPerceptronClassifier
     from pyspark import StorageLevel
     from pyspark.ml.functions import array_to_vector
 
+    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    df = spark.createDataFrame(pd.DataFrame({"f": list(X.astype(np.float64)), "label": y.astype(np.float64)})) \
+        .select(array_to_vector("f").alias("features"), "label").repartition(partitions) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    df.count()
+    return df
+
+
+def synthetic(spark, rows, backend):
+    import numpy as np
+    from pyspark.ml.classification import MultilayerPerceptronClassifier
+
     from spark import FeedForwardNetworkPSClassifier
 
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     rs = np.random.RandomState(0)
     X = rs.standard_normal((rows, 784)).astype(np.float32)
     y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
-    df = spark.createDataFrame(pd.DataFrame({"f": list(X.astype(np.float64)), "label": y})) \
-        .select(array_to_vector("f").alias("features"), "label").repartition(2) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    df.count()
+    df = vector_frame(spark, X, y, 2)
     layers = [784, 256, 256, 10]
     warm = FeedForwardNetworkPSClassifier(layers=layers, maxIter=1, blockSize=256, numWorkers=2, backend=backend)
     warm.fit(df.limit(2048).repartition(2))                 # warm-up: kernels for this net, Arrow path
@@ -149,11 +158,6 @@ def fit_timeline(stats: dict, t_fit: float, fit_s: float) -> dict:
 
 
 def torch_section(spark, backend):
-    import numpy as np
-    import pandas as pd
-    from pyspark import StorageLevel
-    from pyspark.ml.functions import array_to_vector
-
     from spark import FeedForwardNetworkPSClassifier
 
     try:
@@ -171,12 +175,7 @@ def torch_section(spark, backend):
     torch_rate = total / loop_s
     print(f"torch TorchDistributor DDP gloo, {workers} processes x 1 thread: loop {torch_rate:,.0f} samples/s, "
           f"{total / torch_wall:,.0f} incl. launch", flush=True)
-    X, y = torch_data(rows)
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
-    df = spark.createDataFrame(pd.DataFrame({"f": list(X.astype(np.float64)), "label": y.astype(np.float64)})) \
-        .select(array_to_vector("f").alias("features"), "label").repartition(workers) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    df.count()
+    df = vector_frame(spark, *torch_data(rows), workers)
     best = {}
     for pipeline in (False, True):
         clf = FeedForwardNetworkPSClassifier(layers=TORCH_LAYERS, maxIter=epochs, blockSize=batch, stepSize=0.05,
