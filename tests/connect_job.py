@@ -7,8 +7,10 @@ share. Every step writes what it saw into the JSON report; tests/test_spark_conn
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -86,6 +88,7 @@ def main(out_path: str) -> None:
     train, test, Xte = frames(spark)
     report["is_connect"] = is_connect(train)
     tmp = tempfile.mkdtemp(prefix="ffps-connect-")
+    atexit.register(shutil.rmtree, tmp, True)          # this job runs in a process of its own
     state = {}
 
     def clf(**kw):

@@ -6,9 +6,11 @@ a subprocess (``python -m tests.spark_helpers cluster-job OUT.json``) because a 
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -106,6 +108,7 @@ def cluster_job(out_path: str) -> None:
     from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier
 
     tmp = tempfile.mkdtemp(prefix="ffps-cluster-")
+    atexit.register(shutil.rmtree, tmp, True)          # this job runs in a process of its own
     script = write_fake_gpu_script(tmp, ["5"])
     builder = spark_conf(SparkSession.builder, "local-cluster[2,1,1024]")
     spark = (builder.config("spark.worker.resource.gpu.amount", "1")

@@ -74,10 +74,10 @@ def test_sync_killed_worker_gives_clear_error_within_timeout():
     r = Runner(Xtr, ytr, LAYERS, mode="sync", workers=2, epochs=20, batch_size=32, barrier_timeout=2.0,
                worker_options=dict(step_delay=0.005)).start()
     _kill_when(r, 1, 3)
-    t0 = time.monotonic()
+    # the survivor's barrier wait (2 s) ends the run, not the join's deadline: had the worker hung past it,
+    # join would raise TimeoutError, which this does not accept
     with pytest.raises(WorkerFailed, match=r"(?s)worker 0.*BARRIER_TIMEOUT.*workers \[1\]"):
-        r.join(timeout=60)
-    assert time.monotonic() - t0 < 30
+        r.join(timeout=30)
 
 
 @pytest.mark.timeout(120)
