@@ -124,6 +124,7 @@ class Runner:
         elif layers is not None or workers is not None or spec_fields:
             raise TypeError("pass either spec= or its fields, not both")
         self.spec, self.n = spec, spec.num_workers
+        self._check_threads(threads_per_worker)
         self.max_restarts, self.tolerate_failures = int(max_restarts), bool(tolerate_failures)
         self.start_together = bool(start_together)
         w0 = spec.initial_weights()
@@ -147,6 +148,22 @@ class Runner:
         self.attempts = [0] * self.n
         self.results: dict[int, dict] = {}
         self.errors: dict[int, list] = {i: [] for i in range(self.n)}
+
+    def _check_threads(self, threads) -> None:
+        """A bad threads_per_worker fails here, before the server or any shard file exists; more BLAS threads
+        than the machine has cores is allowed, with a warning: two 2-thread workers on 2 cores trained 4.2k-26k
+        samples/s against 95k with one thread each (bench/scale_bench.py, [784,256,256,10], 2-core VM): their
+        steps took 8-59 ms instead of 1.1-1.5, each small GEMM waiting for a helper thread that the other
+        process had descheduled."""
+        if threads is None:
+            return
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads_per_worker must be a positive integer, got {threads!r}")
+        cores = os.cpu_count() or 1
+        if threads > 1 and threads * self.n > cores:
+            log.warning("%d workers x %d threads on %d cores: BLAS threads beyond the cores wait on each other "
+                        "(a step can take 5-50x longer); use threads_per_worker <= %d", self.n, threads, cores,
+                        max(1, cores // self.n))
 
     def _launch(self, i):
         # first attempts start together (spawn + imports + kernel load differ by up to a second); a

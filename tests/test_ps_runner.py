@@ -136,3 +136,29 @@ def test_a_worker_that_dies_while_starting_fails_the_run_instead_of_hanging_it(t
     assert proc.returncode != 0
     assert "WorkerFailed" in proc.stderr and "exited with code 1" in proc.stderr, proc.stderr[-3000:]
     assert "bootstrapping phase" in proc.stderr        # multiprocessing's own words reach the user
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_a_bad_thread_count_is_refused_before_anything_is_written(bad, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where the runner would write its shards
+    Xtr, _, ytr, _ = digits()
+    with pytest.raises(ValueError, match=f"threads_per_worker must be a positive integer, got {bad!r}"):
+        Runner(Xtr, ytr, LAYERS, workers=2, threads_per_worker=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_blas_threads_than_cores_is_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    Xtr, _, ytr, _ = digits()
+    for workers, threads in ((2, 2), (4, 1), (1, 2)):     # only the first puts 4 BLAS threads on 2 cores
+        caplog.clear()
+        r = Runner(Xtr[:200], ytr[:200], LAYERS, workers=workers, threads_per_worker=threads)
+        r._cleanup()
+        warned = [m for m in caplog.messages if "threads on 2 cores" in m]
+        if (workers, threads) == (2, 2):
+            assert warned == ["2 workers x 2 threads on 2 cores: BLAS threads beyond the cores wait on each other "
+                              "(a step can take 5-50x longer); use threads_per_worker <= 1"]
+        else:
+            assert warned == []
