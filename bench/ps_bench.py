@@ -4,7 +4,8 @@
    ParameterClient/ParameterServer (security off, then CURVE on, then CURVE on a server sharded into --shards
    slices, default ps.shards.auto_shards) against a raw pyzmq DEALER/ROUTER round trip of the same bytes,
    measured in the same run (the anchor in ../shared/anchors/zmq_loopback.py). Ratio = raw time / our time
-   (1.0 = as fast as raw).
+   (1.0 = as fast as raw). For the small vector also the anchor with its client on a ZeroMQ context of its
+   own, as ours has, and the round trip with the client in a process of its own, as a worker runs it.
 2. updates/s (push + new weights back) with 1, 2, 4, 8 worker processes on the digits net's vector.
 3. samples/s of the Spark-free runner on digits (CPU workers) vs one process training alone, no server.
 4. ``mid``: the runner on a mid-size net ([784,256,256,10], 60k synthetic rows, async, window 4, batch 128)
@@ -80,19 +81,26 @@ def _ours_client_loop(c, g, warm, reps):
     return (time.perf_counter() - t0) / reps
 
 
-def raw_round_trip(n, reps):
-    """The anchor: ROUTER thread applies w -= 0.01 g and sends w back zero-copy; DEALER times round trips."""
+def raw_round_trip(n, reps, contexts=1):
+    """The anchor: ROUTER thread applies w -= 0.01 g and sends w back zero-copy; DEALER times round trips.
+
+    contexts=1 is the anchor as written: both sockets on one ZeroMQ context, so one I/O thread carries both
+    ends. contexts=2 gives the DEALER a context of its own, as our client has (and any worker, in its own
+    process): each message then crosses two I/O threads."""
     ctx = zmq.Context()
+    client_ctx = zmq.Context() if contexts == 2 else ctx
     srv = _raw_socket(ctx, zmq.ROUTER)
     port = srv.bind_to_random_port("tcp://127.0.0.1")
     t = threading.Thread(target=_raw_serve, args=(srv, reps + 2), daemon=True)
     t.start()
-    c = _raw_socket(ctx, zmq.DEALER)
+    c = _raw_socket(client_ctx, zmq.DEALER)
     c.connect(f"tcp://127.0.0.1:{port}")
     dt = _raw_client_loop(c, np.random.default_rng(0).random(n, dtype=np.float32), 2, reps)
     t.join(RAW_TIMEOUT_MS / 1000)
     c.close(linger=0)
     srv.close(linger=0)
+    if client_ctx is not ctx:
+        client_ctx.term()
     ctx.term()
     return dt
 
@@ -311,9 +319,11 @@ def round_trips(a, out):
     for n, reps in ((7510, 1000 if a.quick else 3000), (1_000_000, 20 if a.quick else 50),
                     (10_000_000, 4 if a.quick else 10)):
         shards = a.shards or auto_shards(n)
-        raw, ours, curve, sharded = [], [], [], []
+        raw, ours, curve, sharded, raw2 = [], [], [], [], []
         for _ in range(3 if a.quick else 5):   # interleave to share the machine's noise; best of each
             raw.append(raw_round_trip(n, reps))
+            if n == 7510:                      # the small vector, where the I/O threads' wake-ups show
+                raw2.append(raw_round_trip(n, reps, contexts=2))
             ours.append(ours_round_trip(n, reps, secure=False))
             curve.append(ours_round_trip(n, max(2, reps // 2), secure=True))
             if shards > 1:
@@ -324,11 +334,16 @@ def round_trips(a, out):
                "ratio_ours_over_raw_throughput": r / o, "curve_ms": c * 1e3, "curve_cost_x": c / o,
                "shards": shards, "sharded_curve_ms": cs * 1e3, "sharded_curve_cost_x": cs / o,
                "ours_gb_s_both_ways": 2 * n * 4 / o / 1e9}
+        if raw2:
+            row.update(raw_two_contexts_ms=min(raw2) * 1e3, ratio_ours_over_raw_two_contexts=min(raw2) / o)
         out["round_trip"].append(row)
         print(f"{row['mbytes']:6.2f}MB {row['raw_ms']:9.3f} {row['ours_ms']:9.3f} "
               f"{row['ratio_ours_over_raw_throughput']:8.2f}x {row['curve_ms']:9.2f} {row['curve_cost_x']:9.2f}x "
               f"{shards:6d} {row['sharded_curve_ms']:10.2f} {row['sharded_curve_cost_x']:5.2f}x "
               f"{row['ours_gb_s_both_ways']:9.2f}")
+    small = out["round_trip"][0]
+    print(f"  {small['n_params']} floats, the anchor's client on a context of its own (as ours): raw "
+          f"{small['raw_two_contexts_ms']:.3f} ms, ours/that {small['ratio_ours_over_raw_two_contexts']:.2f}x")
     n, reps = 7510, 1000 if a.quick else 3000
     raw, ours = [], []
     for _ in range(3 if a.quick else 5):
