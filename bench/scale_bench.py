@@ -80,7 +80,8 @@ def ps_run(Xtr, ytr, Xte, yte, layers, workers, a):
     spec = TrainingSpec(layers=layers, mode="async", num_workers=workers, epochs=a.epochs, batch_size=a.batch,
                         learning_rate=a.lr, tau=a.window, backend=a.backend, seed=a.seed, barrier_timeout=60.0,
                         pipeline=a.pipeline, wire_dtype=a.wire_dtype)
-    res = run(Xtr, ytr, spec=spec, secure=True, timeout=1800, threads_per_worker=a.threads_per_worker)
+    res = run(Xtr, ytr, spec=spec, secure=True, timeout=1800, threads_per_worker=a.threads_per_worker,
+              shards=a.shards)
     hist = res.history
     per_epoch = {}
     steps = {str(w): r["steps_per_epoch"] for w, r in res.workers.items()}
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gbits", type=float, default=10.0, help="network of the projection, Gbit/s")
     ap.add_argument("--latency-ms", type=float, default=0.1, help="one-way latency of the projection")
     ap.add_argument("--pipeline", action="store_true", help="overlap each exchange with the next window")
+    ap.add_argument("--shards", type=int, default=None,
+                    help="slices of the vector the server serves in parallel (default: ps.shards.auto_shards)")
     ap.add_argument("--wire-dtype", default="float32", help="float32, bfloat16 or float16 gradient frames")
     ap.add_argument("--quick", action="store_true", help="6k rows, 2 epochs, workers 1,2")
     ap.add_argument("--compare-pipeline", type=int, default=0, metavar="K",
@@ -222,7 +225,8 @@ def main(argv=None) -> int:
     workers = [int(v) for v in a.workers.split(",")]
     cores = os.cpu_count() or 1
     Xtr, Xte, ytr, yte = synthetic(a.rows, max(2000, a.rows // 5), d=layers[0], classes=layers[-1], seed=a.seed)
-    print(f"{a.rows} rows, {layers}, batch {a.batch}, async window {a.window}, CURVE on, {cores} cores", flush=True)
+    print(f"{a.rows} rows, {layers}, batch {a.batch}, async window {a.window}, CURVE on, {cores} cores"
+          + (f", {a.shards} server shards" if a.shards else ""), flush=True)
 
     if a.compare_pipeline:
         return compare_pipeline(Xtr, ytr, Xte, yte, layers, workers, a)
