@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import BackendUnavailable, FeedForwardNetwork, get_backend  # noqa: E402
+from core.backends.threads import shared_threads  # noqa: E402
 from ps.modes import get_mode  # noqa: E402
 from ps.rules import default_alpha  # noqa: E402
 from ps.runner import load_arrays, save_arrays  # noqa: E402
@@ -131,9 +132,8 @@ def trainer_settings(name: str, spec: dict, workers: int) -> dict:
     s = {"label": t["label"], "epochs": spec["epochs"], "batch_size": spec["batch_size"],
          "learning_rate": spec["learning_rate"] * t.get("lr_scale", 1.0)}
     if t.get("kind") == "single":
-        # one worker without the server: the thread share a runner worker gets (cpu_count // workers)
-        s.update(kind="single", workers=1, optimizer=t["optimizer"],
-                 cpu_threads=max(1, (os.cpu_count() or 1) // workers))
+        # one worker without the server: the thread share a runner worker gets
+        s.update(kind="single", workers=1, optimizer=t["optimizer"], cpu_threads=shared_threads(workers))
         return s
     s.update(kind="ps", mode=t["mode"], workers=workers, tau=t.get("tau", 1))
     if get_mode(t["mode"]).pushes_gradients:

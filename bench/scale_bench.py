@@ -43,6 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import FeedForwardNetwork, MinibatchTrainer, limit_cpu_threads  # noqa: E402
 from core.backends import available_backends  # noqa: E402
+from core.backends.threads import shared_threads  # noqa: E402
 
 
 def synthetic(n_train, n_test, d=784, classes=10, seed=0):
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     runs = []
     for n in workers:
         r = ps_run(Xtr, ytr, Xte, yte, layers, n, a)
-        r["threads_per_worker"] = a.threads_per_worker or max(1, cores // n)
+        r["threads_per_worker"] = a.threads_per_worker or shared_threads(n, cores)
         r["vs_best_single"] = r["samples_per_s"] / best["samples_per_s"]
         r["vs_one_worker"] = r["samples_per_s"] / runs[0]["samples_per_s"] if runs else 1.0
         r["time_to_target"] = time_to(r["curve"], target)

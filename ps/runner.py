@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.backends.threads import check_thread_count, shared_threads
+
 from .shards import auto_shards, make_server
 from .spec import TrainingSpec
 
@@ -139,7 +141,7 @@ class Runner:
         devices = devices if devices is not None else [None] * self.n
         # each worker process gets its share of the cores for BLAS/numba threads (oversubscribed BLAS
         # threads make small GEMMs wait whole scheduler slices)
-        cpu_threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.n)
+        cpu_threads = threads_per_worker or shared_threads(self.n)
         self.kw = [dict(device=devices[i], cpu_threads=cpu_threads, **(worker_options or {}))
                    for i in range(self.n)]
         self.ctx = mp.get_context("spawn")
@@ -157,13 +159,12 @@ class Runner:
         process had descheduled."""
         if threads is None:
             return
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads_per_worker must be a positive integer, got {threads!r}")
+        check_thread_count(threads, "threads_per_worker")
         cores = os.cpu_count() or 1
         if threads > 1 and threads * self.n > cores:
             log.warning("%d workers x %d threads on %d cores: BLAS threads beyond the cores wait on each other "
                         "(a step can take 5-50x longer); use threads_per_worker <= %d", self.n, threads, cores,
-                        max(1, cores // self.n))
+                        shared_threads(self.n, cores))
 
     def _launch(self, i):
         # first attempts start together (spawn + imports + kernel load differ by up to a second); a

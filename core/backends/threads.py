@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 # One thread model per process: BLAS owns the cores. numba's elementwise kernels run in parallel only where
 # BLAS is single-threaded; beside a threaded BLAS they run serially, because the two pools spin on the same
@@ -22,6 +23,18 @@ def blas_threads() -> int:
     return _blas_threads
 
 
+def check_thread_count(n, what: str = "thread count") -> int:
+    """``n`` if it is a positive integer (not a bool), else ValueError naming ``what`` and the value."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {n!r}")
+    return n
+
+
+def shared_threads(workers: int, cores: int | None = None) -> int:
+    """Each of ``workers`` processes' share of the machine's cores (at least 1): what a worker gets by default."""
+    return max(1, (cores or os.cpu_count() or 1) // workers)
+
+
 def limit_cpu_threads(n: int) -> None:
     """Cap the threads this process's CPU math may use: BLAS (through threadpoolctl) and numba's pool.
 
@@ -31,8 +44,7 @@ def limit_cpu_threads(n: int) -> None:
     threads and numba's kernels stay serial unless n is 1 for BLAS (the module's thread model above).
     """
     global _blas_threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"thread count must be a positive integer, got {n!r}")
+    check_thread_count(n)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n)
