@@ -334,16 +334,15 @@ def round_trips(a, out):
                "ratio_ours_over_raw_throughput": r / o, "curve_ms": c * 1e3, "curve_cost_x": c / o,
                "shards": shards, "sharded_curve_ms": cs * 1e3, "sharded_curve_cost_x": cs / o,
                "ours_gb_s_both_ways": 2 * n * 4 / o / 1e9}
-        if raw2:
-            row.update(raw_two_contexts_ms=min(raw2) * 1e3, ratio_ours_over_raw_two_contexts=min(raw2) / o)
         out["round_trip"].append(row)
         print(f"{row['mbytes']:6.2f}MB {row['raw_ms']:9.3f} {row['ours_ms']:9.3f} "
               f"{row['ratio_ours_over_raw_throughput']:8.2f}x {row['curve_ms']:9.2f} {row['curve_cost_x']:9.2f}x "
               f"{shards:6d} {row['sharded_curve_ms']:10.2f} {row['sharded_curve_cost_x']:5.2f}x "
               f"{row['ours_gb_s_both_ways']:9.2f}")
-    small = out["round_trip"][0]
-    print(f"  {small['n_params']} floats, the anchor's client on a context of its own (as ours): raw "
-          f"{small['raw_two_contexts_ms']:.3f} ms, ours/that {small['ratio_ours_over_raw_two_contexts']:.2f}x")
+        if raw2:
+            row.update(raw_two_contexts_ms=min(raw2) * 1e3, ratio_ours_over_raw_two_contexts=min(raw2) / o)
+            print(f"         the anchor's client on a context of its own (as ours): raw "
+                  f"{row['raw_two_contexts_ms']:.3f} ms, ours/that {row['ratio_ours_over_raw_two_contexts']:.2f}x")
     n, reps = 7510, 1000 if a.quick else 3000
     raw, ours = [], []
     for _ in range(3 if a.quick else 5):
