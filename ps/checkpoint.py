@@ -137,6 +137,8 @@ class CheckpointWriter:
     ``save_fn(directory, arrays, meta, keep) -> path``: this module's :func:`save` when None.
     """
 
+    IDLE_WAIT_S = 1.0     # an idle writer's wait is bounded too: it looks again at least this often
+
     def __init__(self, directory: str, keep: int = 3, save_fn=None):
         self.directory, self.keep = directory, int(keep)
         self._save = save_fn if save_fn is not None else save
@@ -163,7 +165,7 @@ class CheckpointWriter:
         while True:
             with self._cond:
                 while self._pending is None and not self._closed:
-                    self._cond.wait()
+                    self._cond.wait(self.IDLE_WAIT_S)   # woken by submit/close; the timeout only bounds the wait
                 if self._pending is None:
                     return
                 (arrays, meta), self._pending = self._pending, None
