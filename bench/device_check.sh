@@ -59,7 +59,11 @@ stage() {   # name, command...: output to $OUT/<name>.txt and the log, exit stat
   [ $rc -eq 0 ] || status=1
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
+# the CPU too: whether the 16 cores are 8 with two hardware threads each decides what 8 workers x 2 threads
+# can reach (the 8 x 2 target of #14), so threads per core, sockets, NUMA nodes and caches go into the record
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "nproc $(nproc)"
+  lscpu 2>/dev/null | grep -E '^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node\(s\)|L3 cache|CPU max MHz)'
+  python3 -c \
   "import cupy, numba, numpy, zmq; print('cupy', cupy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion(), \
 'numba', numba.__version__, 'numpy', numpy.__version__, 'pyzmq', zmq.pyzmq_version())"; } \
   > "$OUT/machine.txt" 2>&1
