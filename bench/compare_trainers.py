@@ -172,7 +172,9 @@ class StartGate:
 
     Without it the runner's workers start up to a second apart (spawn, imports, first-call kernel load); on
     digits one worker's whole share takes less than that, so an async run is really one worker after the
-    other. ``released`` receives the wall-clock time (time.time()) the gate opened.
+    other. ``released`` receives the wall-clock time (time.time()) the gate opened: the first stamp taken after
+    the barrier let the workers go (every push comes after its own worker's stamp, so after the first; the
+    last stamp can come after a quick worker's first push when its worker was descheduled).
     """
 
     def __init__(self, barrier, released, layers, backend, batch_size, timeout):
@@ -186,8 +188,9 @@ class StartGate:
         self.passed = True
         warm_up_kernels(self.layers, self.backend, self.batch_size)
         self.barrier.wait(self.timeout)                  # BrokenBarrierError on timeout: the runner reports it
+        now = time.time()
         with self.released.get_lock():
-            self.released.value = max(self.released.value, time.time())
+            self.released.value = now if self.released.value == 0.0 else min(self.released.value, now)
 
 
 def _single_main(out_q, data, layers, backend, epochs, batch_size, learning_rate, optimizer, seed, cpu_threads,
@@ -279,8 +282,9 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
         released = ctx.Value("d", 0.0)
         kw["worker_options"] = {"on_step": StartGate(ctx.Barrier(settings["workers"]), released, spec["layers"],
                                                      backend, settings["batch_size"], min(timeout, GATE_TIMEOUT_S))}
-    t_ref = time.time()                                  # the server's history clock starts a few ms after this
-    res = Runner(Xtr, ytr, **kw).start().join(timeout)
+    runner = Runner(Xtr, ytr, **kw)
+    t_ref = _history_origin(runner.server)               # the wall-clock time the server's history counts from
+    res = runner.start().join(timeout)
     hist = res.history
     if not hist or not res.workers:
         raise RuntimeError(f"{settings['mode']}: no update was applied (stats {res.stats})")
@@ -301,6 +305,12 @@ def train_ps(Xtr, ytr, spec, settings, backend, seed, timeout, start_gate=True):
               "worker_connected_s": ready, "start_gate_s": start if start_gate else None}
     return {"weights": res.weights, "train_s": end - start, "wall_s": res.seconds, "samples": samples,
             "curve": curve, "server": server}
+
+
+def _history_origin(server) -> float:
+    """time.time() at which the server's push history starts counting (a sharded server: its first shard's)."""
+    first = server.shards[0] if hasattr(server, "shards") else server
+    return first.engine.t_start
 
 
 def _epoch_curve(history, start, rows_per_pass):

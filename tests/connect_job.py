@@ -23,11 +23,16 @@ CONFS = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.
          "spark.ui.showConsoleProgress": "false", "spark.sql.shuffle.partitions": "2",
          "spark.default.parallelism": "2", "spark.driver.memory": "2g",
          "spark.scheduler.barrier.maxConcurrentTasksCheck.interval": "1s",
-         "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "3"}
+         "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "3",
+         "spark.connect.grpc.binding.address": "127.0.0.1"}       # the local Connect server on loopback only
 
 
 def connect_session():
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # A local Connect server listens on the fixed port 15002 unless SPARK_TESTING is set: then pyspark binds an
+    # ephemeral port and its client asks the JVM which one (pyspark's own switch for parallel test runs,
+    # SPARK-42272). This process exists only for this job.
+    os.environ["SPARK_TESTING"] = "1"
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.remote("local[2]").appName("ffps-connect-tests")

@@ -110,8 +110,6 @@ def test_loaded_backends_match_reference_signatures(name):
     for op in PUBLIC_OPS:
         got = inspect.signature(getattr(type(ops), op))
         assert got == inspect.signature(getattr(NumpyOps, op)), f"{name}.{op}"
-        # every override returns a value wherever the reference does (thinc's missing-return bug)
-        assert callable(getattr(ops, op))
 
 
 def test_overrides_return_their_results():

@@ -88,6 +88,8 @@ def test_cupy_without_gpu_is_a_clear_error(tmp_path, capsys):
 
     if "cupy" in available_backends():
         pytest.skip("cupy is usable here")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         load_script().main(["--backend", "cupy", "--out", str(tmp_path / "never")])
-    assert "cupy" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert exc.value.code == 2               # argparse's usage error, not a crash inside training
+    assert "--backend 'cupy' cannot be used here: backend 'cupy' requested but" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

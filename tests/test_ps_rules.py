@@ -192,7 +192,7 @@ def test_ssp_clocks():
     s.retire(1)
     s.advance(2, 2)
     assert s.can_read(0, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="SSP slack must be an integer >= 0, got -1"):
         rules.SSPClocks(2, -1)
 
 

@@ -223,16 +223,14 @@ def test_client_without_job_keys_cannot_pull_or_push():
         cfg = s.client_config()
         for bad in ({**cfg, "secure": False},
                     {**cfg, **dict(zip(("client_public", "client_secret"), zmq.curve_keypair()))}):
-            t0 = time.monotonic()
-            with pytest.raises(ServerUnavailable, match="no reply"):
+            with pytest.raises(ServerUnavailable, match="no reply.*HELLO after 2 tries of 0.5s"):
                 ParameterClient(bad, worker_id=0, timeout=0.5, retries=1)
             c = ParameterClient(bad, worker_id=0, timeout=0.3, retries=0, register=False)
-            with pytest.raises(ServerUnavailable):
+            with pytest.raises(ServerUnavailable, match="PULL after 1 tries"):
                 c.pull()
-            with pytest.raises(ServerUnavailable):
+            with pytest.raises(ServerUnavailable, match="PUSH after 1 tries"):
                 c.push(np.ones(16, np.float32))
             c.close()
-            assert time.monotonic() - t0 < 10
         assert s.stats()["received"] == 0 and s.stats()["applied"] == 0
 
 
@@ -241,10 +239,8 @@ def test_server_gone_gives_clear_error():
     s = server()
     c = ParameterClient(s.client_config(), worker_id=0, timeout=0.3, retries=2)
     s.stop()
-    t0 = time.monotonic()
-    with pytest.raises(ServerUnavailable, match="3 tries"):
+    with pytest.raises(ServerUnavailable, match="PULL after 3 tries of 0.3s"):
         c.pull()
-    assert time.monotonic() - t0 < 5
     c.close()
 
 
@@ -272,10 +268,10 @@ def test_sync_dead_worker_gives_clear_error_within_timeout():
         cfg = s.client_config()
         a = ParameterClient(cfg, worker_id=0, timeout=2)
         ParameterClient(cfg, worker_id=1).close()           # registers, then "dies" before pushing
-        t0 = time.monotonic()
+        # the server's round deadline (1 s) answers, not the client's own timeout (2 s: ServerUnavailable)
         with pytest.raises(PSError, match=r"BARRIER_TIMEOUT.*workers \[1\]") as e:
             a.push(np.ones(16, np.float32))
-        assert e.value.reason == Reason.BARRIER_TIMEOUT and time.monotonic() - t0 < 3
+        assert e.value.reason == Reason.BARRIER_TIMEOUT
         np.testing.assert_array_equal(s.weights(), np.zeros(16))
         a.close()
 

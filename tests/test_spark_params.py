@@ -32,13 +32,13 @@ def test_defaults():
 
 
 def test_keyword_only_and_type_conversion():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="forces keyword arguments"):
         FeedForwardNetworkPSClassifier([64, 10])
     clf = FeedForwardNetworkPSClassifier(layers=(64.0, 10), maxIter=3.0, useGpu=True)
     assert clf.getLayers() == [64, 10] and clf.getMaxIter() == 3 and clf.getUseGpu() is True
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match='param "layers". Could not convert 64,10 to list of ints'):
         FeedForwardNetworkPSClassifier(layers="64,10")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match='param "maxIter". Could not convert 2.5 to int'):
         FeedForwardNetworkPSClassifier(maxIter=2.5)
 
 

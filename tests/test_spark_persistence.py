@@ -92,7 +92,8 @@ def test_cross_validator_over_layers_and_step_size(digits_df):
     best = cv_model.bestModel
     assert isinstance(best, FeedForwardNetworkPSClassificationModel)
     assert best.getStepSize() == 0.1                 # a step size of 0.001 barely moves in 8 passes
-    assert max(cv_model.avgMetrics) == cv_model.avgMetrics[int(np.argmax(cv_model.avgMetrics))]
+    chosen = grid[int(np.argmax(cv_model.avgMetrics))]   # the best model carries the winning grid point's params
+    assert best.getLayers() == chosen[clf.layers] and best.getStepSize() == chosen[clf.stepSize]
     assert accuracy(best.transform(digits_df[1])) >= 0.9
 
 

@@ -151,9 +151,7 @@ def test_summary_spans_a_relaunched_training_stage(digits_df, monkeypatch):
     assert model.trainingStats["attempts"] == 2
     assert s.totalIterations == 3 and [e["samples"] for e in s.epochs()] == [model.trainingStats["rows"]] * 3
     w0, w1 = s.workers()
-    assert w1["attempts"] == 2
-    # worker 0 pushes in attempt 1 only when Spark's abort of the stage caught it before its last exchange
-    assert w0["attempts"] in (1, 2)
+    assert w1["attempts"] == 2       # worker 0 has 1 or 2: Spark's abort of the stage may come after its last push
 
 
 # ---------------------------------------------------------------- the app's --plot
