@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-col", default="label")
     p.add_argument("--features-col", default="features")
     p.add_argument("--output", help="predict: write predictions here as Parquet (default: show a few rows)")
-    p.add_argument("--overwrite", action="store_true", help="train: replace an existing model directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what is already there: train, the model directory; predict, the --output")
     p.add_argument("--master", help="Spark master when not launched by spark-submit (default local[*])")
     t = p.add_argument_group("training (--mode train)")
     add_training_flags(t, layers=None)
@@ -103,6 +104,41 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
     return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
 
 
+def _qualified(spark, path: str) -> str:
+    """``path`` as Hadoop resolves it (scheme, authority, absolute), so two spellings of one place compare
+    equal; the plain absolute path where there is no JVM at hand."""
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return os.path.abspath(path)
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return str(p.getFileSystem(spark._jsc.hadoopConfiguration()).makeQualified(p))
+
+
+def _exists(spark, path: str) -> bool:
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return os.path.exists(path)
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return bool(p.getFileSystem(spark._jsc.hadoopConfiguration()).exists(p))
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_destination(spark, dest: str, flag: str, overwrite: bool, keep: dict) -> None:
+    """Before anything runs: refuse to write ``dest`` where that would lose data. ``keep``: {what: path} that
+    must survive (the input data, the model), whatever --overwrite says; an existing ``dest`` only with it."""
+    target = _qualified(spark, dest)
+    for what, path in keep.items():
+        other = _qualified(spark, path)
+        if _within(target, other) or _within(other, target):
+            raise ValueError(f"{flag} {dest!r} would write over the {what} ({path!r}); choose another path")
+    if not overwrite and _exists(spark, dest):
+        raise ValueError(f"{flag} {dest!r} already exists; pass --overwrite to replace it (its contents are "
+                         f"deleted) or choose another path")
+
+
 def _read(path, fmt, read):
     """``read()``, with a missing or unreadable input as one ValueError naming the path (not a traceback)."""
     try:
@@ -121,6 +157,7 @@ def train(spark, args) -> dict:
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install ffps[plot]")
+    check_destination(spark, args.dir, "--dir", args.overwrite, {"input data": args.data})   # not after training
     df = load_data(spark, args.data, args.format, args.label_col, args.features_col).cache()
     layers = args.layers
     if layers is None:
@@ -169,12 +206,15 @@ def _load(spark, args):
 def predict(spark, args) -> dict:
     from pyspark.ml.functions import vector_to_array
 
+    if args.output:
+        check_destination(spark, args.output, "--output", args.overwrite,
+                          {"input data": args.data, "model": args.dir})
     model, df = _load(spark, args)
     out = model.transform(df)
     keep = [c for c in (args.label_col,) if c in df.columns]
     result = out.select(*keep, "prediction", vector_to_array("probability").alias("probability"))
     if args.output:
-        result.write.mode("overwrite").parquet(args.output)
+        result.write.mode("overwrite" if args.overwrite else "errorifexists").parquet(args.output)
         return {"mode": "predict", "rows": result.count(), "output": args.output}
     result.show(10, truncate=80)
     return {"mode": "predict", "rows": result.count()}

@@ -138,3 +138,51 @@ def test_epoch_reporter_draws_one_bar_on_a_terminal_and_lines_elsewhere():
                                          "ffps epoch 2/4 loss 0.5000 accuracy 0.7500 1234 samples/s staleness 0.5",
                                          "ffps: training stopped: ran all 4 epochs (maxIter)"]
     assert log.level == logging.NOTSET and not log.handlers    # left as it was
+
+
+def _snapshot(root) -> dict:
+    """{relative path: bytes} of every file under ``root``."""
+    out = {}
+    for path in glob.glob(os.path.join(root, "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def test_app_never_writes_over_data_it_was_not_told_to_replace(spark, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from spark import FeedForwardNetworkPSClassifier
+    from spark.app import main
+
+    data = str(tmp_path / "sample.txt")                  # a copy: a bug here must not eat pyspark's own file
+    shutil.copy(sample_data(), data)
+    model_dir = str(tmp_path / "model")
+    assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "2", "--backend", "numpy"]) == 0
+    capsys.readouterr()
+    model_files, data_bytes = _snapshot(model_dir), open(data, "rb").read()
+
+    def no_training(self, dataset):
+        raise AssertionError("the app trained before finding that it could not save")
+    monkeypatch.setattr(FeedForwardNetworkPSClassifier, "_fit", no_training)
+    assert main(["--mode", "train", "--dir", model_dir, data, "--backend", "numpy"]) == 2
+    assert f"--dir {model_dir!r} already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["--mode", "train", "--dir", data, data, "--backend", "numpy", "--overwrite"]) == 2
+    assert f"--dir {data!r} would write over the input data" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    assert main(["--mode", "predict", "--dir", model_dir, data, "--output", str(existing)]) == 2
+    assert f"--output {str(existing)!r} already exists; pass --overwrite" in capsys.readouterr().err
+    assert (existing / "notes.txt").read_text() == "keep me"
+    for output, what in ((data, "input data"), (model_dir, "model"), (os.path.join(model_dir, "pred"), "model")):
+        assert main(["--mode", "predict", "--dir", model_dir, data, "--output", output, "--overwrite"]) == 2
+        assert f"--output {output!r} would write over the {what}" in capsys.readouterr().err
+    assert _snapshot(model_dir) == model_files and open(data, "rb").read() == data_bytes
+
+    assert main(["--mode", "predict", "--dir", model_dir, data, "--output", str(existing), "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 150
+    assert not (existing / "notes.txt").exists() and spark.read.parquet(str(existing)).count() == 150
