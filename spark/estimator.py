@@ -28,7 +28,7 @@ from .data import check_schema, prepared
 from .model import FeedForwardNetworkPSClassificationModel
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
                      keyword_signature, ps_bind, training_spec)
-from .session import conf, connect_server_host, master, num_partitions, require_connect_support
+from .session import conf, connect_server_host, local_task_slots, master, num_partitions, require_connect_support
 from .tracking import log_fit
 
 log = logging.getLogger("spark.estimator")
@@ -71,6 +71,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         check_schema(dataset.schema, features_col, label_col)
         require_connect_support(dataset)
         spark = dataset.sparkSession
+        check_task_slots(spark, spec.num_workers)
         bind = ps_bind(master(spark), conf(spark, "spark.driver.host"), self.getPsHost(), self.getPsPort(),
                        connect_server_host(spark))
         nw = spec.num_workers
@@ -141,6 +142,17 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  if server.resumed_from else None}
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         return FeedForwardNetworkPSClassificationModel(weights=w, layers=spec.layers), stats
+
+
+def check_task_slots(spark, num_workers: int) -> None:
+    """A local master that cannot run numWorkers tasks at once is refused before anything starts: Spark's barrier
+    scheduler would otherwise wait for slots that never come (40 checks of 15 s by default) on every attempt."""
+    m, cpus = master(spark), conf(spark, "spark.task.cpus", "1")
+    slots = local_task_slots(m, cpus)
+    if slots is not None and num_workers > slots:
+        raise ValueError(f"numWorkers={num_workers} needs {num_workers} training tasks running at once (a barrier "
+                         f"stage), but master {m!r} runs at most {slots} (spark.task.cpus={cpus}); set numWorkers "
+                         f"to {max(slots, 1)} or less, or give the master more cores")
 
 
 def epoch_logger(epochs: int):

@@ -10,6 +10,8 @@ partition count from the JVM); a Connect session gets DataFrame-only ones.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 import socket
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
@@ -36,6 +38,24 @@ def require_connect_support(obj) -> None:
     if is_connect(obj) and int(pyspark.__version__.split(".")[0]) < 4:
         raise ValueError(f"ffps on Spark Connect needs pyspark >= 4.0 (barrier mapInArrow), this is pyspark "
                          f"{pyspark.__version__}; use a classic session or upgrade pyspark")
+
+
+_LOCAL = re.compile(r"local(\[\s*(?P<n>\*|\d+)\s*(,\s*\d+\s*)?\])?")
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(?P<w>\d+)\s*,\s*(?P<c>\d+)\s*,\s*\d+\s*\]")
+
+
+def local_task_slots(master: str, task_cpus=1) -> int | None:
+    """Tasks a local master can run at once: its cores // spark.task.cpus (``local[*]``: this machine's cores);
+    None for a cluster manager, whose executors come and go, or a master this does not parse."""
+    cpus = max(1, int(task_cpus or 1))
+    m = _LOCAL.fullmatch(master.strip())
+    if m:
+        n = m["n"] or "1"
+        return (os.cpu_count() or 1 if n == "*" else int(n)) // cpus
+    m = _LOCAL_CLUSTER.fullmatch(master.strip())
+    if m:
+        return int(m["w"]) * (int(m["c"]) // cpus)
+    return None
 
 
 def conf(spark, key: str, default=None):

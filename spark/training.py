@@ -123,6 +123,17 @@ def _short(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+SLOTS_CHECK_FAILED = "BarrierJobSlotsNumberCheckFailed"   # Spark gave up waiting for the stage's slots
+
+
+def _too_few_slots(num_workers: int, use_gpu: bool) -> str:
+    need = f"{num_workers} task slots" + (" with a GPU each" if use_gpu else "")
+    return (f"training needs {need} at once (numWorkers={num_workers}, one barrier stage) and the cluster did "
+            f"not offer them while Spark waited (spark.scheduler.barrier.maxConcurrentTasksCheck.interval x "
+            f".maxFailures); lower numWorkers or add executors{' or GPUs' if use_gpu else ''}. Not retried: a "
+            f"relaunch would wait the same way")
+
+
 def _unreachable(exc: BaseException) -> str:
     """The task's own message about the unreachable server, out of the (Java or Connect) error text."""
     text = str(exc)
@@ -164,6 +175,8 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                 raise UnsupportedBarrierChain(_short(exc)) from None      # nothing ran: the caller reshuffles
             if UNREACHABLE in str(exc):                                     # a relaunch would wait again
                 raise TrainingFailed(_unreachable(exc), None, len(errors) + 1) from None
+            if SLOTS_CHECK_FAILED in str(exc):                              # so would this one
+                raise TrainingFailed(_too_few_slots(num_workers, use_gpu), None, len(errors) + 1) from None
             failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
             reason = failure.describe() if failure is not None else _short(exc)
             errors.append(f"attempt {attempt}: {reason}")

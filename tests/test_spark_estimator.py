@@ -118,6 +118,8 @@ BAD_PARAMS = [
     (dict(mode="easgd", maxStaleness=2), "maxStaleness applies to mode='async' only"),
     (dict(initialWeights=[0.0] * 5), "initialWeights has 5 values but layers [3, 3] have 12 parameters"),
     (dict(psHost="no-such-host.invalid"), "psHost 'no-such-host.invalid' does not resolve"),
+    (dict(numWorkers=3), "numWorkers=3 needs 3 training tasks running at once (a barrier stage), but master "
+                         "'local[2]' runs at most 2 (spark.task.cpus=1); set numWorkers to 2 or less"),
 ]
 
 

@@ -87,6 +87,35 @@ def test_a_transient_task_failure_is_retried(digits_df, monkeypatch):
     assert failures[0]["type"] == "ConnectionResetError" and failures[0]["attempt"] == 0
 
 
+def test_too_few_task_slots_is_said_at_once_and_not_retried(digits_df, monkeypatch):
+    """Where ffps cannot count the slots (a cluster manager), Spark's barrier scheduler waits for them and gives
+    up (here after 3 checks of 1 s; by default 40 of 15 s): that ends the fit, without a relaunch that would
+    wait again. On this local[2] session the count is known, so it is hidden from the up-front check."""
+    from spark import estimator
+    from spark.failures import TrainingFailed
+
+    monkeypatch.setattr(estimator, "local_task_slots", lambda master, cpus: None)
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=1, blockSize=32, numWorkers=3,
+                                         backend="numpy", maxRetries=2)
+    with pytest.raises(TrainingFailed, match=r"training needs 3 task slots at once \(numWorkers=3, one barrier "
+                                             r"stage\).*lower numWorkers or add executors. Not retried") as err:
+        clf.fit(digits_df[0])
+    assert err.value.attempts == 1
+
+
+def test_local_task_slots_reads_local_masters_only():
+    import os
+
+    from spark.session import local_task_slots
+
+    assert [local_task_slots(m, c) for m, c in (("local", "1"), ("local[4]", 1), ("local[4]", "2"), ("local[3,2]", 1),
+                                                ("local-cluster[2,3,1024]", 1), ("local-cluster[2,3,1024]", 2))] \
+        == [1, 4, 2, 3, 6, 2]
+    assert local_task_slots("local[*]", 1) == local_task_slots("local[*, 3]", 1) == (os.cpu_count() or 1)
+    assert local_task_slots("yarn", 1) is local_task_slots("spark://host:7077", 1) is local_task_slots("k8s://x", 1) \
+        is None
+
+
 def test_without_a_report_the_driver_reads_the_task_traceback_in_sparks_error():
     """A task that died before it could report: the failure comes from the Python traceback Spark's error
     carries, named at the last frame of ours (not the library frame below it), with its task and executor."""
