@@ -185,7 +185,8 @@ def train(spark, args) -> dict:
     return {"mode": "train", "layers": layers, "fit_seconds": round(seconds, 3), "train_accuracy": acc,
             "attempts": model.trainingStats["attempts"], "model": args.dir,
             "objective_history": [round(v, 5) for v in model.summary.objectiveHistory],
-            "stop_reason": model.summary.stopReason, "stop_message": model.summary.stopMessage, **extra}
+            "stop_reason": model.summary.stopReason, "stop_message": model.summary.stopMessage,
+            "warnings": model.trainingStats.get("warnings", []), **extra}
 
 
 def _accuracy(frame, label_col) -> float:

@@ -16,6 +16,7 @@ runs through DataFrame APIs only (:mod:`spark.session`); the parameter server ru
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -141,7 +142,30 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  "resumed_from": {"path": server.resumed_from, "attempt": first_attempt}
                  if server.resumed_from else None}
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
+        warning = not_learned(stats["server"]["convergence"]["completed"], spec.layers[-1], spec.learning_rate)
+        stats["warnings"] = [warning] if warning else []
+        if warning:
+            log.warning("ffps: %s", warning)
         return FeedForwardNetworkPSClassificationModel(weights=w, layers=spec.layers), stats
+
+
+CHANCE_MARGIN = 0.9     # a last epoch's mean loss above this share of ln(classes) has learned next to nothing
+
+
+def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
+    """A warning when training ran two epochs or more and the last one's mean loss is still within 10 % of a
+    uniform guess's, ln(classes) (a geometric-mean probability of the true class of at most classes**-0.9);
+    else None. Raw, unscaled features with the default stepSize do this: the first steps blow the ReLUs up and
+    the network settles on one class, while the fit itself succeeds."""
+    if len(epochs) < 2 or classes < 2:
+        return None
+    last, chance = epochs[-1]["loss"], math.log(classes)
+    if not math.isfinite(last) or last < CHANCE_MARGIN * chance:
+        return None
+    return (f"the model has learned next to nothing: the mean training loss of epoch {epochs[-1]['epoch']} is "
+            f"{last:.3f}, against ln({classes}) = {chance:.3f} for a uniform guess among {classes} classes. Unscaled "
+            f"features (e.g. raw pixel values) or too large a stepSize ({step_size:g}) usually do this: scale the "
+            f"features (pyspark.ml.feature.StandardScaler) or lower stepSize")
 
 
 def check_task_slots(spark, num_workers: int) -> None:

@@ -38,6 +38,31 @@ def test_each_mode_learns_digits(digits_df, mode):
     assert sorted(stats["workers"]) == [0, 1]
     assert stats["server"]["applied"] > 0
     assert acc >= 0.96, f"mode {mode}: test accuracy {acc:.4f}"
+    assert stats["warnings"] == []                      # it learned: no word about chance level
+
+
+def test_a_model_that_learned_nothing_is_said(spark, caplog):
+    """Features that say nothing about the labels: the fit succeeds, and says its loss stayed at chance level
+    (the best it can do is the class shares, 0.25 / 0.5 / 0.25: loss 1.04 against ln 3 = 1.10)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="spark.estimator"):
+        model = FeedForwardNetworkPSClassifier(layers=[3, 8, 3], maxIter=4, blockSize=4, numWorkers=1, tol=0.0,
+                                               backend="numpy").fit(small(spark, labels=(0.0, 1.0, 2.0, 1.0) * 10))
+    (warning,) = model.trainingStats["warnings"]
+    assert "learned next to nothing: the mean training loss of epoch 4 is" in warning
+    assert "against ln(3) = 1.099 for a uniform guess among 3 classes" in warning and "stepSize (0.1)" in warning
+    assert [r.message for r in caplog.records if r.name == "spark.estimator"] == [f"ffps: {warning}"]
+
+
+def test_not_learned_needs_two_epochs_near_chance():
+    from spark.estimator import not_learned
+
+    epoch = [{"epoch": 1, "loss": 17.3}, {"epoch": 2, "loss": 2.178}]
+    assert "epoch 2 is 2.178, against ln(10) = 2.303" in not_learned(epoch, 10, 0.1)
+    assert not_learned(epoch[:1], 10, 0.1) is None                     # one epoch: too early to say
+    assert not_learned(epoch[:1] + [{"epoch": 2, "loss": 2.0}], 10, 0.1) is None    # below 0.9 ln 10 = 2.07
+    assert not_learned(epoch[:1] + [{"epoch": 2, "loss": float("nan")}], 10, 0.1) is None
 
 
 def test_the_pipelined_exchange_learns_digits(digits_df):
