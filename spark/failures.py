@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import traceback
 from dataclasses import dataclass
 
 DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "BackendUnavailable")
+_OUR_MODULE_MISSING = re.compile(r"No module named '(core|ps|spark)[.']")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("core", "ps", "spark"))
 
@@ -49,7 +51,17 @@ class TaskFailure:
         if self.host:
             where.append(f"host {self.host}" + (f", pid {self.pid}" if self.pid else ""))
         at = f" at {self.frame}" if self.frame else ""
-        return f"{who}{' on ' + '; '.join(where) if where else ''} failed with {self.type}: {self.message}{at}"
+        text = f"{who}{' on ' + '; '.join(where) if where else ''} failed with {self.type}: {self.message}{at}"
+        return text + self.hint()
+
+    def hint(self) -> str:
+        """What to do, where the failure has a usual cause: the executors' Python lacking ffps."""
+        if self.type in ("ModuleNotFoundError", "ImportError") and _OUR_MODULE_MISSING.search(self.message):
+            return (f". The executors' Python cannot import ffps: Spark starts it from PYSPARK_PYTHON (unset: "
+                    f"python3 on the PATH), not from the driver's interpreter. Set PYSPARK_PYTHON="
+                    f"{sys.executable} before the SparkSession starts (local mode, or the same path on every "
+                    f"node), or install ffps into the executors' Python")
+        return ""
 
 
 def _ours(filename: str) -> bool:

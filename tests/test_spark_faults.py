@@ -145,3 +145,21 @@ def test_without_a_report_the_driver_reads_the_task_traceback_in_sparks_error():
     assert report["type"] == "KeyError" and report["executor"] == "h:1"
     # no frame of ours in that traceback (tests/ is not core, ps or spark): its last frame, by its full path
     assert report["frame"].startswith(os.path.abspath(__file__) + ":") and report["frame"].endswith(" in raises")
+
+
+def test_an_executor_python_without_ffps_is_told_how_to_fix_it():
+    import sys
+
+    from spark.failures import TaskFailure
+
+    missing = TaskFailure(type="ModuleNotFoundError", message="No module named 'ps'", worker=0)
+    text = missing.describe()
+    assert text.startswith("task 0 failed with ModuleNotFoundError: No module named 'ps'. The executors' Python")
+    assert f"Set PYSPARK_PYTHON={sys.executable} before the SparkSession starts" in text
+    assert "ModuleNotFoundError: No module named 'core.backends'" in TaskFailure(
+        type="ModuleNotFoundError", message="No module named 'core.backends'").describe()
+    assert "PYSPARK_PYTHON" in TaskFailure(type="ModuleNotFoundError", message="No module named 'core.x'").describe()
+    for other in (TaskFailure(type="ModuleNotFoundError", message="No module named 'fastmath_plugin'"),
+                  TaskFailure(type="ModuleNotFoundError", message="No module named 'pselect'"),
+                  TaskFailure(type="RuntimeError", message="No module named 'ps'")):
+        assert "PYSPARK_PYTHON" not in other.describe()
