@@ -74,10 +74,14 @@ def partition_report(X, y, *, rows: int, null_features: int, min_width, max_widt
     """
     bad = 0 if X is None else nonfinite_rows(X)
     known = y[~np.isnan(y)]                                  # NaN here is null or NaN: neither has a range
+    fractional = int(np.count_nonzero(y != np.floor(y))) - int(null_labels)
+    frac = known[known != np.floor(known)]
     return {"rows": int(rows), "null_features": int(null_features), "min_width": min_width,
             "max_width": max_width, "bad_features": bad, "null_labels": int(null_labels),
             # NaN (not null) and fractional labels; floor(inf) == inf, so infinities show up in the range
-            "fractional_labels": int(np.count_nonzero(y != np.floor(y))) - int(null_labels),
+            "fractional_labels": fractional,
+            # one of them for the message: a fractional value where there is one, else a NaN
+            "fractional_example": repr(float(frac[0])) if frac.size else ("NaN" if fractional else None),
             "min_label": float(known.min()) if known.size else None,
             "max_label": float(known.max()) if known.size else None}
 
@@ -94,7 +98,8 @@ def data_problem(reports: list, width: int, num_classes: int, features_col: str,
         return combine(values) if values else None
     row = {key: merged(key, combine) for key, combine in (
         ("null_features", sum), ("bad_features", sum), ("null_labels", sum), ("fractional_labels", sum),
-        ("min_width", min), ("max_width", max), ("min_label", min), ("max_label", max))}
+        ("min_width", min), ("max_width", max), ("min_label", min), ("max_label", max),
+        ("fractional_example", lambda found: next((v for v in found if v != "NaN"), found[0])))}
     counts = [r["rows"] for r in reports]
     n = sum(counts)
     if n == 0:
@@ -112,7 +117,8 @@ def data_problem(reports: list, width: int, num_classes: int, features_col: str,
         return f"labelCol {label_col!r} has {row['null_labels']} null value(s)"
     if row["fractional_labels"]:
         return (f"labelCol {label_col!r} has {row['fractional_labels']} value(s) that are not integral class "
-                f"indices (NaN or fractional); labels must be 0..{num_classes - 1}")
+                f"indices (NaN or fractional, e.g. {row['fractional_example']}); labels must be "
+                f"0..{num_classes - 1}")
     lo, hi = row["min_label"], row["max_label"]
     if lo < 0 or hi > num_classes - 1:
         bad = lo if lo < 0 else hi

@@ -22,7 +22,8 @@ def test_read_concatenates_batches_into_one_float32_matrix():
     assert X.dtype == np.float32 and X.flags.c_contiguous and X.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert y.tolist() == [0, 1, 2]
     assert report == {"rows": 3, "null_features": 0, "min_width": 3, "max_width": 3, "bad_features": 0,
-                      "null_labels": 0, "fractional_labels": 0, "min_label": 0.0, "max_label": 2.0}
+                      "null_labels": 0, "fractional_labels": 0, "fractional_example": None, "min_label": 0.0,
+                      "max_label": 2.0}
     assert verdict([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3]], [2])]) is None
 
 
@@ -31,7 +32,10 @@ def test_read_concatenates_batches_into_one_float32_matrix():
     (([batch([[1, 2, 3], None], [0, 1])], [batch([[1, 2, 3]], [1])]), "'features' has 1 null value(s)"),
     (([batch([[1, 2, 3]], [0])], [batch([[1, np.inf, 3], [np.nan, 0, 0]], [1, 1])]), "has 2 row(s) with NaN"),
     (([batch([[1, 2, 3]], [None])], [batch([[1, 2, 3]], [1])]), "labelCol 'label' has 1 null value(s)"),
-    (([batch([[1, 2, 3]], [0.5])], [batch([[1, 2, 3]], [np.nan])]), "has 2 value(s) that are not integral"),
+    (([batch([[1, 2, 3]], [0.5])], [batch([[1, 2, 3]], [np.nan])]),
+     "has 2 value(s) that are not integral class indices (NaN or fractional, e.g. 0.5)"),
+    (([batch([[1, 2, 3]], [np.nan])], [batch([[1, 2, 3]], [1])]),
+     "1 value(s) that are not integral class indices (NaN or fractional, e.g. NaN)"),
     (([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3]], [np.inf])]), "has label inf outside 0..2"),
     (([batch([[1, 2, 3]], [-2])], [batch([[1, 2, 3]], [1])]), "has label -2 outside 0..2"),
     (([batch([[1, 2, 3], [1, 2, 3]], [0, 1])], []), "a training partition is empty (rows per partition: "),
