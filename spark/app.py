@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 
@@ -101,6 +102,9 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
     if not inputs:
         raise ValueError(f"{path}: no Vector column {features_col!r} and no numeric feature columns besides "
                          f"{label_col!r}; columns: {df.columns}")
+    if num_features and len(inputs) != num_features:      # the schema says it: no job needed to refuse
+        raise ValueError(f"{path}: {len(inputs)} numeric feature columns besides {label_col!r} but the model takes "
+                         f"{num_features} features (columns: {inputs[:8]}{' ...' if len(inputs) > 8 else ''})")
     return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
 
 
@@ -239,6 +243,21 @@ def run(argv=None) -> dict:
     return {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
 
 
+_TASK_INPUT_ERRORS = (re.compile(r"ValueError: (.+)"),        # ours, raised in a scoring task
+                      re.compile(r"IllegalArgumentException: (?:requirement failed: )?(.+)"))   # Spark's readers
+
+
+def task_input_error(exc: BaseException) -> str | None:
+    """The message of the bad-input error inside a failed Spark job's text (a ValueError a task raised, or a
+    reader's IllegalArgumentException), or None when the job failed otherwise."""
+    text = str(exc)
+    for pattern in _TASK_INPUT_ERRORS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip()
+    return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train" and "--mode" not in argv:
@@ -255,6 +274,12 @@ def main(argv=None) -> int:
     except TrainingFailed as exc:
         print(f"ffps: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a Spark job failed: one line where the data was at fault
+        message = task_input_error(exc)
+        if message is None:
+            raise
+        print(f"ffps: error: a Spark job failed on the input data: {message}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0
 

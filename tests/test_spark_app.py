@@ -186,3 +186,34 @@ def test_app_never_writes_over_data_it_was_not_told_to_replace(spark, tmp_path, 
     assert main(["--mode", "predict", "--dir", model_dir, data, "--output", str(existing), "--overwrite"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 150
     assert not (existing / "notes.txt").exists() and spark.read.parquet(str(existing)).count() == 150
+
+
+def test_app_data_that_does_not_fit_the_model_is_one_line(spark, tmp_path, capsys):
+    """predict and evaluate on data of another width: the schema's numeric columns are counted before any job;
+    what only a job finds (a libsvm index past the model's width, a Vector column of another size) ends in one
+    'ffps: error:' line naming it, exit status 2."""
+    from pyspark.ml.linalg import Vectors
+
+    from spark.app import main
+
+    data, model_dir = sample_data(), str(tmp_path / "model")
+    assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "2", "--backend", "numpy"]) == 0
+    capsys.readouterr()
+    wide = spark.createDataFrame([(float(i % 3),) + tuple(float(i + k) for k in range(6)) for i in range(12)],
+                                 ["label"] + [f"x{k}" for k in range(6)])
+    wide.coalesce(1).write.option("header", True).csv(str(tmp_path / "wide.csv"))
+    assert main(["--mode", "evaluate", "--dir", model_dir, str(tmp_path / "wide.csv")]) == 2
+    assert "6 numeric feature columns besides 'label' but the model takes 4 features" in capsys.readouterr().err
+
+    (tmp_path / "wide.txt").write_text("1 1:0.5 2:0.1 7:0.3\n0 1:0.2 3:0.4\n")
+    assert main(["--mode", "predict", "--dir", model_dir, str(tmp_path / "wide.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ffps: error: a Spark job failed on the input data: ")
+    assert "out of bounds for vector of size 4" in err
+
+    vectors = spark.createDataFrame([(0.0, Vectors.dense([0.1] * 5))], ["label", "features"])
+    vectors.write.parquet(str(tmp_path / "v.parquet"))
+    assert main(["--mode", "evaluate", "--dir", model_dir, str(tmp_path / "v.parquet")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "ffps: error: a Spark job failed on the input data: feature vectors have width 5 but the model " \
+                  "expects 4"
