@@ -8,8 +8,15 @@ import threading
 import numpy as np
 import zmq
 
+from ps import ParameterServer
 from ps.engine import Engine
 from ps.protocol import FLOAT32, Header, Op, ProtocolError, unpack_header
+
+
+def server(w=None, **kw) -> ParameterServer:
+    """A started server of ``w`` (default 16 zeros), no progress line; ``kw`` as ParameterServer takes them."""
+    kw.setdefault("progress", False)
+    return ParameterServer(np.zeros(16, np.float32) if w is None else w, **kw).start()
 
 
 class SessionEngine(Engine):

@@ -16,18 +16,13 @@ from ps import ParameterClient, ParameterServer, PSError, Reason, Status, Update
 from ps.protocol import Op
 try:
     from tests.ps_helpers import (ReplyCutter, curve_greeting, header_for, port_of, push_frames, raw_socket,
-                                  request, rss_mb)
+                                  request, rss_mb, server)
 except ImportError:  # pytest run without the repository root on sys.path
     from ps_helpers import (ReplyCutter, curve_greeting, header_for, port_of, push_frames, raw_socket, request,
-                            rss_mb)
+                            rss_mb, server)
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def server(w=None, **kw):
-    kw.setdefault("progress", False)
-    return ParameterServer(np.zeros(16, np.float32) if w is None else w, **kw).start()
 
 
 # -------------------------------------------------------------------------------- memory before the handshake

@@ -13,16 +13,11 @@ from ps import ParameterClient, ParameterServer, PSError, Reason, ServerUnavaila
 from ps import checkpoint as ckpt
 from ps.protocol import FLAG_JSON, FLOAT32, HEADER, MAGIC, MAX_JSON_BYTES, PROTOCOL_VERSION, Header
 try:
-    from tests.ps_helpers import header_for, port_of, push_frames, raw_socket, request, run_threads
+    from tests.ps_helpers import header_for, port_of, push_frames, raw_socket, request, run_threads, server
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import header_for, port_of, push_frames, raw_socket, request, run_threads
+    from ps_helpers import header_for, port_of, push_frames, raw_socket, request, run_threads, server
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def server(w=None, **kw):
-    kw.setdefault("progress", False)
-    return ParameterServer(np.zeros(16, np.float32) if w is None else w, **kw).start()
 
 
 @pytest.mark.timeout(60)
