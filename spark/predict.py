@@ -5,9 +5,12 @@ broadcast on a classic session, and as bytes inside the UDF itself on Spark Conn
 (the plan carries them to the server: a model must stay below the Connect server's message limit,
 ``spark.connect.grpc.maxInboundMessageSize``, 128 MiB by default).
 """
+import logging
 from typing import Iterator
 
 import numpy as np
+
+log = logging.getLogger("spark.predict")
 
 _OUT = "__ffps_out"
 RESULT_TYPE = "struct<raw:array<double>,prob:array<double>,pred:double>"
@@ -31,6 +34,32 @@ def weights_for_executors(dataset, weights):
     return dataset.sparkSession.sparkContext.broadcast(w)
 
 
+COLUMNAR_INPUT = "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled"
+
+
+def keep_vector_frames_on_the_row_path(dataset) -> bool:
+    """Spark 4.3 hands a pandas UDF over a columnar scan (Parquet) its input as columnar batches built from
+    every column of the scan, and cannot build them for a Vector (UDT) column: any frame read from Parquet with
+    a Vector in it failed with UNSUPPORTED_DATATYPE. For such a frame this turns that input path off in the
+    session (COLUMNAR_INPUT: an optimisation for Arrow-backed sources) and says so once -> whether it did.
+    Sessions without that path (Spark 3.5) are left alone."""
+    from pyspark.sql.types import UserDefinedType
+
+    if not any(isinstance(f.dataType, UserDefinedType) for f in dataset.schema.fields):
+        return False
+    spark = dataset.sparkSession
+    try:
+        current = spark.conf.get(COLUMNAR_INPUT)
+    except Exception:  # noqa: BLE001 - no such conf in this Spark: nothing to turn off
+        return False
+    if str(current).strip().lower() != "true":
+        return False
+    spark.conf.set(COLUMNAR_INPUT, "false")
+    log.info("ffps: set %s=false in this session: Spark %s's columnar input to pandas UDFs cannot carry Vector "
+             "columns (UNSUPPORTED_DATATYPE on frames read from Parquet)", COLUMNAR_INPUT, spark.version)
+    return True
+
+
 def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col):
     """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double)."""
     import pandas as pd     # annotations below are evaluated here: pandas_udf reads them
@@ -43,6 +72,7 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
     layers = [int(d) for d in layers]
     width = layers[0]
     w_bc = weights_for_executors(dataset, weights)
+    keep_vector_frames_on_the_row_path(dataset)
 
     @pandas_udf(RESULT_TYPE)
     def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
