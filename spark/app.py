@@ -153,10 +153,41 @@ def _read(path, fmt, read):
             from None
 
 
+def classifier(args, layers):
+    """The estimator the training flags describe."""
+    from spark import FeedForwardNetworkPSClassifier
+
+    return FeedForwardNetworkPSClassifier(
+        featuresCol=args.features_col, labelCol=args.label_col, layers=layers, maxIter=args.epochs,
+        blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.server_optimizer,
+        momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
+        maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
+        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
+        tol=args.tol, precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
+        wireDtype=args.wire_dtype)
+
+
+FLAG_OF_PARAM = {"maxIter": "--epochs", "blockSize": "--batch-size", "stepSize": "--learning-rate",
+                 "numWorkers": "--workers", "communicationWindow": "--window", "maxStaleness": "--staleness",
+                 "momentum": "--momentum", "tol": "--tol", "layers": "--layers"}
+_PARAM_NAMES = re.compile(r"\b(" + "|".join(FLAG_OF_PARAM) + r")\b")
+
+
+def check_training_flags(args) -> None:
+    """Before Spark starts: the training flags checked as the fit checks its Params (the layers, when not
+    given, come from the data later), errors naming the flag the user typed."""
+    from spark.params import training_spec
+
+    try:
+        training_spec(classifier(args, args.layers or [1, 2]))
+    except ValueError as exc:
+        raise ValueError(_PARAM_NAMES.sub(lambda m: f"{FLAG_OF_PARAM[m[1]]} ({m[1]})", str(exc), count=1)) \
+            from None
+
+
 def train(spark, args) -> dict:
     from pyspark.sql import functions as F
 
-    from spark import FeedForwardNetworkPSClassifier
     from spark.console import report_epochs
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -168,14 +199,7 @@ def train(spark, args) -> dict:
         first = df.select(args.features_col).first()
         classes = int(df.agg(F.max(args.label_col)).first()[0]) + 1
         layers = [first[0].size, 100, max(classes, 2)]
-    clf = FeedForwardNetworkPSClassifier(
-        featuresCol=args.features_col, labelCol=args.label_col, layers=layers, maxIter=args.epochs,
-        blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.server_optimizer,
-        momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
-        maxStaleness=-1 if args.staleness is None else args.staleness, backend=args.backend or "auto",
-        useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
-        tol=args.tol, precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
-        wireDtype=args.wire_dtype)
+    clf = classifier(args, layers)
     clf.liveServerLine = False                # report_epochs draws the one live line
     t0 = time.perf_counter()
     with report_epochs(sys.stderr):           # a line per epoch on stderr, a progress bar on a terminal
@@ -239,6 +263,8 @@ def evaluate(spark, args) -> dict:
 
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.mode == "train":
+        check_training_flags(args)              # seconds before the JVM would have started
     spark = session(args.master)
     return {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
 

@@ -67,6 +67,24 @@ def test_app_reads_csv_and_parquet_feature_columns(spark, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] >= 0.9
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "-5"], "--epochs (maxIter) must be >= 1, got -5"),
+    (["--batch-size", "0"], "--batch-size (blockSize) must be >= 1, got 0"),
+    (["--learning-rate", "-0.1"], "--learning-rate (stepSize) must be a positive number, got -0.1"),
+    (["--trainer", "sync", "--window", "4"], "--window (communicationWindow) must be 1 in sync mode, got 4"),
+    (["--layers", "4,0,3"], "must be positive"),
+])
+def test_app_training_flags_are_checked_before_spark_starts(tmp_path, capsys, monkeypatch, flags, message):
+    from spark import app
+
+    def no_session(master=None):
+        raise AssertionError("Spark started before the flags were checked")
+    monkeypatch.setattr(app, "session", no_session)
+    assert app.main(["--mode", "train", "--dir", str(tmp_path / "m"), "data.txt", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_app_errors_are_clear(spark, tmp_path, capsys):
     from spark.app import main
 
