@@ -45,10 +45,12 @@ def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), ep
     parser.add_argument("--layers", type=parse_layers, default=None if layers is None else list(layers),
                         help="layer sizes, e.g. 64,100,10" + (" (default: features,100,classes from the data)"
                                                                if layers is None else ""))
-    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training data (maxIter)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per step (blockSize)")
-    add_flag(parser, "--learning-rate", "--lr", "--step-size", type=float, default=0.1, help="stepSize")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help="passes over the training data (maxIter; default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per step (blockSize; default %(default)s)")
+    add_flag(parser, "--learning-rate", "--lr", "--step-size", type=float, default=0.1,
+             help="stepSize (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
     add_backend_flag(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="GEMM input precision: fp32, tf32 (10-bit mantissa) or bf16 (7-bit), float32 sums "

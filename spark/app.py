@@ -31,7 +31,9 @@ FORMATS = ("auto", "libsvm", "parquet", "csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ffps", description="Train, apply or evaluate an ffps model with Spark.")
+    p = argparse.ArgumentParser(prog="ffps", description="Train, apply or evaluate an ffps model with Spark.",
+                                epilog="ffps train [--epochs N ...] (no --mode): the Spark-free digits demo, no Java "
+                                       "needed")
     p.add_argument("--mode", required=True, choices=("train", "predict", "evaluate"))
     p.add_argument("--dir", required=True, help="model directory (any URI Spark can write)")
     p.add_argument("data", help="input data: libsvm, parquet or csv")
