@@ -197,10 +197,13 @@ def train(spark, args) -> dict:
     check_destination(spark, args.dir, "--dir", args.overwrite, {"input data": args.data})   # not after training
     df = load_data(spark, args.data, args.format, args.label_col, args.features_col).cache()
     layers = args.layers
+    first = df.select(args.features_col).first()      # one row: the width, before a training stage starts
     if layers is None:
-        first = df.select(args.features_col).first()
         classes = int(df.agg(F.max(args.label_col)).first()[0]) + 1
         layers = [first[0].size, 100, max(classes, 2)]
+    elif first is not None and first[0] is not None and first[0].size != layers[0]:
+        raise ValueError(f"featuresCol {args.features_col!r} has vectors of size {first[0].size} but layers[0] is "
+                         f"{layers[0]}; set --layers to start with the feature width")
     clf = classifier(args, layers)
     clf.liveServerLine = False                # report_epochs draws the one live line
     t0 = time.perf_counter()

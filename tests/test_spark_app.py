@@ -93,7 +93,8 @@ def test_app_errors_are_clear(spark, tmp_path, capsys):
     assert "is not a saved ffps model" in capsys.readouterr().err
     assert main(["--mode", "train", "--dir", str(tmp_path / "m"), data, "--layers", "5,10,3",
                  "--backend", "numpy"]) == 2
-    assert "has vectors of size 4 but layers[0] is 5" in capsys.readouterr().err
+    assert "has vectors of size 4 but layers[0] is 5; set --layers to start with the feature width" \
+        in capsys.readouterr().err                       # the app's own check, before a training stage
 
 
 def test_ffps_train_still_runs_the_spark_free_demo(capsys):
