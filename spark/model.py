@@ -77,6 +77,11 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         if self._weights is None:
             raise ValueError("this model has no weights: train it with fit() or load() a saved one")
         check_schema(dataset.schema, self.getFeaturesCol(), None)
+        for param, column in (("rawPredictionCol", self.getRawPredictionCol()),
+                              ("probabilityCol", self.getProbabilityCol()), ("predictionCol", self.getPredictionCol())):
+            if column and column in dataset.columns:      # MLlib's classifiers refuse it too ("already exists")
+                raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
+                                 f"name (or to '' for no such column)")
         return transform_frame(dataset, self._weights, self.getLayers(), self.getFeaturesCol(),
                                self.getRawPredictionCol(), self.getProbabilityCol(), self.getPredictionCol())
 

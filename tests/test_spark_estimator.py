@@ -115,6 +115,20 @@ def test_output_columns_can_be_renamed_or_dropped(async_model, digits_df):
     assert async_model.getPredictionCol() == "prediction"   # copy did not touch the original
 
 
+@pytest.mark.parametrize("column,param", [("prediction", "predictionCol"), ("probability", "probabilityCol"),
+                                          ("rawPrediction", "rawPredictionCol")])
+def test_an_output_column_already_in_the_input_is_refused(async_model, digits_df, column, param):
+    """As MLlib's classifiers ('requirement failed: Column prediction already exists'): nothing is overwritten,
+    and the error comes before any job."""
+    from pyspark.sql import functions as F
+
+    scored = digits_df[1].withColumn(column, F.lit(1.0))
+    with pytest.raises(ValueError, match=f"column '{column}' already exists in the input; drop it, or set {param}"):
+        async_model.transform(scored)
+    renamed = async_model.copy({getattr(async_model, param): column + "2"})
+    assert column + "2" in renamed.transform(scored).columns
+
+
 def test_model_carries_params_and_weights(async_model):
     assert async_model.numFeatures == 64 and async_model.numClasses == 10
     assert len(async_model.weights) == 64 * 100 + 100 + 100 * 10 + 10
