@@ -110,22 +110,25 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
     return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
 
 
+def _hadoop(spark, path: str):
+    """(Hadoop FileSystem, Path) of ``path`` through the session's JVM; None where there is no JVM at hand."""
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return None
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(spark._jsc.hadoopConfiguration()), p
+
+
 def _qualified(spark, path: str) -> str:
     """``path`` as Hadoop resolves it (scheme, authority, absolute), so two spellings of one place compare
     equal; the plain absolute path where there is no JVM at hand."""
-    jvm = getattr(spark, "_jvm", None)
-    if jvm is None:
-        return os.path.abspath(path)
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return str(p.getFileSystem(spark._jsc.hadoopConfiguration()).makeQualified(p))
+    fs_path = _hadoop(spark, path)
+    return os.path.abspath(path) if fs_path is None else str(fs_path[0].makeQualified(fs_path[1]))
 
 
 def _exists(spark, path: str) -> bool:
-    jvm = getattr(spark, "_jvm", None)
-    if jvm is None:
-        return os.path.exists(path)
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return bool(p.getFileSystem(spark._jsc.hadoopConfiguration()).exists(p))
+    fs_path = _hadoop(spark, path)
+    return os.path.exists(path) if fs_path is None else bool(fs_path[0].exists(fs_path[1]))
 
 
 def _within(inner: str, outer: str) -> bool:

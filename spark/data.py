@@ -74,8 +74,9 @@ def partition_report(X, y, *, rows: int, null_features: int, min_width, max_widt
     """
     bad = 0 if X is None else nonfinite_rows(X)
     known = y[~np.isnan(y)]                                  # NaN here is null or NaN: neither has a range
-    fractional = int(np.count_nonzero(y != np.floor(y))) - int(null_labels)
-    frac = known[known != np.floor(known)]
+    odd = y[y != np.floor(y)]                                # NaN (null or not) and fractional labels
+    fractional = int(odd.size) - int(null_labels)
+    frac = odd[~np.isnan(odd)]
     return {"rows": int(rows), "null_features": int(null_features), "min_width": min_width,
             "max_width": max_width, "bad_features": bad, "null_labels": int(null_labels),
             # NaN (not null) and fractional labels; floor(inf) == inf, so infinities show up in the range
