@@ -150,22 +150,35 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
 
 
 CHANCE_MARGIN = 0.9     # a last epoch's mean loss above this share of ln(classes) has learned next to nothing
+BLOWN_UP = 2.0          # an epoch's mean loss above this many times ln(classes): the first steps overshot
+STILL_FALLING = 0.01    # the last epoch lowered the loss by at least this share of ln(classes): still learning
 
 
 def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
     """A warning when training ran two epochs or more and the last one's mean loss is still within 10 % of a
     uniform guess's, ln(classes) (a geometric-mean probability of the true class of at most classes**-0.9);
     else None. Raw, unscaled features with the default stepSize do this: the first steps blow the ReLUs up and
-    the network settles on one class, while the fit itself succeeds."""
+    the network settles on one class, while the fit itself succeeds. So does a stepSize too small for the
+    epochs run, with a loss that still falls at the end. The advice follows the losses: an epoch far above
+    chance (overshoot), a loss falling every epoch (too slow), or neither."""
     if len(epochs) < 2 or classes < 2:
         return None
-    last, chance = epochs[-1]["loss"], math.log(classes)
+    losses = [e["loss"] for e in epochs]
+    last, chance = losses[-1], math.log(classes)
     if not math.isfinite(last) or last < CHANCE_MARGIN * chance:
         return None
-    return (f"the model has learned next to nothing: the mean training loss of epoch {epochs[-1]['epoch']} is "
-            f"{last:.3f}, against ln({classes}) = {chance:.3f} for a uniform guess among {classes} classes. Unscaled "
-            f"features (e.g. raw pixel values) or too large a stepSize ({step_size:g}) usually do this: scale the "
-            f"features (pyspark.ml.feature.StandardScaler) or lower stepSize")
+    said = (f"the model has learned next to nothing: the mean training loss of epoch {epochs[-1]['epoch']} is "
+            f"{last:.3f}, against ln({classes}) = {chance:.3f} for a uniform guess among {classes} classes. ")
+    if max(losses) > BLOWN_UP * chance:
+        return said + (f"An epoch's loss ({max(losses):.3f}) far above chance says the first steps overshot: "
+                       f"unscaled features (e.g. raw pixel values) or too large a stepSize ({step_size:g}) usually "
+                       f"do this: scale the features (pyspark.ml.feature.StandardScaler) or lower stepSize")
+    if all(b < a for a, b in zip(losses, losses[1:])) and losses[-2] - last >= STILL_FALLING * chance:
+        return said + (f"The loss still falls every epoch ({losses[0]:.3f} in the first): too small a stepSize "
+                       f"({step_size:g}) for {len(losses)} epochs usually does this: raise stepSize or maxIter")
+    return said + (f"Features that say little about the labels, unscaled features, or a stepSize ({step_size:g}) "
+                   f"far from right usually do this: check the features, scale them "
+                   f"(pyspark.ml.feature.StandardScaler), or try another stepSize")
 
 
 def check_task_slots(spark, num_workers: int) -> None:

@@ -52,6 +52,7 @@ def test_a_model_that_learned_nothing_is_said(spark, caplog):
     (warning,) = model.trainingStats["warnings"]
     assert "learned next to nothing: the mean training loss of epoch 4 is" in warning
     assert "against ln(3) = 1.099 for a uniform guess among 3 classes" in warning and "stepSize (0.1)" in warning
+    assert "Features that say little about the labels" in warning     # the loss neither overshot nor still falls
     assert [r.message for r in caplog.records if r.name == "spark.estimator"] == [f"ffps: {warning}"]
 
 
@@ -63,6 +64,25 @@ def test_not_learned_needs_two_epochs_near_chance():
     assert not_learned(epoch[:1], 10, 0.1) is None                     # one epoch: too early to say
     assert not_learned(epoch[:1] + [{"epoch": 2, "loss": 2.0}], 10, 0.1) is None    # below 0.9 ln 10 = 2.07
     assert not_learned(epoch[:1] + [{"epoch": 2, "loss": float("nan")}], 10, 0.1) is None
+
+
+def test_not_learned_advice_follows_the_losses():
+    """Losses measured on digits ([64, 32, 10], 2 workers): raw pixels overshoot, a small stepSize is still
+    falling at the end, a flat loss gets the general advice."""
+    from spark.estimator import not_learned
+
+    def said(losses, step):
+        return not_learned([{"epoch": i + 1, "loss": v} for i, v in enumerate(losses)], 10, step)
+
+    raw = said([8.906, 2.087, 2.232], 0.1)                          # overshoot first, then near chance
+    assert "(8.906) far above chance" in raw and "or lower stepSize" in raw and "raise" not in raw
+    slow = said([2.596, 2.469, 2.365, 2.291, 2.234, 2.187, 2.145, 2.109], 0.003)
+    assert "still falls every epoch (2.596 in the first): too small a stepSize (0.003) for 8 epochs" in slow
+    assert "raise stepSize or maxIter" in slow and "lower stepSize" not in slow
+    flat = said([2.31, 2.25, 2.26, 2.25], 0.1)                      # not falling every epoch
+    assert "Features that say little about the labels" in flat and "try another stepSize" in flat
+    crawling = said([2.31, 2.30, 2.295], 0.1)                       # falling, by less than 1 % of ln 10 at the end
+    assert "Features that say little about the labels" in crawling
 
 
 def test_the_pipelined_exchange_learns_digits(digits_df):
