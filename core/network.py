@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import get_backend
-from .validation import check_dtype, check_features, check_labels, check_layers, check_params, check_precision
+from .validation import (check_dtype, check_features, check_labels, check_layers, check_params, check_positive_int,
+                         check_precision)
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,18 @@ def param_layout(layers: list[int]) -> list[LayerSlice]:
 
 
 class DeviceData:
-    """Features (and labels) already validated and resident on the backend: reuse it to avoid re-uploads."""
+    """Features (and labels) already validated and resident on the backend: reuse it to avoid re-uploads.
 
-    def __init__(self, X, y, n_rows: int):
+    It remembers what it was checked for (the backend, the width, the largest label): a network whose layers or
+    backend differ refuses it (:meth:`FeedForwardNetwork.check_data`) instead of letting its compiled kernels
+    read past the rows or index past the classes."""
+
+    def __init__(self, X, y, n_rows: int, backend: str | None = None, max_label: int | None = None):
         self.X = X          # (n, d0) backend array, network dtype
         self.y = y          # (n,) backend int32 array, or None
         self.n_rows = n_rows
+        self.backend = backend          # the ops name it lives on
+        self.max_label = max_label      # the largest label in y (None: no labels, or no rows)
 
     def __len__(self):
         return self.n_rows
@@ -113,14 +120,35 @@ class FeedForwardNetwork:
     def upload(self, X, y=None) -> DeviceData:
         """Validate once and place features/labels on the backend. Pass the result instead of X (and y)."""
         Xh = check_features(X, self.layers[0], self.dtype)
-        yd = None
+        yd = max_label = None
         if y is not None:
-            yd = self.ops.asarray(check_labels(y, Xh.shape[0], self.num_classes))
-        return DeviceData(self.ops.asarray(Xh), yd, Xh.shape[0])
+            yh = check_labels(y, Xh.shape[0], self.num_classes)
+            max_label = int(yh.max()) if yh.size else None
+            yd = self.ops.asarray(yh)
+        return DeviceData(self.ops.asarray(Xh), yd, Xh.shape[0], self.ops.name, max_label)
+
+    def check_data(self, data: DeviceData) -> DeviceData:
+        """``data`` if this network may read it: uploaded on this backend, with this network's input width and
+        dtype, and labels below its number of classes; else a ValueError saying which."""
+        if data.backend is not None and data.backend != self.ops.name:
+            raise ValueError(f"this DeviceData was uploaded on the {data.backend} backend, this network runs on "
+                             f"{self.ops.name}: upload the data with this network (net.upload(X, y))")
+        width = data.X.shape[1] if data.X.ndim == 2 else None
+        if width != self.layers[0] or data.X.dtype != self.dtype:
+            raise ValueError(f"this DeviceData holds {data.X.dtype} features of shape {tuple(data.X.shape)}, this "
+                             f"network takes {self.dtype} rows of width layers[0] = {self.layers[0]}: upload the "
+                             f"data with this network (net.upload(X, y))")
+        if data.y is not None and data.max_label is None and data.n_rows:     # made by hand: look once
+            data.max_label = int(self.ops.to_host(data.y).max())
+        if data.max_label is not None and data.max_label >= self.num_classes:
+            raise ValueError(f"this DeviceData has labels up to {data.max_label}, this network has "
+                             f"{self.num_classes} classes (labels 0..{self.num_classes - 1}): upload the data with "
+                             f"this network (net.upload(X, y))")
+        return data
 
     def _device_features(self, X):
         if isinstance(X, DeviceData):
-            return X.X
+            return self.check_data(X).X
         if self.ops.is_device_array(X) and not isinstance(X, np.ndarray):
             if X.ndim != 2 or X.shape[1] != self.layers[0]:
                 raise ValueError(f"X must have shape (rows, {self.layers[0]}), got {tuple(X.shape)}")
@@ -132,7 +160,7 @@ class FeedForwardNetwork:
     def _device_labels(self, X, y, n_rows):
         if y is None:
             if isinstance(X, DeviceData) and X.y is not None:
-                return X.y
+                return self.check_data(X).y
             raise ValueError("labels are required: pass y, or DeviceData made with labels")
         if self.ops.is_device_array(y) and not isinstance(y, np.ndarray):
             y = self.ops.to_host(y)
@@ -260,6 +288,7 @@ class FeedForwardNetwork:
 
     def predict_proba(self, w, X, chunk_rows: int = 8192) -> np.ndarray:
         """Class probabilities (m, C) as NumPy, computed in chunks so memory stays bounded."""
+        chunk_rows = check_positive_int("chunk_rows", chunk_rows)
         wd = self.device_params(w)
         Xd = self._device_features(X)
         out = np.empty((Xd.shape[0], self.num_classes), dtype=self.dtype)
@@ -275,6 +304,7 @@ class FeedForwardNetwork:
 
     def evaluate(self, w, X, y=None, chunk_rows: int = 8192) -> tuple[float, float]:
         """(mean NLL, accuracy) over all rows, without computing gradients."""
+        chunk_rows = check_positive_int("chunk_rows", chunk_rows)
         wd = self.device_params(w)
         Xd = self._device_features(X)
         yd = self._device_labels(X, y, Xd.shape[0])

@@ -90,6 +90,7 @@ class MinibatchTrainer:
         """Draw the epoch's seeded permutation and lay out its batches: a shuffled copy of the rows walked in
         views, or (graphs) the permutation on the device, where each recorded step gathers its batch."""
         ops = self.net.ops
+        self.net.check_data(data)       # a DeviceData of another network would send the kernels out of bounds
         perm = self.rng.permutation(data.n_rows).astype(np.int64)
         windows = self.graphs
         if windows is not None:
@@ -194,6 +195,10 @@ class MinibatchTrainer:
             raise ValueError("training needs labels: pass y, or DeviceData made with labels")
         val = None
         if validation is not None:
+            if not isinstance(validation, (DeviceData, tuple, list)) or \
+                    not isinstance(validation, DeviceData) and len(validation) != 2:
+                raise ValueError(f"validation must be (X_val, y_val) or DeviceData with labels, got "
+                                 f"{type(validation).__name__}")
             val = validation if isinstance(validation, DeviceData) else net.upload(*validation)
         w = net.device_params(net.init_params(0) if w0 is None else w0)
         if w is w0:  # never train in place on the caller's array

@@ -34,8 +34,18 @@ def check_layers(layers) -> list[int]:
     return out
 
 
+def check_positive_int(name: str, value) -> int:
+    """A count such as chunk_rows or epochs: an integer >= 1 (not a bool), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype) if dtype is not None else np.dtype("float32")
+    try:
+        dt = np.dtype(dtype) if dtype is not None else np.dtype("float32")
+    except TypeError:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}") from None
     if dt.name not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     return dt

@@ -140,6 +140,51 @@ def test_grad_written_into_preallocated_buffer():
     assert grad is out and np.all(np.isfinite(out))
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_device_data_of_another_network_is_refused_before_any_kernel_reads_it(backend):
+    """Compiled kernels trust DeviceData: numba's read past the rows and indexed past the classes (a random
+    loss, then a corrupted heap). Each entry point refuses data uploaded for other layers or another backend."""
+    from core import MinibatchTrainer
+
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((40, 4)).astype(np.float32), np.arange(40) % 10
+    ten = FeedForwardNetwork([4, 8, 10], backend=backend).upload(X, y)          # labels up to 9
+    three = FeedForwardNetwork([4, 8, 3], backend=backend)
+    w3 = three.init_params(0)
+    labels = r"labels up to 9, this network has 3 classes \(labels 0..2\)"
+    for call in (lambda: three.loss_and_grad(w3, ten), lambda: three.evaluate(w3, ten),
+                 lambda: MinibatchTrainer(three).fit(ten, epochs=1),
+                 lambda: MinibatchTrainer(three).fit(X, y % 3, epochs=1, validation=ten)):
+        with pytest.raises(ValueError, match=labels):
+            call()
+    wide = FeedForwardNetwork([6, 8, 10], backend=backend)
+    width = r"float32 features of shape \(40, 4\), this network takes float32 rows of width layers\[0\] = 6"
+    for call in (lambda: wide.loss_and_grad(wide.init_params(0), ten), lambda: wide.predict_proba(
+            wide.init_params(0), ten), lambda: MinibatchTrainer(wide).fit(ten, epochs=1)):
+        with pytest.raises(ValueError, match=width):
+            call()
+    with pytest.raises(ValueError, match="float32 features .* this network takes float64 rows"):
+        FeedForwardNetwork([4, 8, 10], backend=backend, dtype="float64").predict_proba(np.zeros(130), ten)
+    if backend != "numpy":
+        with pytest.raises(ValueError, match=f"uploaded on the {three.backend_name} backend, this network runs on "
+                                             f"numpy"):
+            FeedForwardNetwork([4, 8, 3], backend="numpy").predict_proba(w3, three.upload(X, y % 3))
+    # data of the same shape from a network with more classes is fine while its labels fit
+    fits = FeedForwardNetwork([4, 8, 10], backend=backend).upload(X, y % 3)
+    assert np.isfinite(three.loss_and_grad(w3, fits)[0])
+    with pytest.raises(ValueError, match="validation must be \\(X_val, y_val\\) or DeviceData .* got ndarray"):
+        MinibatchTrainer(three).fit(X, y % 3, epochs=1, validation=X)
+
+
+@pytest.mark.parametrize("chunk_rows", [0, -1, 2.5, True])
+def test_chunk_rows_must_be_a_positive_integer(small, chunk_rows):
+    net, w, X, y = small
+    for call in (lambda: net.predict_proba(w, X, chunk_rows=chunk_rows),
+                 lambda: net.evaluate(w, X, y, chunk_rows=chunk_rows)):
+        with pytest.raises(ValueError, match=f"chunk_rows must be a positive integer, got {chunk_rows!r}"):
+            call()
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("layers,match", [
     ([10], "at least two"), ([], "at least two"), ([4, 0, 3], "size 0 at position 1"),
@@ -154,6 +199,8 @@ def test_bad_layers(layers, match):
 def test_bad_dtype_and_backend():
     with pytest.raises(ValueError, match="dtype must be one of .*'float16'"):
         FeedForwardNetwork([4, 3], backend="numpy", dtype="float16")
+    with pytest.raises(ValueError, match="dtype must be one of .*'bogus'"):
+        FeedForwardNetwork([4, 3], backend="numpy", dtype="bogus")
     with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
         FeedForwardNetwork([4, 3], backend="tensorflow")
 
