@@ -12,8 +12,10 @@ either the old checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -83,21 +85,89 @@ def load(path: str) -> tuple[dict, dict]:
     return arrays, meta
 
 
+LOCK_NAME = ".lock"
+
+
+class DirectoryLock:
+    """An exclusive lock on ``directory/.lock`` (``flock``: the kernel drops it when its holder dies), held by
+    the one server that checkpoints into the directory: a second server there would prune the first one's
+    checkpoints and mix its own among them, and a resume would pick whichever version number is higher."""
+
+    def __init__(self, directory: str):
+        path = os.path.join(directory, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"checkpoint_dir {directory!r} is in use by another running parameter server "
+                             f"(process {holder}); give each server a directory of its own") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # closing the descriptor drops the flock
+            self._fd = None
+
+
+def remove_partial_writes(directory: str) -> int:
+    """Delete the temporary files of writes that never finished (a server killed mid-save) -> how many; only
+    while holding the directory's lock, when no live writer can own one."""
+    removed = 0
+    for name in os.listdir(directory):
+        if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _check_schedule(every, seconds) -> None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of updates, got {every!r}")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
+        raise ValueError(f"checkpoint_seconds must be a positive number of seconds, got {seconds!r}")
+
+
 class CheckpointSchedule:
     """When a server checkpoints: every ``every`` updates and/or ``seconds`` while serving, and once more at
     stop (``on_stop``) if anything changed. The caller copies its state (``snapshot()`` under its own lock)
-    and passes it to :meth:`submit` (serving: the writer thread saves it) or :meth:`save` (not serving)."""
+    and passes it to :meth:`submit` (serving: the writer thread saves it) or :meth:`save` (not serving).
+
+    The directory is made and tried with a small write here, so a path that cannot be written fails when the
+    server is built, not at the first checkpoint (logged) or at stop. While serving, the schedule holds the
+    directory's :class:`DirectoryLock`."""
 
     def __init__(self, directory: str, every=None, seconds=None, on_stop: bool = True):
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"checkpoint_dir {directory!r} exists and is not a directory")
+        _check_schedule(every, seconds)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ValueError(f"checkpoint_dir {directory!r} cannot be written: {exc}") from None
         self.directory, self.every, self.seconds, self.on_stop = directory, every, seconds, bool(on_stop)
         self.version, self._time = None, time.monotonic()     # version of the last snapshot taken
         self.writer = None
+        self._lock = None
         self._final_stats = None
 
     def start(self, version: int) -> None:
-        """Serving begins at ``version``: start the writer thread."""
+        """Serving begins at ``version``: take the directory's lock (ValueError when another server holds it),
+        clear partial writes of a killed predecessor, start the writer thread."""
+        self._lock = DirectoryLock(self.directory)
+        removed = remove_partial_writes(self.directory)
+        if removed:
+            log.info("removed %d unfinished checkpoint write(s) from %s", removed, self.directory)
         self.version, self._time = version, time.monotonic()
         self.writer = CheckpointWriter(self.directory)
 
@@ -120,10 +190,15 @@ class CheckpointSchedule:
         return path
 
     def close(self, timeout: float) -> None:
-        """Write what is pending and stop the writer; its counters stay in :meth:`stats`."""
-        if self.writer is not None:
-            self.writer.close(timeout)
-            self._final_stats, self.writer = self.writer.stats(), None
+        """Write what is pending and stop the writer; its counters stay in :meth:`stats`. Drops the lock."""
+        try:
+            if self.writer is not None:
+                self.writer.close(timeout)
+                self._final_stats, self.writer = self.writer.stats(), None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def stats(self):
         return self.writer.stats() if self.writer is not None else self._final_stats

@@ -125,15 +125,22 @@ class Round:
 
 
 def check_initial_weights(w0) -> np.ndarray:
-    """The initial weight vector as an array, or ValueError naming what is wrong with it."""
-    w0 = np.asarray(w0)
-    if w0.ndim != 1 or w0.size == 0:
-        raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got shape {w0.shape}")
-    bad = w0.size - int(np.isfinite(w0).sum())
+    """The initial weight vector as float32 (the server keeps float32), or ValueError naming what is wrong with
+    it: a value that is finite in float64 but beyond float32's range would be served as inf."""
+    given = np.asarray(w0)
+    if given.ndim != 1 or given.size == 0:
+        raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got shape {given.shape}")
+    if given.dtype.kind not in "biuf":
+        raise ValueError(f"initial weights must be real numbers, got dtype {given.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = given.astype(np.float32)
+    bad = w.size - int(np.isfinite(w).sum())
     if bad:
-        raise ValueError(f"initial weights must be a finite non-empty 1-D vector, got {bad} NaN/inf value(s) "
-                         f"among {w0.size}")
-    return w0
+        first = given[~np.isfinite(w)][0]
+        why = "NaN/inf" if not np.isfinite(first) else f"beyond float32's range ({first!r})"
+        raise ValueError(f"initial weights must be a finite non-empty 1-D vector of float32, got {bad} value(s) "
+                         f"{why} among {w.size}")
+    return w
 
 
 class Engine:

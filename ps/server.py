@@ -125,7 +125,12 @@ class ParameterServer:
         self.engine = Engine(w, spec, job_id=self.job_id, fingerprint=self.fingerprint)
         self.checkpoints = None
         self.resumed_from = None
-        if checkpoint_dir:
+        if not checkpoint_dir:
+            for name, value in (("checkpoint_every", checkpoint_every), ("checkpoint_seconds", checkpoint_seconds),
+                                ("resume", resume or None)):
+                if value is not None:
+                    raise ValueError(f"{name}={value!r} needs checkpoint_dir: the directory the checkpoints go to")
+        else:
             self.checkpoints = ckpt.CheckpointSchedule(checkpoint_dir, checkpoint_every, checkpoint_seconds,
                                                        checkpoint_on_stop)
             newest = ckpt.latest(checkpoint_dir)
@@ -142,6 +147,7 @@ class ParameterServer:
                 log.info("resumed from %s at version %d", newest, self.engine.version)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._stopping = threading.Lock()        # one stop() at a time
         self._thread = None
         self._error = None
         self._progress_enabled = progress
@@ -197,7 +203,11 @@ class ParameterServer:
         enabled = self._progress_enabled if self._progress_enabled is not None else os.isatty(2)
         self.progress = ProgressLine(bool(enabled))
         if self.checkpoints is not None:
-            self.checkpoints.start(self.engine.version)
+            try:
+                self.checkpoints.start(self.engine.version)     # its directory's lock: one server per directory
+            except BaseException:
+                self._close_ctx(sock)
+                raise
         self._thread = threading.Thread(target=self._serve, name="ps-server", daemon=True)
         self._thread.start()
         threading.Thread(target=self._warm_up, name="ps-warm-up", daemon=True).start()
@@ -221,7 +231,16 @@ class ParameterServer:
         self.ctx.term()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving (waiting workers get SERVER_STOPPING), write a final checkpoint if configured."""
+        """Stop serving (waiting workers get SERVER_STOPPING), write a final checkpoint if configured. Safe to
+        call from several threads at once: one stops the server, the others wait for it (within ``timeout``)."""
+        if not self._stopping.acquire(timeout=timeout):
+            raise RuntimeError(f"parameter server did not stop within {timeout}s (another stop() is running)")
+        try:
+            self._stop_locked(timeout)
+        finally:
+            self._stopping.release()
+
+    def _stop_locked(self, timeout: float) -> None:
         if self._thread is None:
             return
         self._stop.set()

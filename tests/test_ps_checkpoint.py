@@ -130,3 +130,77 @@ def test_save_checkpoint_waits_for_the_disk_and_needs_a_directory(tmp_path):
     with ParameterServer(np.zeros(16, np.float32), progress=False) as s:
         with pytest.raises(ValueError, match="no checkpoint_dir"):
             s.save_checkpoint()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(checkpoint_every=0), "checkpoint_every must be a positive number of updates, got 0"),
+    (dict(checkpoint_every=2.5), "checkpoint_every must be a positive number of updates, got 2.5"),
+    (dict(checkpoint_seconds=float("nan")), "checkpoint_seconds must be a positive number of seconds, got nan"),
+    (dict(checkpoint_seconds=-1), "checkpoint_seconds must be a positive number of seconds, got -1"),
+])
+def test_a_schedule_that_would_never_or_always_fire_is_refused(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        ParameterServer(np.zeros(4, np.float32), checkpoint_dir=str(tmp_path / "ck"), progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(checkpoint_every=5), dict(checkpoint_seconds=1.0), dict(resume=True)])
+def test_checkpoint_settings_without_a_directory_are_refused(kw):
+    (name, value), = kw.items()
+    with pytest.raises(ValueError, match=f"{name}={value!r} needs checkpoint_dir"):
+        ParameterServer(np.zeros(4, np.float32), progress=False, **kw)
+
+
+def test_a_directory_that_cannot_be_written_is_refused_when_the_server_is_built(tmp_path):
+    """Not at the first checkpoint (logged) or at stop: a long run would learn at its end that it has none."""
+    f = tmp_path / "a-file"
+    f.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match=r"checkpoint_dir '.*a-file/ck' cannot be written: .*Not a directory"):
+        ParameterServer(np.zeros(4, np.float32), checkpoint_dir=str(f / "ck"), progress=False)
+    assert f.read_bytes() == b"keep me"
+
+
+def test_one_server_per_checkpoint_directory(tmp_path):
+    """A second server in a directory in use would prune the first one's checkpoints and mix its own among them
+    (a resume then takes whichever version is higher): it is refused at start, the first one's files are kept,
+    and the directory is free again once the first stops."""
+    d = str(tmp_path / "ck")
+    first = ParameterServer(np.zeros(16, np.float32), num_workers=1, learning_rate=1.0, checkpoint_dir=d,
+                            checkpoint_every=1, progress=False).start()
+    try:
+        push_n(first.client_config(), 3)
+        first.save_checkpoint()
+        kept = sorted(os.listdir(d))
+        second = ParameterServer(np.ones(16, np.float32), num_workers=1, checkpoint_dir=d, resume=True,
+                                 progress=False)
+        with pytest.raises(ValueError, match=f"'{d}' is in use by another running parameter server "
+                                             f"\\(process {os.getpid()}\\)"):
+            second.start()
+        assert not second.running and sorted(os.listdir(d)) == kept
+    finally:
+        first.stop()
+    with ParameterServer(np.ones(16, np.float32), num_workers=1, checkpoint_dir=d, resume=True,
+                         progress=False) as again:
+        assert again.version == 3
+
+
+def test_a_killed_servers_lock_and_partial_write_do_not_outlive_it(tmp_path):
+    """flock dies with its process; the temporary file of a write cut short is removed by the next server."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ps.checkpoint import DirectoryLock; "
+                               f"DirectoryLock({str(d)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by another running parameter server \\(process {holder.pid}\\)"):
+            ckpt.DirectoryLock(str(d))
+    finally:
+        holder.kill()
+        holder.wait(30)
+    (d / ".ckpt-abc123.tmp").write_bytes(b"half a checkpoint")
+    with ParameterServer(np.zeros(4, np.float32), checkpoint_dir=str(d), progress=False):
+        assert not (d / ".ckpt-abc123.tmp").exists()
