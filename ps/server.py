@@ -21,7 +21,7 @@ from .engine import Engine, check_initial_weights
 from .progress import ProgressLine, epoch_line
 from .protocol import (NOBLOCK, PROTOCOL_VERSION, SNDMORE, ZERO_COPY_MIN, max_message_bytes, model_fingerprint,
                        queue_depth, recv_frames)
-from .security import ConnectionGuard, CurveServer, curve_speed_problem, raise_fd_limit
+from .security import ConnectionGuard, CurveServer, curve_speed_warning, raise_fd_limit
 from .spec import TrainingSpec
 
 log = logging.getLogger("ps.server")
@@ -182,7 +182,7 @@ class ParameterServer:
         if self.secure:
             self.curve = CurveServer(self.ctx)
             self.curve.secure(sock)
-            slow = curve_speed_problem()             # measured once per process
+            slow = curve_speed_warning()             # measured and said once per process
             if slow:
                 log.warning("%s", slow)
         else:
