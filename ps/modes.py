@@ -37,6 +37,10 @@ from .client import StaleUpdate, UpdateRejected
 from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS, Reason
 
 STALE = object()      # talk's answer for a push refused as stale: receive recomputes the window
+# Local steps between exchanges when the user gives none (tau 0) in a mode that may exceed 1. One exchange per
+# mini-batch paid a round trip per step: async [784,256,256,10] on 48k rows, 3 passes, local[2], CURVE on fit in
+# 12.8 s at window 1 and 7.7 s at 4, at the same accuracy (digits: the same, to 0.002).
+DEFAULT_WINDOW = 4
 
 
 @dataclass
@@ -60,6 +64,12 @@ class Mode:
     windowed: ClassVar[bool] = True         # tau (local steps between exchanges) may exceed 1
     bounded_staleness: ClassVar[bool] = False   # takes a staleness bound (a push too old is refused)
     pipelines: ClassVar[bool] = False       # may overlap an exchange with the next window (spec.pipeline)
+
+    @property
+    def default_tau(self) -> int:
+        """Local steps between exchanges when none is given: :data:`DEFAULT_WINDOW`, or 1 where it may not
+        exceed 1 (sync)."""
+        return DEFAULT_WINDOW if self.windowed else 1
 
     @property
     def pushes_gradients(self) -> bool:

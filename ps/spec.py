@@ -17,7 +17,7 @@ from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS, SCHEDULES
 from core.validation import check_layers
 
-from .modes import MODE_NAMES, MODES, get_mode
+from .modes import DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
 from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, WIRE_DTYPES
 from .rules import default_alpha
 
@@ -52,7 +52,8 @@ class TrainingSpec:
 
     mode: a :data:`ps.modes.MODE_NAMES` entry. learning_rate: the server optimizer's rate and the workers'
     local-step rate. optimizer (+ optimizer_options, schedule): the server's update rule for gradient pushes.
-    tau: local steps between exchanges (1 in sync). alpha: the elastic modes' moving rate (default 0.9 /
+    tau: local steps between exchanges; 0 (the default) = the mode's own (:attr:`ps.modes.Mode.default_tau`: 1 in
+    sync, 4 in the others). alpha: the elastic modes' moving rate (default 0.9 /
     num_workers). local_momentum: eamsgd's Nesterov momentum delta on the local steps. staleness: async only,
     refuse a push computed on weights more than this many updates old. ssp_slack: hold a pull at clock c until
     every other live worker reached c - slack. barrier_timeout: seconds a round, barrier or SSP wait may last.
@@ -75,7 +76,7 @@ class TrainingSpec:
     optimizer: str = "sgd"
     optimizer_options: dict = field(default_factory=dict)
     schedule: str = "constant"
-    tau: int = 1
+    tau: int = 0
     alpha: float | None = None
     local_momentum: float = 0.99
     staleness: int | None = None
@@ -95,8 +96,11 @@ class TrainingSpec:
         mode = get_mode(self.mode)
         if self.layers is not None:
             put(self, "layers", tuple(check_layers(self.layers)))
-        for name in ("num_workers", "epochs", "batch_size", "tau"):
+        for name in ("num_workers", "epochs", "batch_size"):
             _positive_int(name, getattr(self, name))
+        _positive_int("tau", self.tau, low=0)
+        if self.tau == 0:
+            put(self, "tau", mode.default_tau)
         if self.epochs > MAX_EPOCHS:
             raise SpecError("epochs", "{name} must be at most %d (a push names its epoch in 16 bits), got {v!r}"
                             % MAX_EPOCHS, v=self.epochs)
@@ -190,8 +194,9 @@ def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> 
     add_flag(parser, "--trainer", *(["--mode"] if mode_alias else []), choices=MODE_NAMES, default="async",
              help="parameter-server mode (async = DOWNPOUR; ps/README.md compares them)")
     parser.add_argument("--workers", type=int, default=2, help="training workers (Spark: numWorkers)")
-    add_flag(parser, "--window", "--tau", type=int, default=1,
-             help="local steps between exchanges with the server (communicationWindow; 1 in sync mode)")
+    add_flag(parser, "--window", "--tau", type=int, default=0,
+             help="local steps between exchanges with the server (communicationWindow); 0: 1 in sync mode, %d in "
+                  "the others" % DEFAULT_WINDOW)
     add_flag(parser, "--server-optimizer", "--optimizer", choices=OPTIMIZERS, default="sgd",
              help="update rule the server applies to gradient pushes (sync, async)")
     parser.add_argument("--momentum", type=float, default=None,

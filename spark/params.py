@@ -22,7 +22,7 @@ from core.backends import BACKEND_NAMES
 from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS
 from core.validation import check_layers
-from ps.modes import MODE_NAMES
+from ps.modes import DEFAULT_WINDOW, MODE_NAMES
 from ps.protocol import WIRE_DTYPES
 from ps.spec import TrainingSpec
 
@@ -56,8 +56,8 @@ PARAMS = {
              _choice("mode", MODE_NAMES), "async"),
     "optimizer": ("update rule the server applies to gradient pushes (sync, async): " + ", ".join(OPTIMIZERS),
                   _choice("optimizer", OPTIMIZERS), "sgd"),
-    "communicationWindow": ("local mini-batch steps between exchanges with the server (tau); must be 1 in sync "
-                            "mode (>= 1)", T.toInt, 1),
+    "communicationWindow": ("local mini-batch steps between exchanges with the server (tau); 0 = auto: 1 in sync "
+                            "mode (where it must be 1), %d in the others" % DEFAULT_WINDOW, T.toInt, 0),
     "rho": ("elastic modes: moving rate alpha = stepSize * rho; unset = the EASGD default alpha = 0.9 / "
             "numWorkers", T.toFloat, None),
     "momentum": ("momentum: of the server optimizer 'momentum'/'nesterov', and delta of eamsgd's local Nesterov "

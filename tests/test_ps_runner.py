@@ -56,6 +56,11 @@ def _kill_when(runner, worker, min_step, timeout=30):
     raise AssertionError(f"worker {worker} never reached step {min_step}")
 
 
+def exchanges(runner, worker, epochs, batch_size):
+    """A worker's exchanges in a whole run: its batches of all epochs in windows of tau (the last one shorter)."""
+    return math.ceil(epochs * math.ceil(runner.shard_rows[worker] / batch_size) / runner.spec.tau)
+
+
 @pytest.mark.timeout(120)
 def test_async_goes_on_when_a_worker_is_killed():
     Xtr, _, ytr, _ = digits()
@@ -64,7 +69,8 @@ def test_async_goes_on_when_a_worker_is_killed():
     _kill_when(r, 1, 5)
     res = r.join(timeout=100)
     assert 0 in res.workers and 1 not in res.workers and 1 in res.failed
-    assert res.workers[0]["last_step"] == 6 * math.ceil(r.shard_rows[0] / 32)
+    assert r.spec.tau == 4                             # the default window: an exchange every 4 batches
+    assert res.workers[0]["last_step"] == exchanges(r, 0, 6, 32)
     assert "exited with code -9" in res.failed[1][0]
 
 
@@ -88,7 +94,7 @@ def test_restarted_worker_resumes_without_double_apply():
                worker_options=dict(step_delay=0.01)).start()
     killed_at = _kill_when(r, 1, 10)
     res = r.join(timeout=100)
-    per_worker = {i: epochs * math.ceil(r.shard_rows[i] / bs) for i in range(2)}
+    per_worker = {i: exchanges(r, i, epochs, bs) for i in range(2)}
     w1 = res.stats["workers"]["1"]
     assert w1["attempt"] == 1 and res.workers[1]["attempt"] == 1
     assert res.workers[1]["resumed_after"] >= killed_at

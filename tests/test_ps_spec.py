@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from ps import ParameterServer
-from ps.modes import MODE_NAMES, MODES, Mode, get_mode
+from ps.modes import DEFAULT_WINDOW, MODE_NAMES, MODES, Mode, get_mode
 from ps.protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS
 from ps.spec import SpecError, TrainingSpec, add_spec_flags, spec_from_flags
 
 
 def test_defaults_are_normalised_once():
     spec = TrainingSpec(layers=[64.0, 100, 10], num_workers=3, seed=-1)
-    assert spec.layers == (64, 100, 10) and spec.mode == "async" and spec.tau == 1
+    assert spec.layers == (64, 100, 10) and spec.mode == "async" and spec.tau == DEFAULT_WINDOW == 4
     assert spec.alpha == pytest.approx(0.9 / 3)              # the EASGD authors' beta / p
     assert spec.seed == 2 ** 32 - 1                          # one reduction of Spark's signed hash seeds
     assert spec.num_params == 64 * 100 + 100 + 100 * 10 + 10
@@ -59,8 +59,21 @@ def test_errors_in_the_callers_words():
     with pytest.raises(ValueError, match=r"^stepSize must be a positive number, got -1.0$"):
         TrainingSpec.build({"learning_rate": "stepSize"}, learning_rate=-1.0)
     with pytest.raises(SpecError) as err:
-        TrainingSpec(tau=0)
+        TrainingSpec(tau=-1)
     assert err.value.setting == "tau"
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_tau_zero_is_the_modes_own_window(mode):
+    """No window given: one exchange per step only where it must be (sync), DEFAULT_WINDOW elsewhere; a given
+    window is kept, and sync still refuses any other than 1."""
+    expected = 1 if mode == "sync" else 4
+    assert TrainingSpec(mode=mode).tau == TrainingSpec(mode=mode, tau=0).tau == expected
+    assert TrainingSpec(mode=mode, tau=1).tau == 1
+    if mode != "sync":
+        assert TrainingSpec(mode=mode, tau=7).tau == 7
+    with pytest.raises(ValueError, match="tau must be >= 0, got -2"):
+        TrainingSpec(mode=mode, tau=-2)
 
 
 def test_server_takes_a_spec_or_its_fields_not_both():

@@ -38,21 +38,27 @@ def test_objective_and_accuracy_history_one_value_per_epoch(fitted):
 
 def test_epochs_match_an_independent_count_from_the_history(fitted):
     stats, s = fitted.trainingStats, fitted.summary
-    # each worker's shard rows and the block size give its steps per pass; async with tau = 1 pushes every step
+    # each worker's shard rows and the block size give its steps per pass; push s covers steps (s-1)*tau+1 ..
+    # s*tau (the default window, 4) and counts in the epoch of its last step
     per_pass = {w: math.ceil(v["rows"] / BLOCK) for w, v in stats["workers"].items()}
+    tau = {v["tau"] for v in stats["workers"].values()}.pop()
+    assert tau == 4
+
+    def epoch_of(r):
+        return math.ceil(min(r["step"] * tau, EPOCHS * per_pass[r["worker"]]) / per_pass[r["worker"]])
     expected = {}
     for r in stats["history"]:
-        e = expected.setdefault(math.ceil(r["step"] / per_pass[r["worker"]]), [0, 0.0])
+        e = expected.setdefault(epoch_of(r), [0, 0.0])
         e[0] += r["batch_size"]
         e[1] += r["loss"] * r["batch_size"]
     epochs = s.epochs()
     assert [e["epoch"] for e in epochs] == sorted(expected) == list(range(1, EPOCHS + 1))
     for e in epochs:
         assert e["samples"] == expected[e["epoch"]][0]
-        assert abs(e["samples"] - stats["rows"]) <= BLOCK * len(per_pass)
+        assert abs(e["samples"] - stats["rows"]) <= tau * BLOCK * len(per_pass)   # a window across the boundary
         assert e["loss"] == pytest.approx(expected[e["epoch"]][1] / e["samples"], rel=1e-12)
     assert [e["seconds_end"] for e in epochs] == sorted(e["seconds_end"] for e in epochs)
-    assert [r["epoch"] for r in s.history] == [math.ceil(r["step"] / per_pass[r["worker"]]) for r in s.history]
+    assert [r["epoch"] for r in s.history] == [epoch_of(r) for r in s.history]
     frame = s.toPandas()
     assert len(frame) == len(stats["history"]) and frame.groupby("epoch")["batch_size"].sum().tolist() == \
         [e["samples"] for e in epochs]
