@@ -34,12 +34,25 @@ def add_flag(parser, flag: str, *hidden: str, **kw):
     return action
 
 
-def add_backend_flag(parser: argparse.ArgumentParser) -> None:
+def add_backend_flag(parser: argparse.ArgumentParser, fallback: str = "auto") -> None:
+    """--backend (default None: ``backend_choice`` reads $FFPS_BACKEND, else ``fallback``)."""
+    said = "auto = cupy with a GPU, else numba" if fallback == "auto" else fallback
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=None,
-                        help=f"compute backend (default: ${ENV_VAR} or auto = cupy with a GPU, else numba)")
+                        help=f"compute backend (default: ${ENV_VAR} or {said})")
 
 
-def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), epochs=30) -> None:
+def backend_choice(flag: str | None, fallback: str = "auto") -> str:
+    """The backend --backend named, else $FFPS_BACKEND's (ValueError for an unknown one), else ``fallback``."""
+    import os
+
+    name = flag or os.environ.get(ENV_VAR, "") or fallback
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"${ENV_VAR}={name!r} is not a backend; use one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), epochs=30,
+                       backend_fallback: str = "auto") -> None:
     """The training loop's flags, spelled alike in ``ffps train``, ``python -m ps.runner`` and the Spark app:
     --layers, --epochs, --batch-size, --learning-rate, --seed, --backend, --precision, --cuda-graphs."""
     parser.add_argument("--layers", type=parse_layers, default=None if layers is None else list(layers),
@@ -51,7 +64,7 @@ def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), ep
     add_flag(parser, "--learning-rate", "--lr", "--step-size", type=float, default=0.1,
              help="stepSize (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
-    add_backend_flag(parser)
+    add_backend_flag(parser, backend_fallback)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="GEMM input precision: fp32, tf32 (10-bit mantissa) or bf16 (7-bit), float32 sums "
                              "and weights; tensor cores on a GPU, emulated (slowly) on the CPU")

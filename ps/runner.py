@@ -1,7 +1,8 @@
 """Spark-free runner: one server in this process, N worker processes (multiprocessing 'spawn').
 
-    result = run(X, y, layers=[64, 100, 10], mode="async", workers=4, backend="numba", epochs=20)
-    result.weights, result.history, result.stats
+    if __name__ == "__main__":      # workers are spawned: they import the script, which must not run again
+        result = run(X, y, layers=[64, 100, 10], mode="async", workers=4, backend="numba", epochs=20)
+        result.weights, result.history, result.stats
 
 The settings are one :class:`ps.spec.TrainingSpec` (``spec=``, or its fields as keyword arguments), which the
 server hands to every worker. Every wait has a timeout. A worker process that dies can be relaunched with
@@ -127,6 +128,7 @@ class Runner:
             raise TypeError("pass either spec= or its fields, not both")
         self.spec, self.n = spec, spec.num_workers
         self._check_threads(threads_per_worker)
+        X, y = self._check_data(X, y, devices)
         self.max_restarts, self.tolerate_failures = int(max_restarts), bool(tolerate_failures)
         self.start_together = bool(start_together)
         w0 = spec.initial_weights()
@@ -135,7 +137,7 @@ class Runner:
         # each worker reads its shard from files (save_arrays says why), removed when the run ends
         self.data_dir = tempfile.mkdtemp(prefix="ffps-runner-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.data_dir, ignore_errors=True)
-        shards = shard(np.asarray(X, np.float32), np.asarray(y), self.n, equal=spec.rule.equal_shards)
+        shards = shard(X, y, self.n, equal=spec.rule.equal_shards)
         self.data = [save_arrays(self.data_dir, f"shard{i}", *xy) for i, xy in enumerate(shards)]
         self.shard_rows = [len(y_i) for _, y_i in shards]
         devices = devices if devices is not None else [None] * self.n
@@ -150,6 +152,23 @@ class Runner:
         self.attempts = [0] * self.n
         self.results: dict[int, dict] = {}
         self.errors: dict[int, list] = {i: [] for i in range(self.n)}
+
+    def _check_data(self, X, y, devices):
+        """The data and devices, checked here in the parent, before the server or any worker starts (a worker
+        found them after its peers had waited out the barrier, 20-30 s) -> (X float32, y int32)."""
+        from core.validation import check_features, check_labels
+
+        if self.spec.layers is None:
+            raise ValueError("layers is not set: give the layer sizes, e.g. layers=[features, 100, classes]")
+        X = check_features(X, self.spec.layers[0], np.dtype(np.float32))
+        y = check_labels(y, X.shape[0], self.spec.layers[-1])
+        per = X.shape[0] // self.n if self.spec.rule.equal_shards else -(-X.shape[0] // self.n)
+        if X.shape[0] < self.n or per == 0:
+            raise ValueError(f"{X.shape[0]} rows cannot feed {self.n} workers: each needs at least one row; use "
+                             f"fewer workers")
+        if devices is not None and len(devices) != self.n:
+            raise ValueError(f"devices lists {len(devices)} device(s) for {self.n} workers: give one per worker")
+        return X, y
 
     def _check_threads(self, threads) -> None:
         """A bad threads_per_worker fails here, before the server or any shard file exists; more BLAS threads
@@ -246,24 +265,27 @@ def run(X, y, layers=None, timeout=600.0, **kw) -> RunResult:
 
 def main(argv=None) -> int:
     from core import FeedForwardNetwork
-    from core.cli import add_training_flags
+    from core.cli import add_training_flags, backend_choice
     from core.datasets import load_digits_split
 
     from .spec import add_spec_flags, spec_from_flags
 
     ap = argparse.ArgumentParser(description="Train the digits net with the ffps parameter server (no Spark).")
-    add_training_flags(ap, layers=[64, 100, 10], epochs=20)
+    add_training_flags(ap, layers=[64, 100, 10], epochs=20, backend_fallback="numpy")
     add_spec_flags(ap)
     ap.add_argument("--devices", default=None, help="comma-separated GPU ordinals, one per worker (cupy)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        spec = spec_from_flags(a, backend=a.backend or "numpy", barrier_timeout=20.0)
+        spec = spec_from_flags(a, backend=backend_choice(a.backend, "numpy"), barrier_timeout=20.0)
+        devices = [int(d) for d in a.devices.split(",")] if a.devices else None
+        if devices is not None and len(devices) != spec.num_workers:
+            raise ValueError(f"--devices lists {len(devices)} device(s) for --workers {spec.num_workers}: give one "
+                             f"per worker")
     except ValueError as exc:
         ap.error(str(exc))
     Xtr, Xte, ytr, yte = load_digits_split()
-    devices = [int(d) for d in a.devices.split(",")] if a.devices else None
     res = run(Xtr, ytr, spec=spec, devices=devices, secure=not a.insecure, progress=not a.no_progress)
     loss, acc = FeedForwardNetwork(list(spec.layers), backend="numpy").evaluate(res.weights, Xte, yte)
     print(f"mode={spec.mode} workers={spec.num_workers} backend={spec.backend}: test accuracy {acc:.4f} "

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from core import FeedForwardNetwork
@@ -169,3 +170,43 @@ def test_more_blas_threads_than_cores_is_warned_about(monkeypatch, caplog):
                               "(a step can take 5-50x longer); use threads_per_worker <= 1"]
         else:
             assert warned == []
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda X, y: (np.where(np.arange(X.size).reshape(X.shape) == 3 * 64 + 5, np.nan, X), y),
+     "non-finite value nan at row 3, column 5"),
+    (lambda X, y: (X, y[:-1]), "labels for"),
+    (lambda X, y: (X[:3], y[:3]), "3 rows cannot feed 4 workers"),
+    (lambda X, y: (X[:, :10], y), "10 features per row but layers\\[0\\] is 64"),
+    (lambda X, y: (X, y + 5), "outside 0..9"),
+])
+def test_bad_data_is_refused_in_the_parent_before_anything_starts(make, message, tmp_path, monkeypatch):
+    """The workers found these after their peers had waited out the barrier (20-30 s), and a 1-D X was
+    named by its shard's shape: the runner checks the user's arrays itself, before the server or any file."""
+    import tempfile
+    import threading
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    Xtr, _, ytr, _ = digits()
+    X, y = make(Xtr, ytr)
+    threads = set(threading.enumerate())
+    with pytest.raises(ValueError, match=message):
+        Runner(X, y, LAYERS, workers=4)
+    assert list(tmp_path.iterdir()) == [] and set(threading.enumerate()) == threads
+    with pytest.raises(ValueError, match="layers is not set"):
+        Runner(Xtr, ytr)
+    with pytest.raises(ValueError, match="devices lists 1 device\\(s\\) for 4 workers"):
+        Runner(Xtr, ytr, LAYERS, workers=4, devices=[0])
+
+
+def test_the_runner_command_line_reads_the_backend_variable_and_checks_devices(monkeypatch, capsys):
+    from ps import runner
+
+    monkeypatch.setenv("FFPS_BACKEND", "bogus")
+    with pytest.raises(SystemExit):
+        runner.main(["--epochs", "1"])
+    assert "$FFPS_BACKEND='bogus' is not a backend" in capsys.readouterr().err
+    monkeypatch.delenv("FFPS_BACKEND")
+    with pytest.raises(SystemExit):
+        runner.main(["--devices", "0", "--workers", "2"])
+    assert "--devices lists 1 device(s) for --workers 2" in capsys.readouterr().err
