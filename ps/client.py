@@ -32,6 +32,16 @@ ACCEPTED = frozenset((int(Status.OK), int(Status.DUPLICATE)))     # reply status
 DUPLICATE = int(Status.DUPLICATE)       # ints, not the enum: a small request's whole cost is a few such lookups
 
 
+INT32_MAX = 2**31 - 1
+
+
+def _field(name: str, value, low: int, high: int) -> int:
+    """A header field's value as an int in low..high, else ValueError naming it (not struct.error's words)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(value)
+
+
 class ServerUnavailable(ConnectionError):
     """No reply from the parameter server within the timeout, after all retries."""
 
@@ -65,8 +75,15 @@ class ParameterClient:
 
     def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
                  register: bool = True, hwm: int | None = None):
-        self.cfg, self.worker_id, self.attempt = cfg, int(worker_id), int(attempt)
-        self.timeout, self.retries = float(timeout), int(retries)
+        self.cfg = cfg
+        self.worker_id, self.attempt = _field("worker_id", worker_id, 0, INT32_MAX), _field("attempt", attempt, 0,
+                                                                                              INT32_MAX)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout, self.retries = float(timeout), _field("retries", retries, 0, 1000)
+        if hwm is not None:
+            _field("hwm", hwm, 0, INT32_MAX)
+        self._closed = False
         self.job_id, self.fingerprint = bytes.fromhex(cfg["job_id"]), int(cfg["fingerprint"])
         self.num_params = int(cfg["num_params"])
         self.spec = cfg["spec"]
@@ -129,6 +146,8 @@ class ParameterClient:
 
     def _request_tries(self, h: Header, payload=None, timeout=None):
         """:meth:`_request` -> (reply header, payload frame, how many times the request was sent)."""
+        if self._closed:
+            raise RuntimeError(f"this ParameterClient (worker {self.worker_id}) is closed: make a new one")
         timeout = self.timeout if timeout is None else timeout
         head = h.pack()
         big = payload is not None and len(payload) >= ZERO_COPY_MIN
@@ -194,6 +213,7 @@ class ParameterClient:
             np.copyto(out, w)
             return out
         self._last = frame
+        w.flags.writeable = False           # a view of the received frame, valid until the next pull
         return w
 
     # ------------------------------------------------------------------ operations
@@ -231,12 +251,17 @@ class ParameterClient:
         buf, n = array_frame(payload)
         if n != self.num_params:
             raise ValueError(f"push of {n} values, the model has {self.num_params}")
+        if kind not in KIND_FLAGS:
+            raise ValueError(f"kind must be one of {', '.join(KIND_FLAGS)}, got {kind!r}")
         flags = KIND_FLAGS[kind]
         if want_weights:
             flags |= FLAG_WANT_WEIGHTS
         if last_of_epoch:
             flags |= FLAG_EPOCH_LAST
-        step = self.step + 1 if step is None else int(step)
+        step = self.step + 1 if step is None else _field("step", step, 0, 2**63 - 1)
+        if not 0 <= batch_size <= INT32_MAX or not 0 <= epoch <= 0xFFFF:      # the header's int32 and uint16
+            _field("batch_size", batch_size, 0, INT32_MAX)
+            _field("epoch", epoch, 0, 0xFFFF)
         h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=code, n_values=n, epoch=int(epoch))
@@ -291,6 +316,7 @@ class ParameterClient:
     def close(self) -> None:
         """Close the socket and its context; closing twice is harmless."""
         self._last = None
+        self._closed = True
         if not self.ctx.closed:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)

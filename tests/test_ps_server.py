@@ -1,6 +1,7 @@
 """Server and client over real sockets on random loopback ports: correctness, load, security, bad input."""
 import os
 import random
+import re
 import threading
 import time
 
@@ -63,6 +64,37 @@ def test_pull_push_round_trip(secure):
         st = s.stats()
         assert st["applied"] == 1 and st["rejected_total"] == 0
         assert s.history()[0]["worker"] == 1 and s.history()[0]["batch_size"] == 8
+
+
+def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
+    """Header fields out of their wire range failed in struct.pack ('i' format requires ...), kind='bogus'
+    with a KeyError, and any call on a closed client with 'Socket operation on non-socket'."""
+    with server(num_workers=2) as s:
+        cfg = s.client_config()
+        for kw, message in ((dict(worker_id=2**40), "worker_id must be an integer in 0..2147483647, got 1099511627776"),
+                            (dict(worker_id=-1), "worker_id must be an integer in 0..2147483647, got -1"),
+                            (dict(attempt="1"), "attempt must be an integer in 0..2147483647, got '1'"),
+                            (dict(timeout=-1), "timeout must be a positive number of seconds, got -1"),
+                            (dict(retries=-1), "retries must be an integer in 0..1000, got -1"),
+                            (dict(hwm=-1), "hwm must be an integer in 0..2147483647, got -1")):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                ParameterClient(cfg, **{"worker_id": 0, **kw})
+        c = ParameterClient(cfg, worker_id=0)
+        g = np.zeros(16, np.float32)
+        for kw, message in ((dict(batch_size=2**40), "batch_size must be an integer in 0..2147483647"),
+                            (dict(epoch=70_000), "epoch must be an integer in 0..65535, got 70000"),
+                            (dict(epoch=-1), "epoch must be an integer in 0..65535, got -1"),
+                            (dict(kind="bogus"), "kind must be one of gradient, elastic, local_weights, got 'bogus'"),
+                            (dict(step=-3), "step must be an integer in 0..")):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                c.push(g, **kw)
+        version, w = c.pull()
+        with pytest.raises(ValueError, match="read-only"):
+            w[0] = 1.0                                   # a view of the received frame, as the docstring says
+        c.close()
+        with pytest.raises(RuntimeError, match=r"this ParameterClient \(worker 0\) is closed: make a new one"):
+            c.pull()
+        assert s.stats()["applied"] == 0 and s.stats()["rejected_total"] == 0     # nothing bad reached the wire
 
 
 @pytest.mark.timeout(60)
