@@ -57,7 +57,10 @@ def io_threads_for(cores: int | None = None, sharded: bool = False) -> int:
     sharded server: 1, the shards spread it already). ``FFPS_PS_IO_THREADS`` overrides it (a driver whose cores
     the executors share)."""
     if os.environ.get("FFPS_PS_IO_THREADS"):
-        return int(os.environ["FFPS_PS_IO_THREADS"])
+        value = os.environ["FFPS_PS_IO_THREADS"]
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"FFPS_PS_IO_THREADS must be a positive number of threads, got {value!r}")
+        return int(value)
     cores = cores or os.cpu_count() or 1
     return 1 if sharded else max(1, min(4, cores // 4))
 
@@ -114,6 +117,7 @@ class ParameterServer:
         elif given:
             raise TypeError(f"pass either spec= or its fields, not both (got {sorted(given)})")
         w = check_initial_weights(w)          # before anything reads its shape
+        self._check_options(w, spec, shard, secure, hwm, handshake_timeout, max_connections)
         self.spec, self.bind, self.secure = spec, bind, bool(secure)
         self.hwm = int(hwm) if hwm is not None else queue_depth(w.shape[0])
         self.advertise_host = advertised_host(bind, advertise_host)
@@ -156,6 +160,22 @@ class ParameterServer:
         self.curve = None
         self.guard = None
         self.dropped_replies = 0
+
+    @staticmethod
+    def _check_options(w, spec, shard, secure, hwm, handshake_timeout, max_connections) -> None:
+        """Options ZeroMQ would refuse later with a bare 'Invalid argument' (or take silently), by name; the
+        layers against the weights (a shard holds a slice of them)."""
+        if spec.layers is not None and shard is None and spec.num_params != w.shape[0]:
+            raise ValueError(f"layers {list(spec.layers)} have {spec.num_params} parameters, the initial weights "
+                             f"{w.shape[0]}")
+        if not isinstance(secure, bool):
+            raise ValueError(f"secure must be True or False, got {secure!r}")
+        for name, value, low in (("hwm", hwm, 0), ("max_connections", max_connections, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)) \
+                or not 0 < handshake_timeout < 1e6:
+            raise ValueError(f"handshake_timeout must be a positive number of seconds, got {handshake_timeout!r}")
 
     @property
     def mode(self) -> str:

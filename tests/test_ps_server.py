@@ -66,6 +66,29 @@ def test_pull_push_round_trip(secure):
         assert s.history()[0]["worker"] == 1 and s.history()[0]["batch_size"] == 8
 
 
+@pytest.mark.parametrize("kw,message", [
+    (dict(secure="no"), "secure must be True or False, got 'no'"),          # was taken as True
+    (dict(hwm=-1), "hwm must be an integer >= 0, got -1"),
+    (dict(max_connections=0), "max_connections must be an integer >= 1, got 0"),   # was the default
+    (dict(handshake_timeout=-1), "handshake_timeout must be a positive number of seconds, got -1"),
+    (dict(layers=[4, 8, 3]), r"layers \[4, 8, 3\] have 67 parameters, the initial weights 16"),
+])
+def test_server_options_are_checked_by_name_before_anything_starts(kw, message):
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ValueError, match=message):
+        ParameterServer(np.zeros(16, np.float32), progress=False, **kw)
+    assert {t.name for t in threading.enumerate()} == before
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1"])
+def test_a_bad_io_thread_count_in_the_environment_is_named(value, monkeypatch):
+    from ps.server import io_threads_for
+
+    monkeypatch.setenv("FFPS_PS_IO_THREADS", value)
+    with pytest.raises(ValueError, match=f"FFPS_PS_IO_THREADS must be a positive number of threads, got '{value}'"):
+        io_threads_for()
+
+
 def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
     """Header fields out of their wire range failed in struct.pack ('i' format requires ...), kind='bogus'
     with a KeyError, and any call on a closed client with 'Socket operation on non-socket'."""
