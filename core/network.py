@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends import get_backend
 from .validation import (check_dtype, check_features, check_labels, check_layers, check_params, check_positive_int,
-                         check_precision)
+                         check_precision, check_seed)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class FeedForwardNetwork:
     # ------------------------------------------------------------------ parameters
     def init_params(self, seed: int = 0) -> np.ndarray:
         """He-normal weights (std sqrt(2 / d_in)), zero biases; drawn on the host so every backend agrees."""
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed(seed))
         w = np.zeros(self.num_params, dtype=np.float64)
         for s in self.layout:
             w[s.w_start:s.b_start] = rng.standard_normal(s.d_in * s.d_out) * np.sqrt(2.0 / s.d_in)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .network import DeviceData, FeedForwardNetwork
 from .optimizers import local_optimizer
+from .validation import check_seed
 from .windows import GraphWindows
 
 
@@ -55,7 +56,7 @@ class MinibatchTrainer:
         self.net = net
         self.batch_size = int(batch_size)
         self.optimizer = local_optimizer(net, optimizer, learning_rate, momentum)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(check_seed(seed))
         self.grad = net.ops.empty((net.num_params,), net.dtype)
         self.cuda_graphs = bool(cuda_graphs)
         self._shuffled = None

@@ -34,6 +34,16 @@ def check_layers(layers) -> list[int]:
     return out
 
 
+SEED_MODULUS = 2 ** 32          # numpy's seeds are unsigned; Spark's default seed is a signed hash
+
+
+def check_seed(seed) -> int:
+    """A seed as numpy takes it: any integer, reduced modulo 2**32 (negative ones too), else ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return int(seed) % SEED_MODULUS
+
+
 def check_positive_int(name: str, value) -> int:
     """A count such as chunk_rows or epochs: an integer >= 1 (not a bool), else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

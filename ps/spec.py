@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from core.backends import BACKEND_NAMES
 from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS, SCHEDULES
-from core.validation import check_layers
+from core.validation import check_layers, check_seed
 
 from .modes import DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
 from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, WIRE_DTYPES
 from .rules import default_alpha
 
-SEED_MODULUS = 2 ** 32          # numpy's seeds are unsigned; Spark's default seed is a signed hash
 MAX_EPOCHS = 0xFFFF             # the header's epoch field (ps/protocol.py)
 
 
@@ -145,7 +145,9 @@ class TrainingSpec:
         else:
             _positive_number("alpha", self.alpha)
             put(self, "alpha", float(self.alpha))
-        put(self, "seed", int(self.seed) % SEED_MODULUS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise SpecError("seed", "{name} must be an integer, got {v!r}", v=self.seed)
+        put(self, "seed", check_seed(self.seed))
         put(self, "learning_rate", float(self.learning_rate))
 
     @classmethod

@@ -176,6 +176,24 @@ def test_device_data_of_another_network_is_refused_before_any_kernel_reads_it(ba
         MinibatchTrainer(three).fit(X, y % 3, epochs=1, validation=X)
 
 
+def test_seeds_are_reduced_as_the_spec_reduces_them():
+    """init_params(seed=-1) and MinibatchTrainer(seed=-1) failed in numpy ('expected non-negative integer');
+    Spark's seeds are signed hashes. Every integer is taken modulo 2**32, as TrainingSpec takes it."""
+    from core import MinibatchTrainer
+    from ps.spec import TrainingSpec
+
+    net = FeedForwardNetwork([4, 5, 3], backend="numpy")
+    np.testing.assert_array_equal(net.init_params(-1), net.init_params(2**32 - 1))
+    assert TrainingSpec(layers=[4, 5, 3], seed=-1).seed == 2**32 - 1
+    a, b = MinibatchTrainer(net, seed=-1), MinibatchTrainer(net, seed=2**32 - 1)
+    assert a.rng.integers(1 << 30) == b.rng.integers(1 << 30)
+    for bad in (None, 1.5, "3", True):
+        with pytest.raises(ValueError, match=f"seed must be an integer, got {bad!r}"):
+            net.init_params(bad)
+        with pytest.raises(ValueError, match=f"seed must be an integer, got {bad!r}"):
+            TrainingSpec(seed=bad)
+
+
 @pytest.mark.parametrize("chunk_rows", [0, -1, 2.5, True])
 def test_chunk_rows_must_be_a_positive_integer(small, chunk_rows):
     net, w, X, y = small
