@@ -127,8 +127,23 @@ def data_problem(reports: list, width: int, num_classes: int, features_col: str,
                 f"(layers[-1] = {num_classes} classes)")
     if n < num_workers:
         return f"numWorkers={num_workers} exceeds the {n} training rows; use fewer workers"
+    return None
+
+
+UNEVEN_SHARE = 0.01    # round modes: cutting every shard to the smallest may drop at most this share of the rows
+
+
+def uneven_partitions(counts: list, equal_shards: bool) -> str | None:
+    """Why the training partitions, as they are, would not train on all the data -> a sentence, or None: an
+    empty partition leaves its worker nothing to do, and a mode whose shards must be equal (sync, easgd) cuts
+    every one to the smallest, dropping rows. The driver then shuffles the rows into numWorkers partitions
+    and trains again (:class:`spark.training.UnevenPartitions`)."""
     if min(counts) == 0:
-        return f"a training partition is empty (rows per partition: {counts}); repartition the data"
+        return f"a training partition is empty (rows per partition: {counts})"
+    dropped = sum(counts) - len(counts) * min(counts)
+    if equal_shards and dropped > max(len(counts), UNEVEN_SHARE * sum(counts)):
+        return (f"the training partitions are uneven (rows per partition: {counts}) and this mode cuts each to "
+                f"the smallest: {dropped} of {sum(counts)} rows would go unused")
     return None
 
 

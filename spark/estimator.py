@@ -80,14 +80,21 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # as xgboost.spark does; a frame whose lineage Spark will not run in a barrier stage (coalesce, limit)
         # is shuffled too. Spark Connect shows no partition count without a job: shuffled there.
         shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
+        reshuffled = None
         try:
             model, stats = self._train(self._prepared(dataset, shuffle), spec, bind)
-        except training.UnsupportedBarrierChain as exc:
+        except (training.UnsupportedBarrierChain, training.UnevenPartitions) as exc:
             if shuffle:
+                if isinstance(exc, training.UnevenPartitions):   # a round-robin shuffle left it so: tiny data
+                    raise ValueError(f"{exc} after shuffling the rows into numWorkers={nw} partitions; use fewer "
+                                     f"workers") from None
                 raise
-            log.info("ffps: the input's partitions cannot run in a barrier stage (%s); shuffling them", exc)
+            reshuffled = str(exc) if isinstance(exc, training.UnevenPartitions) else \
+                f"the input's partitions cannot run in a barrier stage ({exc})"
+            log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
             model, stats = self._train(self._prepared(dataset, True), spec, bind)
         stats["rows"] = sum(stats["workers"][0]["partition_rows"])     # every worker holds the gathered counts
+        stats["reshuffled"] = reshuffled
         model.trainingStats = stats
         model._resetUid(self.uid)
         model = self._copyValues(model)

@@ -60,7 +60,7 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
 
         from ps.client import ServerUnavailable
         from ps.shards import connect
-        from spark.data import data_problem, read_partition
+        from spark.data import data_problem, read_partition, uneven_partitions
 
         t_start = time.time()
         X, y, report = read_partition(batches, width)
@@ -81,7 +81,11 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
             stats = {"worker_id": worker, "attempt": attempt, "rows": report["rows"],
                      "partition_rows": [r["rows"] for r in reports]}
             problem = data_problem(reports, width, layers[-1], features_col, label_col)
-            if problem is None:
+            uneven = None if problem else uneven_partitions(stats["partition_rows"], spec.rule.equal_shards)
+            if uneven is not None:
+                stats["uneven"] = uneven               # the driver shuffles the rows and trains again
+                client.bye()
+            elif problem is None:
                 if spec.rule.equal_shards:
                     n = min(stats["partition_rows"])
                     X, y = X[:n], y[:n]
@@ -145,6 +149,11 @@ class UnsupportedBarrierChain(RuntimeError):
     """Spark refused the input's RDD chain (e.g. coalesce or limit without a shuffle) in a barrier stage."""
 
 
+class UnevenPartitions(RuntimeError):
+    """The partitions as they are would leave a worker without rows or rows unused
+    (:func:`spark.data.uneven_partitions`); nothing was trained. The caller shuffles them."""
+
+
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
                       description: str = "ffps training", first_attempt: int = 0):
     """Run the training stage, relaunching it (attempt + 1) after a failure -> (worker results, attempts).
@@ -199,6 +208,9 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         problems = [r["data_error"] for r in results.values() if "data_error" in r]
         if problems:
             raise ValueError(problems[0])      # every task judged the same reports: one message
+        uneven = [r["uneven"] for r in results.values() if "uneven" in r]
+        if uneven:
+            raise UnevenPartitions(uneven[0])
         return results, attempt - first_attempt + 1
     raise TrainingFailed(f"training failed in all {max_retries + 1} attempts of the barrier stage: "
                          + "; ".join(errors) + ". If the stage waited for slots, numWorkers may exceed the "

@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from spark.data import data_problem, read_partition
+from spark.data import data_problem, read_partition, uneven_partitions
 
 
 def batch(rows, labels):
@@ -38,7 +38,6 @@ def test_read_concatenates_batches_into_one_float32_matrix():
      "1 value(s) that are not integral class indices (NaN or fractional, e.g. NaN)"),
     (([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3]], [np.inf])]), "has label inf outside 0..2"),
     (([batch([[1, 2, 3]], [-2])], [batch([[1, 2, 3]], [1])]), "has label -2 outside 0..2"),
-    (([batch([[1, 2, 3], [1, 2, 3]], [0, 1])], []), "a training partition is empty (rows per partition: "),
     (([batch([[1, 2, 3]], [0])], []), "numWorkers=2 exceeds the 1 training rows"),
     (([], []), "the training DataFrame has no rows"),
 ])
@@ -46,6 +45,19 @@ def test_every_task_reaches_the_same_verdict(partitions, message):
     """Whichever partition holds the problem, the gathered reports name it (each task judges all of them)."""
     assert message in verdict(*partitions)
     assert message in verdict(*reversed(partitions))
+
+
+def test_partitions_that_would_not_train_on_all_rows_are_told_apart_from_bad_data():
+    """An empty partition is no data problem (the driver shuffles the rows); neither are uneven ones, except where
+    the mode cuts every shard to the smallest and more than 1 % (and more than one row per worker) would go."""
+    assert verdict([batch([[1, 2, 3], [1, 2, 3]], [0, 1])], []) is None
+    assert uneven_partitions([2, 0], equal_shards=False) == "a training partition is empty (rows per partition: [2, 0])"
+    assert uneven_partitions([627, 8], equal_shards=False) is None          # async: each worker takes its own
+    assert uneven_partitions([627, 8], equal_shards=True) == (
+        "the training partitions are uneven (rows per partition: [627, 8]) and this mode cuts each to the smallest: "
+        "619 of 635 rows would go unused")
+    assert uneven_partitions([500, 496], equal_shards=True) is None         # 4 of 996 rows: under 1 %
+    assert uneven_partitions([3, 2], equal_shards=True) is None             # one row: a round-robin shuffle's own
 
 
 def test_a_row_of_float32_overflow_counts_as_infinite():
