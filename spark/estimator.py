@@ -96,6 +96,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         stats["rows"] = sum(stats["workers"][0]["partition_rows"])     # every worker holds the gathered counts
         stats["reshuffled"] = reshuffled
         model.trainingStats = stats
+        model._training_frame = dataset       # the summary's classification figures are computed on it, if asked
         model._resetUid(self.uid)
         model = self._copyValues(model)
         log_fit(self, model)      # to MLflow when wanted (spark/tracking.py); a logging failure only warns

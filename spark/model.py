@@ -12,9 +12,10 @@ from pyspark.ml.linalg import DenseVector
 from pyspark.ml.util import MLReadable, MLWritable
 
 from .data import check_schema
-from .params import MODEL_SETTABLE, FeedForwardNetworkPSParams, add_setters
+from .params import MODEL_SETTABLE, FeedForwardNetworkPSParams, add_setters, check_thresholds
 from .persistence import ModelReader, ModelWriter
-from .predict import transform_frame
+from .predict import logits_and_probabilities, predicted_classes, transform_frame
+from .metrics import FeedForwardNetworkPSSummary
 from .summary import FeedForwardNetworkPSTrainingSummary
 
 
@@ -48,8 +49,17 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
                                f"returned by fit() has one, not a loaded model or one built from weights")
         cached = getattr(self, "_summary", None)
         if cached is None or cached._stats is not self.trainingStats:
-            cached = self._summary = FeedForwardNetworkPSTrainingSummary(self.trainingStats)
+            frame = getattr(self, "_training_frame", None)
+            cached = self._summary = FeedForwardNetworkPSTrainingSummary(
+                self.trainingStats, None if frame is None else (lambda: self.transform(frame)),
+                self.getLabelCol(), self.getPredictionCol())
         return cached
+
+    def evaluate(self, dataset) -> FeedForwardNetworkPSSummary:
+        """Accuracy, weighted and per-label precision, recall, F-measure and false positive rate of this model on
+        ``dataset`` (labelCol must be there), as MLlib's ``MultilayerPerceptronClassificationModel.evaluate``."""
+        check_schema(dataset.schema, self.getFeaturesCol(), self.getLabelCol())
+        return FeedForwardNetworkPSSummary(self.transform(dataset), self.getLabelCol(), self.getPredictionCol())
 
     @property
     def numFeatures(self) -> int:
@@ -64,14 +74,29 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
 
         return FeedForwardNetwork(self.getLayers(), backend="numpy")
 
+    def _thresholds(self):
+        return check_thresholds(self.getOrDefault("thresholds") if self.isDefined("thresholds") else None,
+                                self.numClasses)
+
+    def _one_row(self, value):
+        """(logits (1, C), probabilities (1, C)) of one feature vector, checked like transform's rows."""
+        from core.validation import check_features
+
+        x = np.asarray(value.toArray() if hasattr(value, "toArray") else value)
+        x = check_features(x.reshape(1, -1) if x.ndim == 1 else x, self.numFeatures, np.dtype(np.float32))
+        return logits_and_probabilities(self._net(), self._weights, x)
+
+    def predictRaw(self, value) -> DenseVector:
+        """Raw prediction (the logits) of one feature vector, as in the rawPrediction column."""
+        return DenseVector(self._one_row(value)[0][0])
+
     def predictProbability(self, value) -> DenseVector:
         """Class probabilities of one feature vector."""
-        x = np.asarray(value.toArray() if hasattr(value, "toArray") else value, dtype=np.float32)[None, :]
-        return DenseVector(self._net().predict_proba(self._weights, x)[0].astype(np.float64))
+        return DenseVector(self._one_row(value)[1][0])
 
     def predict(self, value) -> float:
-        """Predicted class index (as a float, like Spark) of one feature vector."""
-        return float(np.argmax(self.predictProbability(value).toArray()))
+        """Predicted class index (as a float, like Spark) of one feature vector; thresholds apply as in transform."""
+        return float(predicted_classes(self._one_row(value)[1], self._thresholds())[0])
 
     def _transform(self, dataset):
         if self._weights is None:
@@ -83,7 +108,8 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
                 raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
                                  f"name (or to '' for no such column)")
         return transform_frame(dataset, self._weights, self.getLayers(), self.getFeaturesCol(),
-                               self.getRawPredictionCol(), self.getProbabilityCol(), self.getPredictionCol())
+                               self.getRawPredictionCol(), self.getProbabilityCol(), self.getPredictionCol(),
+                               self._thresholds())
 
     def copy(self, extra=None):
         that = super().copy(extra)

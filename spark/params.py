@@ -38,6 +38,27 @@ def _choice(name, choices):
     return convert
 
 
+def _solver(value):
+    value = T.toString(value)
+    if value == "l-bfgs":
+        raise ValueError("solver 'l-bfgs' is not available: ffps trains by mini-batch gradient descent on a parameter "
+                         "server (solver='gd'); drop solver, or use MLlib's MultilayerPerceptronClassifier for "
+                         "L-BFGS")
+    return _choice("solver", ("gd",))(value)
+
+
+def check_thresholds(thresholds, num_classes: int) -> list[float] | None:
+    """MLlib's rule for ``thresholds``: one value >= 0 per class, at most one of them 0 -> the list (None: unset)."""
+    if thresholds is None:
+        return None
+    t = [float(v) for v in thresholds]
+    if len(t) != num_classes:
+        raise ValueError(f"thresholds must have one value per class ({num_classes}, layers[-1]), got {len(t)}: {t}")
+    if not all(math.isfinite(v) and v >= 0 for v in t) or t.count(0.0) > 1:
+        raise ValueError(f"thresholds must be finite values >= 0 with at most one 0, got {t}")
+    return t
+
+
 # name -> (doc, converter, default); doc None: a Spark shared param (its doc and converter are Spark's);
 # default None: unset until the user sets it
 PARAMS = {
@@ -47,7 +68,15 @@ PARAMS = {
                        "seed", T.toListFloat, None),
     "maxIter": (None, None, 100),
     "stepSize": (None, None, 0.1),
-    "blockSize": (None, None, 64),
+    "blockSize": ("rows of each mini-batch step of a worker (>= 1): the SGD batch size, so unlike MLlib's MLPC "
+                  "(where it only stacks rows for speed; default 128) it changes what is learned",
+                  T.toInt, 64),
+    "solver": ("the optimization algorithm: gd, mini-batch gradient descent on the parameter server (MLlib's "
+               "MLPC also has l-bfgs, its default; not available here)", _solver, "gd"),
+    "thresholds": ("thresholds in multi-class classification to adjust the probability of predicting each class: "
+                   "one value >= 0 per class (layers[-1]), at most one of them 0; the class with the largest p/t "
+                   "is predicted, where p is its probability and t its threshold (as MLlib's classifiers)",
+                   T.toListFloat, None),
     "seed": (None, None, None),
     "tol": ("stop when the relative change of the epoch's mean training loss falls below tol (>= 0; 0 = always "
             "run maxIter passes); checked at each epoch boundary by the parameter server", T.toFloat, 1e-6),
@@ -111,7 +140,7 @@ PARAMS = {
 TRAINING_PARAMS = tuple(PARAMS)
 COLUMN_PARAMS = {"featuresCol": "features", "labelCol": "label", "predictionCol": "prediction",
                  "probabilityCol": "probability", "rawPredictionCol": "rawPrediction"}
-MODEL_SETTABLE = ("featuresCol", "predictionCol", "probabilityCol", "rawPredictionCol")
+MODEL_SETTABLE = ("featuresCol", "predictionCol", "probabilityCol", "rawPredictionCol", "thresholds")
 # the TrainingSpec settings under their Spark names, for error messages
 SPEC_NAMES = {"num_workers": "numWorkers", "epochs": "maxIter", "batch_size": "blockSize",
               "learning_rate": "stepSize", "tau": "communicationWindow", "local_momentum": "momentum",
@@ -188,6 +217,8 @@ def training_spec(p: Params) -> TrainingSpec:
         barrier_timeout=get("roundTimeout"), worker_timeout=get("workerTimeout"), backend=get("backend"),
         seed=get("seed"), tol=get("tol"), precision=get("precision"), cuda_graphs=get("cudaGraphs"),
         pipeline=get("pipelineExchange"), wire_dtype=get("wireDtype"))
+    if p.isDefined("thresholds"):
+        check_thresholds(get("thresholds"), layers[-1])
     if get("psShards") > spec.num_params:
         raise ValueError(f"psShards must be at most the {spec.num_params} parameters, got {get('psShards')}")
     if p.isDefined("initialWeights"):

@@ -24,6 +24,17 @@ def logits_and_probabilities(net, w, X):
     return logits, e / e.sum(axis=1, keepdims=True)
 
 
+def predicted_classes(prob, thresholds=None):
+    """prob (m, C) -> the predicted class per row: the argmax, or with ``thresholds`` the argmax of p / t (a
+    threshold of 0 wins its class every row), MLlib's rule."""
+    if thresholds is None:
+        return prob.argmax(axis=1)
+    t = np.asarray(thresholds, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(t == 0, np.inf, prob / np.where(t == 0, 1.0, t))
+    return scaled.argmax(axis=1)
+
+
 def weights_for_executors(dataset, weights):
     """The weights as the UDF will read them: a broadcast (classic) or little-endian float32 bytes (Connect)."""
     from .session import is_connect
@@ -60,8 +71,9 @@ def keep_vector_frames_on_the_row_path(dataset) -> bool:
     return True
 
 
-def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col):
-    """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double)."""
+def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col, thresholds=None):
+    """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double),
+    with the ML attributes MLlib's classifiers give them (vector sizes; prediction nominal over the classes)."""
     import pandas as pd     # annotations below are evaluated here: pandas_udf reads them
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
@@ -96,13 +108,17 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
                 raise ValueError(f"featuresCol {features_col!r} has {bad} row(s) with NaN or infinite values "
                                  f"(after conversion to float32); clean or impute them before transform")
             raw, prob = logits_and_probabilities(net, w, np.ascontiguousarray(X))
-            yield pd.DataFrame({"raw": list(raw), "prob": list(prob), "pred": raw.argmax(axis=1).astype(np.float64)})
+            pred = predicted_classes(prob, thresholds).astype(np.float64)
+            yield pd.DataFrame({"raw": list(raw), "prob": list(prob), "pred": pred})
 
+    classes = layers[-1]
+    vector_attrs = {"ml_attr": {"num_attrs": classes}}
     out = dataset.withColumn(_OUT, score(features_array(features_col)))
     if raw_col:
-        out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw")))
+        out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw")).alias(raw_col, metadata=vector_attrs))
     if prob_col:
-        out = out.withColumn(prob_col, array_to_vector(F.col(_OUT + ".prob")))
+        out = out.withColumn(prob_col, array_to_vector(F.col(_OUT + ".prob")).alias(prob_col, metadata=vector_attrs))
     if pred_col:
-        out = out.withColumn(pred_col, F.col(_OUT + ".pred"))
+        out = out.withColumn(pred_col, F.col(_OUT + ".pred").alias(pred_col, metadata={
+            "ml_attr": {"type": "nominal", "num_vals": classes}}))
     return out.drop(_OUT)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+from .metrics import FeedForwardNetworkPSSummary
+
 _PLOT_HINT = "pip install ffps[plot]"
 PASSES_BELOW_S = 5.0    # a fit whose updates all fell within this many seconds is plotted against passes
 
@@ -29,10 +31,14 @@ def _weighted(records, key):
     return sum(r[key] * r["batch_size"] for r in records) / rows if rows else float("nan")
 
 
-class FeedForwardNetworkPSTrainingSummary:
-    """Training summary of one ``FeedForwardNetworkPSClassifier.fit`` (see the module docstring)."""
+class FeedForwardNetworkPSTrainingSummary(FeedForwardNetworkPSSummary):
+    """Training summary of one ``FeedForwardNetworkPSClassifier.fit`` (see the module docstring). Its
+    classification figures (accuracy, weightedPrecision, ... of :class:`spark.metrics.FeedForwardNetworkPSSummary`)
+    are the final model's on the training frame, as MLlib's are; ``predictions`` makes that frame when first
+    asked for. ``model.summary()`` works too (MLlib's MLPC has summary as a method)."""
 
-    def __init__(self, stats: dict):
+    def __init__(self, stats: dict, predictions=None, label_col: str = "label", prediction_col: str = "prediction"):
+        super().__init__(predictions if predictions is not None else self._no_frame, label_col, prediction_col)
         self._stats = stats
         self._workers = {int(k): v for k, v in stats["workers"].items()}
         missing = [w for w, v in self._workers.items() if "steps_per_epoch" not in v or "epochs" not in v]
@@ -50,6 +56,14 @@ class FeedForwardNetworkPSTrainingSummary:
         self._epochs = [{"epoch": e, "loss": _weighted(rs, "loss"), "accuracy": _weighted(rs, "accuracy"),
                          "samples": sum(r["batch_size"] for r in rs), "seconds_end": max(r["time"] for r in rs)}
                         for e, rs in sorted(by_epoch.items())]
+
+    @staticmethod
+    def _no_frame():
+        raise ValueError("this training summary has no training frame to compute classification figures on; "
+                         "use model.evaluate(df)")
+
+    def __call__(self):
+        return self
 
     def _epoch_of(self, record) -> int:
         w = self._workers[int(record["worker"])]

@@ -111,6 +111,58 @@ def test_transform_columns_like_spark_probabilistic_classifiers(async_model, dig
     first = test.first()
     assert async_model.predict(first.features) == pred[0]
     np.testing.assert_allclose(async_model.predictProbability(first.features).toArray(), prob[0], rtol=1e-5)
+    np.testing.assert_allclose(async_model.predictRaw(first.features).toArray(), raw[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="3 features per row but layers\\[0\\] is 64"):
+        async_model.predict([1.0, 2.0, 3.0])
+
+
+def test_thresholds_pick_the_largest_probability_over_threshold(async_model, digits_df, tmp_path):
+    """MLlib's rule: the class with the largest p / t; a 0 threshold wins its class; one per class."""
+    test = digits_df[1]
+    t = [1.0] * 10
+    t[3] = 0.02                                           # class 3 is predicted far more often
+    m = async_model.copy().setThresholds(t)
+    rows = m.transform(test).select("probability", "prediction").collect()
+    prob = np.array([r.probability.toArray() for r in rows])
+    pred = np.array([r.prediction for r in rows])
+    np.testing.assert_array_equal(pred, (prob / np.array(t)).argmax(axis=1))
+    assert (pred == 3).sum() > (prob.argmax(axis=1) == 3).sum()       # they changed the answer
+    assert m.predict(test.first().features) == pred[0]
+    m.save(str(tmp_path / "m"))
+    back = FeedForwardNetworkPSClassificationModel.load(str(tmp_path / "m"))
+    assert back.getThresholds() == t and back.predict(test.first().features) == pred[0]
+    zero = [1.0] * 10
+    zero[7] = 0.0
+    assert {r.prediction for r in async_model.copy().setThresholds(zero).transform(test).collect()} == {7.0}
+    for bad, message in (([1.0] * 9, "thresholds must have one value per class \\(10, layers\\[-1\\]\\), got 9"),
+                         ([0.0, 0.0] + [1.0] * 8, "at most one 0"), ([-1.0] + [1.0] * 9, "values >= 0")):
+        with pytest.raises(ValueError, match=message):
+            async_model.copy().setThresholds(bad).transform(test)
+        with pytest.raises(ValueError, match=message):               # a fit says so before any job
+            make(thresholds=bad).fit(test)
+
+
+def test_output_columns_carry_mllibs_ml_attributes(async_model, digits_df):
+    """The vector sizes and the nominal prediction, as MLlib's MLPC sets them: VectorAssembler with
+    handleInvalid='keep' over the probability column (stacking) needs the size."""
+    from pyspark.ml.classification import MultilayerPerceptronClassifier
+    from pyspark.ml.feature import VectorAssembler
+
+    train, test = digits_df
+    ours = async_model.transform(test)
+    mllib = MultilayerPerceptronClassifier(layers=[64, 10], maxIter=1, seed=1).fit(train).transform(test)
+    for column in ("rawPrediction", "probability", "prediction"):
+        assert ours.schema[column].metadata == mllib.schema[column].metadata != {}, column
+    stacked = VectorAssembler(inputCols=["probability"], outputCol="stack", handleInvalid="keep").transform(ours)
+    assert stacked.first().stack.size == 10
+
+
+def test_solver_gd_is_taken_and_l_bfgs_is_refused_by_name():
+    assert FeedForwardNetworkPSClassifier(solver="gd").getSolver() == "gd"
+    with pytest.raises(ValueError, match="solver 'l-bfgs' is not available: ffps trains by mini-batch gradient"):
+        FeedForwardNetworkPSClassifier(solver="l-bfgs")
+    text = FeedForwardNetworkPSClassifier().explainParams()
+    assert "blockSize: rows of each mini-batch step of a worker" in text and "thresholds:" in text
 
 
 def test_transform_of_a_frame_read_from_parquet(async_model, digits_df, tmp_path):

@@ -74,6 +74,73 @@ def test_one_entry_per_worker(fitted):
         assert 0 <= w["staleness_mean"] <= w["staleness_max"]
 
 
+def mllib_figures(frame):
+    """Every figure MLlib's MulticlassClassificationEvaluator (its MulticlassMetrics) gives of ``frame``: the
+    reference our one-job confusion table must match."""
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+
+    def ev(metric, **kw):
+        return MulticlassClassificationEvaluator(metricName=metric, **kw).evaluate(frame)
+    labels = sorted({r.label for r in frame.select("label").distinct().collect()})
+    return {"accuracy": ev("accuracy"), "weightedPrecision": ev("weightedPrecision"),
+            "weightedRecall": ev("weightedRecall"), "weightedFMeasure": ev("weightedFMeasure"),
+            "weightedFMeasure2": ev("weightedFMeasure", beta=2.0),
+            "weightedFalsePositiveRate": ev("weightedFalsePositiveRate"), "labels": labels,
+            "precisionByLabel": [ev("precisionByLabel", metricLabel=lab) for lab in labels],
+            "recallByLabel": [ev("recallByLabel", metricLabel=lab) for lab in labels],
+            "falsePositiveRateByLabel": [ev("falsePositiveRateByLabel", metricLabel=lab) for lab in labels],
+            "fMeasureByLabel": [ev("fMeasureByLabel", metricLabel=lab) for lab in labels]}
+
+
+def ours(s):
+    return {"accuracy": s.accuracy, "weightedPrecision": s.weightedPrecision, "weightedRecall": s.weightedRecall,
+            "weightedFMeasure": s.weightedFMeasure(), "weightedFMeasure2": s.weightedFMeasure(2.0),
+            "weightedFalsePositiveRate": s.weightedFalsePositiveRate, "labels": s.labels,
+            "precisionByLabel": s.precisionByLabel, "recallByLabel": s.recallByLabel,
+            "falsePositiveRateByLabel": s.falsePositiveRateByLabel, "fMeasureByLabel": s.fMeasureByLabel()}
+
+
+def test_summary_and_evaluate_give_mllibs_classification_figures(fitted, digits_df):
+    """model.summary() (MLlib's MLPC has summary as a method) and model.evaluate(df): accuracy and the weighted
+    and per-label figures of MLlib's ClassificationSummary, equal to its evaluator's on the same predictions."""
+    train, test = digits_df
+    s = fitted.summary()
+    assert s is fitted.summary and s.labelCol == "label" and s.predictionCol == "prediction" and s.weightCol is None
+    expected = mllib_figures(fitted.transform(train))
+    got = ours(s)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert s.truePositiveRateByLabel == s.recallByLabel and s.weightedTruePositiveRate == s.weightedRecall
+    assert s.predictions.count() == train.count() and "probability" in s.predictions.columns
+    held_out = fitted.evaluate(test)
+    expected = mllib_figures(fitted.transform(test))
+    for key, value in ours(held_out).items():
+        assert value == pytest.approx(expected[key], rel=1e-12), key
+    assert 0.85 < held_out.accuracy < 1.0
+
+
+def test_figures_when_predictions_name_classes_the_labels_lack(spark):
+    """A prediction of a class no row has counts against recall only, and labels lists the true labels."""
+    from pyspark.ml.linalg import Vectors
+
+    from spark.metrics import FeedForwardNetworkPSSummary
+
+    pairs = [(0.0, 0.0), (0.0, 2.0), (1.0, 1.0), (0.0, 1.0), (1.0, 3.0), (1.0, 1.0), (4.0, 4.0)]
+    frame = spark.createDataFrame([(lab, pred, Vectors.dense([lab])) for lab, pred in pairs],
+                                  ["label", "prediction", "features"])
+    s = FeedForwardNetworkPSSummary(frame, "label", "prediction")
+    expected = mllib_figures(frame)
+    got = ours(s)
+    assert s.labels == [0.0, 1.0, 4.0]
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+    with pytest.raises(ValueError, match="labelCol 'y' is not a column of the frame"):
+        FeedForwardNetworkPSSummary(frame, "y", "prediction").accuracy
+    with pytest.raises(ValueError, match="the frame has no rows"):
+        FeedForwardNetworkPSSummary(frame.limit(0), "label", "prediction").accuracy
+
+
 def test_loaded_or_hand_built_model_has_no_summary(fitted, tmp_path):
     path = str(tmp_path / "model")
     fitted.save(path)
