@@ -107,16 +107,17 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
         peer = threading.Thread(target=worker0)
         peer.start()
         fn = make_train_function(cfg, attempt=0, features_col="f", label_col="label")
-        batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
-                                               pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
+        # 8 rows beside the peer's 7: one row cut (more would make the driver shuffle: uneven_partitions)
+        batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 4, pa.list_(pa.float32())),
+                                               pa.array([0.0, 1.0] * 4)], names=["f", "label"])]
         out = list(fn(iter(batches)))
         peer.join(30)
-    assert [r["rows"] for r in gathered["reports"]] == [7, 10]
+    assert [r["rows"] for r in gathered["reports"]] == [7, 8]
     assert calls["device"] == expect_device and calls["backend"] == backend and calls["worker"] == 1
     assert calls["X"].shape == (7, 3) and calls["X"].dtype == np.float32 and calls["X"].flags.c_contiguous
     assert calls["y"].tolist() == [0, 1, 0, 1, 0, 1, 0]               # cut to the smallest shard (7 rows)
     stats = json.loads(out[0].column(1)[0].as_py())
-    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1 and stats["partition_rows"] == [7, 10]
+    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1 and stats["partition_rows"] == [7, 8]
 
 
 @pytest.mark.timeout(420)
