@@ -8,7 +8,9 @@
    48k x 784, [784,256,256,10], 3 passes, batch 128 per worker. Torch makes its shard inside each process;
    ffps reads a cached DataFrame. Each ffps fit is split into Spark's task launch, the Arrow read, and the
    training loop (the time the loop waited on exchanges said apart), in line and with pipelineExchange.
-    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,torch]
+4. ``defaults`` (only when asked): a fit with every Param at its default but layers and maxIter, against the
+   same fit at communicationWindow=1 (the old default), alternating, 3 fits each on 48k synthetic rows.
+    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,defaults,torch]
 """
 import argparse
 import os
@@ -201,17 +203,54 @@ def torch_section(spark, backend):
     df.unpersist()
 
 
+DEFAULTS_ROWS, DEFAULTS_EPOCHS, DEFAULTS_REPS = 48_000, 3, 3
+
+
+def defaults_section(spark, backend):
+    """A fit as a user first runs it: every Param at its default but layers and maxIter, against the same fit
+    at communicationWindow=1 (the default before 2026-12-01: an exchange after every mini-batch), alternating,
+    DEFAULTS_REPS fits each on the synthetic 48k x 784 rows, [784,256,256,10], CURVE on."""
+    import numpy as np
+
+    from spark import FeedForwardNetworkPSClassifier
+
+    rs = np.random.RandomState(0)
+    X = rs.standard_normal((DEFAULTS_ROWS, 784)).astype(np.float32)
+    y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
+    df = vector_frame(spark, X, y, 2)
+    sample = df.limit(10_000).cache()
+    sample.count()
+    layers = [784, 256, 256, 10]
+    FeedForwardNetworkPSClassifier(layers=layers, maxIter=1, backend=backend).fit(df.limit(2048).repartition(2))
+    runs = {}
+    for rep in range(DEFAULTS_REPS):
+        for label, extra in (("window 1", {"communicationWindow": 1}), ("defaults", {})):
+            clf = FeedForwardNetworkPSClassifier(layers=layers, maxIter=DEFAULTS_EPOCHS, seed=rep, backend=backend,
+                                                 **extra)
+            t0 = time.perf_counter()
+            model = clf.fit(df)
+            secs = time.perf_counter() - t0
+            runs.setdefault(label, []).append((secs, evaluator().evaluate(model.transform(sample))))
+    for label, rs_ in runs.items():
+        print(f"defaults {label}: fit s {[round(s, 2) for s, _ in rs_]}, train acc {[round(a, 4) for _, a in rs_]}",
+              flush=True)
+    (old, new) = (sorted(s for s, _ in runs[k])[DEFAULTS_REPS // 2] for k in ("window 1", "defaults"))
+    print(f"RESULT defaults: median fit {new:.2f} s with the defaults vs {old:.2f} s at window 1: "
+          f"{old / new:.2f}x faster", flush=True)
+    df.unpersist()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--sections", default="digits,synthetic",
-                    help="comma-separated subset of digits, synthetic, torch")
+                    help="comma-separated subset of digits, synthetic, defaults, torch")
     ap.add_argument("--skip-synthetic", action="store_true", help="leave synthetic out of --sections")
     a = ap.parse_args()
     sections = set(a.sections.split(",")) - ({"synthetic"} if a.skip_synthetic else set())
-    unknown = sections - {"digits", "synthetic", "torch"}
+    unknown = sections - {"digits", "synthetic", "defaults", "torch"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     spark = session(a.master)
@@ -219,6 +258,8 @@ def main():
         digits(spark, a.backend)
     if "synthetic" in sections:
         synthetic(spark, a.rows, a.backend)
+    if "defaults" in sections:
+        defaults_section(spark, a.backend)
     if "torch" in sections:
         torch_section(spark, a.backend)
     spark.stop()

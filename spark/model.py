@@ -12,10 +12,10 @@ from pyspark.ml.linalg import DenseVector
 from pyspark.ml.util import MLReadable, MLWritable
 
 from .data import check_schema
+from .metrics import FeedForwardNetworkPSSummary
 from .params import MODEL_SETTABLE, FeedForwardNetworkPSParams, add_setters, check_thresholds
 from .persistence import ModelReader, ModelWriter
 from .predict import logits_and_probabilities, predicted_classes, transform_frame
-from .metrics import FeedForwardNetworkPSSummary
 from .summary import FeedForwardNetworkPSTrainingSummary
 
 
