@@ -26,7 +26,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
 from .data import check_schema, prepared
-from .model import FeedForwardNetworkPSClassificationModel
+from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
                      keyword_signature, ps_bind, training_spec)
 from .session import conf, connect_server_host, local_task_slots, master, num_partitions, require_connect_support
@@ -82,21 +82,21 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
         reshuffled = None
         try:
-            model, stats = self._train(self._prepared(dataset, shuffle), spec, bind)
+            model, stats = self._train(self._prepared(dataset, shuffle), spec, bind, shuffled=shuffle)
         except (training.UnsupportedBarrierChain, training.UnevenPartitions) as exc:
             if shuffle:
-                if isinstance(exc, training.UnevenPartitions):   # a round-robin shuffle left it so: tiny data
+                if isinstance(exc, training.UnevenPartitions):   # a round-robin shuffle left one empty
                     raise ValueError(f"{exc} after shuffling the rows into numWorkers={nw} partitions; use fewer "
                                      f"workers") from None
                 raise
             reshuffled = str(exc) if isinstance(exc, training.UnevenPartitions) else \
                 f"the input's partitions cannot run in a barrier stage ({exc})"
             log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
-            model, stats = self._train(self._prepared(dataset, True), spec, bind)
+            model, stats = self._train(self._prepared(dataset, True), spec, bind, shuffled=True)
         stats["rows"] = sum(stats["workers"][0]["partition_rows"])     # every worker holds the gathered counts
         stats["reshuffled"] = reshuffled
         model.trainingStats = stats
-        model._training_frame = dataset       # the summary's classification figures are computed on it, if asked
+        model._training_frame = TrainingFrame(dataset)   # the summary's classification figures, if asked
         model._resetUid(self.uid)
         model = self._copyValues(model)
         log_fit(self, model)      # to MLflow when wanted (spark/tracking.py); a logging failure only warns
@@ -111,7 +111,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         prep = prepared(dataset, self.getFeaturesCol(), self.getLabelCol())
         return prep.repartition(self.getNumWorkers()) if shuffle else prep
 
-    def _train(self, prep, spec, bind):
+    def _train(self, prep, spec, bind, shuffled: bool):
         from ps.shards import auto_shards, make_server
 
         checkpoint_dir = self.getCheckpointDir() or None
@@ -129,7 +129,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
 
         def make_fn(attempt):
             return training.make_train_function(cfg, attempt=attempt, features_col=features_col,
-                                                label_col=label_col)
+                                                label_col=label_col, may_reshuffle=not shuffled)
 
         log.info("ffps: training %s on %d workers, mode=%s, server %s", list(spec.layers), spec.num_workers,
                  spec.mode, server.address)

@@ -25,7 +25,8 @@ DATA_BARRIER = -1     # the gather barrier where tasks exchange their partition 
 UNREACHABLE = "FFPS_PS_UNREACHABLE"   # marks a task that could not reach the server: relaunching cannot help
 
 
-def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col: str, on_step=None):
+def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col: str, on_step=None,
+                        may_reshuffle: bool = False):
     """-> ``train(batches)`` for ``mapInArrow``: Arrow batches of (features list<float>, label) -> one row.
 
     ``cfg``: the server's client config; its training spec says the rest (layers, epochs, batch size,
@@ -34,6 +35,10 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
     Spark 3.5); every task judges all reports alike (:func:`spark.data.data_problem`), so bad data stop every
     task before any update and the row returned carries the message (``data_error``) for the driver to raise.
     Round modes need every worker to take the same number of steps, so all shards are cut to the smallest.
+    may_reshuffle: the partitions are the input's own (the driver did not shuffle them), so a cut that would
+    leave rows unused stops the tasks and the driver shuffles (:func:`spark.data.uneven_partitions`); after the
+    driver's round-robin shuffle a few rows per worker may differ, and the cut goes ahead. An empty partition
+    stops the tasks either way.
     on_step(worker, local_step): optional, picklable; called before each local step of each task.
     """
     spec = cfg["spec"]
@@ -81,7 +86,8 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
             stats = {"worker_id": worker, "attempt": attempt, "rows": report["rows"],
                      "partition_rows": [r["rows"] for r in reports]}
             problem = data_problem(reports, width, layers[-1], features_col, label_col)
-            uneven = None if problem else uneven_partitions(stats["partition_rows"], spec.rule.equal_shards)
+            uneven = None if problem else uneven_partitions(stats["partition_rows"],
+                                                              spec.rule.equal_shards and may_reshuffle)
             if uneven is not None:
                 stats["uneven"] = uneven               # the driver shuffles the rows and trains again
                 client.bye()

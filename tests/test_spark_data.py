@@ -57,7 +57,7 @@ def test_partitions_that_would_not_train_on_all_rows_are_told_apart_from_bad_dat
         "the training partitions are uneven (rows per partition: [627, 8]) and this mode cuts each to the smallest: "
         "619 of 635 rows would go unused")
     assert uneven_partitions([500, 496], equal_shards=True) is None         # 4 of 996 rows: under 1 %
-    assert uneven_partitions([3, 2], equal_shards=True) is None             # one row: a round-robin shuffle's own
+    assert uneven_partitions([3, 2], equal_shards=True) is None             # one row per worker: under the bar
 
 
 def test_a_row_of_float32_overflow_counts_as_infinite():

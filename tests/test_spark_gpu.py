@@ -69,10 +69,10 @@ class FakeBarrierContext:
         return 1
 
 
-@pytest.mark.parametrize("backend,expect_device", [("cupy", 1), ("numba", None)])
-def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, backend, expect_device):
-    """The task function run in-process with a fake barrier context against a real server, worker 0 played
-    by a thread: cupy gets CUDA device 1 for address 5, and the shard is cut to worker 0's 7 rows."""
+def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False):
+    """The task function of worker 1 (10 rows) run in-process with a fake barrier context against a real sync
+    server, worker 0 (7 rows) played by a thread -> (run_worker's arguments, the gathered reports, the task's
+    stats)."""
     import threading
 
     import pyspark
@@ -106,18 +106,33 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
                 gathered["reports"] = client.gather(DATA_BARRIER, seven)
         peer = threading.Thread(target=worker0)
         peer.start()
-        fn = make_train_function(cfg, attempt=0, features_col="f", label_col="label")
-        # 8 rows beside the peer's 7: one row cut (more would make the driver shuffle: uneven_partitions)
-        batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 4, pa.list_(pa.float32())),
-                                               pa.array([0.0, 1.0] * 4)], names=["f", "label"])]
+        fn = make_train_function(cfg, attempt=0, features_col="f", label_col="label", may_reshuffle=may_reshuffle)
+        # 10 rows beside the peer's 7, as the driver's own shuffle may leave them: cut to 7 (may_reshuffle is
+        # for the input's own partitions)
+        batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
+                                               pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
         out = list(fn(iter(batches)))
         peer.join(30)
-    assert [r["rows"] for r in gathered["reports"]] == [7, 8]
+    return calls, gathered, json.loads(out[0].column(1)[0].as_py())
+
+
+@pytest.mark.parametrize("backend,expect_device", [("cupy", 1), ("numba", None)])
+def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, backend, expect_device):
+    """cupy gets CUDA device 1 for address 5, and the shard is cut to worker 0's 7 rows."""
+    calls, gathered, stats = run_task_beside_a_peer_of_7_rows(monkeypatch, backend)
+    assert [r["rows"] for r in gathered["reports"]] == [7, 10]
     assert calls["device"] == expect_device and calls["backend"] == backend and calls["worker"] == 1
     assert calls["X"].shape == (7, 3) and calls["X"].dtype == np.float32 and calls["X"].flags.c_contiguous
     assert calls["y"].tolist() == [0, 1, 0, 1, 0, 1, 0]               # cut to the smallest shard (7 rows)
-    stats = json.loads(out[0].column(1)[0].as_py())
-    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1 and stats["partition_rows"] == [7, 8]
+    assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1 and stats["partition_rows"] == [7, 10]
+    assert "uneven" not in stats
+
+
+def test_the_inputs_own_uneven_partitions_stop_the_task_for_a_shuffle(monkeypatch):
+    """The same 7 and 10 rows as the input's own partitions (may_reshuffle): 3 of 17 rows would be cut, so the
+    task trains nothing and says why; the driver then shuffles (test_spark_estimator)."""
+    calls, _, stats = run_task_beside_a_peer_of_7_rows(monkeypatch, "numba", may_reshuffle=True)
+    assert calls == {} and "3 of 17 rows would go unused" in stats["uneven"]
 
 
 @pytest.mark.timeout(420)
