@@ -23,6 +23,8 @@ class FeedForwardNetworkPSSummary:
         self._predictions, self._label_col, self._prediction_col = predictions, label_col, prediction_col
         self._counts = None
 
+    def __deepcopy__(self, memo):
+        return self          # a read-only view of a frame (a DataFrame cannot be deep-copied): shared
     # ------------------------------------------------------------------ the frame
     @property
     def predictions(self):

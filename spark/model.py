@@ -19,6 +19,20 @@ from .predict import logits_and_probabilities, predicted_classes, transform_fram
 from .summary import FeedForwardNetworkPSTrainingSummary
 
 
+class TrainingFrame:
+    """The frame a model was fitted on, for its summary's classification figures: copying a model (``copy``,
+    ``copy.deepcopy``) shares or drops it, and pickling leaves it out (a DataFrame does neither)."""
+
+    def __init__(self, frame):
+        self.frame = frame
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {"frame": None}
+
+
 class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams, MLReadable, MLWritable):
     """Trained network: ``transform`` adds rawPrediction (logits), probability and prediction columns.
 
@@ -49,10 +63,11 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
                                f"returned by fit() has one, not a loaded model or one built from weights")
         cached = getattr(self, "_summary", None)
         if cached is None or cached._stats is not self.trainingStats:
-            frame = getattr(self, "_training_frame", None)
+            held = getattr(self, "_training_frame", None)
+            frozen = self.copy()          # the columns and thresholds of now, whatever is set on self later
             cached = self._summary = FeedForwardNetworkPSTrainingSummary(
-                self.trainingStats, None if frame is None else (lambda: self.transform(frame)),
-                self.getLabelCol(), self.getPredictionCol())
+                self.trainingStats, None if held is None or held.frame is None else
+                (lambda: frozen.transform(held.frame)), frozen.getLabelCol(), frozen.getPredictionCol())
         return cached
 
     def evaluate(self, dataset) -> FeedForwardNetworkPSSummary:
@@ -112,8 +127,12 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
                                self._thresholds())
 
     def copy(self, extra=None):
+        """A model of the same weights with ``extra`` params set. Its summary keeps the fit's figures per epoch
+        but not the training frame (other params would score it otherwise): its classification figures come
+        from ``evaluate(df)``."""
         that = super().copy(extra)
         that._weights = self._weights
+        that._summary = that._training_frame = None
         return that
 
     @classmethod

@@ -114,11 +114,12 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
     classes = layers[-1]
     vector_attrs = {"ml_attr": {"num_attrs": classes}}
     out = dataset.withColumn(_OUT, score(features_array(features_col)))
+    # withMetadata, not alias(metadata=): Spark Connect drops an alias's metadata inside withColumn
     if raw_col:
-        out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw")).alias(raw_col, metadata=vector_attrs))
+        out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw"))).withMetadata(raw_col, vector_attrs)
     if prob_col:
-        out = out.withColumn(prob_col, array_to_vector(F.col(_OUT + ".prob")).alias(prob_col, metadata=vector_attrs))
+        out = out.withColumn(prob_col, array_to_vector(F.col(_OUT + ".prob"))).withMetadata(prob_col, vector_attrs)
     if pred_col:
-        out = out.withColumn(pred_col, F.col(_OUT + ".pred").alias(pred_col, metadata={
-            "ml_attr": {"type": "nominal", "num_vals": classes}}))
+        out = out.withColumn(pred_col, F.col(_OUT + ".pred")).withMetadata(pred_col, {
+            "ml_attr": {"type": "nominal", "num_vals": classes}})
     return out.drop(_OUT)

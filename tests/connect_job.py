@@ -112,7 +112,11 @@ def main(out_path: str) -> None:
                 "rows": model.trainingStats["rows"],
                 "driver_side_agrees": bool(np.allclose(model.predictProbability(first.features).toArray(),
                                                        first.probability.toArray(), rtol=1e-5)),
-                "epochs": model.summary.totalIterations, "stop_reason": model.summary.stopReason}
+                "epochs": model.summary.totalIterations, "stop_reason": model.summary.stopReason,
+                "metadata": {c: out.schema[c].metadata for c in ("rawPrediction", "probability", "prediction")},
+                "summary_accuracy": model.summary().accuracy, "evaluate_accuracy": model.evaluate(test).accuracy,
+                "thresholded": sorted({r.prediction for r in model.copy().setThresholds([1.0] * 9 + [0.0])
+                                       .transform(test).select("prediction").collect()})}
 
     @step(report, "save_load")
     def _():

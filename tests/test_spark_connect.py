@@ -64,6 +64,13 @@ def test_fit_and_transform(report):
     # Connect shows no partition count without a job: the rows are always shuffled into numWorkers even shards
     assert sum(fit["shard_rows"]) == fit["rows"] == 1257 and abs(fit["shard_rows"][0] - fit["shard_rows"][1]) <= 1
     assert fit["epochs"] == 20 and fit["stop_reason"] == "maxIter"
+    # MLlib's model API over Connect: the output columns' ML attributes (Connect drops an alias's metadata inside
+    # withColumn), the summary's and evaluate's figures, thresholds carried in the UDF
+    vector = {"ml_attr": {"num_attrs": 10}}
+    assert fit["metadata"] == {"rawPrediction": vector, "probability": vector,
+                               "prediction": {"ml_attr": {"type": "nominal", "num_vals": 10}}}
+    assert 0.9 < fit["summary_accuracy"] <= 1.0 and fit["evaluate_accuracy"] == pytest.approx(fit["accuracy"])
+    assert fit["thresholded"] == [9.0]
 
 
 def test_save_load_and_overwrite(report):

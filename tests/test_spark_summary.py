@@ -120,6 +120,32 @@ def test_summary_and_evaluate_give_mllibs_classification_figures(fitted, digits_
     assert 0.85 < held_out.accuracy < 1.0
 
 
+def test_the_training_summary_scores_with_the_params_of_when_it_was_made(digits_df):
+    """Params set on the model after its summary was made do not reach the summary's scoring (a new prediction
+    column broke it, UNRESOLVED_COLUMN); a copy (other params) keeps the epochs but not the training frame; the
+    model can be deep-copied (the held DataFrame could not) and the frame is not pickled."""
+    import copy
+    import pickle
+
+    from spark.model import TrainingFrame
+
+    train = digits_df[0]
+    m = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=2, blockSize=32, seed=2, numWorkers=2,
+                                       backend="numba").fit(train)
+    s = m.summary
+    assert len(s.objectiveHistory) == 2
+    expected = m.evaluate(train).accuracy
+    m.setPredictionCol("yhat").setThresholds([1.0] * 9 + [0.0])      # every row would now be class 9
+    assert s.accuracy == pytest.approx(expected, rel=1e-12) and "prediction" in s.predictions.columns
+    other = m.copy()
+    assert other.summary.objectiveHistory == s.objectiveHistory
+    with pytest.raises(ValueError, match="no training frame .* use model.evaluate"):
+        other.summary.accuracy
+    deep = copy.deepcopy(m)
+    assert deep.getPredictionCol() == "yhat" and deep._training_frame.frame is m._training_frame.frame
+    assert pickle.loads(pickle.dumps(TrainingFrame("a DataFrame"))).frame is None
+
+
 def test_figures_when_predictions_name_classes_the_labels_lack(spark):
     """A prediction of a class no row has counts against recall only, and labels lists the true labels."""
     from pyspark.ml.linalg import Vectors
