@@ -190,15 +190,15 @@ class CheckpointSchedule:
         return path
 
     def close(self, timeout: float) -> None:
-        """Write what is pending and stop the writer; its counters stay in :meth:`stats`. Drops the lock."""
-        try:
-            if self.writer is not None:
-                self.writer.close(timeout)
-                self._final_stats, self.writer = self.writer.stats(), None
-        finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+        """Write what is pending and stop the writer; its counters stay in :meth:`stats`. Drops the lock, unless
+        the writer is still writing after ``timeout`` (TimeoutError): then no other server may take the directory
+        until it is done (or this process ends)."""
+        if self.writer is not None:
+            self.writer.close(timeout)
+            self._final_stats, self.writer = self.writer.stats(), None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def stats(self):
         return self.writer.stats() if self.writer is not None else self._final_stats

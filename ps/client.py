@@ -13,6 +13,7 @@ taken before it registered (a retried task replaying its predecessor's steps).
 from __future__ import annotations
 
 import json
+import numbers
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,13 +34,21 @@ DUPLICATE = int(Status.DUPLICATE)       # ints, not the enum: a small request's 
 
 
 INT32_MAX = 2**31 - 1
+MAX_TIMEOUT_S = INT32_MAX // 1000       # ZeroMQ takes a socket's timeouts as int32 milliseconds
 
 
 def _field(name: str, value, low: int, high: int) -> int:
     """A header field's value as an int in low..high, else ValueError naming it (not struct.error's words)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
     return int(value)
+
+
+def check_timeout(name: str, value) -> float:
+    """Seconds in (0, MAX_TIMEOUT_S] (any real number type), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"{name} must be a positive number of seconds up to {MAX_TIMEOUT_S}, got {value!r}")
+    return float(value)
 
 
 class ServerUnavailable(ConnectionError):
@@ -78,9 +87,7 @@ class ParameterClient:
         self.cfg = cfg
         self.worker_id, self.attempt = _field("worker_id", worker_id, 0, INT32_MAX), _field("attempt", attempt, 0,
                                                                                               INT32_MAX)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.timeout, self.retries = float(timeout), _field("retries", retries, 0, 1000)
+        self.timeout, self.retries = check_timeout("timeout", timeout), _field("retries", retries, 0, 1000)
         if hwm is not None:
             _field("hwm", hwm, 0, INT32_MAX)
         self._closed = False

@@ -8,6 +8,7 @@ turns it off and logs a warning. When to checkpoint is :class:`ps.checkpoint.Che
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import zmq
 
 from . import checkpoint as ckpt
+from .client import check_timeout
 from .engine import Engine, check_initial_weights
 from .progress import ProgressLine, epoch_line
 from .protocol import (NOBLOCK, PROTOCOL_VERSION, SNDMORE, ZERO_COPY_MIN, max_message_bytes, model_fingerprint,
@@ -171,11 +173,10 @@ class ParameterServer:
         if not isinstance(secure, bool):
             raise ValueError(f"secure must be True or False, got {secure!r}")
         for name, value, low in (("hwm", hwm, 0), ("max_connections", max_connections, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)) \
-                or not 0 < handshake_timeout < 1e6:
-            raise ValueError(f"handshake_timeout must be a positive number of seconds, got {handshake_timeout!r}")
+        check_timeout("handshake_timeout", handshake_timeout)
 
     @property
     def mode(self) -> str:
@@ -253,8 +254,8 @@ class ParameterServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving (waiting workers get SERVER_STOPPING), write a final checkpoint if configured. Safe to
         call from several threads at once: one stops the server, the others wait for it (within ``timeout``)."""
-        if not self._stopping.acquire(timeout=timeout):
-            raise RuntimeError(f"parameter server did not stop within {timeout}s (another stop() is running)")
+        if not self._stopping.acquire(timeout=4 * timeout):   # the other stop: join, final save, close
+            raise RuntimeError(f"parameter server did not stop within {4 * timeout}s (another stop() is running)")
         try:
             self._stop_locked(timeout)
         finally:

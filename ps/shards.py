@@ -85,8 +85,20 @@ class ShardedServer:
 
     # lifecycle
     def start(self) -> "ShardedServer":
-        for s in self.shards:
-            s.start()
+        """Start every shard; when one fails (its port taken, say), the ones already started are stopped again
+        (their sockets, threads and checkpoint locks released) before the error is raised."""
+        started = []
+        try:
+            for s in self.shards:
+                s.start()
+                started.append(s)
+        except BaseException:
+            for s in started:
+                try:
+                    s.stop()
+                except RuntimeError:          # the start's own error is the one to see
+                    pass
+            raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -18,6 +18,7 @@ from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS, SCHEDULES
 from core.validation import check_layers, check_seed
 
+from .client import MAX_TIMEOUT_S
 from .modes import DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
 from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, WIRE_DTYPES
 from .rules import default_alpha
@@ -120,6 +121,9 @@ class TrainingSpec:
             _positive_int("ssp_slack", self.ssp_slack, low=0)
         for name in ("barrier_timeout", "worker_timeout"):
             _positive_number(name, getattr(self, name))
+        if self.worker_timeout > MAX_TIMEOUT_S:            # the client's socket takes it in int32 milliseconds
+            raise SpecError("worker_timeout", "{name} must be at most %d seconds, got {v!r}" % MAX_TIMEOUT_S,
+                            v=self.worker_timeout)
         if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol)
                                               and self.tol >= 0):
             raise SpecError("tol", "{name} must be a number >= 0 (0 = never stop early), got {v!r}", v=self.tol)
@@ -159,6 +163,9 @@ class TrainingSpec:
             raise exc.relabel(names or {}) from None
 
     def replace(self, **changes) -> "TrainingSpec":
+        """A copy with ``changes``; a window that was the old mode's own (tau 0 resolved) follows a new mode."""
+        if "mode" in changes and "tau" not in changes and self.tau == self.rule.default_tau:
+            changes["tau"] = 0
         return dataclasses.replace(self, **changes)
 
     @property

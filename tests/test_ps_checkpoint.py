@@ -63,6 +63,29 @@ def test_flush_times_out_on_a_stuck_disk_and_raises_the_last_failure(tmp_path):
     w.close(10)
 
 
+def test_a_schedule_keeps_its_directory_locked_while_its_writer_still_writes(tmp_path, monkeypatch):
+    """close() that times out on a stuck disk keeps the lock: no other server may take the directory mid-write."""
+    stuck = threading.Event()
+
+    def slow_save(directory, arrays, meta, keep=3):
+        assert stuck.wait(30)
+        return real(directory, arrays, meta, keep)
+    real = ckpt.save
+    monkeypatch.setattr(ckpt, "save", slow_save)
+    d = str(tmp_path / "ck")
+    schedule = ckpt.CheckpointSchedule(d, every=1)
+    schedule.start(0)
+    schedule.submit(*snap(1))
+    with pytest.raises(TimeoutError, match="did not finish"):
+        schedule.close(0.2)
+    with pytest.raises(ValueError, match="in use by another running parameter server"):
+        ckpt.DirectoryLock(d)
+    stuck.set()
+    schedule.close(30)
+    ckpt.DirectoryLock(d).release()                            # free once the write is done
+    assert ckpt.load(ckpt.latest(d))[1]["version"] == 1
+
+
 class FlakyDisk:
     """The real save, except that the writes named in ``fail`` raise ENOSPC (a full disk) first."""
 

@@ -70,7 +70,7 @@ def test_pull_push_round_trip(secure):
     (dict(secure="no"), "secure must be True or False, got 'no'"),          # was taken as True
     (dict(hwm=-1), "hwm must be an integer >= 0, got -1"),
     (dict(max_connections=0), "max_connections must be an integer >= 1, got 0"),   # was the default
-    (dict(handshake_timeout=-1), "handshake_timeout must be a positive number of seconds, got -1"),
+    (dict(handshake_timeout=-1), "handshake_timeout must be a positive number of seconds up to 2147483, got -1"),
     (dict(layers=[4, 8, 3]), r"layers \[4, 8, 3\] have 67 parameters, the initial weights 16"),
 ])
 def test_server_options_are_checked_by_name_before_anything_starts(kw, message):
@@ -97,11 +97,15 @@ def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
         for kw, message in ((dict(worker_id=2**40), "worker_id must be an integer in 0..2147483647, got 1099511627776"),
                             (dict(worker_id=-1), "worker_id must be an integer in 0..2147483647, got -1"),
                             (dict(attempt="1"), "attempt must be an integer in 0..2147483647, got '1'"),
-                            (dict(timeout=-1), "timeout must be a positive number of seconds, got -1"),
+                            (dict(timeout=-1), "timeout must be a positive number of seconds up to 2147483, "
+                                               "got -1"),
+                            (dict(timeout=3e6), "timeout must be a positive number of seconds up to 2147483, "
+                                                "got 3000000.0"),
                             (dict(retries=-1), "retries must be an integer in 0..1000, got -1"),
                             (dict(hwm=-1), "hwm must be an integer in 0..2147483647, got -1")):
             with pytest.raises(ValueError, match=re.escape(message)):
                 ParameterClient(cfg, **{"worker_id": 0, **kw})
+        ParameterClient(cfg, worker_id=np.int64(1), timeout=np.float32(5.0), hwm=np.int32(8)).close()  # numpy numbers
         c = ParameterClient(cfg, worker_id=0)
         g = np.zeros(16, np.float32)
         for kw, message in ((dict(batch_size=2**40), "batch_size must be an integer in 0..2147483647"),

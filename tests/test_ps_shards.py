@@ -127,6 +127,32 @@ def test_shards_checkpoint_and_resume_apart(tmp_path):
             assert c.step == 4 and c.push(np.ones(P, np.float32)).step == 5
 
 
+def test_a_shard_that_cannot_start_stops_the_ones_that_did(tmp_path):
+    """Shard 1's port taken: shard 0, started already, is stopped again (socket, thread, checkpoint lock), so a
+    later server on the same directory and ports starts instead of being told the directory is in use."""
+    import socket
+    import threading
+
+    d = str(tmp_path / "ck")
+    spec = TrainingSpec(num_workers=1)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1] - 1                       # shard k binds port + k: shard 1 meets the blocker
+    try:
+        s = make_server(np.zeros(P, np.float32), spec=spec, shards=2, checkpoint_dir=d, progress=False,
+                        bind=f"tcp://127.0.0.1:{port}")
+        with pytest.raises(OSError, match="cannot bind parameter server"):
+            s.start()
+        assert not any(shard.running for shard in s.shards)
+        assert "ps-server" not in {t.name for t in threading.enumerate()}
+    finally:
+        blocker.close()
+    with make_server(np.zeros(P, np.float32), spec=spec, shards=2, checkpoint_dir=d, progress=False,
+                     bind=f"tcp://127.0.0.1:{port}") as again:
+        assert again.running
+
+
 @pytest.mark.timeout(180)
 def test_the_runner_trains_digits_on_a_sharded_server():
     from core import FeedForwardNetwork

@@ -36,6 +36,7 @@ def test_defaults_are_normalised_once():
     (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, nesterov, adagrad, adam, got 'lbfgs'"),
     (dict(backend="tpu"), "backend must be one of auto, cupy, numba, numpy, got 'tpu'"),
     (dict(barrier_timeout=0), "barrier_timeout must be a positive number, got 0"),
+    (dict(worker_timeout=3e6), "worker_timeout must be at most 2147483 seconds, got 3000000.0"),
     (dict(alpha=-0.5), "alpha must be a positive number, got -0.5"),
     (dict(mode="downpour"), "mode must be one of ('sync', 'async', 'easgd', 'async-easgd', 'eamsgd'), got 'downpour'"),
     (dict(layers=[3]), "at least two sizes"),
@@ -74,6 +75,11 @@ def test_tau_zero_is_the_modes_own_window(mode):
         assert TrainingSpec(mode=mode, tau=7).tau == 7
     with pytest.raises(ValueError, match="tau must be >= 0, got -2"):
         TrainingSpec(mode=mode, tau=-2)
+    # replace(mode=...) takes the new mode's own window where the old one had its own, keeps a window given
+    for other in MODE_NAMES:
+        assert TrainingSpec(mode=mode).replace(mode=other).tau == (1 if other == "sync" else 4)
+    if mode != "sync":
+        assert TrainingSpec(mode=mode, tau=7).replace(mode="easgd").tau == 7
 
 
 def test_server_takes_a_spec_or_its_fields_not_both():
