@@ -10,7 +10,9 @@
    training loop (the time the loop waited on exchanges said apart), in line and with pipelineExchange.
 4. ``defaults`` (only when asked): a fit with every Param at its default but layers and maxIter, against the
    same fit at communicationWindow=1 (the old default), alternating, 3 fits each on 48k synthetic rows.
-    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,defaults,torch]
+5. ``transform`` (only when asked): scoring --rows rows by an ffps and an MLlib MLPC model of [784,256,256,10],
+   all output columns written to the noop sink.
+    python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,transform,...]
 """
 import argparse
 import os
@@ -240,17 +242,49 @@ def defaults_section(spark, backend):
     df.unpersist()
 
 
+def transform_section(spark, rows, backend):
+    """Scoring: ``transform`` of ``rows`` x 784 synthetic rows by a [784,256,256,10] ffps model and by an MLlib
+    MLPC model of the same layers, every output column written to Spark's noop sink, best of 3 each."""
+    import numpy as np
+    from pyspark.ml.classification import MultilayerPerceptronClassifier
+
+    from spark import FeedForwardNetworkPSClassifier
+
+    rs = np.random.RandomState(0)
+    X = rs.standard_normal((rows, 784)).astype(np.float32)
+    y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
+    df = vector_frame(spark, X, y, 2)
+    small = df.limit(2048).repartition(2).cache()
+    layers = [784, 256, 256, 10]
+    models = {"ffps": FeedForwardNetworkPSClassifier(layers=layers, maxIter=1, backend=backend).fit(small),
+              "MLlib": MultilayerPerceptronClassifier(layers=layers, maxIter=1, seed=1).fit(small)}
+    best = {}
+    for name, model in models.items():
+        out = model.transform(df)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out.write.format("noop").mode("overwrite").save()
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times)
+        print(f"transform {name}: {rows} rows in {best[name]:.2f} s ({rows / best[name]:,.0f} rows/s), runs "
+              f"{[round(t, 2) for t in times]}", flush=True)
+    print(f"RESULT transform: ffps {best['ffps']:.2f} s vs MLlib {best['MLlib']:.2f} s: "
+          f"{best['ffps'] / best['MLlib']:.2f}x of MLlib's time", flush=True)
+    df.unpersist()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--sections", default="digits,synthetic",
-                    help="comma-separated subset of digits, synthetic, defaults, torch")
+                    help="comma-separated subset of digits, synthetic, defaults, transform, torch")
     ap.add_argument("--skip-synthetic", action="store_true", help="leave synthetic out of --sections")
     a = ap.parse_args()
     sections = set(a.sections.split(",")) - ({"synthetic"} if a.skip_synthetic else set())
-    unknown = sections - {"digits", "synthetic", "defaults", "torch"}
+    unknown = sections - {"digits", "synthetic", "defaults", "transform", "torch"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     spark = session(a.master)
@@ -260,6 +294,8 @@ def main():
         synthetic(spark, a.rows, a.backend)
     if "defaults" in sections:
         defaults_section(spark, a.backend)
+    if "transform" in sections:
+        transform_section(spark, a.rows, a.backend)
     if "torch" in sections:
         torch_section(spark, a.backend)
     spark.stop()
