@@ -157,6 +157,17 @@ def test_a_bad_thread_count_is_refused_before_anything_is_written(bad, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_more_worker_processes_than_cores_is_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    Xtr, _, ytr, _ = digits()
+    for workers in (3, 2):
+        caplog.clear()
+        Runner(Xtr[:200], ytr[:200], LAYERS, workers=workers)._cleanup()
+        warned = [m for m in caplog.messages if "worker processes on 2 cores" in m]
+        assert warned == (["3 worker processes on 2 cores take turns on them: every worker's exchange waits while "
+                           "its peers are descheduled; use at most 2 workers on this machine"] if workers == 3 else [])
+
+
 def test_more_blas_threads_than_cores_is_warned_about(monkeypatch, caplog):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     Xtr, _, ytr, _ = digits()
