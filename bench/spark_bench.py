@@ -61,16 +61,23 @@ def vector_frame(spark, X, y, partitions):
     return df
 
 
-def synthetic(spark, rows, backend):
+def synthetic_frame(spark, rows):
+    """``rows`` x 784 standard-normal features, labels from a random linear teacher (seed 0), in 2 cached
+    partitions: the data of the synthetic, defaults and transform sections."""
     import numpy as np
-    from pyspark.ml.classification import MultilayerPerceptronClassifier
-
-    from spark import FeedForwardNetworkPSClassifier
 
     rs = np.random.RandomState(0)
     X = rs.standard_normal((rows, 784)).astype(np.float32)
     y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
-    df = vector_frame(spark, X, y, 2)
+    return vector_frame(spark, X, y, 2)
+
+
+def synthetic(spark, rows, backend):
+    from pyspark.ml.classification import MultilayerPerceptronClassifier
+
+    from spark import FeedForwardNetworkPSClassifier
+
+    df = synthetic_frame(spark, rows)
     layers = [784, 256, 256, 10]
     warm = FeedForwardNetworkPSClassifier(layers=layers, maxIter=1, blockSize=256, numWorkers=2, backend=backend)
     warm.fit(df.limit(2048).repartition(2))                 # warm-up: kernels for this net, Arrow path
@@ -212,14 +219,9 @@ def defaults_section(spark, backend):
     """A fit as a user first runs it: every Param at its default but layers and maxIter, against the same fit
     at communicationWindow=1 (the default before 2026-12-01: an exchange after every mini-batch), alternating,
     DEFAULTS_REPS fits each on the synthetic 48k x 784 rows, [784,256,256,10], CURVE on."""
-    import numpy as np
-
     from spark import FeedForwardNetworkPSClassifier
 
-    rs = np.random.RandomState(0)
-    X = rs.standard_normal((DEFAULTS_ROWS, 784)).astype(np.float32)
-    y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
-    df = vector_frame(spark, X, y, 2)
+    df = synthetic_frame(spark, DEFAULTS_ROWS)
     sample = df.limit(10_000).cache()
     sample.count()
     layers = [784, 256, 256, 10]
@@ -245,15 +247,11 @@ def defaults_section(spark, backend):
 def transform_section(spark, rows, backend):
     """Scoring: ``transform`` of ``rows`` x 784 synthetic rows by a [784,256,256,10] ffps model and by an MLlib
     MLPC model of the same layers, every output column written to Spark's noop sink, best of 3 each."""
-    import numpy as np
     from pyspark.ml.classification import MultilayerPerceptronClassifier
 
     from spark import FeedForwardNetworkPSClassifier
 
-    rs = np.random.RandomState(0)
-    X = rs.standard_normal((rows, 784)).astype(np.float32)
-    y = (X @ rs.standard_normal((784, 10)).astype(np.float32)).argmax(1).astype(np.float64)
-    df = vector_frame(spark, X, y, 2)
+    df = synthetic_frame(spark, rows)
     small = df.limit(2048).repartition(2).cache()
     layers = [784, 256, 256, 10]
     models = {"ffps": FeedForwardNetworkPSClassifier(layers=layers, maxIter=1, backend=backend).fit(small),
