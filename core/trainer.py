@@ -20,7 +20,7 @@ import numpy as np
 
 from .network import DeviceData, FeedForwardNetwork
 from .optimizers import local_optimizer
-from .validation import check_seed
+from .validation import check_positive_int, check_seed
 from .windows import GraphWindows
 
 
@@ -188,8 +188,7 @@ class MinibatchTrainer:
         X: (n, d0) array or DeviceData; y: (n,) labels; w0: initial flat vector (default init_params(seed=0));
         validation: optional (X_val, y_val) evaluated after each epoch; callback(stats) after each epoch.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        epochs = check_positive_int("epochs", epochs)
         net = self.net
         data = X if isinstance(X, DeviceData) else net.upload(X, y)
         if data.y is None:

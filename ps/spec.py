@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 
 from core.backends import BACKEND_NAMES
@@ -149,9 +148,10 @@ class TrainingSpec:
         else:
             _positive_number("alpha", self.alpha)
             put(self, "alpha", float(self.alpha))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise SpecError("seed", "{name} must be an integer, got {v!r}", v=self.seed)
-        put(self, "seed", check_seed(self.seed))
+        try:
+            put(self, "seed", check_seed(self.seed))
+        except ValueError:
+            raise SpecError("seed", "{name} must be an integer, got {v!r}", v=self.seed) from None
         put(self, "learning_rate", float(self.learning_rate))
 
     @classmethod

@@ -25,6 +25,7 @@ class FeedForwardNetworkPSSummary:
 
     def __deepcopy__(self, memo):
         return self          # a read-only view of a frame (a DataFrame cannot be deep-copied): shared
+
     # ------------------------------------------------------------------ the frame
     @property
     def predictions(self):
