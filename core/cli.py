@@ -39,6 +39,7 @@ def add_backend_flag(parser: argparse.ArgumentParser, fallback: str = "auto") ->
     said = "auto = cupy with a GPU, else numba" if fallback == "auto" else fallback
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=None,
                         help=f"compute backend (default: ${ENV_VAR} or {said})")
+    parser.set_defaults(backend_fallback=fallback)
 
 
 def backend_choice(flag: str | None, fallback: str = "auto") -> str:
@@ -49,6 +50,11 @@ def backend_choice(flag: str | None, fallback: str = "auto") -> str:
     if name not in BACKEND_NAMES:
         raise ValueError(f"${ENV_VAR}={name!r} is not a backend; use one of {', '.join(BACKEND_NAMES)}")
     return name
+
+
+def backend_of(args: argparse.Namespace) -> str:
+    """:func:`backend_choice` of parsed :func:`add_backend_flag` flags, with the fallback the parser was given."""
+    return backend_choice(args.backend, getattr(args, "backend_fallback", "auto"))
 
 
 def add_training_flags(parser: argparse.ArgumentParser, layers=(64, 100, 10), epochs=30,

@@ -269,7 +269,7 @@ def run(X, y, layers=None, timeout=600.0, **kw) -> RunResult:
 
 def main(argv=None) -> int:
     from core import FeedForwardNetwork
-    from core.cli import add_training_flags, backend_choice
+    from core.cli import add_training_flags
     from core.datasets import load_digits_split
 
     from .spec import add_spec_flags, spec_from_flags
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        spec = spec_from_flags(a, backend=backend_choice(a.backend, "numpy"), barrier_timeout=20.0)
+        spec = spec_from_flags(a, barrier_timeout=20.0)
         devices = [int(d) for d in a.devices.split(",")] if a.devices else None
         if devices is not None and len(devices) != spec.num_workers:
             raise ValueError(f"--devices lists {len(devices)} device(s) for --workers {spec.num_workers}: give one "

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from core.backends import BACKEND_NAMES
+from core.cli import backend_of
 from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS, SCHEDULES
 from core.validation import check_layers, check_seed
@@ -227,14 +228,14 @@ def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> 
 
 def spec_from_flags(args, **settings) -> TrainingSpec:
     """The spec of :func:`add_spec_flags` + :func:`core.cli.add_training_flags` flags; ``settings`` add or
-    override fields."""
+    override fields. The backend is --backend's, else $FFPS_BACKEND's, else the parser's fallback."""
     options = {}
     if args.momentum is not None and args.server_optimizer in ("momentum", "nesterov"):
         options["momentum"] = args.momentum
     fields = dict(layers=args.layers, mode=args.trainer, num_workers=args.workers, epochs=args.epochs,
                   batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.server_optimizer,
                   optimizer_options=options, tau=args.window, staleness=args.staleness, seed=args.seed,
-                  backend=args.backend or "auto", tol=0.0 if args.tol is None else args.tol,
+                  backend=backend_of(args), tol=0.0 if args.tol is None else args.tol,
                   precision=args.precision, cuda_graphs=args.cuda_graphs, pipeline=args.pipeline,
                   wire_dtype=args.wire_dtype)
     if args.momentum is not None:

@@ -24,7 +24,7 @@ if __name__ == "__main__" and not __package__:      # spark-submit spark/app.py:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from core.cli import add_training_flags, backend_choice
+from core.cli import add_training_flags, backend_of
 from ps.spec import add_spec_flags
 
 FORMATS = ("auto", "libsvm", "parquet", "csv")
@@ -166,7 +166,7 @@ def classifier(args, layers):
         featuresCol=args.features_col, labelCol=args.label_col, layers=layers, maxIter=args.epochs,
         blockSize=args.batch_size, stepSize=args.learning_rate, mode=args.trainer, optimizer=args.server_optimizer,
         momentum=args.momentum, communicationWindow=args.window, numWorkers=args.workers, seed=args.seed,
-        maxStaleness=-1 if args.staleness is None else args.staleness, backend=backend_choice(args.backend),
+        maxStaleness=-1 if args.staleness is None else args.staleness, backend=backend_of(args),
         useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
         tol=args.tol, precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
         wireDtype=args.wire_dtype)

@@ -162,3 +162,25 @@ def test_issue13_flags_reach_the_spec_and_their_errors_name_the_flag():
     assert spec.push_dtype_codes == (1, 3) and default.push_dtype_codes == (1,)
     with pytest.raises(ValueError, match="^--pipeline applies to the asynchronous modes"):
         spec_from_flags(ap.parse_args(["--trainer", "sync", "--pipeline"]))
+
+
+def test_flags_backend_is_the_flags_then_the_environments_then_the_parsers_fallback(monkeypatch):
+    """--backend's help says $FFPS_BACKEND is read: spec_from_flags reads it (it took "auto" in its place)."""
+    import argparse
+
+    from core.cli import add_training_flags
+
+    def spec(argv, fallback="auto"):
+        ap = argparse.ArgumentParser()
+        add_training_flags(ap, layers=[4, 8, 3], backend_fallback=fallback)
+        add_spec_flags(ap)
+        return spec_from_flags(ap.parse_args(argv))
+
+    monkeypatch.delenv("FFPS_BACKEND", raising=False)
+    assert spec([]).backend == "auto" and spec([], fallback="numpy").backend == "numpy"
+    monkeypatch.setenv("FFPS_BACKEND", "numba")
+    assert spec([]).backend == "numba" and spec([], fallback="numpy").backend == "numba"
+    assert spec(["--backend", "numpy"]).backend == "numpy"
+    monkeypatch.setenv("FFPS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"\$FFPS_BACKEND='cuda' is not a backend"):
+        spec([])
