@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import get_backend
-from .validation import (check_dtype, check_features, check_labels, check_layers, check_params, check_positive_int,
+from .validation import (check_dtype, check_features, check_labels, check_layers, check_params, check_int,
                          check_precision, check_seed)
 
 
@@ -288,7 +288,7 @@ class FeedForwardNetwork:
 
     def predict_proba(self, w, X, chunk_rows: int = 8192) -> np.ndarray:
         """Class probabilities (m, C) as NumPy, computed in chunks so memory stays bounded."""
-        chunk_rows = check_positive_int("chunk_rows", chunk_rows)
+        chunk_rows = check_int("chunk_rows", chunk_rows)
         wd = self.device_params(w)
         Xd = self._device_features(X)
         out = np.empty((Xd.shape[0], self.num_classes), dtype=self.dtype)
@@ -304,7 +304,7 @@ class FeedForwardNetwork:
 
     def evaluate(self, w, X, y=None, chunk_rows: int = 8192) -> tuple[float, float]:
         """(mean NLL, accuracy) over all rows, without computing gradients."""
-        chunk_rows = check_positive_int("chunk_rows", chunk_rows)
+        chunk_rows = check_int("chunk_rows", chunk_rows)
         wd = self.device_params(w)
         Xd = self._device_features(X)
         yd = self._device_labels(X, y, Xd.shape[0])

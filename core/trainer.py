@@ -20,7 +20,7 @@ import numpy as np
 
 from .network import DeviceData, FeedForwardNetwork
 from .optimizers import local_optimizer
-from .validation import check_positive_int, check_seed
+from .validation import check_int, check_seed
 from .windows import GraphWindows
 
 
@@ -49,8 +49,7 @@ class MinibatchTrainer:
 
     def __init__(self, net: FeedForwardNetwork, batch_size=64, learning_rate=0.1, optimizer="sgd",
                  momentum=0.9, seed=0, cuda_graphs=False):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         if not isinstance(cuda_graphs, (bool, np.bool_)):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         self.net = net
@@ -188,7 +187,7 @@ class MinibatchTrainer:
         X: (n, d0) array or DeviceData; y: (n,) labels; w0: initial flat vector (default init_params(seed=0));
         validation: optional (X_val, y_val) evaluated after each epoch; callback(stats) after each epoch.
         """
-        epochs = check_positive_int("epochs", epochs)
+        epochs = check_int("epochs", epochs)
         net = self.net
         data = X if isinstance(X, DeviceData) else net.upload(X, y)
         if data.y is None:

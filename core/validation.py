@@ -44,10 +44,18 @@ def check_seed(seed) -> int:
     return int(seed) % SEED_MODULUS
 
 
-def check_positive_int(name: str, value) -> int:
-    """A count such as chunk_rows or epochs: an integer >= 1 (not a bool), else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def int_rule(low: int = 1, high: int | None = None) -> str:
+    """The words of :func:`check_int`'s rule: 'an integer >= 1', 'an integer in 0..65535'."""
+    return f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+
+
+def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    """A count or a field such as epochs, chunk_rows or a header's worker_id: an integer (any Integral type, not
+    a bool) in ``low``..``high`` (no upper bound when None), else ValueError naming it and the value. The one
+    integer rule of the project, so every caller says it in the same words."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+            high is not None and value > high):
+        raise ValueError(f"{name} must be {int_rule(low, high)}, got {value!r}")
     return int(value)
 
 

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from core.validation import check_int
+
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^ckpt-(\d{12})\.npz$")
 META_KEY = "__meta__"
@@ -128,8 +130,8 @@ def remove_partial_writes(directory: str) -> int:
 
 
 def _check_schedule(every, seconds) -> None:
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"checkpoint_every must be a positive number of updates, got {every!r}")
+    if every is not None:
+        check_int("checkpoint_every", every)
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                 or not math.isfinite(seconds) or seconds <= 0):
         raise ValueError(f"checkpoint_seconds must be a positive number of seconds, got {seconds!r}")

@@ -22,6 +22,8 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from core.validation import check_int
+
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
                        FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
                        array_frame, encode_array, queue_depth, read_array, recv_frames, request_header, unpack_header)
@@ -35,13 +37,6 @@ DUPLICATE = int(Status.DUPLICATE)       # ints, not the enum: a small request's 
 
 INT32_MAX = 2**31 - 1
 MAX_TIMEOUT_S = INT32_MAX // 1000       # ZeroMQ takes a socket's timeouts as int32 milliseconds
-
-
-def _field(name: str, value, low: int, high: int) -> int:
-    """A header field's value as an int in low..high, else ValueError naming it (not struct.error's words)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return int(value)
 
 
 def check_timeout(name: str, value) -> float:
@@ -85,11 +80,11 @@ class ParameterClient:
     def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
                  register: bool = True, hwm: int | None = None):
         self.cfg = cfg
-        self.worker_id, self.attempt = _field("worker_id", worker_id, 0, INT32_MAX), _field("attempt", attempt, 0,
+        self.worker_id, self.attempt = check_int("worker_id", worker_id, 0, INT32_MAX), check_int("attempt", attempt, 0,
                                                                                               INT32_MAX)
-        self.timeout, self.retries = check_timeout("timeout", timeout), _field("retries", retries, 0, 1000)
+        self.timeout, self.retries = check_timeout("timeout", timeout), check_int("retries", retries, 0, 1000)
         if hwm is not None:
-            _field("hwm", hwm, 0, INT32_MAX)
+            check_int("hwm", hwm, 0, INT32_MAX)
         self._closed = False
         self.job_id, self.fingerprint = bytes.fromhex(cfg["job_id"]), int(cfg["fingerprint"])
         self.num_params = int(cfg["num_params"])
@@ -265,10 +260,10 @@ class ParameterClient:
             flags |= FLAG_WANT_WEIGHTS
         if last_of_epoch:
             flags |= FLAG_EPOCH_LAST
-        step = self.step + 1 if step is None else _field("step", step, 0, 2**63 - 1)
+        step = self.step + 1 if step is None else check_int("step", step, 0, 2**63 - 1)
         if not 0 <= batch_size <= INT32_MAX or not 0 <= epoch <= 0xFFFF:      # the header's int32 and uint16
-            _field("batch_size", batch_size, 0, INT32_MAX)
-            _field("epoch", epoch, 0, 0xFFFF)
+            check_int("batch_size", batch_size, 0, INT32_MAX)
+            check_int("epoch", epoch, 0, 0xFFFF)
         h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=code, n_values=n, epoch=int(epoch))

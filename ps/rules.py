@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.validation import check_int
+
 def default_alpha(num_workers: int, beta: float = 0.9) -> float:
     """EASGD moving rate alpha = beta / p (the authors' choice, beta = 0.9)."""
     return beta / max(1, int(num_workers))
@@ -91,8 +93,7 @@ class SSPClocks:
     """
 
     def __init__(self, num_workers: int, slack: int):
-        if slack is None or int(slack) < 0:
-            raise ValueError(f"SSP slack must be an integer >= 0, got {slack!r}")
+        check_int("SSP slack", slack, 0)
         self.slack = int(slack)
         self.clock = [0] * int(num_workers)
         self.retired = [False] * int(num_workers)

@@ -8,7 +8,6 @@ turns it off and logs a warning. When to checkpoint is :class:`ps.checkpoint.Che
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import threading
 import time
@@ -16,6 +15,8 @@ import uuid
 
 import numpy as np
 import zmq
+
+from core.validation import check_int
 
 from . import checkpoint as ckpt
 from .client import check_timeout
@@ -173,9 +174,8 @@ class ParameterServer:
         if not isinstance(secure, bool):
             raise ValueError(f"secure must be True or False, got {secure!r}")
         for name, value, low in (("hwm", hwm, 0), ("max_connections", max_connections, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                      or value < low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if value is not None:
+                check_int(name, value, low)
         check_timeout("handshake_timeout", handshake_timeout)
 
     @property

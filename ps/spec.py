@@ -16,7 +16,7 @@ from core.backends import BACKEND_NAMES
 from core.cli import backend_of
 from core.backends.numpy_ops import PRECISIONS
 from core.optimizers import OPTIMIZERS, SCHEDULES
-from core.validation import check_layers, check_seed
+from core.validation import check_int, check_layers, check_seed, int_rule
 
 from .client import MAX_TIMEOUT_S
 from .modes import DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
@@ -37,9 +37,14 @@ class SpecError(ValueError):
         return ValueError(self.template.format(name=names.get(self.setting, self.setting), **self.values))
 
 
-def _positive_int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpecError(name, "{name} must be >= %d, got {v!r}" % low, v=value)
+def _int_setting(spec, name, low=1):
+    """Field ``name`` of ``spec`` checked by :func:`core.validation.check_int` (any Integral type) and set as an
+    int, so a NumPy count reaches JSON and the wire as a plain one."""
+    value = getattr(spec, name)
+    try:
+        object.__setattr__(spec, name, check_int(name, value, low))
+    except ValueError:
+        raise SpecError(name, "{name} must be %s, got {v!r}" % int_rule(low), v=value) from None
 
 
 def _positive_number(name, value):
@@ -98,8 +103,8 @@ class TrainingSpec:
         if self.layers is not None:
             put(self, "layers", tuple(check_layers(self.layers)))
         for name in ("num_workers", "epochs", "batch_size"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("tau", self.tau, low=0)
+            _int_setting(self, name)
+        _int_setting(self, "tau", low=0)
         if self.tau == 0:
             put(self, "tau", mode.default_tau)
         if self.epochs > MAX_EPOCHS:
@@ -112,13 +117,13 @@ class TrainingSpec:
                                                          and 0 <= self.local_momentum < 1):
             raise SpecError("local_momentum", "{name} must be in [0, 1), got {v!r}", v=self.local_momentum)
         if self.staleness is not None:
-            _positive_int("staleness", self.staleness, low=0)
+            _int_setting(self, "staleness", low=0)
             if not mode.bounded_staleness:
                 takes = " or ".join(f"mode={m!r}" for m, o in MODES.items() if o.bounded_staleness)
                 raise SpecError("staleness", "{name} applies to %s only, got {name}={v} with mode={mode!r}" % takes,
                                 v=self.staleness, mode=self.mode)
         if self.ssp_slack is not None:
-            _positive_int("ssp_slack", self.ssp_slack, low=0)
+            _int_setting(self, "ssp_slack", low=0)
         for name in ("barrier_timeout", "worker_timeout"):
             _positive_number(name, getattr(self, name))
         if self.worker_timeout > MAX_TIMEOUT_S:            # the client's socket takes it in int32 milliseconds

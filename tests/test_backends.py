@@ -143,5 +143,5 @@ def test_limit_cpu_threads_caps_blas_and_numba():
 def test_limit_cpu_threads_rejects_bad_counts(bad):
     from core import limit_cpu_threads
 
-    with pytest.raises(ValueError, match="thread count must be a positive integer"):
+    with pytest.raises(ValueError, match="thread count must be an integer >= 1"):
         limit_cpu_threads(bad)

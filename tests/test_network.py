@@ -199,7 +199,7 @@ def test_chunk_rows_must_be_a_positive_integer(small, chunk_rows):
     net, w, X, y = small
     for call in (lambda: net.predict_proba(w, X, chunk_rows=chunk_rows),
                  lambda: net.evaluate(w, X, y, chunk_rows=chunk_rows)):
-        with pytest.raises(ValueError, match=f"chunk_rows must be a positive integer, got {chunk_rows!r}"):
+        with pytest.raises(ValueError, match=f"chunk_rows must be an integer >= 1, got {chunk_rows!r}"):
             call()
 
 

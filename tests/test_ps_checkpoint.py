@@ -156,8 +156,8 @@ def test_save_checkpoint_waits_for_the_disk_and_needs_a_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(checkpoint_every=0), "checkpoint_every must be a positive number of updates, got 0"),
-    (dict(checkpoint_every=2.5), "checkpoint_every must be a positive number of updates, got 2.5"),
+    (dict(checkpoint_every=0), "checkpoint_every must be an integer >= 1, got 0"),
+    (dict(checkpoint_every=2.5), "checkpoint_every must be an integer >= 1, got 2.5"),
     (dict(checkpoint_seconds=float("nan")), "checkpoint_seconds must be a positive number of seconds, got nan"),
     (dict(checkpoint_seconds=-1), "checkpoint_seconds must be a positive number of seconds, got -1"),
 ])

@@ -203,7 +203,7 @@ def test_every_mode_stops_when_the_epoch_loss_stops_changing(mode, opts):
     rel = [f["relative_change"] for f in conv["completed"]]
     first = next(i for i, r in enumerate(rel) if r is not None and r < 0.2)
     assert conv["stop_epoch"] == first + 1 < 30
-    assert all(w["stopped_by_server"] for w in res.workers.values())
+    assert all(w["stopped_by_server"] for w in res.workers.values()), (conv, res.workers)
     per_pass = {w: -(-len(Xtr) // opts["workers"] // 32) for w in res.workers}     # about, per worker
     for w, r in res.workers.items():
         # a worker ends at its next exchange: at most a few epochs past the decision (async), never all 30

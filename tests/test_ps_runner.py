@@ -152,7 +152,7 @@ def test_a_bad_thread_count_is_refused_before_anything_is_written(bad, tmp_path,
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where the runner would write its shards
     Xtr, _, ytr, _ = digits()
-    with pytest.raises(ValueError, match=re.escape(f"threads_per_worker must be a positive integer, got {bad!r}")):
+    with pytest.raises(ValueError, match=re.escape(f"threads_per_worker must be an integer >= 1, got {bad!r}")):
         Runner(Xtr, ytr, LAYERS, workers=2, threads_per_worker=bad)
     assert list(tmp_path.iterdir()) == []
 

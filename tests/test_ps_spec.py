@@ -1,4 +1,5 @@
 """The training spec and the mode objects: one place that checks every setting, one class per mode."""
+import dataclasses
 import pickle
 
 import numpy as np
@@ -24,15 +25,15 @@ def test_defaults_are_normalised_once():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(num_workers=0), "num_workers must be >= 1, got 0"),
-    (dict(epochs=2.5), "epochs must be >= 1, got 2.5"),
+    (dict(num_workers=0), "num_workers must be an integer >= 1, got 0"),
+    (dict(epochs=2.5), "epochs must be an integer >= 1, got 2.5"),
     (dict(epochs=70_000), "epochs must be at most 65535 (a push names its epoch in 16 bits), got 70000"),
     (dict(learning_rate=-1.0), "learning_rate must be a positive number, got -1.0"),
     (dict(learning_rate=float("nan")), "learning_rate must be a positive number, got nan"),
     (dict(mode="sync", tau=3), "tau must be 1 in sync mode, got 3"),
     (dict(local_momentum=1.0), "local_momentum must be in [0, 1), got 1.0"),
     (dict(mode="easgd", staleness=2), "staleness applies to mode='async' only, got staleness=2 with mode='easgd'"),
-    (dict(staleness=-1), "staleness must be >= 0, got -1"),
+    (dict(staleness=-1), "staleness must be an integer >= 0, got -1"),
     (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, nesterov, adagrad, adam, got 'lbfgs'"),
     (dict(backend="tpu"), "backend must be one of auto, cupy, numba, numpy, got 'tpu'"),
     (dict(barrier_timeout=0), "barrier_timeout must be a positive number, got 0"),
@@ -73,7 +74,7 @@ def test_tau_zero_is_the_modes_own_window(mode):
     assert TrainingSpec(mode=mode, tau=1).tau == 1
     if mode != "sync":
         assert TrainingSpec(mode=mode, tau=7).tau == 7
-    with pytest.raises(ValueError, match="tau must be >= 0, got -2"):
+    with pytest.raises(ValueError, match="tau must be an integer >= 0, got -2"):
         TrainingSpec(mode=mode, tau=-2)
     # replace(mode=...) takes the new mode's own window where the old one had its own, keeps a window given
     for other in MODE_NAMES:
@@ -184,3 +185,17 @@ def test_flags_backend_is_the_flags_then_the_environments_then_the_parsers_fallb
     monkeypatch.setenv("FFPS_BACKEND", "cuda")
     with pytest.raises(ValueError, match=r"\$FFPS_BACKEND='cuda' is not a backend"):
         spec([])
+
+
+def test_numpy_counts_are_taken_as_plain_ints():
+    """Counts from NumPy (a grid of settings, a shape) pass the one integer rule and are kept as int: the spec
+    goes to JSON (checkpoints, the hello reply) where np.int64 cannot."""
+    import json
+
+    spec = TrainingSpec(layers=[4, 8, 3], num_workers=np.int64(2), epochs=np.int32(3), batch_size=np.uint16(16),
+                        tau=np.int64(0), mode="async", staleness=np.int8(2))
+    assert (spec.num_workers, spec.epochs, spec.batch_size, spec.staleness) == (2, 3, 16, 2)
+    assert all(type(v) is int for v in (spec.num_workers, spec.epochs, spec.batch_size, spec.tau, spec.staleness))
+    json.dumps(dataclasses.asdict(spec))
+    with pytest.raises(ValueError, match=r"^epochs must be an integer >= 1, got True$"):
+        TrainingSpec(epochs=True)

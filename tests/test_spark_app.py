@@ -68,8 +68,8 @@ def test_app_reads_csv_and_parquet_feature_columns(spark, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--epochs", "-5"], "--epochs (maxIter) must be >= 1, got -5"),
-    (["--batch-size", "0"], "--batch-size (blockSize) must be >= 1, got 0"),
+    (["--epochs", "-5"], "--epochs (maxIter) must be an integer >= 1, got -5"),
+    (["--batch-size", "0"], "--batch-size (blockSize) must be an integer >= 1, got 0"),
     (["--learning-rate", "-0.1"], "--learning-rate (stepSize) must be a positive number, got -0.1"),
     (["--trainer", "sync", "--window", "4"], "--window (communicationWindow) must be 1 in sync mode, got 4"),
     (["--layers", "4,0,3"], "must be positive"),

@@ -126,8 +126,8 @@ def test_divergence_is_a_clear_error(digits_split):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
-    ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
     ({"learning_rate": -1}, "learning_rate must be a positive finite number, got -1"),
     ({"learning_rate": float("nan")}, "learning_rate must be a positive finite number, got nan"),
     ({"optimizer": "adam"}, "optimizer must be one of .* got 'adam'"),
@@ -142,5 +142,5 @@ def test_bad_trainer_arguments(kwargs, match):
 def test_bad_epochs(digits_split):
     Xtr, _, ytr, _ = digits_split
     trainer = MinibatchTrainer(FeedForwardNetwork([64, 10], backend="numpy"))
-    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
         trainer.fit(Xtr, ytr, epochs=0)

@@ -24,10 +24,10 @@ def blas_threads() -> int:
 
 
 def check_thread_count(n, what: str = "thread count") -> int:
-    """``n`` if it is a positive integer (not a bool), else ValueError naming ``what`` and the value."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{what} must be a positive integer, got {n!r}")
-    return n
+    """``n`` if it is an integer >= 1 (not a bool), else ValueError naming ``what`` and the value."""
+    from ..validation import check_int          # core.validation imports core.backends: bound at the call
+
+    return check_int(what, n)
 
 
 def shared_threads(workers: int, cores: int | None = None) -> int:
