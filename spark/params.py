@@ -20,6 +20,7 @@ from pyspark.ml.param.shared import (HasBlockSize, HasFeaturesCol, HasLabelCol, 
 
 from core.backends import BACKEND_NAMES
 from core.backends.numpy_ops import PRECISIONS
+from core.network import param_layout
 from core.optimizers import OPTIMIZERS
 from core.validation import check_layers
 from ps.modes import DEFAULT_WINDOW, MODE_NAMES
@@ -29,13 +30,18 @@ from ps.spec import TrainingSpec
 T = TypeConverters
 
 
-def _choice(name, choices):
-    def convert(value):
+class _choice:
+    """A Param's type converter for a fixed set of names. A class, not a closure: a Param holds its converter,
+    and the estimator and the model must pickle (broadcast, a UDF's closure, Spark Connect's ML cache)."""
+
+    def __init__(self, name, choices):
+        self.name, self.choices = name, tuple(choices)
+
+    def __call__(self, value):
         value = T.toString(value)
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}")
         return value
-    return convert
 
 
 def _solver(value):
@@ -47,16 +53,39 @@ def _solver(value):
     return _choice("solver", ("gd",))(value)
 
 
+def _thresholds(value) -> list[float]:
+    """The Param's converter: MLlib's rule for the values (finite, >= 0, at most one 0), so a bad list is refused
+    when it is set, not at the next transform."""
+    t = T.toListFloat(value)
+    if not all(math.isfinite(v) and v >= 0 for v in t) or t.count(0.0) > 1:
+        raise ValueError(f"thresholds must be finite values >= 0 with at most one 0, got {t}")
+    return t
+
+
 def check_thresholds(thresholds, num_classes: int) -> list[float] | None:
     """MLlib's rule for ``thresholds``: one value >= 0 per class, at most one of them 0 -> the list (None: unset)."""
     if thresholds is None:
         return None
-    t = [float(v) for v in thresholds]
+    t = _thresholds(thresholds)
     if len(t) != num_classes:
         raise ValueError(f"thresholds must have one value per class ({num_classes}, layers[-1]), got {len(t)}: {t}")
-    if not all(math.isfinite(v) and v >= 0 for v in t) or t.count(0.0) > 1:
-        raise ValueError(f"thresholds must be finite values >= 0 with at most one 0, got {t}")
     return t
+
+
+def check_model_weights(weights, layers) -> np.ndarray:
+    """The flat weights as the model keeps them (contiguous float32), checked against ``layers``: a model that
+    cannot score is refused when it is built or loaded, not inside an executor at the first transform."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    if w.ndim != 1:
+        raise ValueError(f"weights must be a flat vector, got shape {w.shape}")
+    if layers is not None:
+        sizes = check_layers(layers)
+        expected = param_layout(sizes)[-1].end
+        if w.size != expected:
+            raise ValueError(f"weights have {w.size} values but layers {sizes} have {expected} parameters")
+    if not np.isfinite(w).all():
+        raise ValueError("weights contain NaN or infinite values")
+    return w
 
 
 # name -> (doc, converter, default); doc None: a Spark shared param (its doc and converter are Spark's);
@@ -76,7 +105,7 @@ PARAMS = {
     "thresholds": ("thresholds in multi-class classification to adjust the probability of predicting each class: "
                    "one value >= 0 per class (layers[-1]), at most one of them 0; the class with the largest p/t "
                    "is predicted, where p is its probability and t its threshold (as MLlib's classifiers)",
-                   T.toListFloat, None),
+                   _thresholds, None),
     "seed": (None, None, None),
     "tol": ("stop when the relative change of the epoch's mean training loss falls below tol (>= 0; 0 = always "
             "run maxIter passes); checked at each epoch boundary by the parameter server", T.toFloat, 1e-6),
@@ -173,6 +202,8 @@ def add_setters(cls, names):
     """``setX(value)`` for each Param name, returning self (as Spark's own setters do)."""
     for name in names:
         def setter(self, value, _name=name):
+            if _name == "thresholds" and value is not None and self.isDefined("layers"):
+                check_thresholds(value, self.getOrDefault("layers")[-1])      # the length, once classes are known
             return self._set(**{_name: value})
         setter.__name__ = "set" + _camel(name)
         setter.__doc__ = f"Sets the value of :py:attr:`{name}`."

@@ -19,6 +19,7 @@ import time
 import numpy as np
 from pyspark.ml.util import DefaultParamsReader, MLReader, MLWriter
 
+from .params import check_model_weights
 from .session import is_connect
 
 FORMAT_VERSION = 1
@@ -33,6 +34,21 @@ class ModelWriter(MLWriter):
     def __init__(self, instance):
         super().__init__()
         self.instance = instance
+
+    def save(self, path: str) -> None:
+        """Check the model, then the path, before anything is deleted or written: a model that could not be
+        loaded again is refused with the old one still in place, and an existing path without ``overwrite()``
+        is refused as MLlib's writers refuse it (an empty directory, or anyone's data, included)."""
+        model = self.instance
+        if model._weights is None:
+            raise ValueError("this model has no weights to save: train it with fit() or load() a saved one")
+        check_model_weights(model._weights, model.getLayers() if model.isDefined("layers") else None)
+        if not model.isDefined("layers"):
+            raise ValueError("this model has no layers to save: build it with layers=[...]")
+        model._thresholds()
+        if not self.shouldOverwrite and path_exists(self.sparkSession, path):
+            raise FileExistsError(f"Path {path} already exists. To overwrite it, use write().overwrite().save(path)")
+        super().save(path)
 
     def _handleOverwrite(self, path: str) -> None:
         # classic: Spark's own (it deletes PATH through the JVM); Connect has no JVM handle here, and
@@ -49,6 +65,22 @@ class ModelWriter(MLWriter):
         frame = spark.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
                                       "layers array<int>, weights binary")
         frame.coalesce(1).write.mode(mode).parquet(_join(path, "data"))
+
+
+def path_exists(spark, path: str) -> bool:
+    """Whether anything (a file, a directory, an empty one too) is at ``path``: through Hadoop's FileSystem on a
+    classic session, by listing it with the binaryFile source on Spark Connect (no JVM handle there)."""
+    if not is_connect(spark):
+        jvm, sc = spark.sparkContext._jvm, spark.sparkContext._jsc
+        p = jvm.org.apache.hadoop.fs.Path(path)
+        return bool(p.getFileSystem(sc.hadoopConfiguration()).exists(p))
+    try:
+        spark.read.format("binaryFile").load(path).schema       # analysed on the server: the path is listed
+    except Exception as exc:  # noqa: BLE001 - Connect raises AnalysisException [PATH_NOT_FOUND]
+        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
+            return False
+        raise
+    return True
 
 
 def _join(path: str, name: str) -> str:
@@ -101,9 +133,10 @@ class ModelReader(MLReader):
         if w is None or w.size != metadata.get("numParams"):
             raise ValueError(f"ffps model at {path!r} is damaged: {len(blob)} bytes of weights, expected "
                              f"{4 * int(metadata.get('numParams') or 0)}")
-        if not np.isfinite(w).all():
-            raise ValueError(f"ffps model at {path!r} is damaged: weights contain NaN or infinity")
-        instance = self.cls(weights=w, layers=layers)
+        try:
+            instance = self.cls(weights=w, layers=layers)      # weights against layers, finite
+        except ValueError as exc:
+            raise ValueError(f"ffps model at {path!r} is damaged: {exc}") from None
         instance._resetUid(metadata["uid"])
         DefaultParamsReader.getAndSetParams(instance, metadata)
         if list(instance.getLayers()) != layers:

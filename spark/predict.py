@@ -45,6 +45,17 @@ def weights_for_executors(dataset, weights):
     return dataset.sparkSession.sparkContext.broadcast(w)
 
 
+def classic_context(dataset):
+    """The running SparkContext of ``dataset``'s classic session (what a broadcast belongs to); None on Spark
+    Connect."""
+    from .session import is_connect
+
+    if is_connect(dataset):
+        return None
+    sc = dataset.sparkSession.sparkContext
+    return sc if sc._jsc is not None else None
+
+
 COLUMNAR_INPUT = "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled"
 
 
@@ -71,9 +82,10 @@ def keep_vector_frames_on_the_row_path(dataset) -> bool:
     return True
 
 
-def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, pred_col, thresholds=None):
+def transform_frame(dataset, w_bc, layers, features_col, raw_col, prob_col, pred_col, thresholds=None):
     """dataset + the non-empty output columns (rawPrediction, probability: DenseVector; prediction: double),
-    with the ML attributes MLlib's classifiers give them (vector sizes; prediction nominal over the classes)."""
+    with the ML attributes MLlib's classifiers give them (vector sizes; prediction nominal over the classes).
+    ``w_bc``: the weights as :func:`weights_for_executors` gives them."""
     import pandas as pd     # annotations below are evaluated here: pandas_udf reads them
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
@@ -83,7 +95,6 @@ def transform_frame(dataset, weights, layers, features_col, raw_col, prob_col, p
 
     layers = [int(d) for d in layers]
     width = layers[0]
-    w_bc = weights_for_executors(dataset, weights)
     keep_vector_frames_on_the_row_path(dataset)
 
     @pandas_udf(RESULT_TYPE)

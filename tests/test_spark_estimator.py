@@ -136,10 +136,14 @@ def test_thresholds_pick_the_largest_probability_over_threshold(async_model, dig
     assert {r.prediction for r in async_model.copy().setThresholds(zero).transform(test).collect()} == {7.0}
     for bad, message in (([1.0] * 9, "thresholds must have one value per class \\(10, layers\\[-1\\]\\), got 9"),
                          ([0.0, 0.0] + [1.0] * 8, "at most one 0"), ([-1.0] + [1.0] * 9, "values >= 0")):
-        with pytest.raises(ValueError, match=message):
-            async_model.copy().setThresholds(bad).transform(test)
+        with pytest.raises(ValueError, match=message):               # when set, not at the next transform
+            async_model.copy().setThresholds(bad)
         with pytest.raises(ValueError, match=message):               # a fit says so before any job
             make(thresholds=bad).fit(test)
+    wrong = async_model.copy()
+    wrong.set(wrong.thresholds, [1.0] * 9)                           # Params.set passes by the setter's check
+    with pytest.raises(ValueError, match="one value per class"):
+        wrong.transform(test)
 
 
 def test_output_columns_carry_mllibs_ml_attributes(async_model, digits_df):

@@ -157,3 +157,80 @@ def test_loading_a_damaged_model_is_a_clear_error(spark, model, tmp_path):
                 f.write("{not json")
     with pytest.raises(ValueError, match="is not a saved ffps model: no readable Spark ML metadata"):
         FeedForwardNetworkPSClassificationModel.load(path2)
+
+
+def small_model(seed=0):
+    layers = [4, 16, 3]
+    w = np.random.default_rng(seed).standard_normal(4 * 16 + 16 + 16 * 3 + 3).astype(np.float32)
+    return FeedForwardNetworkPSClassificationModel(weights=w, layers=layers), w
+
+
+def test_a_model_that_could_not_score_is_refused_when_built_loaded_or_saved(spark, tmp_path):
+    """Weights against layers when the model is built and loaded (a 5-value model of 131 parameters loaded and
+    failed inside an executor at transform); a save checks the model and the path before anything is deleted:
+    the old model stays, and an existing path without overwrite() is refused as MLlib refuses it."""
+    Model = FeedForwardNetworkPSClassificationModel
+    good, w = small_model()
+    with pytest.raises(ValueError, match=r"weights have 5 values but layers \[4, 16, 3\] have 131 parameters"):
+        Model(weights=w[:5], layers=[4, 16, 3])
+    with pytest.raises(ValueError, match="weights contain NaN or infinite values"):
+        Model(weights=np.where(np.arange(w.size) == 7, np.nan, w), layers=[4, 16, 3])
+    path = str(tmp_path / "m")
+    good.save(path)
+    # data/ of a 5-value model under metadata that agrees with it (as a writer without the check left it)
+    meta = [os.path.join(path, "metadata", n) for n in os.listdir(os.path.join(path, "metadata"))
+            if n.startswith("part-")][0]
+    shutil.rmtree(os.path.join(path, "data"))
+    spark.createDataFrame([([4, 16, 3], bytearray(w[:5].tobytes()))], "layers array<int>, weights binary") \
+        .write.parquet(os.path.join(path, "data"))
+    text = open(meta).read()
+    with open(meta, "w") as f:
+        f.write(text.replace('"numParams":131', '"numParams":5'))
+    os.remove(os.path.join(path, "metadata", f".{os.path.basename(meta)}.crc"))
+    with pytest.raises(ValueError, match=r"is damaged: weights have 5 values but layers \[4, 16, 3\] have 131"):
+        Model.load(path)
+    good.write().overwrite().save(path)
+    wrong_thresholds = good.copy()
+    wrong_thresholds.set(wrong_thresholds.thresholds, [1.0, 2.0])       # Params.set passes by the setter's check
+    for bad, message in ((Model(layers=[4, 16, 3]), "this model has no weights to save"),
+                         (wrong_thresholds, r"thresholds must have one value per class \(3")):
+        with pytest.raises(ValueError, match=message):
+            bad.write().overwrite().save(path)
+    np.testing.assert_array_equal(Model.load(path).weights.toArray(), w)           # the old model is still there
+    for existing in (path, str(tmp_path)):                                           # a model; anyone's directory
+        with pytest.raises(FileExistsError, match=r"already exists\. To overwrite it, use write\(\)\.overwrite\(\)"):
+            good.save(existing)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_model_and_estimator_pickle_and_repeated_transforms_share_one_broadcast(spark, digits_df):
+    """A model goes into a UDF's closure or sc.broadcast: it pickles (a Param's converter was a closure), its
+    summary's DataFrames stay behind; transforms of one model reuse one broadcast of the weights (each made a
+    new one, a copy of the weights in the driver's temp directory that lasted as long as the session)."""
+    import copy
+    import pickle
+
+    from pyspark.sql import functions as F
+
+    train, test = digits_df
+    est = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=2, blockSize=32, seed=1, numWorkers=2,
+                                         mode="sync", optimizer="adam", backend="numpy")
+    again = pickle.loads(pickle.dumps(est))
+    assert again.getMode() == "sync" and again.getOptimizer() == "adam"
+    m = est.fit(train)
+    assert m.summary.accuracy > 0                      # the summary now holds DataFrames
+    back = pickle.loads(pickle.dumps(m))
+    np.testing.assert_array_equal(back.weights.toArray(), m.weights.toArray())
+    assert back.summary.objectiveHistory == m.summary.objectiveHistory
+    first = test.first().features
+    predict = F.udf(lambda v: m.predict(v), "double")          # the model in a UDF's closure
+    rows = m.transform(test).withColumn("udf", predict("features")).select("prediction", "udf").collect()
+    assert all(r.prediction == r.udf for r in rows) and back.predict(first) == m.predict(first)
+    assert spark.sparkContext.broadcast(m).value.predict(first) == m.predict(first)
+    copy.deepcopy(m)
+    temp = spark.sparkContext._temp_dir
+    m.transform(test).count()
+    before = set(os.listdir(temp))
+    for other in (m, m, m.copy().setPredictionCol("p")):
+        other.transform(test).select(other.getPredictionCol()).collect()
+    assert set(os.listdir(temp)) == before
