@@ -11,6 +11,7 @@ run on a thread while window k+1 computes.
 """
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,8 @@ from core.optimizers import steady_gain
 
 from .convergence import exchange_epoch
 from .shards import connect
+
+log = logging.getLogger("ps.worker")
 
 
 class WorkerLoop:
@@ -103,6 +106,19 @@ class Exchanges:
             self.pool.shutdown(wait=False)
 
 
+def window_within_an_epoch(spec, steps_per_epoch: int):
+    """``spec`` with its window cut to a pass over the shard when it is longer: an exchange counts in the epoch
+    of its last step, so with fewer steps per pass than ``tau`` some epochs ended no exchange, had no figures,
+    and held the server's epoch bookkeeping (progress lines, objective history, the ``tol`` decision) at the
+    first of them for the rest of the fit. Every worker of a round mode has the same shard size, so the same
+    window."""
+    if spec.tau <= steps_per_epoch:
+        return spec
+    log.info("worker: %d local steps per pass over this shard, fewer than the window of %d: exchanging every %d "
+             "steps, so every epoch ends at least one exchange", steps_per_epoch, spec.tau, steps_per_epoch)
+    return spec.replace(tau=steps_per_epoch)
+
+
 def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, device=None, attempt=0,
                on_step=None, step_delay=0.0, cpu_threads=None, start_together=False, client=None) -> dict:
     """Train on this shard (X (n, d0), y (n,)) against the server in ``cfg``, by its spec -> summary dict.
@@ -128,6 +144,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                                optimizer=mode.local_optimizer, momentum=spec.local_momentum,
                                seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs)
     data = net.upload(X, y)
+    spec = window_within_an_epoch(spec, trainer.steps_per_epoch(data.n_rows))
+    tau = spec.tau
     t_ready = time.perf_counter()
     if client is None:
         client = connect(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)

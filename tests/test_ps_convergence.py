@@ -208,3 +208,16 @@ def test_every_mode_stops_when_the_epoch_loss_stops_changing(mode, opts):
     for w, r in res.workers.items():
         # a worker ends at its next exchange: at most a few epochs past the decision (async), never all 30
         assert r["local_steps"] < 30 * per_pass[w] * 0.5, (w, r["local_steps"])
+
+
+def test_every_epoch_completes_when_a_pass_is_shorter_than_the_window():
+    """75 rows per worker at batch 32 is 3 steps a pass, under the window of 4: an exchange counts in the epoch
+    of its last step, so epoch 1 ended none, and the server completed no epoch of the fit (no progress lines,
+    no objective history, tol never checked). The worker exchanges every pass's worth of steps instead."""
+    Xtr, _, ytr, _ = digits()
+    res = run(Xtr[:150], ytr[:150], [64, 16, 10], mode="async", backend="numpy", epochs=5, batch_size=32,
+              workers=2, tau=4, timeout=100)
+    conv = res.stats["convergence"]
+    assert [f["epoch"] for f in conv["completed"]] == [1, 2, 3, 4, 5] and conv["stop_reason"] == "max_iter", conv
+    assert all(f["rows"] == 150 for f in conv["completed"])
+    assert all((w["tau"], w["pushes"]) == (3, 5) for w in res.workers.values()), res.workers
