@@ -206,6 +206,12 @@ class CheckpointSchedule:
         return self.writer.stats() if self.writer is not None else self._final_stats
 
 
+class CheckpointNotWritten(RuntimeError):
+    """A server stopped, but its last checkpoint could not be written (a full disk, a lost mount). Everything
+    else is done: the server is stopped and its weights are readable, so a trainer can still hand back the
+    model and say that a resume would start from an older checkpoint."""
+
+
 class CheckpointWriter:
     """Saves submitted snapshots on a background thread, newest first in importance: at most one snapshot
     waits, and a newer one replaces it (counted as ``skipped``). A failed write is logged, counted and kept

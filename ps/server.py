@@ -276,8 +276,10 @@ class ParameterServer:
             elif cp is not None:
                 cp.writer.flush(timeout)          # the last periodic snapshot is on disk when stop returns
         except (OSError, TimeoutError) as exc:
-            raise RuntimeError(f"parameter server stopped, but its last checkpoint to {cp.directory!r} "
-                               f"was not written: {exc!r}") from exc
+            written = (cp.stats() or {}).get("last_path")
+            raise ckpt.CheckpointNotWritten(
+                f"parameter server stopped, but its last checkpoint to {cp.directory!r} was not written: {exc!r}; "
+                f"a resume would start from {written or 'no checkpoint'}") from exc
         finally:
             if cp is not None:
                 cp.close(timeout)

@@ -139,7 +139,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                 prep, make_fn, num_workers=spec.num_workers, max_retries=self.getMaxRetries(),
                 use_gpu=self.getUseGpu() or spec.backend == "cupy", server=server, first_attempt=first_attempt)
         finally:
-            server.stop()
+            checkpoint_problem = stop_keeping_the_weights(server)
         seconds = time.perf_counter() - t0
         w = server.weights()
         if not np.isfinite(w).all():
@@ -151,10 +151,23 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  if server.resumed_from else None}
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         warning = not_learned(stats["server"]["convergence"]["completed"], spec.layers[-1], spec.learning_rate)
-        stats["warnings"] = [warning] if warning else []
+        stats["warnings"] = [w for w in (checkpoint_problem, warning) if w]
         if warning:
             log.warning("ffps: %s", warning)
         return FeedForwardNetworkPSClassificationModel(weights=w, layers=spec.layers), stats
+
+
+def stop_keeping_the_weights(server) -> str | None:
+    """Stop the server; a last checkpoint that could not be written (a full disk) is said -> the words, and the
+    trained weights are kept: the fit still returns its model (the error threw away a finished fit)."""
+    from ps.checkpoint import CheckpointNotWritten
+
+    try:
+        server.stop()
+    except CheckpointNotWritten as exc:
+        log.warning("ffps: %s. The trained model is returned; save it with model.save(path)", exc)
+        return str(exc)
+    return None
 
 
 CHANCE_MARGIN = 0.9     # a last epoch's mean loss above this share of ln(classes) has learned next to nothing

@@ -131,9 +131,13 @@ def test_stop_says_when_the_last_checkpoint_could_not_be_written(tmp_path, monke
     s = ParameterServer(np.zeros(16, np.float32), mode="async", num_workers=1, checkpoint_dir=d,
                         checkpoint_every=5, progress=False).start()
     push_n(s.client_config(), 7)
-    with pytest.raises(RuntimeError, match="last checkpoint to .*ck.* was not written.*No space left"):
+    with pytest.raises(ckpt.CheckpointNotWritten,
+                       match="last checkpoint to .*ck.* was not written.*No space left.*resume would start from no"):
         s.stop()
     assert not s.running and s.stats()["checkpoint"]["errors"] >= 2 and ckpt.latest(d) is None
+    assert np.allclose(s.weights(), -0.7)           # stopped, the 7 updates readable: a trainer returns them
+
+
 
 
 def test_checkpoint_dir_that_is_a_file_is_refused_before_anything_starts(tmp_path):

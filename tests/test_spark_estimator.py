@@ -430,3 +430,19 @@ def test_an_unreachable_parameter_server_is_a_clear_error_not_a_hang(digits_df, 
     text = str(err.value)
     assert f"could not reach the parameter server at {dead}" in text and "set psHost" in text
     assert "retrying" not in caplog.text
+
+
+def test_a_fit_whose_last_checkpoint_fails_still_returns_its_model(digits_df, tmp_path, monkeypatch, caplog):
+    """A checkpoint disk that fills during a fit: the finished fit raised and its weights were lost. The model
+    is returned, and the fit says (log and trainingStats warnings) that a resume would start further back."""
+    from ps import checkpoint as ckpt
+    from tests.test_ps_checkpoint import FlakyDisk
+
+    monkeypatch.setattr(ckpt, "save", FlakyDisk(fail=range(2, 10_000)))   # the server runs in this driver
+    d = str(tmp_path / "ck")
+    with caplog.at_level("WARNING", logger="spark.estimator"):
+        m = make(layers=[64, 16, 10], maxIter=3, mode="async", checkpointDir=d, checkpointInterval=5,
+                 backend="numpy").fit(digits_df[0])
+    assert np.isfinite(m.weights.toArray()).all() and m.evaluate(digits_df[1]).accuracy > 0.5
+    said = [w for w in m.trainingStats["warnings"] if "was not written" in w]
+    assert len(said) == 1 and ckpt.latest(d) in said[0] and "model.save" in caplog.text
