@@ -204,8 +204,11 @@ def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
 
 def check_task_slots(spark, num_workers: int) -> None:
     """A local master that cannot run numWorkers tasks at once is refused before anything starts: Spark's barrier
-    scheduler would otherwise wait for slots that never come (40 checks of 15 s by default) on every attempt."""
+    scheduler would otherwise wait for slots that never come (40 checks of 15 s by default) on every attempt.
+    So is dynamic allocation on a cluster: Spark refuses a barrier stage under it, on every attempt."""
     m, cpus = master(spark), conf(spark, "spark.task.cpus", "1")
+    if not m.startswith("local") and str(conf(spark, "spark.dynamicAllocation.enabled", "false")).lower() == "true":
+        raise ValueError(training.NOT_RETRIED["BarrierJobRunWithDynamicAllocationException"] + f" (master {m!r})")
     slots = local_task_slots(m, cpus)
     if slots is not None and num_workers > slots:
         raise ValueError(f"numWorkers={num_workers} needs {num_workers} training tasks running at once (a barrier "

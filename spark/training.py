@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import numpy as np
@@ -88,9 +89,10 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
             problem = data_problem(reports, width, layers[-1], features_col, label_col)
             uneven = None if problem else uneven_partitions(stats["partition_rows"],
                                                               spec.rule.equal_shards and may_reshuffle)
+            # no BYE where nothing trains: the driver drops this server (a resumed one completed the restored,
+            # half-summed epoch when every worker retired, and logged it as trained)
             if uneven is not None:
                 stats["uneven"] = uneven               # the driver shuffles the rows and trains again
-                client.bye()
             elif problem is None:
                 if spec.rule.equal_shards:
                     n = min(stats["partition_rows"])
@@ -98,7 +100,6 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
                 stats.update(train_shard(ctx, worker, X, y, client))
             else:
                 stats["data_error"] = problem
-                client.bye()
         finally:
             client.close()
         stats.update(task_start=t_start, read_s=t_read - t_start, pid=os.getpid(),
@@ -123,14 +124,35 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
     return train
 
 
+CRASHED = "Python worker exited unexpectedly"     # a task's Python process died (killed, out of memory)
+_LOST_TASK = re.compile(r"Lost task \S+ in stage \S+ \(TID \d+\) \([^)]*\)")
+
+
 def _short(exc: BaseException) -> str:
-    """First informative line of a (possibly Java) exception."""
+    """First informative line of a (possibly Java) exception; for a crashed task's Python, that and the task
+    (Spark's first line is only 'Job aborted due to stage failure')."""
     text = str(exc)
+    if CRASHED in text:
+        lost = _LOST_TASK.search(text)
+        said = text[text.index(CRASHED):].split("\n", 1)[0].strip()
+        return (f"{lost.group(0)}: " if lost else "") + said[:300]
     for line in text.splitlines():
-        line = line.strip()
+        line = line.strip().removeprefix(": ").strip()
         if line and not line.startswith(("at ", "An error occurred while calling")):
             return line[:500]
     return type(exc).__name__
+
+
+# Spark's refusals of the stage itself: every attempt fails the same way, so none is retried
+NOT_RETRIED = {
+    "BarrierJobRunWithDynamicAllocationException":
+        "Spark runs no barrier stage (the training stage) with dynamic allocation on: set "
+        "spark.dynamicAllocation.enabled=false for the application that trains",
+    "No executor resource configs were specified for the following task configs: gpu":
+        "the training stage asks for one GPU per task (useGpu, or backend='cupy') and no executor of this cluster "
+        "has GPU resources: set spark.executor.resource.gpu.amount and its discovery script (spark/README.md), or "
+        "train without useGpu",
+}
 
 
 SLOTS_CHECK_FAILED = "BarrierJobSlotsNumberCheckFailed"   # Spark gave up waiting for the stage's slots
@@ -192,6 +214,10 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                 raise TrainingFailed(_unreachable(exc), None, len(errors) + 1) from None
             if SLOTS_CHECK_FAILED in str(exc):                              # so would this one
                 raise TrainingFailed(_too_few_slots(num_workers, use_gpu), None, len(errors) + 1) from None
+            refused = [words for marker, words in NOT_RETRIED.items() if marker in str(exc)]
+            if refused:
+                raise TrainingFailed(f"{refused[0]}. Not retried: Spark refuses every attempt the same way",
+                                     None, len(errors) + 1) from None
             failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
             reason = failure.describe() if failure is not None else _short(exc)
             errors.append(f"attempt {attempt}: {reason}")

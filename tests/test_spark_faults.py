@@ -166,3 +166,49 @@ def test_an_executor_python_without_ffps_is_told_how_to_fix_it():
                   TaskFailure(type="ModuleNotFoundError", message="No module named 'pselect'"),
                   TaskFailure(type="RuntimeError", message="No module named 'ps'")):
         assert "PYSPARK_PYTHON" not in other.describe()
+
+
+def test_sparks_refusals_of_the_stage_are_said_at_once_and_not_retried(digits_df, monkeypatch):
+    """Dynamic allocation on a cluster, or a GPU stage on a cluster without GPU resources: Spark refuses every
+    attempt the same way (the fit relaunched it maxRetries times, then blamed the task slots). Dynamic
+    allocation is refused before anything starts; a refusal that still comes from Spark ends the fit at once.
+    (Cluster masters are stood in for: this local[2] session is the only Spark here.)"""
+    from spark import estimator, gpu
+    from spark.failures import TrainingFailed
+
+    real_conf = estimator.conf
+    monkeypatch.setattr(estimator, "master", lambda spark: "spark://cluster:7077")
+    monkeypatch.setattr(estimator, "conf", lambda spark, key, default=None: "true"
+                        if key == "spark.dynamicAllocation.enabled" else real_conf(spark, key, default))
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=1, blockSize=32, numWorkers=2,
+                                         backend="numpy", maxRetries=2, useGpu=True)
+    with pytest.raises(ValueError, match=r"set spark.dynamicAllocation.enabled=false .*\(master 'spark://cluster"):
+        clf.fit(digits_df[0])
+    monkeypatch.undo()
+
+    class Refused:
+        def collect(self):
+            raise RuntimeError("An error occurred while calling o163.withResources.\n: org.apache.spark."
+                               "SparkException: No executor resource configs were specified for the following task "
+                               "configs: gpu\n\tat org.apache.spark.resource.ResourceProfile.calculate(x.scala:1)")
+
+    launched = []
+    monkeypatch.setattr(gpu, "gpu_stage", lambda *a: launched.append(a) or Refused())
+    with pytest.raises(TrainingFailed, match=r"no executor of this cluster has GPU resources.*Not retried") as err:
+        clf.fit(digits_df[0])
+    assert err.value.attempts == 1 and len(launched) == 1
+
+
+def test_the_retry_warning_names_a_crashed_python_worker_and_its_task():
+    """Spark's first line of a killed task's error is 'Job aborted due to stage failure'; the retry warning kept
+    only that (and a ': ' of Py4J's layout). It says the Python worker crashed, and which task it was."""
+    from spark.training import _short
+
+    text = ("An error occurred while calling o120.collectToPython.\n: org.apache.spark.SparkException: Job aborted "
+            "due to stage failure: Task 1 in stage 7.0 failed 1 times, most recent failure: Lost task 1.0 in stage "
+            "7.0 (TID 15) (10.0.0.5 executor 1): org.apache.spark.SparkException: Python worker exited "
+            "unexpectedly (crashed)\n\tat org.apache.spark.api.python.BasePythonRunner.x(PythonRunner.scala:1)")
+    assert _short(RuntimeError(text)) == ("Lost task 1.0 in stage 7.0 (TID 15) (10.0.0.5 executor 1): Python worker "
+                                          "exited unexpectedly (crashed)")
+    assert _short(RuntimeError("An error occurred while calling o1.x.\n: java.io.IOException: disk")) == \
+        "java.io.IOException: disk"
