@@ -51,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", metavar="PNG", help="write loss and accuracy curves here (needs matplotlib)")
     t.add_argument("--mlflow", action="store_true",
                    help="log the fit to MLflow (mlflowTracking=True; MLFLOW_TRACKING_URI picks the server)")
+    s = p.add_argument_group("parameter server and recovery (--mode train)")
+    s.add_argument("--ps-host", default="", help="address the parameter server binds and executors connect to "
+                                                 "(psHost; default: the driver's spark.driver.host)")
+    s.add_argument("--ps-port", type=int, default=0, help="its TCP port, e.g. one a firewall lets through (psPort; "
+                                                          "default 0: any free port)")
+    s.add_argument("--ps-shards", type=int, default=0, help="slices of the weights served in parallel (psShards; "
+                                                            "default 0: auto)")
+    s.add_argument("--checkpoint-dir", default="", help="driver-local directory for checkpoints (checkpointDir)")
+    s.add_argument("--checkpoint-interval", type=int, default=100,
+                   help="server updates between checkpoints (checkpointInterval; default %(default)s)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (a fit whose driver died)")
+    s.add_argument("--max-retries", type=int, default=2,
+                   help="relaunches of the training stage after a failure (maxRetries; default %(default)s)")
+    s.add_argument("--worker-timeout", type=float, default=30.0,
+                   help="seconds a worker waits for one server reply (workerTimeout; default %(default)s)")
+    p.add_argument("--json-out", metavar="PATH",
+                   help="also write the result JSON to this local file (spark-submit merges the driver's stderr "
+                        "into its stdout, so the last stdout line is the JSON, after any messages)")
     return p
 
 
@@ -67,7 +86,12 @@ def session(master=None):
         builder = builder.master(master)
     elif not os.environ.get("PYSPARK_GATEWAY_PORT") and "--master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
         builder = builder.master("local[*]")
-    return builder.getOrCreate()
+    spark = builder.getOrCreate()
+    if not spark.sparkContext.getConf().contains("spark.log.level"):
+        # Spark's INFO chatter (hundreds of lines a fit) buried ffps's epoch lines and errors; --conf
+        # spark.log.level=INFO brings it back
+        spark.sparkContext.setLogLevel("WARN")
+    return spark
 
 
 def _format(path: str, fmt: str) -> str:
@@ -153,9 +177,19 @@ def _read(path, fmt, read):
     try:
         return read()
     except Exception as exc:  # noqa: BLE001 - AnalysisException (no such path, not that format), Py4J errors
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise ValueError(f"cannot read {path!r} as {fmt}: {lines[0][:300] if lines else type(exc).__name__}") \
-            from None
+        raise ValueError(f"cannot read {path!r} as {fmt}: {_root_cause(exc)[:300]}") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The deepest 'Caused by' of a Java error (a reader's 'is not a Parquet file'), without its class; else its
+    first informative line. Spark's first line is 'Job aborted due to stage failure' for a reader's job."""
+    from spark.training import _short
+
+    causes = [ln.strip().removeprefix("Caused by:").strip() for ln in str(exc).splitlines()
+              if ln.strip().startswith("Caused by:") and "Exception thrown in awaitResult" not in ln]
+    if not causes:
+        return _short(exc)
+    return re.sub(r"^(?:[\w$]+\.)+[\w$]*(?:Exception|Error): ", "", causes[-1])
 
 
 def classifier(args, layers):
@@ -169,12 +203,16 @@ def classifier(args, layers):
         maxStaleness=-1 if args.staleness is None else args.staleness, backend=backend_of(args),
         useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
         tol=args.tol, precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
-        wireDtype=args.wire_dtype)
+        wireDtype=args.wire_dtype, psHost=args.ps_host, psPort=args.ps_port, psShards=args.ps_shards,
+        checkpointDir=args.checkpoint_dir, checkpointInterval=args.checkpoint_interval, resume=args.resume,
+        maxRetries=args.max_retries, workerTimeout=args.worker_timeout)
 
 
 FLAG_OF_PARAM = {"maxIter": "--epochs", "blockSize": "--batch-size", "stepSize": "--learning-rate",
                  "numWorkers": "--workers", "communicationWindow": "--window", "maxStaleness": "--staleness",
-                 "momentum": "--momentum", "tol": "--tol", "layers": "--layers"}
+                 "momentum": "--momentum", "tol": "--tol", "layers": "--layers", "psPort": "--ps-port",
+                 "psShards": "--ps-shards", "checkpointInterval": "--checkpoint-interval",
+                 "maxRetries": "--max-retries", "workerTimeout": "--worker-timeout"}
 _PARAM_NAMES = re.compile(r"\b(" + "|".join(FLAG_OF_PARAM) + r")\b")
 
 
@@ -194,11 +232,20 @@ def train(spark, args) -> dict:
     from pyspark.sql import functions as F
 
     from spark.console import report_epochs
+    from spark.data import check_schema
+    from spark.estimator import check_task_slots
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install ffps[plot]")
     check_destination(spark, args.dir, "--dir", args.overwrite, {"input data": args.data})   # not after training
-    df = load_data(spark, args.data, args.format, args.label_col, args.features_col).cache()
+    check_task_slots(spark, args.workers)     # before the data is read and cached
+    df = load_data(spark, args.data, args.format, args.label_col, args.features_col)
+    try:
+        check_schema(df.schema, args.features_col, args.label_col)  # a missing label: one line, no job
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("labelCol", "--label-col", 1).replace("featuresCol", "--features-col", 1)) \
+            from None
+    df = df.cache()
     layers = args.layers
     first = df.select(args.features_col).first()      # one row: the width, before a training stage starts
     if layers is None:
@@ -273,8 +320,14 @@ def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.mode == "train":
         check_training_flags(args)              # seconds before the JVM would have started
+    if args.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_out))):
+        raise ValueError(f"--json-out {args.json_out!r}: its directory does not exist")
     spark = session(args.master)
-    return {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
+    result = {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
 
 
 _TASK_INPUT_ERRORS = (re.compile(r"ValueError: (.+)"),        # ours, raised in a scoring task

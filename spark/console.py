@@ -60,7 +60,9 @@ def report_epochs(stream=None, bar: bool | None = None):
         bar = bool(getattr(stream, "isatty", lambda: False)())
     logger = logging.getLogger(LOGGER)
     handler = EpochReporter(stream, bar)
-    handler.addFilter(lambda r: hasattr(r, "ffps_epoch") or r.getMessage().startswith("ffps: training stopped"))
+    # the epochs; where the server listens, and the stop line; resuming; the fit's warnings
+    handler.addFilter(lambda r: hasattr(r, "ffps_epoch") or r.levelno >= logging.WARNING
+                      or r.getMessage().startswith(("ffps: training", "ffps: resuming")))
     level = logger.level
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:

@@ -25,15 +25,21 @@ def test_app_train_then_predict_then_evaluate(spark, tmp_path, capsys):
     from spark.app import main
 
     data, model_dir, out_dir = sample_data(), str(tmp_path / "model"), str(tmp_path / "pred")
-    assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "60", "--batch-size", "16",
-                 "--backend", "numba", "--seed", "1"]) == 0
+    # the README's example: 75 rows a worker at the default batch of 32 is 3 steps a pass, under the default
+    # window of 4 (epoch 1 ended no exchange, and no epoch was ever reported)
+    assert main(["--mode", "train", "--dir", model_dir, data, "--epochs", "60", "--backend", "numba", "--seed", "1",
+                 "--json-out", str(tmp_path / "train.json")]) == 0
     captured = capsys.readouterr()
     trained = json.loads(captured.out.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "train.json").read_text()) == trained
     assert trained["layers"] == [4, 100, 3]               # inferred from the data
-    # one line per epoch on stderr while it trains (stderr is no terminal here: no bar), then why it stopped
+    # where the server listens, one line per epoch on stderr while it trains (stderr is no terminal here: no
+    # bar), then why it stopped
+    assert "ffps: training [4, 100, 3] on 2 workers, mode=async, server tcp://127.0.0.1:" in captured.err
     epochs = [ln for ln in captured.err.splitlines() if ln.startswith("ffps epoch ")]
     assert epochs[0].startswith("ffps epoch 1/60 loss ") and "samples/s staleness" in epochs[0]
     assert len(epochs) == len(trained["objective_history"]) and trained["stop_reason"] in ("tol", "maxIter")
+    assert len(epochs) == 60 or trained["stop_reason"] == "tol"
     assert f"ffps: training stopped: {trained['stop_message']}" in captured.err
     assert trained["train_accuracy"] >= 0.85 and trained["warnings"] == []
     assert os.path.isdir(os.path.join(model_dir, "metadata")) and os.path.isdir(os.path.join(model_dir, "data"))
@@ -73,6 +79,9 @@ def test_app_reads_csv_and_parquet_feature_columns(spark, tmp_path, capsys):
     (["--learning-rate", "-0.1"], "--learning-rate (stepSize) must be a positive number, got -0.1"),
     (["--trainer", "sync", "--window", "4"], "--window (communicationWindow) must be 1 in sync mode, got 4"),
     (["--layers", "4,0,3"], "must be positive"),
+    (["--ps-port", "70000"], "--ps-port (psPort) must be 0..65535, got 70000"),
+    (["--max-retries", "-1"], "--max-retries (maxRetries) must be >= 0, got -1"),
+    (["--resume"], "resume=True needs checkpointDir"),
 ])
 def test_app_training_flags_are_checked_before_spark_starts(tmp_path, capsys, monkeypatch, flags, message):
     from spark import app
@@ -85,6 +94,24 @@ def test_app_training_flags_are_checked_before_spark_starts(tmp_path, capsys, mo
     assert not (tmp_path / "m").exists()
 
 
+def test_app_server_and_recovery_flags_reach_the_estimator():
+    """An operator pins the server's port for a firewall, or resumes a fit whose driver died, from spark-submit."""
+    from spark import FeedForwardNetworkPSClassifier
+    from spark.app import build_parser, classifier
+
+    args = build_parser().parse_args(["--mode", "train", "--dir", "m", "d.txt", "--ps-host", "10.0.0.2", "--ps-port",
+                                      "7070", "--ps-shards", "2", "--checkpoint-dir", "/ck", "--checkpoint-interval",
+                                      "50", "--resume", "--max-retries", "0", "--worker-timeout", "12.5"])
+    clf = classifier(args, [4, 8, 3])
+    assert (clf.getPsHost(), clf.getPsPort(), clf.getPsShards(), clf.getCheckpointDir(), clf.getCheckpointInterval(),
+            clf.getResume(), clf.getMaxRetries(), clf.getWorkerTimeout()) == \
+        ("10.0.0.2", 7070, 2, "/ck", 50, True, 0, 12.5)
+    default = classifier(build_parser().parse_args(["--mode", "train", "--dir", "m", "d.txt"]), [4, 8, 3])
+    for name in ("psHost", "psPort", "psShards", "checkpointDir", "checkpointInterval", "resume", "maxRetries",
+                 "workerTimeout"):              # the flags' defaults are the Params'
+        assert default.getOrDefault(name) == FeedForwardNetworkPSClassifier().getOrDefault(name), name
+
+
 def test_app_errors_are_clear(spark, tmp_path, capsys):
     from spark.app import main
 
@@ -95,6 +122,18 @@ def test_app_errors_are_clear(spark, tmp_path, capsys):
                  "--backend", "numpy"]) == 2
     assert "has vectors of size 4 but layers[0] is 5; set --layers to start with the feature width" \
         in capsys.readouterr().err                       # the app's own check, before a training stage
+    csv = str(tmp_path / "d.csv")
+    spark.createDataFrame([(0.0, 1.0), (1.0, 2.0)], ["target", "a"]).coalesce(1).write.option("header", True).csv(csv)
+    for argv, said in ((["--mode", "train", "--dir", str(tmp_path / "m"), csv],
+                        "--label-col 'label' is not a column of the DataFrame; columns: ['target', 'a', 'features']"),
+                       (["--mode", "train", "--dir", str(tmp_path / "m"), csv, "--format", "parquet"],
+                        f"cannot read '{csv}' as parquet: file:{csv}/part-"),
+                       (["--mode", "train", "--dir", str(tmp_path / "m"), csv, "--workers", "3"],
+                        "numWorkers=3 needs 3 training tasks running at once")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ffps: error: ") and said in err and len(err.splitlines()) == 1, err
+        assert "An error occurred while calling" not in err
 
 
 def test_ffps_train_still_runs_the_spark_free_demo(capsys):
