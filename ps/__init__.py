@@ -6,12 +6,13 @@ object per trainer mode) over :mod:`ps.rules` (pure update math; optimizers are 
 (transport), :mod:`ps.checkpoint`, :mod:`ps.worker` and :mod:`ps.runner` (Spark-free training). Never imports
 pyspark, cupy or numba.
 """
-from .client import ParameterClient, PSError, PushResult, ServerUnavailable, StaleUpdate, UpdateRejected
+from .client import (AuthenticationRefused, ParameterClient, PSError, PushResult, ServerUnavailable, StaleUpdate,
+                     UpdateRejected)
 from .modes import MODE_NAMES as MODES
 from .protocol import PROTOCOL_VERSION, Op, Reason, Status, model_fingerprint
 from .server import ParameterServer
 from .spec import TrainingSpec
 
-__all__ = ["MODES", "PROTOCOL_VERSION", "Op", "PSError", "ParameterClient", "ParameterServer", "PushResult",
-           "Reason", "ServerUnavailable", "StaleUpdate", "Status", "TrainingSpec", "UpdateRejected",
+__all__ = ["AuthenticationRefused", "MODES", "PROTOCOL_VERSION", "Op", "PSError", "ParameterClient", "ParameterServer",
+           "PushResult", "Reason", "ServerUnavailable", "StaleUpdate", "Status", "TrainingSpec", "UpdateRejected",
            "model_fingerprint"]

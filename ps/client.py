@@ -46,8 +46,16 @@ def check_timeout(name: str, value) -> float:
     return float(value)
 
 
+ZAP_DENIED = 400          # the ZAP status of an authentication failure (RFC 27), not a passing error
+
+
 class ServerUnavailable(ConnectionError):
     """No reply from the parameter server within the timeout, after all retries."""
+
+
+class AuthenticationRefused(ServerUnavailable):
+    """The server's authenticator refused this client's CURVE keys (ZAP status 400): another job's config, or
+    keys changed since. Said at the failed handshake, not after every try of every request timed out."""
 
 
 class PSError(RuntimeError):
@@ -103,8 +111,10 @@ class ParameterClient:
         secure_client(s, cfg)
         # A request queued while a connection fails (refused mid-handshake, say) can be lost with it: the
         # monitor tells a re-made connection, and the request is sent again on it instead of waiting out a try.
-        self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._lost = False     # a connection went down and no new one has finished its handshake yet
+        self._refused = None   # the ZAP status of a handshake the server's authenticator refused
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
@@ -139,7 +149,12 @@ class ParameterClient:
         """Whether a connection was lost and a new one finished its handshake since the last look."""
         remade = False
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+            message = recv_monitor_message(self._monitor)
+            event = message["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if message["value"] == ZAP_DENIED:
+                    self._refused = message["value"]
+                continue
             if event == zmq.EVENT_DISCONNECTED:
                 self._lost = True
             elif self._lost:
@@ -181,6 +196,11 @@ class ParameterClient:
                     reply = None
                     if self._reconnected() and time.monotonic() < deadline:
                         send()      # the request may have gone down with the old connection
+                    if self._refused is not None:
+                        raise AuthenticationRefused(
+                            f"the parameter server at {self.cfg['address']} refused this client's CURVE keys "
+                            f"(ZAP status {self._refused}) at {Op(h.op).name}: the client config is another job's "
+                            f"(keys are made per server), or its keys were changed")
                 if reply is not None:
                     try:
                         rh = unpack_header(reply[0].buffer)

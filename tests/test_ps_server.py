@@ -273,16 +273,24 @@ def test_fuzz_authenticated_and_stranger():
 
 @pytest.mark.timeout(60)
 def test_client_without_job_keys_cannot_pull_or_push():
+    """A plain client waits out its tries; a client with other CURVE keys is told at the refused handshake
+    (it waited out every try of every request too: 5 x the timeout for a HELLO)."""
+    from ps import AuthenticationRefused
+
     with server(np.ones(16, np.float32)) as s:
         cfg = s.client_config()
-        for bad in ({**cfg, "secure": False},
-                    {**cfg, **dict(zip(("client_public", "client_secret"), zmq.curve_keypair()))}):
-            with pytest.raises(ServerUnavailable, match="no reply.*HELLO after 2 tries of 0.5s"):
+        foreign = {**cfg, **dict(zip(("client_public", "client_secret"), zmq.curve_keypair()))}
+        with pytest.raises(AuthenticationRefused, match=r"refused this client's CURVE keys \(ZAP status 400\) at "
+                                                        r"HELLO: the client config is another job's"):
+            ParameterClient(foreign, worker_id=0, timeout=5, retries=2)
+        assert s.stats()["zap_denied"] >= 1
+        for bad in ({**cfg, "secure": False}, foreign):
+            with pytest.raises(ServerUnavailable, match="no reply.*HELLO after 2 tries of 0.5s|refused this client"):
                 ParameterClient(bad, worker_id=0, timeout=0.5, retries=1)
             c = ParameterClient(bad, worker_id=0, timeout=0.3, retries=0, register=False)
-            with pytest.raises(ServerUnavailable, match="PULL after 1 tries"):
+            with pytest.raises(ServerUnavailable, match="PULL after 1 tries|refused this client"):
                 c.pull()
-            with pytest.raises(ServerUnavailable, match="PUSH after 1 tries"):
+            with pytest.raises(ServerUnavailable, match="PUSH after 1 tries|refused this client"):
                 c.push(np.ones(16, np.float32))
             c.close()
         assert s.stats()["received"] == 0 and s.stats()["applied"] == 0
