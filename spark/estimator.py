@@ -151,9 +151,14 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  if server.resumed_from else None}
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         warning = not_learned(stats["server"]["convergence"]["completed"], spec.layers[-1], spec.learning_rate)
-        stats["warnings"] = [w for w in (checkpoint_problem, warning) if w]
-        if warning:
-            log.warning("ffps: %s", warning)
+        on_cpu = self.getUseGpu() and sorted({str(w.get("backend")) for w in workers.values()} - {"cupy"})
+        no_gpu = (f"useGpu=True, but the training tasks ran on the {', '.join(on_cpu)} backend: no GPU reached them "
+                  f"(a local master hands out none unless spark.task.resource.gpu.amount is set), or backend="
+                  f"{spec.backend!r} does not use one") if on_cpu else None
+        stats["warnings"] = [w for w in (checkpoint_problem, no_gpu, warning) if w]
+        for said in (no_gpu, warning):
+            if said:
+                log.warning("ffps: %s", said)
         return FeedForwardNetworkPSClassificationModel(weights=w, layers=spec.layers), stats
 
 
