@@ -88,8 +88,8 @@ class ParameterClient:
     def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
                  register: bool = True, hwm: int | None = None):
         self.cfg = cfg
-        self.worker_id, self.attempt = check_int("worker_id", worker_id, 0, INT32_MAX), check_int("attempt", attempt, 0,
-                                                                                              INT32_MAX)
+        self.worker_id = check_int("worker_id", worker_id, 0, INT32_MAX)
+        self.attempt = check_int("attempt", attempt, 0, INT32_MAX)
         self.timeout, self.retries = check_timeout("timeout", timeout), check_int("retries", retries, 0, 1000)
         if hwm is not None:
             check_int("hwm", hwm, 0, INT32_MAX)

@@ -18,6 +18,7 @@ import numpy as np
 
 from core.validation import check_int
 
+
 def default_alpha(num_workers: int, beta: float = 0.9) -> float:
     """EASGD moving rate alpha = beta / p (the authors' choice, beta = 0.9)."""
     return beta / max(1, int(num_workers))

@@ -276,7 +276,7 @@ class ParameterServer:
             elif cp is not None:
                 cp.writer.flush(timeout)          # the last periodic snapshot is on disk when stop returns
         except (OSError, TimeoutError) as exc:
-            written = (cp.stats() or {}).get("last_path")
+            written = ckpt.latest(cp.directory)          # this server's, or an earlier one's it resumed from
             raise ckpt.CheckpointNotWritten(
                 f"parameter server stopped, but its last checkpoint to {cp.directory!r} was not written: {exc!r}; "
                 f"a resume would start from {written or 'no checkpoint'}") from exc

@@ -112,7 +112,7 @@ def window_within_an_epoch(spec, steps_per_epoch: int):
     and held the server's epoch bookkeeping (progress lines, objective history, the ``tol`` decision) at the
     first of them for the rest of the fit. Every worker of a round mode has the same shard size, so the same
     window."""
-    if spec.tau <= steps_per_epoch:
+    if spec.tau <= steps_per_epoch or steps_per_epoch < 1:
         return spec
     log.info("worker: %d local steps per pass over this shard, fewer than the window of %d: exchanging every %d "
              "steps, so every epoch ends at least one exchange", steps_per_epoch, spec.tau, steps_per_epoch)

@@ -183,12 +183,12 @@ def _read(path, fmt, read):
 def _root_cause(exc: BaseException) -> str:
     """The deepest 'Caused by' of a Java error (a reader's 'is not a Parquet file'), without its class; else its
     first informative line. Spark's first line is 'Job aborted due to stage failure' for a reader's job."""
-    from spark.training import _short
+    from spark.failures import short_error
 
     causes = [ln.strip().removeprefix("Caused by:").strip() for ln in str(exc).splitlines()
               if ln.strip().startswith("Caused by:") and "Exception thrown in awaitResult" not in ln]
     if not causes:
-        return _short(exc)
+        return short_error(exc)
     return re.sub(r"^(?:[\w$]+\.)+[\w$]*(?:Exception|Error): ", "", causes[-1])
 
 
@@ -317,17 +317,25 @@ def evaluate(spark, args) -> dict:
 
 
 def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(args) -> dict:
     if args.mode == "train":
         check_training_flags(args)              # seconds before the JVM would have started
-    if args.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_out))):
-        raise ValueError(f"--json-out {args.json_out!r}: its directory does not exist")
-    spark = session(args.master)
-    result = {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(json.dumps(result) + "\n")
-    return result
+        check_json_out(args.json_out)
+    spark = session(args.master)
+    return {"train": train, "predict": predict, "evaluate": evaluate}[args.mode](spark, args)
+
+
+def check_json_out(path: str) -> None:
+    """--json-out: a file that can be written, checked before anything runs (not after a fit)."""
+    if os.path.isdir(path):
+        raise ValueError(f"--json-out {path!r} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--json-out {path!r}: its directory {folder!r} does not exist or cannot be written")
 
 
 _TASK_INPUT_ERRORS = (re.compile(r"ValueError: (.+)"),        # ours, raised in a scoring task
@@ -353,8 +361,9 @@ def main(argv=None) -> int:
         return core_main(argv)
     from spark.failures import TrainingFailed
 
+    args = build_parser().parse_args(argv)
     try:
-        result = run(argv)
+        result = run_args(args)
     except ValueError as exc:
         print(f"ffps: error: {exc}", file=sys.stderr)
         return 2
@@ -367,7 +376,16 @@ def main(argv=None) -> int:
             raise
         print(f"ffps: error: a Spark job failed on the input data: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    text = json.dumps(result)
+    print(text)                                 # first: the result is never lost to the file's error
+    if args.json_out:
+        try:
+            with open(args.json_out, "w") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            print(f"ffps: error: the result is printed above, but --json-out could not be written: {exc}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

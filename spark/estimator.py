@@ -138,8 +138,14 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
             workers, attempts = training.run_barrier_stage(
                 prep, make_fn, num_workers=spec.num_workers, max_retries=self.getMaxRetries(),
                 use_gpu=self.getUseGpu() or spec.backend == "cupy", server=server, first_attempt=first_attempt)
-        finally:
-            checkpoint_problem = stop_keeping_the_weights(server)
+        except BaseException:
+            problem = stop_keeping_the_weights(server)
+            if problem:                          # the training error is the one raised
+                log.warning("ffps: %s", problem)
+            raise
+        checkpoint_problem = stop_keeping_the_weights(server)
+        if checkpoint_problem:
+            log.warning("ffps: %s. The trained model is returned; save it with model.save(path)", checkpoint_problem)
         seconds = time.perf_counter() - t0
         w = server.weights()
         if not np.isfinite(w).all():
@@ -163,14 +169,13 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
 
 
 def stop_keeping_the_weights(server) -> str | None:
-    """Stop the server; a last checkpoint that could not be written (a full disk) is said -> the words, and the
-    trained weights are kept: the fit still returns its model (the error threw away a finished fit)."""
+    """Stop the server -> None, or the words of a last checkpoint that could not be written (a full disk): the
+    weights are still readable, so a finished fit returns its model (the error threw it away)."""
     from ps.checkpoint import CheckpointNotWritten
 
     try:
         server.stop()
     except CheckpointNotWritten as exc:
-        log.warning("ffps: %s. The trained model is returned; save it with model.save(path)", exc)
         return str(exc)
     return None
 

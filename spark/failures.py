@@ -22,6 +22,25 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("core", "ps", "spark"))
 
 
+CRASHED = "Python worker exited unexpectedly"     # a task's Python process died (killed, out of memory)
+_LOST_TASK = re.compile(r"Lost task \S+ in stage \S+ \(TID \d+\) \([^)]*\)")
+
+
+def short_error(exc: BaseException) -> str:
+    """First informative line of a (possibly Java) exception; for a crashed task's Python, that and the task
+    (Spark's first line is only 'Job aborted due to stage failure')."""
+    text = str(exc)
+    if CRASHED in text:
+        lost = _LOST_TASK.search(text)
+        said = text[text.index(CRASHED):].split("\n", 1)[0].strip()
+        return (f"{lost.group(0)}: " if lost else "") + said[:300]
+    for line in text.splitlines():
+        line = line.strip().removeprefix(": ").strip()
+        if line and not line.startswith(("at ", "An error occurred while calling")):
+            return line[:500]
+    return type(exc).__name__
+
+
 class TrainingFailed(RuntimeError):
     """The training stage failed; ``failure`` (a :class:`TaskFailure`, or None) says which task and why."""
 

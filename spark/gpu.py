@@ -72,10 +72,10 @@ def with_gpu_profile(rdd, master: str):
     try:
         return rdd.withResources(gpu_profile())
     except Exception as exc:  # noqa: BLE001 - e.g. dynamic allocation rules; the global confs still apply
-        from .training import _short
+        from .failures import short_error
 
         log.warning("could not attach a GPU ResourceProfile to the training stage (%s); relying on "
-                    "spark.task.resource.gpu.amount", _short(exc))
+                    "spark.task.resource.gpu.amount", short_error(exc))
         return rdd
 
 

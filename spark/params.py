@@ -22,7 +22,7 @@ from core.backends import BACKEND_NAMES
 from core.backends.numpy_ops import PRECISIONS
 from core.network import param_layout
 from core.optimizers import OPTIMIZERS
-from core.validation import check_layers
+from core.validation import check_int, check_layers
 from ps.modes import DEFAULT_WINDOW, MODE_NAMES
 from ps.protocol import WIRE_DTYPES
 from ps.spec import TrainingSpec
@@ -115,7 +115,8 @@ PARAMS = {
     "optimizer": ("update rule the server applies to gradient pushes (sync, async): " + ", ".join(OPTIMIZERS),
                   _choice("optimizer", OPTIMIZERS), "sgd"),
     "communicationWindow": ("local mini-batch steps between exchanges with the server (tau); 0 = auto: 1 in sync "
-                            "mode (where it must be 1), %d in the others" % DEFAULT_WINDOW, T.toInt, 0),
+                            "mode (where it must be 1), %d in the others. A worker whose pass over its shard has "
+                            "fewer steps exchanges once a pass" % DEFAULT_WINDOW, T.toInt, 0),
     "rho": ("elastic modes: moving rate alpha = stepSize * rho; unset = the EASGD default alpha = 0.9 / "
             "numWorkers", T.toFloat, None),
     "momentum": ("momentum: of the server optimizer 'momentum'/'nesterov', and delta of eamsgd's local Nesterov "
@@ -227,8 +228,7 @@ def training_spec(p: Params) -> TrainingSpec:
     layers = check_layers(get("layers"))
     for name, low in (("maxRetries", 0), ("checkpointInterval", 1), ("psPort", 0), ("maxStaleness", -1),
                       ("psShards", 0)):
-        if get(name) < low:
-            raise ValueError(f"{name} must be >= {low}, got {get(name)!r}")
+        check_int(name, get(name), low)
     if get("psPort") > 65535:
         raise ValueError(f"psPort must be 0..65535, got {get('psPort')}")
     if get("resume") and not get("checkpointDir"):

@@ -19,15 +19,11 @@ import time
 import numpy as np
 from pyspark.ml.util import DefaultParamsReader, MLReader, MLWriter
 
+from .failures import short_error
 from .params import check_model_weights
 from .session import is_connect
 
 FORMAT_VERSION = 1
-
-
-def _short(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 class ModelWriter(MLWriter):
@@ -38,7 +34,8 @@ class ModelWriter(MLWriter):
     def save(self, path: str) -> None:
         """Check the model, then the path, before anything is deleted or written: a model that could not be
         loaded again is refused with the old one still in place, and an existing path without ``overwrite()``
-        is refused as MLlib's writers refuse it (an empty directory, or anyone's data, included)."""
+        is refused as MLlib's writers refuse it (an empty directory, or anyone's data, included; on Spark Connect
+        an existing model, through its writers' "error" mode)."""
         model = self.instance
         if model._weights is None:
             raise ValueError("this model has no weights to save: train it with fit() or load() a saved one")
@@ -46,8 +43,8 @@ class ModelWriter(MLWriter):
         if not model.isDefined("layers"):
             raise ValueError("this model has no layers to save: build it with layers=[...]")
         model._thresholds()
-        if not self.shouldOverwrite and path_exists(self.sparkSession, path):
-            raise FileExistsError(f"Path {path} already exists. To overwrite it, use write().overwrite().save(path)")
+        if not self.shouldOverwrite and not is_connect(self.sparkSession) and path_exists(self.sparkSession, path):
+            raise FileExistsError(exists_message(path))
         super().save(path)
 
     def _handleOverwrite(self, path: str) -> None:
@@ -61,26 +58,27 @@ class ModelWriter(MLWriter):
         w = np.ascontiguousarray(model.weights.toArray(), dtype="<f4")   # float32 -> float64 -> float32: exact
         mode = "overwrite" if self.shouldOverwrite else "error"      # Connect knows "error", not "errorifexists"
         meta = metadata_json(model, spark.version, {"ffpsFormat": FORMAT_VERSION, "numParams": int(w.size)})
-        spark.createDataFrame([(meta,)], "value string").coalesce(1).write.mode(mode).text(_join(path, "metadata"))
+        try:
+            spark.createDataFrame([(meta,)], "value string").coalesce(1).write.mode(mode).text(_join(path, "metadata"))
+        except Exception as exc:  # noqa: BLE001 - Connect: AnalysisException [PATH_ALREADY_EXISTS]
+            if "PATH_ALREADY_EXISTS" in str(exc):
+                raise FileExistsError(exists_message(path)) from None
+            raise
         frame = spark.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
                                       "layers array<int>, weights binary")
         frame.coalesce(1).write.mode(mode).parquet(_join(path, "data"))
 
 
 def path_exists(spark, path: str) -> bool:
-    """Whether anything (a file, a directory, an empty one too) is at ``path``: through Hadoop's FileSystem on a
-    classic session, by listing it with the binaryFile source on Spark Connect (no JVM handle there)."""
-    if not is_connect(spark):
-        jvm, sc = spark.sparkContext._jvm, spark.sparkContext._jsc
-        p = jvm.org.apache.hadoop.fs.Path(path)
-        return bool(p.getFileSystem(sc.hadoopConfiguration()).exists(p))
-    try:
-        spark.read.format("binaryFile").load(path).schema       # analysed on the server: the path is listed
-    except Exception as exc:  # noqa: BLE001 - Connect raises AnalysisException [PATH_NOT_FOUND]
-        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
-            return False
-        raise
-    return True
+    """Whether anything (a file, a directory, an empty one too) is at ``path``, through Hadoop's FileSystem of a
+    classic session. (Spark Connect has no JVM handle here; its writers' "error" mode refuses an existing model.)"""
+    jvm, sc = spark.sparkContext._jvm, spark.sparkContext._jsc
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return bool(p.getFileSystem(sc.hadoopConfiguration()).exists(p))
+
+
+def exists_message(path: str) -> str:
+    return f"Path {path} already exists. To overwrite it, use write().overwrite().save(path)"
 
 
 def _join(path: str, name: str) -> str:
@@ -117,7 +115,7 @@ class ModelReader(MLReader):
             metadata = load_metadata(self.sparkSession, path)
         except Exception as exc:  # noqa: BLE001 - missing dir, no metadata, unreadable JSON
             raise ValueError(f"{path!r} is not a saved ffps model: no readable Spark ML metadata "
-                             f"({_short(exc)})") from None
+                             f"({short_error(exc)})") from None
         if metadata.get("class") not in accepted or metadata.get("ffpsFormat") != FORMAT_VERSION:
             raise ValueError(f"{path!r} holds a saved {metadata.get('class')!r}, not an ffps model ({expected}, "
                              f"format {FORMAT_VERSION})")
@@ -125,7 +123,7 @@ class ModelReader(MLReader):
             rows = self.sparkSession.read.parquet(_join(path, "data")).collect()
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"ffps model at {path!r} is damaged: its weights (data/) cannot be read "
-                             f"({_short(exc)})") from None
+                             f"({short_error(exc)})") from None
         if len(rows) != 1 or not {"layers", "weights"} <= set(rows[0].asDict()):
             raise ValueError(f"ffps model at {path!r} is damaged: data/ should hold one row with layers and weights")
         layers, blob = list(rows[0]["layers"]), bytes(rows[0]["weights"])

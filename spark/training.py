@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 
 import numpy as np
 
-from .failures import TrainingFailed, from_reports, from_spark_error
+from .failures import TrainingFailed, from_reports, from_spark_error, short_error
 
 log = logging.getLogger("spark.training")
 
@@ -64,7 +63,7 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
 
         import pyarrow as pa
 
-        from ps.client import ServerUnavailable
+        from ps.client import AuthenticationRefused, ServerUnavailable
         from ps.shards import connect
         from spark.data import data_problem, read_partition, uneven_partitions
 
@@ -73,6 +72,8 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         t_read = time.time()
         try:
             client = connect(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
+        except AuthenticationRefused as exc:
+            raise RuntimeError(f"{UNREACHABLE}: {exc}") from None
         except ServerUnavailable as exc:
             import socket
 
@@ -122,25 +123,6 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         return stats
 
     return train
-
-
-CRASHED = "Python worker exited unexpectedly"     # a task's Python process died (killed, out of memory)
-_LOST_TASK = re.compile(r"Lost task \S+ in stage \S+ \(TID \d+\) \([^)]*\)")
-
-
-def _short(exc: BaseException) -> str:
-    """First informative line of a (possibly Java) exception; for a crashed task's Python, that and the task
-    (Spark's first line is only 'Job aborted due to stage failure')."""
-    text = str(exc)
-    if CRASHED in text:
-        lost = _LOST_TASK.search(text)
-        said = text[text.index(CRASHED):].split("\n", 1)[0].strip()
-        return (f"{lost.group(0)}: " if lost else "") + said[:300]
-    for line in text.splitlines():
-        line = line.strip().removeprefix(": ").strip()
-        if line and not line.startswith(("at ", "An error occurred while calling")):
-            return line[:500]
-    return type(exc).__name__
 
 
 # Spark's refusals of the stage itself: every attempt fails the same way, so none is retried
@@ -209,7 +191,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
             rows = stage.collect()
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
             if "BarrierJobUnsupportedRDDChainException" in str(exc):
-                raise UnsupportedBarrierChain(_short(exc)) from None      # nothing ran: the caller reshuffles
+                raise UnsupportedBarrierChain(short_error(exc)) from None      # nothing ran: the caller reshuffles
             if UNREACHABLE in str(exc):                                     # a relaunch would wait again
                 raise TrainingFailed(_unreachable(exc), None, len(errors) + 1) from None
             if SLOTS_CHECK_FAILED in str(exc):                              # so would this one
@@ -219,7 +201,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                 raise TrainingFailed(f"{refused[0]}. Not retried: Spark refuses every attempt the same way",
                                      None, len(errors) + 1) from None
             failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
-            reason = failure.describe() if failure is not None else _short(exc)
+            reason = failure.describe() if failure is not None else short_error(exc)
             errors.append(f"attempt {attempt}: {reason}")
             if not server.running:
                 raise TrainingFailed(f"parameter server stopped during training: {server.stats().get('error')}; "

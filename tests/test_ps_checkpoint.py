@@ -2,6 +2,7 @@
 failed write neither stops training nor goes unreported, and stop() leaves the last state on disk."""
 import errno
 import os
+import re
 import threading
 
 import numpy as np
@@ -138,8 +139,6 @@ def test_stop_says_when_the_last_checkpoint_could_not_be_written(tmp_path, monke
     assert np.allclose(s.weights(), -0.7)           # stopped, the 7 updates readable: a trainer returns them
 
 
-
-
 def test_checkpoint_dir_that_is_a_file_is_refused_before_anything_starts(tmp_path):
     f = tmp_path / "not-a-dir"
     f.write_bytes(b"keep me")
@@ -231,3 +230,20 @@ def test_a_killed_servers_lock_and_partial_write_do_not_outlive_it(tmp_path):
     (d / ".ckpt-abc123.tmp").write_bytes(b"half a checkpoint")
     with ParameterServer(np.zeros(4, np.float32), checkpoint_dir=str(d), progress=False):
         assert not (d / ".ckpt-abc123.tmp").exists()
+
+
+def test_a_resumed_server_names_the_checkpoint_it_resumed_from_when_its_last_one_fails(tmp_path, monkeypatch):
+    """The message said 'a resume would start from no checkpoint' when only this server's writes had failed:
+    the checkpoint it resumed from is still there, and is where a resume would start."""
+    d = str(tmp_path / "ck")
+    first = ParameterServer(np.zeros(16, np.float32), mode="async", num_workers=1, checkpoint_dir=d,
+                            checkpoint_every=100, progress=False).start()
+    push_n(first.client_config(), 7)
+    first.stop()
+    kept = ckpt.latest(d)
+    monkeypatch.setattr(ckpt, "save", FlakyDisk(fail=range(1, 1000)))
+    again = ParameterServer(np.zeros(16, np.float32), mode="async", num_workers=1, checkpoint_dir=d,
+                            checkpoint_every=100, progress=False, resume=True).start()
+    push_n(again.client_config(), 3)
+    with pytest.raises(ckpt.CheckpointNotWritten, match=f"a resume would start from {re.escape(kept)}$"):
+        again.stop()

@@ -407,7 +407,6 @@ def test_partitions_that_would_leave_rows_unused_are_shuffled(digits_df):
         assert [stats["workers"][w]["rows"] for w in (0, 1)] == [200, 200] and stats["rows"] == 400
 
 
-
 def test_an_unreachable_parameter_server_is_a_clear_error_not_a_hang(digits_df, monkeypatch, caplog):
     """Executors that cannot connect to the server (a wrong psHost, a firewall, a remote Spark Connect server)
     fail at registration with a message naming the address and psHost, and the stage is not relaunched: a

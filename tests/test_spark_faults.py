@@ -202,7 +202,7 @@ def test_sparks_refusals_of_the_stage_are_said_at_once_and_not_retried(digits_df
 def test_the_retry_warning_names_a_crashed_python_worker_and_its_task():
     """Spark's first line of a killed task's error is 'Job aborted due to stage failure'; the retry warning kept
     only that (and a ': ' of Py4J's layout). It says the Python worker crashed, and which task it was."""
-    from spark.training import _short
+    from spark.failures import short_error as _short
 
     text = ("An error occurred while calling o120.collectToPython.\n: org.apache.spark.SparkException: Job aborted "
             "due to stage failure: Task 1 in stage 7.0 failed 1 times, most recent failure: Lost task 1.0 in stage "

@@ -87,7 +87,7 @@ def mllib_figures(frame):
         warnings.filterwarnings("ignore", "Deprecated in 3.0.0", FutureWarning)
         m = MulticlassMetrics(pairs)
     labels = sorted({label for _, label in pairs.collect()})
-    return {"accuracy": m.accuracy, "weightedPrecision": m.weightedPrecision,
+    figures = {"accuracy": m.accuracy, "weightedPrecision": m.weightedPrecision,
             "weightedRecall": m.weightedRecall, "weightedFMeasure": m.weightedFMeasure(),
             "weightedFMeasure2": m.weightedFMeasure(2.0),
             "weightedFalsePositiveRate": m.weightedFalsePositiveRate, "labels": labels,
@@ -95,6 +95,8 @@ def mllib_figures(frame):
             "recallByLabel": [m.recall(lab) for lab in labels],
             "falsePositiveRateByLabel": [m.falsePositiveRate(lab) for lab in labels],
             "fMeasureByLabel": [m.fMeasure(lab) for lab in labels]}
+    pairs.unpersist()
+    return figures
 
 
 def ours(s):
