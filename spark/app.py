@@ -212,6 +212,7 @@ FLAG_OF_PARAM = {"maxIter": "--epochs", "blockSize": "--batch-size", "stepSize":
                  "numWorkers": "--workers", "communicationWindow": "--window", "maxStaleness": "--staleness",
                  "momentum": "--momentum", "tol": "--tol", "layers": "--layers", "psPort": "--ps-port",
                  "psShards": "--ps-shards", "checkpointInterval": "--checkpoint-interval",
+                 "checkpointDir": "--checkpoint-dir",
                  "maxRetries": "--max-retries", "workerTimeout": "--worker-timeout"}
 _PARAM_NAMES = re.compile(r"\b(" + "|".join(FLAG_OF_PARAM) + r")\b")
 
