@@ -76,7 +76,7 @@ def test_fit_and_transform(report):
 def test_save_load_and_overwrite(report):
     got = ok(report, "save_load")
     assert got["same_weights"] and got["same_uid"] and got["same_predictions"] and got["layers"] == [64, 32, 10]
-    assert "already exists" in got["second_save_error"]
+    assert "already exists. To overwrite it, use write().overwrite().save(path)" in got["second_save_error"]
     assert got["overwritten_loads"]
 
 
