@@ -26,6 +26,7 @@ if __name__ == "__main__" and not __package__:      # spark-submit spark/app.py:
 
 from core.cli import add_training_flags, backend_of
 from ps.spec import add_spec_flags
+from spark.session import hadoop_path
 
 FORMATS = ("auto", "libsvm", "parquet", "csv")
 
@@ -134,24 +135,15 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
     return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
 
 
-def _hadoop(spark, path: str):
-    """(Hadoop FileSystem, Path) of ``path`` through the session's JVM; None where there is no JVM at hand."""
-    jvm = getattr(spark, "_jvm", None)
-    if jvm is None:
-        return None
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return p.getFileSystem(spark._jsc.hadoopConfiguration()), p
-
-
 def _qualified(spark, path: str) -> str:
     """``path`` as Hadoop resolves it (scheme, authority, absolute), so two spellings of one place compare
     equal; the plain absolute path where there is no JVM at hand."""
-    fs_path = _hadoop(spark, path)
+    fs_path = hadoop_path(spark, path)
     return os.path.abspath(path) if fs_path is None else str(fs_path[0].makeQualified(fs_path[1]))
 
 
 def _exists(spark, path: str) -> bool:
-    fs_path = _hadoop(spark, path)
+    fs_path = hadoop_path(spark, path)
     return os.path.exists(path) if fs_path is None else bool(fs_path[0].exists(fs_path[1]))
 
 

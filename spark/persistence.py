@@ -21,7 +21,7 @@ from pyspark.ml.util import DefaultParamsReader, MLReader, MLWriter
 
 from .failures import short_error
 from .params import check_model_weights
-from .session import is_connect
+from .session import hadoop_path, is_connect
 
 FORMAT_VERSION = 1
 
@@ -43,7 +43,8 @@ class ModelWriter(MLWriter):
         if not model.isDefined("layers"):
             raise ValueError("this model has no layers to save: build it with layers=[...]")
         model._thresholds()
-        if not self.shouldOverwrite and not is_connect(self.sparkSession) and path_exists(self.sparkSession, path):
+        fs_path = hadoop_path(self.sparkSession, path)     # None on Connect: its "error" mode refuses a model
+        if not self.shouldOverwrite and fs_path is not None and fs_path[0].exists(fs_path[1]):
             raise FileExistsError(exists_message(path))
         super().save(path)
 
@@ -67,14 +68,6 @@ class ModelWriter(MLWriter):
         frame = spark.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
                                       "layers array<int>, weights binary")
         frame.coalesce(1).write.mode(mode).parquet(_join(path, "data"))
-
-
-def path_exists(spark, path: str) -> bool:
-    """Whether anything (a file, a directory, an empty one too) is at ``path``, through Hadoop's FileSystem of a
-    classic session. (Spark Connect has no JVM handle here; its writers' "error" mode refuses an existing model.)"""
-    jvm, sc = spark.sparkContext._jvm, spark.sparkContext._jsc
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return bool(p.getFileSystem(sc.hadoopConfiguration()).exists(p))
 
 
 def exists_message(path: str) -> str:

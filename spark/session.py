@@ -65,6 +65,16 @@ def conf(spark, key: str, default=None):
     return spark.sparkContext.getConf().get(key, default)
 
 
+def hadoop_path(spark, path: str):
+    """(Hadoop FileSystem, Path) of ``path`` through a classic session's JVM; None on Spark Connect (no JVM
+    handle in this process)."""
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return None
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(spark._jsc.hadoopConfiguration()), p
+
+
 def master(spark) -> str:
     return spark.sparkContext.master if not is_connect(spark) else (conf(spark, "spark.master", "") or "")
 
