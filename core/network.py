@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import get_backend
-from .validation import (check_dtype, check_features, check_labels, check_layers, check_params, check_int,
+from .validation import (check_dtype, check_features, check_int, check_labels, check_layers, check_params,
                          check_precision, check_seed)
 
 

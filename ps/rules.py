@@ -94,8 +94,7 @@ class SSPClocks:
     """
 
     def __init__(self, num_workers: int, slack: int):
-        check_int("SSP slack", slack, 0)
-        self.slack = int(slack)
+        self.slack = check_int("SSP slack", slack, 0)
         self.clock = [0] * int(num_workers)
         self.retired = [False] * int(num_workers)
 

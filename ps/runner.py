@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.backends.threads import check_thread_count, shared_threads
+from core.backends.threads import shared_threads
+from core.validation import check_int
 
 from .shards import auto_shards, make_server
 from .spec import TrainingSpec
@@ -183,7 +184,7 @@ class Runner:
                         "its peers are descheduled; use at most %d workers on this machine", self.n, cores, cores)
         if threads is None:
             return
-        check_thread_count(threads, "threads_per_worker")
+        check_int("threads_per_worker", threads)
         if threads > 1 and threads * self.n > cores:
             log.warning("%d workers x %d threads on %d cores: BLAS threads beyond the cores wait on each other "
                         "(a step can take 5-50x longer); use threads_per_worker <= %d", self.n, threads, cores,

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 from core.backends import BACKEND_NAMES
-from core.cli import backend_of
 from core.backends.numpy_ops import PRECISIONS
+from core.cli import backend_of
 from core.optimizers import OPTIMIZERS, SCHEDULES
 from core.validation import check_int, check_layers, check_seed, int_rule
 

@@ -138,20 +138,20 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     if cpu_threads is not None:
         limit_cpu_threads(cpu_threads)
     spec = cfg["spec"]
-    mode, tau = spec.rule, spec.tau
+    mode = spec.rule
     net = FeedForwardNetwork(list(spec.layers), backend=spec.backend, device=device, precision=spec.precision)
     trainer = MinibatchTrainer(net, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                                optimizer=mode.local_optimizer, momentum=spec.local_momentum,
                                seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs)
     data = net.upload(X, y)
-    spec = window_within_an_epoch(spec, trainer.steps_per_epoch(data.n_rows))
+    steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
+    spec = window_within_an_epoch(spec, steps_per_epoch)
     tau = spec.tau
     t_ready = time.perf_counter()
     if client is None:
         client = connect(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)
     t0 = time.perf_counter()
     resume_after = client.step
-    steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,
              "stale": 0, "rejected_updates": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "exchange_s": 0.0,
              "tau": tau, "epochs": spec.epochs,

@@ -309,11 +309,8 @@ def evaluate(spark, args) -> dict:
     return {"mode": "evaluate", "rows": out.count(), **metrics}
 
 
-def run(argv=None) -> dict:
-    return run_args(build_parser().parse_args(argv))
-
-
-def run_args(args) -> dict:
+def run(args) -> dict:
+    """The job the parsed flags name -> its result (what ``main`` prints)."""
     if args.mode == "train":
         check_training_flags(args)              # seconds before the JVM would have started
     if args.json_out:
@@ -356,7 +353,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        result = run_args(args)
+        result = run(args)
     except ValueError as exc:
         print(f"ffps: error: {exc}", file=sys.stderr)
         return 2

@@ -23,13 +23,6 @@ def blas_threads() -> int:
     return _blas_threads
 
 
-def check_thread_count(n, what: str = "thread count") -> int:
-    """``n`` if it is an integer >= 1 (not a bool), else ValueError naming ``what`` and the value."""
-    from ..validation import check_int          # core.validation imports core.backends: bound at the call
-
-    return check_int(what, n)
-
-
 def shared_threads(workers: int, cores: int | None = None) -> int:
     """Each of ``workers`` processes' share of the machine's cores (at least 1): what a worker gets by default."""
     return max(1, (cores or os.cpu_count() or 1) // workers)
@@ -44,7 +37,9 @@ def limit_cpu_threads(n: int) -> None:
     threads and numba's kernels stay serial unless n is 1 for BLAS (the module's thread model above).
     """
     global _blas_threads
-    check_thread_count(n)
+    from ..validation import check_int          # core.validation imports core.backends: bound at the call
+
+    check_int("thread count", n)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n)
