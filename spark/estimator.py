@@ -26,6 +26,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
 from .data import check_schema, prepared
+from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
                      keyword_signature, ps_bind, training_spec)
@@ -157,10 +158,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  if server.resumed_from else None}
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         warning = not_learned(stats["server"]["convergence"]["completed"], spec.layers[-1], spec.learning_rate)
-        on_cpu = self.getUseGpu() and sorted({str(w.get("backend")) for w in workers.values()} - {"cupy"})
-        no_gpu = (f"useGpu=True, but the training tasks ran on the {', '.join(on_cpu)} backend: no GPU reached them "
-                  f"(a local master hands out none unless spark.task.resource.gpu.amount is set), or backend="
-                  f"{spec.backend!r} does not use one") if on_cpu else None
+        no_gpu = unused_gpu_warning(spec.backend, workers) if self.getUseGpu() else None
         stats["warnings"] = [w for w in (checkpoint_problem, no_gpu, warning) if w]
         for said in (no_gpu, warning):
             if said:

@@ -92,3 +92,26 @@ def gpu_stage(prep, fn, schema: str, master: str):
         log.info("master %s has no stage-level scheduling; GPUs come from spark.task.resource.gpu.amount", master)
         return prep.mapInArrow(fn, schema, barrier=True)
     return prep.mapInArrow(fn, schema, barrier=True, profile=gpu_profile())
+
+
+def unused_gpu_warning(backend: str, workers: dict) -> str | None:
+    """What to say when ``useGpu=True`` trained on the CPU, from the workers' stats (``backend``, ``gpu_address``
+    each), or None when every task trained on cupy. ``backend`` is the estimator's setting.
+
+    Three causes ask for three fixes: no task was given a GPU (Spark's resource confs), GPUs were given to a CPU
+    backend the user chose (the backend), or 'auto' found no usable cupy beside the given GPUs (the install)."""
+    on_cpu = sorted({str(w.get("backend")) for w in workers.values()} - {"cupy"})
+    if not on_cpu:
+        return None
+    addresses = sorted({str(w["gpu_address"]) for w in workers.values() if w.get("gpu_address") is not None})
+    ran = f"the training tasks trained on {', '.join(on_cpu)}"
+    if not addresses:
+        return (f"useGpu=True, but no GPU reached the training tasks ({ran}): a local master hands out none unless "
+                f"spark.task.resource.gpu.amount is set; on a cluster set spark.executor.resource.gpu.amount and "
+                f"its discoveryScript (spark/README.md)")
+    given = f"GPU{'s' if len(addresses) > 1 else ''} {', '.join(addresses)}"
+    if str(backend).lower() in ("numpy", "numba"):
+        return (f"useGpu=True, but backend={backend!r} trains on the CPU: {given} given to the tasks sat idle; "
+                f"set backend='auto' or 'cupy'")
+    return (f"useGpu=True and the tasks were given {given}, but {ran}: cupy is not importable in the executors' "
+            f"Python or sees no CUDA device there; install ffps[gpu] (cupy-cuda12x) on the executors")

@@ -454,7 +454,7 @@ def test_use_gpu_without_a_gpu_in_the_tasks_is_said(digits_df, async_model, capl
     """useGpu=True where the tasks got no GPU (a local master hands out none) trained on the CPU without a word."""
     with caplog.at_level("WARNING", logger="spark.estimator"):
         m = make(layers=[64, 16, 10], maxIter=1, mode="async", backend="numpy", useGpu=True).fit(digits_df[0])
-    said = [w for w in m.trainingStats["warnings"] if w.startswith("useGpu=True, but the training tasks ran on the "
-                                                                  "numpy backend")]
+    said = [w for w in m.trainingStats["warnings"] if w.startswith("useGpu=True, but no GPU reached the training "
+                                                                  "tasks (the training tasks trained on numpy)")]
     assert len(said) == 1 and said[0] in caplog.text
     assert not [w for w in async_model.trainingStats["warnings"] if "useGpu" in w]      # useGpu not asked

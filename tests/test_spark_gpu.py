@@ -16,7 +16,7 @@ import pytest
 
 from tests.spark_helpers import REPO
 
-from spark.gpu import cuda_ordinal, supports_stage_level_scheduling, task_gpu
+from spark.gpu import cuda_ordinal, supports_stage_level_scheduling, task_gpu, unused_gpu_warning
 
 
 @pytest.mark.parametrize("address,visible,ordinal", [
@@ -32,6 +32,24 @@ def test_cuda_ordinal_rejects_invisible_gpus():
         cuda_ordinal("4", "3,5")
     with pytest.raises(ValueError, match="not an ordinal and CUDA_VISIBLE_DEVICES is unset"):
         cuda_ordinal("GPU-aa", None)
+
+
+def test_use_gpu_on_the_cpu_names_its_cause():
+    """useGpu=True that trained on the CPU: no GPU given (Spark's confs), GPUs given to a CPU backend the user
+    chose (the backend), or 'auto' beside given GPUs without a usable cupy (the install)."""
+    def workers(backend, *addresses):
+        return {i: {"backend": backend, "gpu_address": a} for i, a in enumerate(addresses)}
+
+    assert unused_gpu_warning("auto", workers("cupy", "0", "1")) is None
+    none_given = unused_gpu_warning("numpy", workers("numpy", None, None))
+    assert none_given.startswith("useGpu=True, but no GPU reached the training tasks (the training tasks trained "
+                                 "on numpy)") and "spark.task.resource.gpu.amount" in none_given
+    assert unused_gpu_warning("numba", workers("numba", "5", "5")) == (
+        "useGpu=True, but backend='numba' trains on the CPU: GPU 5 given to the tasks sat idle; set "
+        "backend='auto' or 'cupy'")
+    no_cupy = unused_gpu_warning("auto", workers("numba", "0", "1"))
+    assert no_cupy.startswith("useGpu=True and the tasks were given GPUs 0, 1, but the training tasks trained on "
+                              "numba: cupy is not importable") and "ffps[gpu]" in no_cupy
 
 
 def test_task_gpu_reads_task_resources(monkeypatch):
@@ -152,3 +170,6 @@ def test_local_cluster_training_tasks_get_mapped_gpus(tmp_path):
         assert w["cuda_ordinal"] == 1, "physical GPU 5 is CUDA device 1 when CUDA_VISIBLE_DEVICES=3,5"
     assert len({w["pid"] for w in workers.values()}) == 2, "tasks ran in two executor processes"
     assert report["accuracy"] >= 0.9 and report["same_after_load"]
+    # the numpy backend left the given GPU idle, and the warning says so (not "no GPU reached them")
+    assert report["warnings"] == ["useGpu=True, but backend='numpy' trains on the CPU: GPU 5 given to the tasks sat "
+                                  "idle; set backend='auto' or 'cupy'"]
