@@ -111,10 +111,15 @@ class ParameterClient:
         secure_client(s, cfg)
         # A request queued while a connection fails (refused mid-handshake, say) can be lost with it: the
         # monitor tells a re-made connection, and the request is sent again on it instead of waiting out a try.
+        # It also tells a refused TCP connect before any connection was made: nothing listens at the address.
         self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_CONNECTED
+                                             | zmq.EVENT_CONNECT_RETRIED)
         self._lost = False     # a connection went down and no new one has finished its handshake yet
         self._refused = None   # the ZAP status of a handshake the server's authenticator refused
+        self._connected = False        # a TCP connection to the server was made at least once
+        self._connect_refusals = 0     # refused connects before the first connection
+        self._connect_t0 = time.monotonic()
         s.connect(cfg["address"])
         self._seq = 0
         self.version = 0
@@ -144,6 +149,16 @@ class ParameterClient:
         return rh, frame
 
     RESEND_CHECK_S = 0.1    # while a reply is late, look this often whether the connection was re-made
+    REFUSED_S = 2.0         # refused this long, never connected: nothing listens, and no try would be answered
+
+    def _nobody_listens(self, timeout: float) -> str | None:
+        """Why no reply can come, when every connect so far was refused for a while, else None. A server that
+        went away after a connection is waited for as before (it may come back at the same address)."""
+        waited = time.monotonic() - self._connect_t0
+        if self._connected or self._connect_refusals < 3 or waited < min(timeout, self.REFUSED_S):
+            return None
+        return (f"nothing accepts connections at {self.cfg['address']}: {self._connect_refusals} connects refused "
+                f"in {waited:.1f}s (no server listens there: a wrong address or port, or the server has stopped)")
 
     def _reconnected(self) -> bool:
         """Whether a connection was lost and a new one finished its handshake since the last look."""
@@ -154,6 +169,12 @@ class ParameterClient:
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 if message["value"] == ZAP_DENIED:
                     self._refused = message["value"]
+                continue
+            if event == zmq.EVENT_CONNECTED:
+                self._connected = True
+                continue
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                self._connect_refusals += not self._connected
                 continue
             if event == zmq.EVENT_DISCONNECTED:
                 self._lost = True
@@ -196,6 +217,9 @@ class ParameterClient:
                     reply = None
                     if self._reconnected() and time.monotonic() < deadline:
                         send()      # the request may have gone down with the old connection
+                    nobody = self._nobody_listens(timeout)
+                    if nobody:
+                        raise ServerUnavailable(f"no reply from the parameter server to {Op(h.op).name}: {nobody}")
                     if self._refused is not None:
                         raise AuthenticationRefused(
                             f"the parameter server at {self.cfg['address']} refused this client's CURVE keys "

@@ -55,7 +55,8 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         except Exception as exc:                     # say why on the driver, then fail the task as before
             from spark.failures import report_to_server
 
-            report_to_server(cfg, worker, attempt, sessions[-1] if sessions else None, exc, ctx)
+            if UNREACHABLE not in str(exc):          # a server it could not reach would cost one more timeout
+                report_to_server(cfg, worker, attempt, sessions[-1] if sessions else None, exc, ctx)
             raise
 
     def train_task(ctx, worker, batches, keep_session):

@@ -308,6 +308,18 @@ def test_server_gone_gives_clear_error():
 
 
 @pytest.mark.timeout(30)
+def test_an_address_nobody_listens_at_is_said_without_waiting_out_the_tries():
+    """A wrong port (psPort, or a server that stopped before the worker came) refuses every connect: that is
+    said at once, not after 3 tries of 20 s, the wait of an unanswered request (which this test would exceed)."""
+    s = server()
+    cfg = s.client_config()
+    s.stop()
+    with pytest.raises(ServerUnavailable, match=rf"to HELLO: nothing accepts connections at {cfg['address']}: "
+                                                r"\d+ connects refused in [\d.]+s \(no server listens there"):
+        ParameterClient(cfg, worker_id=0, timeout=20, retries=2)
+
+
+@pytest.mark.timeout(30)
 def test_staleness_bound_stale_reply_then_pull_and_retry():
     with server(mode="async", staleness=0, learning_rate=1.0) as s:
         cfg = s.client_config()
