@@ -1,4 +1,7 @@
-"""Shared test setup: which backends run here, the per-dtype tolerances, and the gpu marker's skip."""
+"""Shared test setup: which backends run here, the per-dtype tolerances, the gpu marker's skip, and the
+one_spark_line marker's deselection."""
+import os
+
 import numpy as np
 import pytest
 
@@ -45,3 +48,17 @@ def digits_split():
     from core.datasets import load_digits_split
 
     return load_digits_split(seed=0)
+
+
+# Set by ./dev test for the Spark 3.5 line when the Spark 4 line runs after it: the one_spark_line tests start
+# a Spark application of their own (tens of seconds each, the same code path on both lines) and run there once.
+ONE_LINE_ENV = "FFPS_ONE_SPARK_LINE_TESTS_ELSEWHERE"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(ONE_LINE_ENV) != "1":
+        return
+    elsewhere = [item for item in items if item.get_closest_marker("one_spark_line")]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if not item.get_closest_marker("one_spark_line")]

@@ -154,6 +154,7 @@ def test_the_inputs_own_uneven_partitions_stop_the_task_for_a_shuffle(monkeypatc
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.one_spark_line
 def test_local_cluster_training_tasks_get_mapped_gpus(tmp_path):
     out = tmp_path / "report.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

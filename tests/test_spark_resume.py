@@ -41,6 +41,7 @@ def _kill_driver_after_checkpoint(directory, min_version, timeout=300):
             proc.wait(30)
 
 
+@pytest.mark.one_spark_line
 def test_a_fit_resumes_after_its_driver_was_killed(digits_df, tmp_path):
     train, test = digits_df
     directory = str(tmp_path / "ck")
