@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ps-shards", type=int, default=0, help="slices of the weights served in parallel (psShards; "
                                                             "default 0: auto)")
     s.add_argument("--checkpoint-dir", default="", help="driver-local directory for checkpoints (checkpointDir)")
-    s.add_argument("--checkpoint-interval", type=int, default=100,
-                   help="server updates between checkpoints (checkpointInterval; default %(default)s)")
+    s.add_argument("--checkpoint-interval", type=int, default=None,
+                   help="server updates between checkpoints in --checkpoint-dir (checkpointInterval, default 100)")
     s.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint-dir (a fit whose driver died)")
     s.add_argument("--max-retries", type=int, default=2,
@@ -196,8 +196,9 @@ def classifier(args, layers):
         useGpu=args.use_gpu, secure=not args.insecure, mlflowTracking=True if args.mlflow else None,
         tol=args.tol, precision=args.precision, cudaGraphs=args.cuda_graphs, pipelineExchange=args.pipeline,
         wireDtype=args.wire_dtype, psHost=args.ps_host, psPort=args.ps_port, psShards=args.ps_shards,
-        checkpointDir=args.checkpoint_dir, checkpointInterval=args.checkpoint_interval, resume=args.resume,
-        maxRetries=args.max_retries, workerTimeout=args.worker_timeout)
+        checkpointDir=args.checkpoint_dir, resume=args.resume, maxRetries=args.max_retries,
+        workerTimeout=args.worker_timeout,
+        **({} if args.checkpoint_interval is None else {"checkpointInterval": args.checkpoint_interval}))
 
 
 FLAG_OF_PARAM = {"maxIter": "--epochs", "blockSize": "--batch-size", "stepSize": "--learning-rate",
@@ -214,6 +215,9 @@ def check_training_flags(args) -> None:
     given, come from the data later), errors naming the flag the user typed."""
     from spark.params import training_spec
 
+    if args.checkpoint_interval is not None and not args.checkpoint_dir:
+        raise ValueError(f"--checkpoint-interval {args.checkpoint_interval} needs --checkpoint-dir: without a "
+                         f"directory no checkpoint is written")
     try:
         training_spec(classifier(args, args.layers or [1, 2]))
     except ValueError as exc:

@@ -82,6 +82,8 @@ def test_app_reads_csv_and_parquet_feature_columns(spark, tmp_path, capsys):
     (["--ps-port", "70000"], "--ps-port (psPort) must be 0..65535, got 70000"),
     (["--max-retries", "-1"], "--max-retries (maxRetries) must be an integer >= 0, got -1"),
     (["--resume"], "resume=True needs --checkpoint-dir (checkpointDir)"),
+    (["--checkpoint-interval", "5"], "--checkpoint-interval 5 needs --checkpoint-dir: without a directory no "
+                                     "checkpoint is written"),
     (["--json-out", "/"], "--json-out '/' is a directory; give a file path"),
     (["--json-out", "/no/such/dir/r.json"], "its directory '/no/such/dir' does not exist or cannot be written"),
 ])
