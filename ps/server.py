@@ -54,6 +54,12 @@ def _host(url: str) -> str:
     return url.split("//", 1)[-1].rsplit(":", 1)[0]
 
 
+def insecure_warning(address: str) -> str:
+    """What a server with security off says (the log, a fit's warnings)."""
+    return (f"SECURITY OFF (secure=False, --insecure): the parameter server at {address} accepts unauthenticated, unencrypted "
+            f"clients; turn security off only on a trusted network")
+
+
 def io_threads_for(cores: int | None = None, sharded: bool = False) -> int:
     """ZeroMQ I/O threads of a server's context. CURVE encrypts in them, one connection per thread, so with one
     thread every worker's crypto queues behind the others': a quarter of the cores, at most 4 (a shard of a
@@ -206,9 +212,6 @@ class ParameterServer:
             slow = curve_speed_warning()             # measured and said once per process
             if slow:
                 log.warning("%s", slow)
-        else:
-            log.warning("SECURITY OFF: parameter server at %s accepts unauthenticated, unencrypted clients; "
-                        "use secure=False only on a trusted network", self.bind)
         if _host(self.bind) in WILDCARD_HOSTS:
             log.warning("parameter server binds all interfaces (%s) as asked; workers connect to %s",
                         self.bind, self.advertise_host)
@@ -221,6 +224,8 @@ class ParameterServer:
         if self.advertise_host:
             self.address = f"tcp://{self.advertise_host}:{self.address.rsplit(':', 1)[-1]}"
         self._sock = sock
+        if not self.secure and (self.shard is None or self.shard[0] == 0):      # said once for a sharded server
+            log.warning("%s", insecure_warning(self.address))
         enabled = self._progress_enabled if self._progress_enabled is not None else os.isatty(2)
         self.progress = ProgressLine(bool(enabled))
         if self.checkpoints is not None:

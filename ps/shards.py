@@ -167,7 +167,8 @@ class ShardedServer:
         return [s.save_checkpoint(timeout) for s in self.shards]
 
     def __repr__(self):
-        return f"ShardedServer(shards={len(self.shards)}, mode={self.mode!r}, address={self.address!r})"
+        return (f"ShardedServer(shards={len(self.shards)}, mode={self.mode!r}, address={self.address!r}, "
+                f"secure={self.shards[0].secure})")
 
 
 class ShardedClient:

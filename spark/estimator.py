@@ -113,6 +113,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         return prep.repartition(self.getNumWorkers()) if shuffle else prep
 
     def _train(self, prep, spec, bind, shuffled: bool):
+        from ps.server import insecure_warning
         from ps.shards import auto_shards, make_server
 
         checkpoint_dir = self.getCheckpointDir() or None
@@ -159,7 +160,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         warning = not_learned(stats["server"]["convergence"]["completed"], spec.layers[-1], spec.learning_rate)
         no_gpu = unused_gpu_warning(spec.backend, workers) if self.getUseGpu() else None
-        stats["warnings"] = [w for w in (checkpoint_problem, no_gpu, warning) if w]
+        insecure = None if self.getSecure() else insecure_warning(server.address)     # logged at start
+        stats["warnings"] = [w for w in (insecure, checkpoint_problem, no_gpu, warning) if w]
         for said in (no_gpu, warning):
             if said:
                 log.warning("ffps: %s", said)

@@ -32,6 +32,20 @@ def test_bounds_and_auto():
         shard_bounds(5, 6)
 
 
+def test_security_off_is_said_once_with_the_address_workers_use(caplog):
+    """Each shard said it, naming the bind address with port 0 rather than the port it bound."""
+    spec = TrainingSpec(num_workers=1)
+    with caplog.at_level("WARNING", logger="ps.server"):
+        s = make_server(np.zeros(P, np.float32), spec=spec, shards=3, progress=False, secure=False).start()
+    try:
+        said = [r.getMessage() for r in caplog.records if "SECURITY OFF" in r.getMessage()]
+        assert said == [f"SECURITY OFF (secure=False, --insecure): the parameter server at {s.shards[0].address} "
+                        f"accepts unauthenticated, unencrypted clients; turn security off only on a trusted network"]
+        assert not s.shards[0].address.endswith(":0") and repr(s).endswith("secure=False)")
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("mode,optimizer", [("async", "sgd"), ("async", "adam"), ("sync", "momentum"),
                                             ("async-easgd", "sgd")])
 def test_sharded_weights_equal_one_servers(mode, optimizer):

@@ -450,11 +450,16 @@ def test_a_fit_whose_last_checkpoint_fails_still_returns_its_model(digits_df, tm
     assert len(said) == 1 and ckpt.latest(d) in said[0] and "model.save" in caplog.text
 
 
-def test_use_gpu_without_a_gpu_in_the_tasks_is_said(digits_df, async_model, caplog):
-    """useGpu=True where the tasks got no GPU (a local master hands out none) trained on the CPU without a word."""
-    with caplog.at_level("WARNING", logger="spark.estimator"):
-        m = make(layers=[64, 16, 10], maxIter=1, mode="async", backend="numpy", useGpu=True).fit(digits_df[0])
+def test_use_gpu_without_a_gpu_and_security_off_are_said(digits_df, async_model, caplog):
+    """useGpu=True where the tasks got no GPU (a local master hands out none) trained on the CPU without a word;
+    a fit with security off said so only in the log, at start, naming port 0."""
+    with caplog.at_level("WARNING"):
+        m = make(layers=[64, 16, 10], maxIter=1, mode="async", backend="numpy", useGpu=True, secure=False) \
+            .fit(digits_df[0])
     said = [w for w in m.trainingStats["warnings"] if w.startswith("useGpu=True, but no GPU reached the training "
                                                                   "tasks (the training tasks trained on numpy)")]
     assert len(said) == 1 and said[0] in caplog.text
+    (insecure,) = [w for w in m.trainingStats["warnings"] if w.startswith("SECURITY OFF (secure=False, --insecure): "
+                                                                         "the parameter server at tcp://127.0.0.1:")]
+    assert ":0 " not in insecure and caplog.text.count("SECURITY OFF") == 1 and insecure in caplog.text
     assert not [w for w in async_model.trainingStats["warnings"] if "useGpu" in w]      # useGpu not asked
