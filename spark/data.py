@@ -36,6 +36,45 @@ def check_schema(schema, features_col: str, label_col: str | None) -> None:
                       "numeric (class indices 0..C-1, e.g. from StringIndexer)")
 
 
+# Spark 3.5 hands a Python task its rows in Arrow batches of spark.sql.execution.arrow.maxRecordsPerBatch rows
+# (10,000 by default), whatever their size; Spark 4 also bounds a batch's bytes. Dense float32 rows of a wide
+# Vector (HashingTF's default 2^18 features: 1 MiB a row) make a batch of gigabytes: the JVM thread writing it
+# died of an OutOfMemoryError (direct buffer memory) and the task waited for it forever. 10,000 x 10,000
+# features (400 MB) went through with a 2 GB driver; 2,000 x 2^16 (0.5 GB, doubled while growing) did not.
+MAX_BATCH_BYTES = 256 << 20
+RECORDS_PER_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+def declared_width(schema, features_col: str) -> int | None:
+    """The Vector column's width from its ML attributes (VectorAssembler, HashingTF, CountVectorizer, the libsvm
+    reader set them), or None when the column carries none."""
+    attrs = schema[features_col].metadata.get("ml_attr") or {}
+    n = attrs.get("num_attrs")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_width(spark, schema, features_col: str, expected: int, what: str) -> None:
+    """Before any job: the declared width against ``expected`` (layers[0]), and a Spark 3.5 batch of such rows
+    that its JVM could not send. ``what``: how the error names ``expected``."""
+    width = declared_width(schema, features_col)
+    if width is None:
+        return                    # the tasks check each row's width where they read it
+    if width != expected:
+        raise ValueError(f"featuresCol {features_col!r} has vectors of size {width} (its ML attributes) but "
+                         f"{what} is {expected}; set layers[0] to the feature width")
+    if int(str(spark.version).split(".")[0]) >= 4:
+        return
+    records = int(spark.conf.get(RECORDS_PER_BATCH, "10000"))
+    row_bytes = 4 * width
+    if records <= 0 or records * row_bytes > MAX_BATCH_BYTES:
+        fits = max(1, MAX_BATCH_BYTES // row_bytes)
+        per_batch = "no row limit" if records <= 0 else f"{records} rows ({records * row_bytes / 2**30:.1f} GiB dense)"
+        raise ValueError(f"featuresCol {features_col!r} is {width} features wide: Spark {spark.version} sends the "
+                         f"tasks Arrow batches of {per_batch} ({RECORDS_PER_BATCH}), over ffps's bound of "
+                         f"{MAX_BATCH_BYTES >> 20} MiB (a batch the JVM cannot allocate leaves the task waiting "
+                         f"forever); spark.conf.set('{RECORDS_PER_BATCH}', {fits}) first")
+
+
 def features_array(features_col: str):
     """Column expression: the Vector column as array<float>, null where the vector is null (vector_to_array
     fails on a null vector with an opaque UDF error; a null lets the reader count it and name the column)."""

@@ -25,7 +25,7 @@ from pyspark.ml import Estimator
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
-from .data import check_schema, prepared
+from .data import check_schema, check_width, prepared
 from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
@@ -73,6 +73,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         check_schema(dataset.schema, features_col, label_col)
         require_connect_support(dataset)
         spark = dataset.sparkSession
+        check_width(spark, dataset.schema, features_col, spec.layers[0], "layers[0]")
         check_task_slots(spark, spec.num_workers)
         bind = ps_bind(master(spark), conf(spark, "spark.driver.host"), self.getPsHost(), self.getPsPort(),
                        connect_server_host(spark))

@@ -359,6 +359,50 @@ def test_transform_bad_features_are_clear_errors(spark, vector, message):
     assert message in str(err.value)
 
 
+def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
+    """The Vector column's ML attributes (VectorAssembler, HashingTF, libsvm) give its width: a wrong layers[0]
+    was said only after every row had been made dense in the tasks. On Spark 3.5, HashingTF's default 2^18
+    features made Arrow batches of 10 GiB: the JVM's writer died (OutOfMemoryError) and the fit and the
+    transform waited forever; the conf that avoids it is named instead, and then the fit goes through."""
+    from pyspark.ml.feature import HashingTF, VectorAssembler
+    from pyspark.sql import functions as F
+
+    from spark import estimator
+
+    jobs = []
+    monkeypatch.setattr(estimator, "prepared", lambda *a: jobs.append(a))      # every training job starts here
+    small = VectorAssembler(inputCols=["a", "b"], outputCol="features").transform(
+        spark.createDataFrame([(0.0, 1.0, 2.0), (1.0, 3.0, 4.0)], ["label", "a", "b"]))
+    with pytest.raises(ValueError, match=r"featuresCol 'features' has vectors of size 2 \(its ML attributes\) but "
+                                         r"layers\[0\] is 3; set layers\[0\] to the feature width"):
+        FeedForwardNetworkPSClassifier(layers=[3, 4, 2]).fit(small)
+    model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(12, np.float32), layers=[3, 3])
+    with pytest.raises(ValueError, match="has vectors of size 2 .* but the model's layers\\[0\\] is 3"):
+        model.transform(small)
+
+    wide = HashingTF(inputCol="words", outputCol="features").transform(          # numFeatures 2^18
+        spark.createDataFrame([(float(i % 2), [f"w{i}", "x"]) for i in range(8)], ["label", "words"]))
+    wide_model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(2**18 * 2 + 2, np.float32),
+                                                         layers=[2**18, 2])
+    if int(spark.version.split(".")[0]) >= 4:                  # Spark 4 bounds a batch's bytes too
+        assert wide_model.transform(wide).select(F.sum("prediction")).first()[0] == 0.0
+        assert jobs == []
+        return
+    said = (r"featuresCol 'features' is 262144 features wide: Spark 3\.5\.\d+ sends the tasks Arrow batches of "
+            r"10000 rows \(9\.8 GiB dense\) .* spark\.conf\.set\('spark\.sql\.execution\.arrow\.maxRecordsPerBatch"
+            r"', 256\) first")
+    with pytest.raises(ValueError, match=said):
+        FeedForwardNetworkPSClassifier(layers=[2**18, 2]).fit(wide)
+    with pytest.raises(ValueError, match=said):
+        wide_model.transform(wide)
+    assert jobs == []
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", 256)
+    try:
+        assert wide_model.transform(wide).select(F.sum("prediction")).first()[0] == 0.0
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+
+
 def test_model_without_weights_is_a_clear_error(spark):
     with pytest.raises(ValueError, match="no weights"):
         FeedForwardNetworkPSClassificationModel(layers=[3, 3]).transform(small(spark))
