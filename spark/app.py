@@ -166,22 +166,12 @@ def check_destination(spark, dest: str, flag: str, overwrite: bool, keep: dict) 
 
 def _read(path, fmt, read):
     """``read()``, with a missing or unreadable input as one ValueError naming the path (not a traceback)."""
+    from spark.failures import root_cause
+
     try:
         return read()
     except Exception as exc:  # noqa: BLE001 - AnalysisException (no such path, not that format), Py4J errors
-        raise ValueError(f"cannot read {path!r} as {fmt}: {_root_cause(exc)[:300]}") from None
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The deepest 'Caused by' of a Java error (a reader's 'is not a Parquet file'), without its class; else its
-    first informative line. Spark's first line is 'Job aborted due to stage failure' for a reader's job."""
-    from spark.failures import short_error
-
-    causes = [ln.strip().removeprefix("Caused by:").strip() for ln in str(exc).splitlines()
-              if ln.strip().startswith("Caused by:") and "Exception thrown in awaitResult" not in ln]
-    if not causes:
-        return short_error(exc)
-    return re.sub(r"^(?:[\w$]+\.)+[\w$]*(?:Exception|Error): ", "", causes[-1])
+        raise ValueError(f"cannot read {path!r} as {fmt}: {root_cause(exc)[:300]}") from None
 
 
 def classifier(args, layers):

@@ -41,6 +41,21 @@ def short_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def root_cause(exc: BaseException) -> str:
+    """The deepest 'Caused by' of a Java error (a reader's 'is not a Parquet file', VectorAssembler's 'Encountered
+    null'), without its class; a Python UDF's own error line; else the first informative line. Spark's first line
+    is only 'Job aborted due to stage failure'."""
+    text = str(exc)
+    causes = [" ".join(c.split()) for c in re.findall(r"Caused by: (.*?)(?=\n\s+at |\n\s*Caused by:|\n\s*\.\.\. |\Z)",
+                                                      text, re.S) if "Exception thrown in awaitResult" not in c]
+    cause = re.sub(r"^(?:[\w$]+\.)+[\w$]*(?:Exception|Error): ", "", causes[-1]) if causes else short_error(exc)
+    if "Traceback (most recent call last)" in cause or "PythonException" in cause or not causes:
+        python = re.findall(r"^(\w+(?:Error|Exception): \S.*)$", text, re.M)
+        if python:
+            return python[-1][:500]
+    return cause[:500]
+
+
 class TrainingFailed(RuntimeError):
     """The training stage failed; ``failure`` (a :class:`TaskFailure`, or None) says which task and why."""
 

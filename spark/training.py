@@ -165,6 +165,27 @@ class UnevenPartitions(RuntimeError):
     (:func:`spark.data.uneven_partitions`); nothing was trained. The caller shuffles them."""
 
 
+def _maybe_the_input(reported) -> bool:
+    """Whether a failed attempt may be the input's own failure: no task said why (the JVM failed computing the
+    rows), or a task's read of them broke (Spark 4 cuts the Arrow stream)."""
+    return reported is None or "read_partition" in str(reported.frame)
+
+
+def input_error(prep) -> str | None:
+    """The root cause when the prepared input fails to compute (a stage before ffps: VectorAssembler on a null,
+    a failing cast or UDF), else None. A plain job over every prepared column, run once after a failed first
+    attempt: the barrier stage's own error says only that a task failed."""
+    from pyspark.sql import functions as F
+
+    from .failures import root_cause
+
+    try:
+        prep.select(F.sum(F.hash(*prep.columns))).collect()
+    except Exception as exc:  # noqa: BLE001 - Py4JJavaError, Connect's SparkException, PythonException
+        return root_cause(exc)
+    return None
+
+
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
                       description: str = "ffps training", first_attempt: int = 0):
     """Run the training stage, relaunching it (attempt + 1) after a failure -> (worker results, attempts).
@@ -201,7 +222,13 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
             if refused:
                 raise TrainingFailed(f"{refused[0]}. Not retried: Spark refuses every attempt the same way",
                                      None, len(errors) + 1) from None
-            failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
+            reported = from_reports(server.stats().get("failures", []), attempt)
+            broken = input_error(prep) if attempt == first_attempt and _maybe_the_input(reported) else None
+            if broken:                                                      # computing it again fails again
+                raise TrainingFailed(f"the input DataFrame fails before ffps reads it: {broken.rstrip('.')}. Not "
+                                     f"retried: the stages before ffps fail every attempt the same way", None, 1) \
+                    from None
+            failure = reported or from_spark_error(exc)
             reason = failure.describe() if failure is not None else short_error(exc)
             errors.append(f"attempt {attempt}: {reason}")
             if not server.running:

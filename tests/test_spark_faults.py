@@ -212,3 +212,33 @@ def test_the_retry_warning_names_a_crashed_python_worker_and_its_task():
                                           "exited unexpectedly (crashed)")
     assert _short(RuntimeError("An error occurred while calling o1.x.\n: java.io.IOException: disk")) == \
         "java.io.IOException: disk"
+
+
+@pytest.mark.parametrize("upstream", ["assembler", "python_udf"])
+def test_an_input_that_fails_before_ffps_is_named_and_not_retried(spark, upstream, caplog):
+    """A stage before ffps that fails (VectorAssembler on a null, a Python UDF): the fit was retried 3 times and
+    said only that a barrier task failed, then blamed the task slots (Spark 3.5), or blamed ffps's own Arrow read
+    (Spark 4). One plain job over the input names the cause after the first attempt."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.feature import VectorAssembler
+    from pyspark.sql import functions as F
+
+    from spark.failures import TrainingFailed
+
+    @F.udf("double")
+    def breaks_on_7(x):
+        if x == 7:
+            raise RuntimeError("the upstream UDF broke on row 7")
+        return float(x)
+
+    base = spark.range(40).select((F.col("id") % 2).cast("double").alias("label"),
+                                  (F.when(F.col("id") % 10 != 0, F.col("id")) if upstream == "assembler"
+                                   else breaks_on_7("id")).cast("double").alias("a"), F.lit(1.0).alias("b"))
+    fit = Pipeline(stages=[VectorAssembler(inputCols=["a", "b"], outputCol="features"),
+                           FeedForwardNetworkPSClassifier(layers=[2, 4, 2], maxIter=2, backend="numpy")])
+    with caplog.at_level("WARNING", logger="spark.training"), pytest.raises(TrainingFailed) as err:
+        fit.fit(base)
+    cause = ('Encountered null while assembling a row with handleInvalid = "error". Consider removing nulls'
+             if upstream == "assembler" else "RuntimeError: the upstream UDF broke on row 7")
+    assert str(err.value).startswith(f"the input DataFrame fails before ffps reads it: {cause}")
+    assert err.value.attempts == 1 and "retrying" not in caplog.text and "task slots" not in str(err.value)
