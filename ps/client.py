@@ -83,7 +83,9 @@ class PushResult:
 
 
 class ParameterClient:
-    """Client of one worker. ``timeout`` seconds per try, ``retries`` extra tries, then ServerUnavailable."""
+    """Client of one worker. ``timeout`` seconds per try, ``retries`` extra tries, then ServerUnavailable. Before
+    its first connection, an address whose connects all fail for min(timeout, REFUSED_S) is ServerUnavailable
+    at once: start the server before its clients."""
 
     def __init__(self, cfg: dict, worker_id: int = 0, attempt: int = 0, timeout: float = 10.0, retries: int = 2,
                  register: bool = True, hwm: int | None = None):
@@ -157,8 +159,9 @@ class ParameterClient:
         waited = time.monotonic() - self._connect_t0
         if self._connected or self._connect_refusals < 3 or waited < min(timeout, self.REFUSED_S):
             return None
-        return (f"nothing accepts connections at {self.cfg['address']}: {self._connect_refusals} connects refused "
-                f"in {waited:.1f}s (no server listens there: a wrong address or port, or the server has stopped)")
+        return (f"nothing accepts connections at {self.cfg['address']}: {self._connect_refusals} connects failed "
+                f"(refused or unreachable) in {waited:.1f}s; no server listens there: a wrong address or port, or "
+                f"the server has stopped")
 
     def _reconnected(self) -> bool:
         """Whether a connection was lost and a new one finished its handshake since the last look."""

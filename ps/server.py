@@ -56,8 +56,8 @@ def _host(url: str) -> str:
 
 def insecure_warning(address: str) -> str:
     """What a server with security off says (the log, a fit's warnings)."""
-    return (f"SECURITY OFF (secure=False, --insecure): the parameter server at {address} accepts unauthenticated, unencrypted "
-            f"clients; turn security off only on a trusted network")
+    return (f"SECURITY OFF (secure=False, --insecure): the parameter server at {address} accepts "
+            f"unauthenticated, unencrypted clients; turn security off only on a trusted network")
 
 
 def io_threads_for(cores: int | None = None, sharded: bool = False) -> int:

@@ -64,15 +64,20 @@ def check_width(spark, schema, features_col: str, expected: int, what: str) -> N
                          f"{what} is {expected}; set layers[0] to the feature width")
     if int(str(spark.version).split(".")[0]) >= 4:
         return
-    records = int(spark.conf.get(RECORDS_PER_BATCH, "10000"))
     row_bytes = 4 * width
-    if records <= 0 or records * row_bytes > MAX_BATCH_BYTES:
-        fits = max(1, MAX_BATCH_BYTES // row_bytes)
-        per_batch = "no row limit" if records <= 0 else f"{records} rows ({records * row_bytes / 2**30:.1f} GiB dense)"
+    if row_bytes > MAX_BATCH_BYTES:
+        raise ValueError(f"featuresCol {features_col!r} is {width} features wide: one dense float32 row is "
+                         f"{row_bytes >> 20} MiB, and ffps trains on dense rows (as MLlib's MLPC does); use fewer "
+                         f"features (e.g. a smaller HashingTF numFeatures)")
+    records = int(spark.conf.get(RECORDS_PER_BATCH, "10000"))
+    rows = records if records > 0 else 10_000       # no limit: whole partitions, judged as the default's batch
+    if rows * row_bytes > MAX_BATCH_BYTES:
+        per_batch = f"{records} rows" if records > 0 else "whole partitions (no row limit)"
         raise ValueError(f"featuresCol {features_col!r} is {width} features wide: Spark {spark.version} sends the "
-                         f"tasks Arrow batches of {per_batch} ({RECORDS_PER_BATCH}), over ffps's bound of "
+                         f"tasks Arrow batches of {per_batch} ({RECORDS_PER_BATCH}), "
+                         f"{rows * row_bytes / 2**30:.1f} GiB dense at {rows} rows, over ffps's bound of "
                          f"{MAX_BATCH_BYTES >> 20} MiB (a batch the JVM cannot allocate leaves the task waiting "
-                         f"forever); spark.conf.set('{RECORDS_PER_BATCH}', {fits}) first")
+                         f"forever); spark.conf.set('{RECORDS_PER_BATCH}', {MAX_BATCH_BYTES // row_bytes}) first")
 
 
 def features_array(features_col: str):

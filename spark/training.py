@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .failures import TrainingFailed, from_reports, from_spark_error, short_error
+from .failures import CRASHED, TrainingFailed, from_reports, from_spark_error, short_error
 
 log = logging.getLogger("spark.training")
 
@@ -165,25 +165,38 @@ class UnevenPartitions(RuntimeError):
     (:func:`spark.data.uneven_partitions`); nothing was trained. The caller shuffles them."""
 
 
-def _maybe_the_input(reported) -> bool:
-    """Whether a failed attempt may be the input's own failure: no task said why (the JVM failed computing the
-    rows), or a task's read of them broke (Spark 4 cuts the Arrow stream)."""
-    return reported is None or "read_partition" in str(reported.frame)
+def _maybe_the_input(exc, failure) -> bool:
+    """Whether a failed attempt may be its input's own failure: nothing says why (the JVM failed computing the
+    rows), a Python error outside ffps's code (a UDF before it), or ffps's read of the rows broke (Spark 4 cuts
+    the Arrow stream). A crashed Python worker or an error in ffps's own code explains itself."""
+    if CRASHED in str(exc):
+        return False
+    frame = str(failure.frame) if failure is not None else ""
+    return failure is None or not frame.startswith(("spark/", "ps/", "core/")) or "in read_partition" in frame
 
 
 def input_error(prep) -> str | None:
     """The root cause when the prepared input fails to compute (a stage before ffps: VectorAssembler on a null,
-    a failing cast or UDF), else None. A plain job over every prepared column, run once after a failed first
-    attempt: the barrier stage's own error says only that a task failed."""
+    a failing cast or UDF), else None: a plain job over every prepared column, after a failed first attempt
+    that nothing else explains (the barrier stage's own error says only that a task failed). It must fail
+    twice with the same cause: a local master gives a task one try, and a passing failure is retried as before."""
     from pyspark.sql import functions as F
 
     from .failures import root_cause
+    from .session import set_job_description
 
+    causes = []
+    set_job_description(prep.sparkSession, "ffps: computing the input after a failed training attempt")
     try:
-        prep.select(F.sum(F.hash(*prep.columns))).collect()
-    except Exception as exc:  # noqa: BLE001 - Py4JJavaError, Connect's SparkException, PythonException
-        return root_cause(exc)
-    return None
+        for _ in range(2):
+            try:
+                prep.select(F.sum(F.hash(*prep.columns))).collect()
+                return None
+            except Exception as exc:  # noqa: BLE001 - Py4JJavaError, Connect's SparkException, PythonException
+                causes.append(root_cause(exc))
+    finally:
+        set_job_description(prep.sparkSession, None)
+    return causes[0] if causes[0] == causes[1] else None
 
 
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
@@ -222,13 +235,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
             if refused:
                 raise TrainingFailed(f"{refused[0]}. Not retried: Spark refuses every attempt the same way",
                                      None, len(errors) + 1) from None
-            reported = from_reports(server.stats().get("failures", []), attempt)
-            broken = input_error(prep) if attempt == first_attempt and _maybe_the_input(reported) else None
-            if broken:                                                      # computing it again fails again
-                raise TrainingFailed(f"the input DataFrame fails before ffps reads it: {broken.rstrip('.')}. Not "
-                                     f"retried: the stages before ffps fail every attempt the same way", None, 1) \
-                    from None
-            failure = reported or from_spark_error(exc)
+            failure = from_reports(server.stats().get("failures", []), attempt) or from_spark_error(exc)
             reason = failure.describe() if failure is not None else short_error(exc)
             errors.append(f"attempt {attempt}: {reason}")
             if not server.running:
@@ -237,8 +244,13 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
             if failure is not None and failure.deterministic:
                 raise TrainingFailed(f"training failed: {reason}. Not retried: a {failure.type} fails every "
                                      f"attempt the same way", failure, len(errors)) from None
+            broken = input_error(prep) if attempt == first_attempt and _maybe_the_input(exc, failure) else None
+            if broken:                                                      # computed again, it failed again
+                raise TrainingFailed(f"the input DataFrame fails before ffps reads it: {broken.rstrip('.')}. Not "
+                                     f"retried: the stages before ffps fail every attempt the same way", None,
+                                     len(errors)) from None
             log.warning("training stage failed after %.1fs (%s); %s", time.perf_counter() - t0, reason,
-                        "retrying" if attempt < max_retries else "giving up")
+                        "retrying" if attempt < first_attempt + max_retries else "giving up")
             continue
         finally:
             set_job_description(spark, None)

@@ -129,7 +129,8 @@ def cluster_job(out_path: str) -> None:
     path = os.path.join(tmp, "model")
     model.save(path)
     loaded = FeedForwardNetworkPSClassificationModel.load(path)
-    same = np.array_equal(loaded.weights.toArray(), model.weights.toArray()) and loaded.getLayers() == [64, 32, 10]
+    same = np.array_equal(loaded.weights.toArray(), model.weights.toArray()) and loaded.getLayers() == [64, 32, 10] \
+        and accuracy(loaded.transform(test)) == acc                     # the loaded model scores on the executors
     report = {"master": spark.sparkContext.master, "accuracy": acc, "same_after_load": bool(same),
               "workers": model.trainingStats["workers"], "attempts": model.trainingStats["attempts"],
               "warnings": model.trainingStats["warnings"]}

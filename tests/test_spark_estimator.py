@@ -363,7 +363,8 @@ def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
     """The Vector column's ML attributes (VectorAssembler, HashingTF, libsvm) give its width: a wrong layers[0]
     was said only after every row had been made dense in the tasks. On Spark 3.5, HashingTF's default 2^18
     features made Arrow batches of 10 GiB: the JVM's writer died (OutOfMemoryError) and the fit and the
-    transform waited forever; the conf that avoids it is named instead, and then the fit goes through."""
+    transform waited forever; the conf that avoids it is named instead, and with it the transform goes through.
+    Narrow columns pass whatever the conf, 'no limit' (-1, 0) included."""
     from pyspark.ml.feature import HashingTF, VectorAssembler
     from pyspark.sql import functions as F
 
@@ -384,19 +385,27 @@ def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
         spark.createDataFrame([(float(i % 2), [f"w{i}", "x"]) for i in range(8)], ["label", "words"]))
     wide_model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(2**18 * 2 + 2, np.float32),
                                                          layers=[2**18, 2])
-    if int(spark.version.split(".")[0]) >= 4:                  # Spark 4 bounds a batch's bytes too
+    if int(spark.version.split(".")[0]) >= 4:                  # Spark 4 bounds a batch's bytes too: no refusal
         assert wide_model.transform(wide).select(F.sum("prediction")).first()[0] == 0.0
-        assert jobs == []
         return
     said = (r"featuresCol 'features' is 262144 features wide: Spark 3\.5\.\d+ sends the tasks Arrow batches of "
-            r"10000 rows \(9\.8 GiB dense\) .* spark\.conf\.set\('spark\.sql\.execution\.arrow\.maxRecordsPerBatch"
-            r"', 256\) first")
+            r"10000 rows \(.*\), 9\.8 GiB dense at 10000 rows, .* spark\.conf\.set\("
+            r"'spark\.sql\.execution\.arrow\.maxRecordsPerBatch', 256\) first")
     with pytest.raises(ValueError, match=said):
         FeedForwardNetworkPSClassifier(layers=[2**18, 2]).fit(wide)
     with pytest.raises(ValueError, match=said):
         wide_model.transform(wide)
     assert jobs == []
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", 256)
+    for records in ("-1", "0"):                 # no row limit: whole partitions, judged as the default's batch
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", records)
+        try:
+            with pytest.raises(ValueError, match=r"Arrow batches of whole partitions \(no row limit\)"):
+                wide_model.transform(wide)
+            model.transform(small.drop("features").withColumn("c", F.lit(1.0)).transform(
+                lambda d: VectorAssembler(inputCols=["a", "b", "c"], outputCol="features").transform(d)))
+        finally:
+            spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", 256)      # the value the message names
     try:
         assert wide_model.transform(wide).select(F.sum("prediction")).first()[0] == 0.0
     finally:

@@ -242,3 +242,30 @@ def test_an_input_that_fails_before_ffps_is_named_and_not_retried(spark, upstrea
              if upstream == "assembler" else "RuntimeError: the upstream UDF broke on row 7")
     assert str(err.value).startswith(f"the input DataFrame fails before ffps reads it: {cause}")
     assert err.value.attempts == 1 and "retrying" not in caplog.text and "task slots" not in str(err.value)
+
+
+def test_an_input_that_fails_once_is_retried_as_before(spark, tmp_path):
+    """A passing failure before ffps (a source that fails its first two reads of a row): the check after the
+    first attempt computes the input twice, and a cause that does not repeat is left to the retries."""
+    from pyspark.ml.feature import VectorAssembler
+    from pyspark.sql import functions as F
+
+    calls = str(tmp_path / "calls")
+
+    @F.udf("double")
+    def flaky(x):
+        if x == 7:
+            with open(calls, "a") as f:
+                f.write("x")
+            with open(calls) as f:
+                if len(f.read()) <= 2:
+                    raise OSError("the source failed this read")
+        return float(x)
+
+    base = spark.range(40).select((F.col("id") % 2).cast("double").alias("label"), flaky("id").alias("a"),
+                                  F.lit(1.0).alias("b"))
+    frame = VectorAssembler(inputCols=["a", "b"], outputCol="features").transform(base)
+    model = FeedForwardNetworkPSClassifier(layers=[2, 4, 2], maxIter=2, backend="numpy", maxRetries=2).fit(frame)
+    assert model.trainingStats["attempts"] == 2
+    with open(calls) as f:
+        assert len(f.read()) >= 4           # attempt 0, the check's two jobs (one failed), attempt 1
