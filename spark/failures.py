@@ -19,7 +19,8 @@ from dataclasses import dataclass
 DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "BackendUnavailable")
 _OUR_MODULE_MISSING = re.compile(r"No module named '(core|ps|spark)[.']")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("core", "ps", "spark"))
+_PACKAGES = ("core", "ps", "spark")
+_OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in _PACKAGES)
 
 
 CRASHED = "Python worker exited unexpectedly"     # a task's Python process died (killed, out of memory)
@@ -87,6 +88,11 @@ class TaskFailure:
         at = f" at {self.frame}" if self.frame else ""
         text = f"{who}{' on ' + '; '.join(where) if where else ''} failed with {self.type}: {self.message}{at}"
         return text + self.hint()
+
+    def in_ffps(self) -> bool:
+        """Whether the failing frame is in ffps's own code (:func:`_where` writes those relative to the checkout;
+        another frame keeps its path)."""
+        return bool(self.frame) and self.frame.startswith(tuple(pkg + "/" for pkg in _PACKAGES))
 
     def hint(self) -> str:
         """What to do, where the failure has a usual cause: the executors' Python lacking ffps."""

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .failures import CRASHED, TrainingFailed, from_reports, from_spark_error, short_error
+from .failures import CRASHED, TrainingFailed, from_reports, from_spark_error, root_cause, short_error
 
 log = logging.getLogger("spark.training")
 
@@ -171,8 +171,7 @@ def _maybe_the_input(exc, failure) -> bool:
     the Arrow stream). A crashed Python worker or an error in ffps's own code explains itself."""
     if CRASHED in str(exc):
         return False
-    frame = str(failure.frame) if failure is not None else ""
-    return failure is None or not frame.startswith(("spark/", "ps/", "core/")) or "in read_partition" in frame
+    return failure is None or not failure.in_ffps() or "in read_partition" in failure.frame
 
 
 def input_error(prep) -> str | None:
@@ -182,7 +181,6 @@ def input_error(prep) -> str | None:
     twice with the same cause: a local master gives a task one try, and a passing failure is retried as before."""
     from pyspark.sql import functions as F
 
-    from .failures import root_cause
     from .session import set_job_description
 
     causes = []
