@@ -12,6 +12,9 @@
    same fit at communicationWindow=1 (the old default), alternating, 3 fits each on 48k synthetic rows.
 5. ``transform`` (only when asked): scoring --rows rows by an ffps and an MLlib MLPC model of [784,256,256,10],
    all output columns written to the noop sink.
+6. ``wide`` (only when asked): 2,000 documents through Tokenizer + HashingTF (2^18 features), [262144,16,2]:
+   ffps's fit and transform at the session's default Arrow batch rows (Spark 3.5 sent 10 GiB batches), the same
+   rows as sparse vectors without ML attributes, and MLlib's MLPC on the HashingTF frame as the anchor.
     python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,transform,...]
 """
 import argparse
@@ -272,17 +275,71 @@ def transform_section(spark, rows, backend):
     df.unpersist()
 
 
+def wide_section(spark, backend, rows=2000):
+    """Wide sparse input (Spark 3.5 sent it in Arrow batches of 10 GiB): ``rows`` documents of 30 words from two
+    vocabularies, Tokenizer + HashingTF at its default 2^18 features, [262144, 16, 2], 3 passes; fit, then
+    transform and train accuracy, each with the session's maxRecordsPerBatch at its default. The same rows as
+    sparse vectors built in Python (no ML attributes) beside them, and MLlib's MLPC (l-bfgs, 3 iterations) on
+    the HashingTF frame as the anchor."""
+    import numpy as np
+    from pyspark.ml.classification import MultilayerPerceptronClassifier
+    from pyspark.ml.feature import HashingTF, Tokenizer
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import functions as F
+
+    from spark import FeedForwardNetworkPSClassifier
+    from spark.failures import root_cause
+
+    width, rng = 1 << 18, np.random.default_rng(0)
+    words = [f"w{i}" for i in range(3000)]
+    docs = [(float(i % 2), " ".join(rng.choice(words[1500:] if i % 2 else words[:1500], 30))) for i in range(rows)]
+    text = spark.createDataFrame(docs, ["label", "text"])
+    hashed = HashingTF(inputCol="words", outputCol="features").transform(
+        Tokenizer(inputCol="text", outputCol="words").transform(text)).select("label", "features").cache()
+    bare = spark.createDataFrame([(lab, Vectors.sparse(width, {hash(w) % width: 1.0 for w in t.split()}))
+                                  for lab, t in docs], ["label", "features"]).cache()
+    hashed.count(), bare.count()
+    records = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    times = {}
+    for name, df, clf in (
+            ("ffps HashingTF", hashed, FeedForwardNetworkPSClassifier(layers=[width, 16, 2], maxIter=3, blockSize=32,
+                                                                      stepSize=0.1, seed=1, backend=backend)),
+            ("ffps no attributes", bare, FeedForwardNetworkPSClassifier(layers=[width, 16, 2], maxIter=3,
+                                                                        blockSize=32, stepSize=0.1, seed=1,
+                                                                        backend=backend)),
+            ("MLlib HashingTF", hashed, MultilayerPerceptronClassifier(layers=[width, 16, 2], maxIter=3, seed=1))):
+        spark.conf.unset(records)
+        t0 = time.perf_counter()
+        try:
+            model = clf.fit(df)
+        except Exception as exc:  # noqa: BLE001 - MLlib's MLPC runs out of JVM heap at this width on a small driver
+            times[name] = None
+            print(f"wide {name}: {rows} rows x {width}: fit failed after {time.perf_counter() - t0:.1f} s: "
+                  f"{root_cause(exc)}", flush=True)
+            continue
+        t1 = time.perf_counter()
+        acc = model.transform(df).select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
+        times[name] = t1 - t0
+        print(f"wide {name}: {rows} rows x {width}: fit {t1 - t0:.1f} s, transform + accuracy "
+              f"{time.perf_counter() - t1:.1f} s, train acc {acc:.3f}", flush=True)
+    spark.conf.unset(records)
+    ours, anchor = times["ffps HashingTF"], times["MLlib HashingTF"]
+    print(f"RESULT wide: ffps fit {ours:.1f} s vs MLlib " + ("failed" if anchor is None else
+          f"{anchor:.1f} s: {ours / anchor:.2f}x of MLlib's time"), flush=True)
+    hashed.unpersist(), bare.unpersist()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--sections", default="digits,synthetic",
-                    help="comma-separated subset of digits, synthetic, defaults, transform, torch")
+                    help="comma-separated subset of digits, synthetic, defaults, transform, torch, wide")
     ap.add_argument("--skip-synthetic", action="store_true", help="leave synthetic out of --sections")
     a = ap.parse_args()
     sections = set(a.sections.split(",")) - ({"synthetic"} if a.skip_synthetic else set())
-    unknown = sections - {"digits", "synthetic", "defaults", "transform", "torch"}
+    unknown = sections - {"digits", "synthetic", "defaults", "transform", "torch", "wide"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     spark = session(a.master)
@@ -296,6 +353,8 @@ def main():
         transform_section(spark, a.rows, a.backend)
     if "torch" in sections:
         torch_section(spark, a.backend)
+    if "wide" in sections:
+        wide_section(spark, a.backend)
     spark.stop()
 
 

@@ -10,7 +10,13 @@ row a second time (about 2 s of a 10 s fit of 100k x 784 rows on 2 cores).
 """
 from __future__ import annotations
 
+import logging
+import threading
+from contextlib import contextmanager
+
 import numpy as np
+
+log = logging.getLogger("spark.data")
 
 FEATURES, LABEL = "__ffps_features", "__ffps_label"
 
@@ -43,6 +49,7 @@ def check_schema(schema, features_col: str, label_col: str | None) -> None:
 # features (400 MB) went through with a 2 GB driver; 2,000 x 2^16 (0.5 GB, doubled while growing) did not.
 MAX_BATCH_BYTES = 256 << 20
 RECORDS_PER_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
+DEFAULT_RECORDS = 10_000
 
 
 def declared_width(schema, features_col: str) -> int | None:
@@ -53,31 +60,90 @@ def declared_width(schema, features_col: str) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_width(spark, schema, features_col: str, expected: int, what: str) -> None:
-    """Before any job: the declared width against ``expected`` (layers[0]), and a Spark 3.5 batch of such rows
-    that its JVM could not send. ``what``: how the error names ``expected``."""
+def check_width(schema, features_col: str, expected: int, what: str) -> None:
+    """Before any job: the width the column's ML attributes declare against ``expected`` (layers[0]).
+    ``what``: how the error names ``expected``. A column without attributes is checked row by row where the
+    tasks read it."""
     width = declared_width(schema, features_col)
-    if width is None:
-        return                    # the tasks check each row's width where they read it
-    if width != expected:
+    if width is not None and width != expected:
         raise ValueError(f"featuresCol {features_col!r} has vectors of size {width} (its ML attributes) but "
                          f"{what} is {expected}; set layers[0] to the feature width")
+
+
+def batch_rows_bound(spark, features_col: str, width: int, records: str | None = None) -> tuple[str, int] | None:
+    """Spark 3.5, rows ``width`` float32 features wide (layers[0], which every row must match): -> (``records``,
+    by default the session's maxRecordsPerBatch; the most rows a batch may hold within MAX_BATCH_BYTES) when a
+    batch at that setting would be larger, else None (Spark 4, or narrow rows). A row over the bound on its own
+    is refused."""
     if int(str(spark.version).split(".")[0]) >= 4:
-        return
+        return None
     row_bytes = 4 * width
     if row_bytes > MAX_BATCH_BYTES:
         raise ValueError(f"featuresCol {features_col!r} is {width} features wide: one dense float32 row is "
                          f"{row_bytes >> 20} MiB, and ffps trains on dense rows (as MLlib's MLPC does); use fewer "
                          f"features (e.g. a smaller HashingTF numFeatures)")
-    records = int(spark.conf.get(RECORDS_PER_BATCH, "10000"))
-    rows = records if records > 0 else 10_000       # no limit: whole partitions, judged as the default's batch
-    if rows * row_bytes > MAX_BATCH_BYTES:
-        per_batch = f"{records} rows" if records > 0 else "whole partitions (no row limit)"
-        raise ValueError(f"featuresCol {features_col!r} is {width} features wide: Spark {spark.version} sends the "
-                         f"tasks Arrow batches of {per_batch} ({RECORDS_PER_BATCH}), "
-                         f"{rows * row_bytes / 2**30:.1f} GiB dense at {rows} rows, over ffps's bound of "
-                         f"{MAX_BATCH_BYTES >> 20} MiB (a batch the JVM cannot allocate leaves the task waiting "
-                         f"forever); spark.conf.set('{RECORDS_PER_BATCH}', {MAX_BATCH_BYTES // row_bytes}) first")
+    if records is None:
+        records = str(spark.conf.get(RECORDS_PER_BATCH, str(DEFAULT_RECORDS)))
+    rows = int(records) if int(records) > 0 else DEFAULT_RECORDS   # no limit (-1, 0): whole partitions
+    allowed = MAX_BATCH_BYTES // row_bytes
+    return (records, allowed) if rows > allowed else None
+
+
+def _why(width: int, records: str, allowed: int) -> str:
+    per_batch = f"{records} rows" if int(records) > 0 else "whole partitions (-1: no row limit)"
+    rows = int(records) if int(records) > 0 else DEFAULT_RECORDS
+    return (f"{width} features of float32 are {4 * width / 2**20:.2f} MiB a row, and Spark 3.5 sends Python tasks "
+            f"Arrow batches of {per_batch} ({RECORDS_PER_BATCH}): {rows * 4 * width / 2**30:.1f} GiB at {rows} "
+            f"rows, over ffps's bound of {MAX_BATCH_BYTES >> 20} MiB (the JVM could not allocate such a batch and "
+            f"the task waited forever)")
+
+
+_bounds_lock = threading.Lock()
+_bounded: dict = {}     # session -> [its maxRecordsPerBatch before the first fit that bounded it, bounds in force]
+
+
+@contextmanager
+def batches_bounded_while_fitting(spark, features_col: str, width: int):
+    """While a fit of rows ``width`` features wide runs its jobs: Spark 3.5's maxRecordsPerBatch at most
+    :func:`batch_rows_bound`'s rows, then the session's own value again. Fits that run at once in one session
+    (CrossValidator's parallelism) keep the smallest bound in force until the last of them ends."""
+    with _bounds_lock:
+        entry = _bounded.get(spark)        # a fit running already: the session's own value is the one it kept
+        bound = batch_rows_bound(spark, features_col, width, None if entry is None else entry[0])
+        if bound is not None:
+            entry = _bounded.setdefault(spark, [bound[0], []])
+            entry[1].append(bound[1])
+            spark.conf.set(RECORDS_PER_BATCH, str(min(entry[1])))
+    if bound is None:
+        yield
+        return
+    allowed = bound[1]
+    log.info("ffps: %s; this fit sets it to %d while it runs", _why(width, entry[0], allowed), allowed)
+    try:
+        yield
+    finally:
+        with _bounds_lock:
+            entry[1].remove(allowed)
+            spark.conf.set(RECORDS_PER_BATCH, str(min(entry[1])) if entry[1] else entry[0])
+            if not entry[1]:
+                del _bounded[spark]
+
+
+def bound_batches_for_scoring(spark, features_col: str, width: int) -> None:
+    """Before ``transform`` of rows ``width`` features wide: Spark 3.5's maxRecordsPerBatch lowered in the
+    session when a batch would exceed MAX_BATCH_BYTES (the transformed frame runs later, at the session's
+    setting then), said once per change in the log."""
+    with _bounds_lock:
+        entry = _bounded.get(spark)     # fits running: the value they give back when they end is lowered too
+        bound = batch_rows_bound(spark, features_col, width, None if entry is None else entry[0])
+        if bound is None:
+            return
+        records, allowed = bound
+        if entry is not None:
+            entry[0] = str(allowed)
+        spark.conf.set(RECORDS_PER_BATCH, str(allowed if entry is None else min(allowed, *entry[1])))
+    log.warning("ffps: %s; transform set it to %d in this session (other Arrow work of the session gets batches "
+                "of at most that many rows)", _why(width, records, allowed), allowed)
 
 
 def features_array(features_col: str):

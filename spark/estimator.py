@@ -25,7 +25,7 @@ from pyspark.ml import Estimator
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
-from .data import check_schema, check_width, prepared
+from .data import batches_bounded_while_fitting, check_schema, check_width, prepared
 from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
@@ -73,8 +73,13 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         check_schema(dataset.schema, features_col, label_col)
         require_connect_support(dataset)
         spark = dataset.sparkSession
-        check_width(spark, dataset.schema, features_col, spec.layers[0], "layers[0]")
+        check_width(dataset.schema, features_col, spec.layers[0], "layers[0]")
         check_task_slots(spark, spec.num_workers)
+        with batches_bounded_while_fitting(spark, features_col, spec.layers[0]):
+            return self._fit_bounded(dataset, spec, spark)
+
+    def _fit_bounded(self, dataset, spec, spark):
+        """The fit's jobs, with Arrow batches the JVM can send (:func:`spark.data.batches_bounded_while_fitting`)."""
         bind = ps_bind(master(spark), conf(spark, "spark.driver.host"), self.getPsHost(), self.getPsPort(),
                        connect_server_host(spark))
         nw = spec.num_workers

@@ -13,7 +13,7 @@ from pyspark.ml.util import MLReadable, MLWritable
 
 from core.validation import check_layers
 
-from .data import check_schema, check_width
+from .data import bound_batches_for_scoring, check_schema, check_width
 from .metrics import FeedForwardNetworkPSSummary
 from .params import MODEL_SETTABLE, FeedForwardNetworkPSParams, add_setters, check_model_weights, check_thresholds
 from .persistence import ModelReader, ModelWriter
@@ -128,13 +128,13 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         if self._weights is None:
             raise ValueError("this model has no weights: train it with fit() or load() a saved one")
         check_schema(dataset.schema, self.getFeaturesCol(), None)
-        check_width(dataset.sparkSession, dataset.schema, self.getFeaturesCol(), self.numFeatures,
-                    "the model's layers[0]")
+        check_width(dataset.schema, self.getFeaturesCol(), self.numFeatures, "the model's layers[0]")
         for param, column in (("rawPredictionCol", self.getRawPredictionCol()),
                               ("probabilityCol", self.getProbabilityCol()), ("predictionCol", self.getPredictionCol())):
             if column and column in dataset.columns:      # MLlib's classifiers refuse it too ("already exists")
                 raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
                                  f"name (or to '' for no such column)")
+        bound_batches_for_scoring(dataset.sparkSession, self.getFeaturesCol(), self.numFeatures)
         return transform_frame(dataset, self._executor_weights(dataset), self.getLayers(), self.getFeaturesCol(),
                                self.getRawPredictionCol(), self.getProbabilityCol(), self.getPredictionCol(),
                                self._thresholds())

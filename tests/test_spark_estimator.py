@@ -1,4 +1,6 @@
 """The estimator on local[2]: every mode learns digits, transform's columns, and each bad input's error."""
+import logging
+
 import numpy as np
 import pytest
 
@@ -361,12 +363,8 @@ def test_transform_bad_features_are_clear_errors(spark, vector, message):
 
 def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
     """The Vector column's ML attributes (VectorAssembler, HashingTF, libsvm) give its width: a wrong layers[0]
-    was said only after every row had been made dense in the tasks. On Spark 3.5, HashingTF's default 2^18
-    features made Arrow batches of 10 GiB: the JVM's writer died (OutOfMemoryError) and the fit and the
-    transform waited forever; the conf that avoids it is named instead, and with it the transform goes through.
-    Narrow columns pass whatever the conf, 'no limit' (-1, 0) included."""
-    from pyspark.ml.feature import HashingTF, VectorAssembler
-    from pyspark.sql import functions as F
+    was said only after every row had been made dense in the tasks."""
+    from pyspark.ml.feature import VectorAssembler
 
     from spark import estimator
 
@@ -380,36 +378,91 @@ def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
     model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(12, np.float32), layers=[3, 3])
     with pytest.raises(ValueError, match="has vectors of size 2 .* but the model's layers\\[0\\] is 3"):
         model.transform(small)
-
-    wide = HashingTF(inputCol="words", outputCol="features").transform(          # numFeatures 2^18
-        spark.createDataFrame([(float(i % 2), [f"w{i}", "x"]) for i in range(8)], ["label", "words"]))
-    wide_model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(2**18 * 2 + 2, np.float32),
-                                                         layers=[2**18, 2])
-    if int(spark.version.split(".")[0]) >= 4:                  # Spark 4 bounds a batch's bytes too: no refusal
-        assert wide_model.transform(wide).select(F.sum("prediction")).first()[0] == 0.0
-        return
-    said = (r"featuresCol 'features' is 262144 features wide: Spark 3\.5\.\d+ sends the tasks Arrow batches of "
-            r"10000 rows \(.*\), 9\.8 GiB dense at 10000 rows, .* spark\.conf\.set\("
-            r"'spark\.sql\.execution\.arrow\.maxRecordsPerBatch', 256\) first")
-    with pytest.raises(ValueError, match=said):
-        FeedForwardNetworkPSClassifier(layers=[2**18, 2]).fit(wide)
-    with pytest.raises(ValueError, match=said):
-        wide_model.transform(wide)
     assert jobs == []
-    for records in ("-1", "0"):                 # no row limit: whole partitions, judged as the default's batch
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", records)
+
+
+RECORDS = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+def test_wide_rows_get_arrow_batches_the_jvm_can_send(spark, monkeypatch, caplog):
+    """Spark 3.5 sent Python tasks Arrow batches of 10,000 rows whatever their bytes: at HashingTF's default 2^18
+    features, 10 GiB of dense float32 a batch. The JVM's writer died (OutOfMemoryError) and the fit and the
+    transform waited forever; with ML attributes they were refused and told to lower maxRecordsPerBatch, and
+    a column without them (built in Python, array_to_vector) still hung. Now layers[0] sets the bound: a fit
+    lowers the conf while its jobs run and gives the session its value back, and transform lowers it in the
+    session (the transformed frame runs later) and says so. Narrow rows leave it alone whatever it is."""
+    from pyspark.ml.feature import HashingTF
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import functions as F
+
+    from spark import training
+
+    width = 2**18
+    with_attrs = HashingTF(inputCol="words", outputCol="features").transform(          # numFeatures 2^18
+        spark.createDataFrame([(float(i % 2), [f"w{i}", "x"]) for i in range(8)], ["label", "words"]))
+    no_attrs = spark.createDataFrame([(float(i % 2), Vectors.sparse(width, [i, 7 + i], [1.0, 2.0]))
+                                      for i in range(8)], ["label", "features"])
+    seen = []
+    run = training.run_barrier_stage
+
+    def watched(prep, *a, **k):
+        seen.append(spark.conf.get(RECORDS))
+        return run(prep, *a, **k)
+    monkeypatch.setattr(training, "run_barrier_stage", watched)
+    spark35 = int(spark.version.split(".")[0]) < 4
+    for records in ("10000", "-1"):                    # -1: whole partitions, judged as the default's batch
+        spark.conf.set(RECORDS, records)
         try:
-            with pytest.raises(ValueError, match=r"Arrow batches of whole partitions \(no row limit\)"):
-                wide_model.transform(wide)
-            model.transform(small.drop("features").withColumn("c", F.lit(1.0)).transform(
-                lambda d: VectorAssembler(inputCols=["a", "b", "c"], outputCol="features").transform(d)))
+            for frame in (with_attrs, no_attrs):
+                seen.clear()
+                model = FeedForwardNetworkPSClassifier(layers=[width, 2], maxIter=2, blockSize=4, numWorkers=1,
+                                                       stepSize=0.1, seed=3).fit(frame)
+                assert seen == (["256"] if spark35 else [records]) and spark.conf.get(RECORDS) == records
+                assert model.trainingStats["rows"] == 8
+                caplog.clear()
+                with caplog.at_level(logging.WARNING, logger="spark.data"):
+                    scored = model.transform(frame)
+                assert spark.conf.get(RECORDS) == ("256" if spark35 else records)
+                assert ("transform set it to 256 in this session" in caplog.text) == spark35
+                assert scored.select(F.count("prediction")).first()[0] == 8
+                spark.conf.set(RECORDS, records)
         finally:
-            spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", 256)      # the value the message names
+            spark.conf.unset(RECORDS)
+    narrow = FeedForwardNetworkPSClassificationModel(weights=np.zeros(8, np.float32), layers=[3, 2])
+    spark.conf.set(RECORDS, "-1")
     try:
-        assert wide_model.transform(wide).select(F.sum("prediction")).first()[0] == 0.0
+        narrow.transform(small(spark))
+        assert spark.conf.get(RECORDS) == "-1"
     finally:
-        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+        spark.conf.unset(RECORDS)
+
+
+def test_fits_at_once_keep_the_smallest_bound_until_the_last_ends(spark):
+    """CrossValidator's parallelism runs fits side by side in one session: a fit that ends first must not give
+    back the session's value while a wider one still runs, and a transform meanwhile keeps its lowering."""
+    from spark.data import batches_bounded_while_fitting, bound_batches_for_scoring
+
+    if int(spark.version.split(".")[0]) >= 4:
+        pytest.skip("Spark 4 bounds an Arrow batch's bytes itself: ffps leaves the conf alone there")
+    spark.conf.set(RECORDS, "5000")
+    try:
+        with batches_bounded_while_fitting(spark, "features", 2**18):
+            assert spark.conf.get(RECORDS) == "256"
+            with batches_bounded_while_fitting(spark, "features", 2**20):
+                assert spark.conf.get(RECORDS) == "64"
+                with batches_bounded_while_fitting(spark, "features", 1000):       # narrow: within every bound
+                    assert spark.conf.get(RECORDS) == "64"
+            assert spark.conf.get(RECORDS) == "256"
+            bound_batches_for_scoring(spark, "features", 2**19)                 # 128 for the session from now
+            assert spark.conf.get(RECORDS) == "128"
+        assert spark.conf.get(RECORDS) == "128"
+        with pytest.raises(ValueError, match=r"featuresCol 'f' is 100000000 features wide: one dense float32 row "
+                                             r"is 381 MiB"):
+            with batches_bounded_while_fitting(spark, "f", 10**8):
+                pass
+        assert spark.conf.get(RECORDS) == "128"
+    finally:
+        spark.conf.unset(RECORDS)
 
 
 def test_model_without_weights_is_a_clear_error(spark):
