@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         from core.cli import main as core_main      # the Spark-free digits demo
 
         return core_main(argv)
-    from spark.failures import TrainingFailed
+    from spark.failures import TrainingCancelled, TrainingFailed
 
     args = build_parser().parse_args(argv)
     try:
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"ffps: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingFailed as exc:
+    except (TrainingFailed, TrainingCancelled) as exc:
         print(f"ffps: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a Spark job failed: one line where the data was at fault

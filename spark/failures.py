@@ -65,6 +65,23 @@ class TrainingFailed(RuntimeError):
         self.failure, self.attempts = failure, attempts
 
 
+# cancelAllJobs, cancelJobGroup (CrossValidator's, a notebook's stop button), a job tag, a stopped SparkContext
+# (Spark 3.5: "Job 9 cancelled ...", Spark 4: "[SPARK_JOB_CANCELLED] Job 9 cancelled ..."), and Spark Connect's
+# interrupt of the operation
+CANCELLED = re.compile(r"Job \d+ cancelled|\[OPERATION_CANCELED\]")
+
+
+class TrainingCancelled(RuntimeError):
+    """The training stage's job was cancelled (or the driver's call into Spark interrupted): not retried."""
+
+
+def cancelled(exc: BaseException) -> bool:
+    """Whether a failed ``collect`` of the training stage was the user's (or Spark's) cancellation rather than
+    a failed attempt: the job's cancel message, or a py4j call that failed without any Java exception (PySpark
+    3.5's Ctrl-C handler breaks the call it interrupts)."""
+    return bool(CANCELLED.search(str(exc))) or type(exc).__name__ == "Py4JError"
+
+
 @dataclass
 class TaskFailure:
     type: str

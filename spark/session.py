@@ -109,3 +109,28 @@ def set_job_description(spark, text: str | None) -> None:
     """Label the next jobs in the Spark UI (classic sessions; Connect has no SparkContext to label them)."""
     if not is_connect(spark):
         spark.sparkContext.setJobDescription(text)
+
+
+def tag_jobs(spark, tag: str) -> None:
+    """Tag the jobs this thread starts from now on (classic: a SparkContext job tag; Connect: an operation tag),
+    so that :func:`cancel_tagged` stops exactly them, whatever job group the caller (CrossValidator, a user)
+    set."""
+    if is_connect(spark):
+        spark.addTag(tag)
+    else:
+        spark.sparkContext.addJobTag(tag)
+
+
+def untag_jobs(spark, tag: str) -> None:
+    if is_connect(spark):
+        spark.removeTag(tag)
+    else:
+        spark.sparkContext.removeJobTag(tag)
+
+
+def cancel_tagged(spark, tag: str) -> None:
+    """Cancel the running jobs tagged ``tag`` (classic) or interrupt its operations (Connect)."""
+    if is_connect(spark):
+        spark.interruptTag(tag)
+    else:
+        spark.sparkContext.cancelJobsWithTag(tag)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 
 import numpy as np
 
-from .failures import CRASHED, TrainingFailed, from_reports, from_spark_error, root_cause, short_error
+from .failures import (CRASHED, TrainingCancelled, TrainingFailed, cancelled, from_reports, from_spark_error,
+                       root_cause, short_error)
 
 log = logging.getLogger("spark.training")
 
@@ -197,6 +199,28 @@ def input_error(prep) -> str | None:
     return causes[0] if causes[0] == causes[1] else None
 
 
+def collect_or_cancel(stage, spark, tag: str) -> list:
+    """``stage.collect()`` under a job tag of its own. Whatever ends the call early (an error, Ctrl-C in the
+    driver, a cancelled job) cancels the stage's jobs before it propagates: barrier tasks left running hold
+    every task slot until their server is gone for 3 x workerTimeout, and the next fit waited for them (91 s)."""
+    from .session import cancel_tagged, tag_jobs, untag_jobs
+
+    tag_jobs(spark, tag)
+    try:
+        return stage.collect()
+    except BaseException:
+        try:
+            cancel_tagged(spark, tag)
+        except Exception:  # noqa: BLE001 - the original error says more; this one goes to the debug log
+            log.debug("ffps: cancelling the training stage's jobs failed", exc_info=True)
+        raise
+    finally:
+        try:
+            untag_jobs(spark, tag)
+        except Exception:  # noqa: BLE001 - as above
+            log.debug("ffps: removing the training stage's job tag failed", exc_info=True)
+
+
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
                       description: str = "ffps training", first_attempt: int = 0):
     """Run the training stage, relaunching it (attempt + 1) after a failure -> (worker results, attempts).
@@ -221,8 +245,11 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         set_job_description(spark, f"{description} (attempt {attempt})")
         t0 = time.perf_counter()
         try:
-            rows = stage.collect()
+            rows = collect_or_cancel(stage, spark, f"ffps-training-{uuid.uuid4().hex}")
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
+            if cancelled(exc):          # the user stopped it: a relaunch would train on, and return a model
+                raise TrainingCancelled(f"training cancelled in attempt {attempt} after "
+                                        f"{time.perf_counter() - t0:.1f}s: {short_error(exc)}") from exc
             if "BarrierJobUnsupportedRDDChainException" in str(exc):
                 raise UnsupportedBarrierChain(short_error(exc)) from None      # nothing ran: the caller reshuffles
             if UNREACHABLE in str(exc):                                     # a relaunch would wait again

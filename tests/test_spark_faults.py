@@ -269,3 +269,96 @@ def test_an_input_that_fails_once_is_retried_as_before(spark, tmp_path):
     assert model.trainingStats["attempts"] == 2
     with open(calls) as f:
         assert len(f.read()) >= 4           # attempt 0, the check's two jobs (one failed), attempt 1
+
+
+def test_a_cancelled_fit_raises_at_once_and_is_not_retried(digits_df, caplog):
+    """A job group cancelled while ffps trains (CrossValidator's, a notebook's stop button; cancelAllJobs and a
+    job tag say the same): the fit counted it as a failed attempt, relaunched the stage, and returned a fully
+    trained model after maxIter passes, as if nothing had been asked. It raises now, and the next fit trains."""
+    import threading
+
+    from spark.failures import TrainingCancelled
+
+    train, _ = digits_df
+    sc = train.sparkSession.sparkContext
+    started, outcome = threading.Event(), {}
+
+    def fit():
+        sc.setJobGroup("ffps-test-tuning", "a tuning run the user stops", interruptOnCancel=True)
+        clf = FeedForwardNetworkPSClassifier(layers=[64, 100, 10], maxIter=60_000, tol=0.0, numWorkers=2)
+        try:
+            outcome["model"] = clf.fit(train)
+        except BaseException as exc:  # noqa: BLE001 - what the fit raised is the test's subject
+            outcome["error"] = exc
+
+    with caplog.at_level("INFO", logger="spark.estimator"):
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        for _ in range(600):                       # until the server logs the first finished epoch
+            if "ffps epoch 1/60000" in caplog.text or not thread.is_alive():
+                started.set()
+                break
+            thread.join(0.1)
+    assert started.is_set() and thread.is_alive(), outcome
+    sc.cancelJobGroup("ffps-test-tuning")
+    thread.join(120)
+    assert not thread.is_alive() and "model" not in outcome
+    error = outcome["error"]
+    assert isinstance(error, TrainingCancelled), repr(error)
+    assert "training cancelled in attempt 0 after" in str(error) and "cancelled part of cancelled job group " \
+        "ffps-test-tuning" in str(error)
+    assert "retrying" not in caplog.text
+    again = FeedForwardNetworkPSClassifier(layers=[64, 100, 10], maxIter=2, numWorkers=2).fit(train)
+    assert again.trainingStats["attempts"] == 1
+
+
+def test_an_error_in_the_driver_during_training_cancels_the_training_jobs(spark):
+    """Ctrl-C (or any exception) in the driver while collect() waited left the barrier tasks running: they held
+    every task slot until their server had been gone for 3 x workerTimeout, and the next fit waited 91 s for
+    them. The stage's jobs carry a tag of their own, and whatever ends the wait early cancels them."""
+    import time
+
+    from spark.training import collect_or_cancel
+
+    sc = spark.sparkContext
+    slow = sc.parallelize(range(2), 2).map(lambda x: time.sleep(600) or x)
+    running = {}
+
+    class Interrupted:
+        """A stage whose collect() submits the real job from this thread (so it carries the tag) and is then
+        interrupted in the driver, as Ctrl-C interrupts the py4j call of a real collect()."""
+
+        def collect(self):
+            running["job"] = slow._jrdd.collectAsync()
+            for _ in range(600):
+                if sc.statusTracker().getActiveJobsIds():
+                    break
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        collect_or_cancel(Interrupted(), spark, "ffps-test-interrupted")
+    job = running["job"]
+    for _ in range(600):                             # cancelled jobs finish within a few seconds
+        if job.isDone():
+            break
+        time.sleep(0.05)
+    assert job.isDone()
+    with pytest.raises(Exception, match=r"Job \d+ cancelled"):
+        job.get()
+    assert list(sc.getJobTags()) == []
+
+
+@pytest.mark.parametrize("text,is_cancel", [
+    ("org.apache.spark.SparkException: Job 9 cancelled as part of cancellation of all jobs", True),   # 3.5
+    ("[SPARK_JOB_CANCELLED] Job 9 cancelled part of cancelled job group tuning SQLSTATE: XXKDA", True),  # 4.x
+    ("(org.apache.spark.SparkSQLException) [OPERATION_CANCELED] Operation has been canceled. SQLSTATE: HY008",
+     True),                                                                        # Spark Connect's interrupt
+    ("Job aborted due to stage failure: Could not recover from a failed barrier ResultStage", False),
+    ("org.apache.spark.api.python.PythonException: ValueError: cancelled order 3", False),
+])
+def test_a_cancellation_is_told_from_a_failed_attempt(text, is_cancel):
+    """The texts are what each Spark line raised when a running fit was cancelled (measured 2026-12-01)."""
+    from spark.failures import cancelled
+
+    assert cancelled(RuntimeError(text)) is is_cancel
