@@ -148,7 +148,7 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         if sc is not None and held is not None and held[0] is self._weights and held[1] is sc:
             return held[2]
         value = weights_for_executors(dataset, self._weights)
-        if sc is not None:
+        if sc is not None and not isinstance(value, bytes):     # small weights ride inside the UDF
             self._broadcast = (self._weights, sc, value)
         return value
 

@@ -1,9 +1,11 @@
 """Model scoring by Arrow batches: one pandas UDF per batch computes logits, softmax and argmax.
 
-The UDF captures plain locals only, never the model: the layer sizes and the flat float32 weights -- through a
-broadcast on a classic session, and as bytes inside the UDF itself on Spark Connect, which has no broadcasts
+The UDF captures plain locals only, never the model: the layer sizes and the flat float32 weights -- as bytes
+inside the UDF itself for a model of at most EMBEDDED_MAX_BYTES, and on Spark Connect, which has no broadcasts
 (the plan carries them to the server: a model must stay below the Connect server's message limit,
-``spark.connect.grpc.maxInboundMessageSize``, 128 MiB by default).
+``spark.connect.grpc.maxInboundMessageSize``, 128 MiB by default); through one broadcast per model and session
+for a larger model on a classic session. A broadcast's file stays in the driver's temp directory as long as
+the session: 33 fits of digits models in one driver, each scored, left a 30 KB file each.
 """
 import logging
 from typing import Iterator
@@ -35,12 +37,17 @@ def predicted_classes(prob, thresholds=None):
     return scaled.argmax(axis=1)
 
 
+# below PySpark's 1 MiB threshold above which it broadcasts a UDF's pickled command itself
+EMBEDDED_MAX_BYTES = 256 << 10
+
+
 def weights_for_executors(dataset, weights):
-    """The weights as the UDF will read them: a broadcast (classic) or little-endian float32 bytes (Connect)."""
+    """The weights as the UDF will read them: little-endian float32 bytes (Connect, or at most
+    EMBEDDED_MAX_BYTES), else a broadcast."""
     from .session import is_connect
 
     w = np.ascontiguousarray(weights, dtype="<f4")
-    if is_connect(dataset):
+    if is_connect(dataset) or w.nbytes <= EMBEDDED_MAX_BYTES:
         return w.tobytes()
     return dataset.sparkSession.sparkContext.broadcast(w)
 

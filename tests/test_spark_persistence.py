@@ -229,8 +229,16 @@ def test_model_and_estimator_pickle_and_repeated_transforms_share_one_broadcast(
     assert spark.sparkContext.broadcast(m).value.predict(first) == m.predict(first)
     copy.deepcopy(m)
     temp = spark.sparkContext._temp_dir
-    m.transform(test).count()
     before = set(os.listdir(temp))
-    for other in (m, m, m.copy().setPredictionCol("p")):
+    for other in (m, m, m.copy().setPredictionCol("p")):        # 4.8 KB of weights: inside the UDF, no broadcast
         other.transform(test).select(other.getPredictionCol()).collect()
     assert set(os.listdir(temp)) == before
+    layers = [64, 1100, 10]                                       # 330 KB: one broadcast, shared by every transform
+    big = FeedForwardNetworkPSClassificationModel(layers=layers, weights=np.random.default_rng(0).standard_normal(
+        sum((a + 1) * b for a, b in zip(layers, layers[1:]))).astype(np.float32))
+    expected = [big.predict(r.features) for r in test.select("features").collect()]
+    for make in (lambda: big, lambda: big, lambda: big.copy().setPredictionCol("p")):   # copied after a transform
+        other = make()
+        got = other.transform(test).select(other.getPredictionCol()).collect()
+        assert [r[0] for r in got] == expected
+    assert len(set(os.listdir(temp)) - before) == 1
