@@ -148,9 +148,10 @@ class ParameterServer:
                                                        checkpoint_on_stop)
             newest = ckpt.latest(checkpoint_dir)
             if newest and not resume:
-                raise ValueError(f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints (newest "
-                                 f"{os.path.basename(newest)}): pass resume=True to continue from it, or use an "
-                                 f"empty directory; a new run would overwrite them")
+                raise ValueError(f"the checkpoint directory {checkpoint_dir!r} (checkpointDir, --checkpoint-dir) "
+                                 f"already holds checkpoints (newest {os.path.basename(newest)}): pass resume=True "
+                                 f"(--resume) to continue from it, or use an empty directory; a new run would "
+                                 f"overwrite them")
             if resume and newest:
                 try:
                     self.engine.restore(*ckpt.load(newest))
