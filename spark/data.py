@@ -70,6 +70,12 @@ def check_width(schema, features_col: str, expected: int, what: str) -> None:
                          f"{what} is {expected}; set layers[0] to the feature width")
 
 
+def _rows_per_batch(records: str) -> int:
+    """The rows a maxRecordsPerBatch setting puts in a batch; no limit (-1, 0: whole partitions) is judged as the
+    default's batch."""
+    return int(records) if int(records) > 0 else DEFAULT_RECORDS
+
+
 def batch_rows_bound(spark, features_col: str, width: int, records: str | None = None) -> tuple[str, int] | None:
     """Spark 3.5, rows ``width`` float32 features wide (layers[0], which every row must match): -> (``records``,
     by default the session's maxRecordsPerBatch; the most rows a batch may hold within MAX_BATCH_BYTES) when a
@@ -84,14 +90,13 @@ def batch_rows_bound(spark, features_col: str, width: int, records: str | None =
                          f"features (e.g. a smaller HashingTF numFeatures)")
     if records is None:
         records = str(spark.conf.get(RECORDS_PER_BATCH, str(DEFAULT_RECORDS)))
-    rows = int(records) if int(records) > 0 else DEFAULT_RECORDS   # no limit (-1, 0): whole partitions
     allowed = MAX_BATCH_BYTES // row_bytes
-    return (records, allowed) if rows > allowed else None
+    return (records, allowed) if _rows_per_batch(records) > allowed else None
 
 
 def _why(width: int, records: str, allowed: int) -> str:
     per_batch = f"{records} rows" if int(records) > 0 else "whole partitions (-1: no row limit)"
-    rows = int(records) if int(records) > 0 else DEFAULT_RECORDS
+    rows = _rows_per_batch(records)
     return (f"{width} features of float32 are {4 * width / 2**20:.2f} MiB a row, and Spark 3.5 sends Python tasks "
             f"Arrow batches of {per_batch} ({RECORDS_PER_BATCH}): {rows * 4 * width / 2**30:.1f} GiB at {rows} "
             f"rows, over ffps's bound of {MAX_BATCH_BYTES >> 20} MiB (the JVM could not allocate such a batch and "

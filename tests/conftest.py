@@ -61,4 +61,4 @@ def pytest_collection_modifyitems(config, items):
     elsewhere = [item for item in items if item.get_closest_marker("one_spark_line")]
     if elsewhere:
         config.hook.pytest_deselected(items=elsewhere)
-        items[:] = [item for item in items if not item.get_closest_marker("one_spark_line")]
+        items[:] = [item for item in items if item not in elsewhere]
