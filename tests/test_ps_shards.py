@@ -149,10 +149,19 @@ def test_a_shard_that_cannot_start_stops_the_ones_that_did(tmp_path):
 
     d = str(tmp_path / "ck")
     spec = TrainingSpec(num_workers=1)
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
+    # shard k binds port + k: a free port for shard 0, the next one held by the blocker for shard 1 to meet (the
+    # port below a random one, unchecked, was sometimes another socket's, and the second server could not bind)
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        blocker = socket.socket()
+        try:
+            blocker.bind(("127.0.0.1", port + 1))
+            break
+        except (OSError, OverflowError):             # taken, or past 65535
+            blocker.close()
     blocker.listen()
-    port = blocker.getsockname()[1] - 1                       # shard k binds port + k: shard 1 meets the blocker
     try:
         s = make_server(np.zeros(P, np.float32), spec=spec, shards=2, checkpoint_dir=d, progress=False,
                         bind=f"tcp://127.0.0.1:{port}")
