@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import get_backend
+from .sparse import CsrRows, check_sparse_features, is_sparse
 from .validation import (check_dtype, check_features, check_int, check_labels, check_layers, check_params,
                          check_precision, check_seed)
 
@@ -44,7 +45,7 @@ class DeviceData:
     read past the rows or index past the classes."""
 
     def __init__(self, X, y, n_rows: int, backend: str | None = None, max_label: int | None = None):
-        self.X = X          # (n, d0) backend array, network dtype
+        self.X = X          # (n, d0) backend array, network dtype; or CsrRows (sparse rows, CPU backends)
         self.y = y          # (n,) backend int32 array, or None
         self.n_rows = n_rows
         self.backend = backend          # the ops name it lives on
@@ -118,14 +119,25 @@ class FeedForwardNetwork:
 
     # ------------------------------------------------------------------------ data
     def upload(self, X, y=None) -> DeviceData:
-        """Validate once and place features/labels on the backend. Pass the result instead of X (and y)."""
-        Xh = check_features(X, self.layers[0], self.dtype)
+        """Validate once and place features/labels on the backend. Pass the result instead of X (and y).
+        X: a dense (n, d0) array, or sparse rows (a scipy.sparse matrix or :class:`core.sparse.CsrRows`) on
+        the CPU backends, kept sparse: the first layer reads them as a sparse product."""
+        Xh = self._sparse_features(X) if is_sparse(X) else check_features(X, self.layers[0], self.dtype)
         yd = max_label = None
         if y is not None:
             yh = check_labels(y, Xh.shape[0], self.num_classes)
             max_label = int(yh.max()) if yh.size else None
             yd = self.ops.asarray(yh)
-        return DeviceData(self.ops.asarray(Xh), yd, Xh.shape[0], self.ops.name, max_label)
+        Xd = Xh if isinstance(Xh, CsrRows) else self.ops.asarray(Xh)
+        return DeviceData(Xd, yd, Xh.shape[0], self.ops.name, max_label)
+
+    def _sparse_features(self, X) -> CsrRows:
+        """Sparse rows checked for this network (width, finite values, column indices), or a ValueError: the
+        GPU backend takes dense rows only."""
+        if not getattr(self.ops, "sparse_rows", False):
+            raise ValueError(f"sparse features train on the numba or numpy backend; the {self.ops.name} backend "
+                             f"takes dense rows: pass X.toarray(), or choose backend='numba'")
+        return check_sparse_features(X, self.layers[0], self.dtype)
 
     def check_data(self, data: DeviceData) -> DeviceData:
         """``data`` if this network may read it: uploaded on this backend, with this network's input width and
@@ -149,6 +161,8 @@ class FeedForwardNetwork:
     def _device_features(self, X):
         if isinstance(X, DeviceData):
             return self.check_data(X).X
+        if is_sparse(X):
+            return self._sparse_features(X)
         if self.ops.is_device_array(X) and not isinstance(X, np.ndarray):
             if X.ndim != 2 or X.shape[1] != self.layers[0]:
                 raise ValueError(f"X must have shape (rows, {self.layers[0]}), got {tuple(X.shape)}")
@@ -207,7 +221,10 @@ class FeedForwardNetwork:
         last = len(params) - 1
         precision = self.precision
         for i, (W, b) in enumerate(params):
-            ops.gemm(h, W, out=acts[i], precision=precision)
+            if i == 0 and isinstance(X, CsrRows):
+                ops.sparse_gemm(X, W, out=acts[0], precision=precision)
+            else:
+                ops.gemm(h, W, out=acts[i], precision=precision)
             if i < last:
                 ops.bias_relu(acts[i], b)
             else:
@@ -227,7 +244,9 @@ class FeedForwardNetwork:
         m = X.shape[0]
         precision = self.precision
         _, deltas, acts_flat, deltas_flat = self._workspace(m)
-        fused = ops.dense_stack_gradient(self._dims, w, X, y, grad, acts_flat, deltas_flat, precision)
+        sparse = isinstance(X, CsrRows)
+        fused = NotImplemented if sparse else \
+            ops.dense_stack_gradient(self._dims, w, X, y, grad, acts_flat, deltas_flat, precision)
         if fused is not NotImplemented:
             if sums is None:
                 return fused
@@ -247,7 +266,10 @@ class FeedForwardNetwork:
         for i in range(len(params) - 1, -1, -1):
             inputs = X if i == 0 else acts[i - 1]
             gW, gb = grads[i]
-            ops.gemm(inputs, g, out=gW, trans_a=True, precision=precision)
+            if i == 0 and sparse:
+                ops.sparse_gemm_t(X, g, out=gW, precision=precision)
+            else:
+                ops.gemm(inputs, g, out=gW, trans_a=True, precision=precision)
             if i == len(params) - 1:
                 ops.bias_grad(g, out=gb)  # hidden layers' bias grads come fused with their ReLU backward
             if i > 0:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .network import DeviceData, FeedForwardNetwork
 from .optimizers import local_optimizer
+from .sparse import CsrRows
 from .validation import check_int, check_seed
 from .windows import GraphWindows
 
@@ -96,6 +97,12 @@ class MinibatchTrainer:
         if windows is not None:
             windows.set_order(perm)
             self._epoch, self._order = "order", windows.order
+            return
+        if isinstance(data.X, CsrRows):      # sparse rows: gathered anew, O(nnz); the labels as dense ones
+            ys = self._shuffled[1] if self._shuffled is not None and \
+                self._shuffled[1].shape == data.y.shape else ops.empty(data.y.shape, data.y.dtype)
+            self._shuffled = (data.X.take(perm), ops.take_rows(data.y, perm, out=ys))
+            self._epoch = "views"
             return
         order = ops.asarray(perm)
         if self._shuffled is None or self._shuffled[0].shape != data.X.shape:

@@ -234,6 +234,7 @@ class CupyOps(RowSoftmaxNLL, NumpyOps):
     """GPU backend on one CUDA device (``device`` ordinal, default the current one), made current here."""
 
     name = "cupy"
+    sparse_rows = False     # CSR features train on the CPU backends; a GPU takes dense rows
     ROWS_PER_BLOCK = 8           # 256 threads = 8 warps, one row each
     MAX_BLOCKS = 65535
 

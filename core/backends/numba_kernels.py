@@ -230,6 +230,32 @@ def _sgd_screened(w, g, lr, out):
     return s, z
 
 
+def _csr_gemm(indptr, indices, values, W, out):
+    """out (m, n) = CSR rows @ W (k, n); ``indptr`` (m + 1,) holds absolute offsets (a row view's)."""
+    m, n = out.shape
+    zero = out.dtype.type(0)
+    for r in prange(m):
+        for j in range(n):
+            out[r, j] = zero
+        for p in range(indptr[r], indptr[r + 1]):
+            c = indices[p]
+            v = values[p]
+            for j in range(n):
+                out[r, j] += v * W[c, j]
+
+
+def _csr_gemm_t_add(indptr, indices, values, G, out):
+    """out (k, n) += (CSR rows)^T @ G (m, n): a scatter of each stored value's row of G. Serial: two rows may
+    write one column's row of out. The caller zeroes out first."""
+    m, n = G.shape
+    for r in range(m):
+        for p in range(indptr[r], indptr[r + 1]):
+            c = indices[p]
+            v = values[p]
+            for j in range(n):
+                out[c, j] += v * G[r, j]
+
+
 def _all_finite(x):
     for i in range(x.shape[0]):
         if not math.isfinite(x[i]):
@@ -242,7 +268,7 @@ KERNELS = {name: _jit_pair(fn) for name, fn in [
     ("bias_grad_partials", _bias_grad_partials), ("relu_backward_partials", _relu_backward_partials),
     ("softmax_shift_rows", _softmax_shift_rows),
     ("softmax_finish_rows", _softmax_finish_rows),
-    ("softmax", _softmax), ("momentum", _momentum), ("momentum_into", _momentum_into)]}
+    ("softmax", _softmax), ("momentum", _momentum), ("momentum_into", _momentum_into), ("csr_gemm", _csr_gemm)]}
 # no 'reassoc' here: it would fold (t + shifter) - shifter back into t
 KERNELS["softmax_exp_rows_f32"] = _jit_pair(_softmax_exp_rows_f32, fastmath=FASTMATH_FLAGS - {"reassoc"})
 # no 'contract' in either SGD kernel: out is exactly NumPy's w - lr * g, with or without the screen (the server
@@ -251,4 +277,5 @@ KERNELS["sgd"] = _jit_pair(_sgd, fastmath={"reassoc"})
 KERNELS["sgd_into"] = _jit_pair(_sgd_into, fastmath={"reassoc"})
 KERNELS["sgd_accumulate"] = _jit_pair(_sgd_accumulate, fastmath={"reassoc"})
 all_finite_jit = numba.njit(cache=True, nogil=True)(_all_finite)
+csr_gemm_t_add = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, nogil=True)(_csr_gemm_t_add)
 sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False, nogil=True)(_sgd_screened)

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 
 from .numba_kernels import (KERNELS, PARALLEL_MIN_ELEMENTS, POLY_EXP_MIN_CLASSES, all_finite_jit,
-                            sgd_screened)
+                            csr_gemm_t_add, sgd_screened)
 from .numpy_ops import NumpyOps, RowSoftmaxNLL
 from .threads import blas_threads
 
@@ -101,6 +101,23 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         finish = self._kernel("softmax_finish_rows", z.size)
         loss_sum, correct = finish(e, labels, z.dtype.type(scale), row_loss, row_ok, write_grad)
         return float(loss_sum), int(correct)
+
+    def _sparse_jit(self, X, B, out, precision) -> bool:
+        return precision == "fp32" and X.dtype == B.dtype == out.dtype and B.flags.c_contiguous \
+            and out.flags.c_contiguous and X.indices.dtype == np.int32 and X.indptr.dtype == np.int64
+
+    def sparse_gemm(self, X, W, out, precision="fp32"):
+        if not self._sparse_jit(X, W, out, precision):
+            return super().sparse_gemm(X, W, out, precision)
+        self._kernel("csr_gemm", X.nnz * out.shape[1])(X.indptr, X.indices, X.values, W, out)
+        return out
+
+    def sparse_gemm_t(self, X, G, out, precision="fp32"):
+        if not self._sparse_jit(X, G, out, precision):
+            return super().sparse_gemm_t(X, G, out, precision)
+        out.fill(0)
+        csr_gemm_t_add(X.indptr, X.indices, X.values, G, out)
+        return out
 
     def dense_stack_gradient(self, dims, w, X, y, grad, acts, deltas, precision="fp32"):
         """The whole step as one jitted call (:mod:`.numba_step`) when NumPy's CBLAS gemm was found and the

@@ -127,6 +127,33 @@ class NumpyOps:
         b = b.T if trans_b else b
         return np.matmul(a, b, out=out)
 
+    # ----------------------------------------------------- sparse first layer
+    sparse_rows = True      # trains core.sparse.CsrRows features (host arrays; the CPU backends)
+
+    def _sparse_operands(self, X, B, precision):
+        """(the rows' stored values, B) as the product reads them: rounded to ``precision`` as :meth:`gemm`
+        rounds its operands."""
+        values = X.values[X.indptr[0]:X.indptr[-1]]
+        if precision != "fp32":
+            values, B = round_to_precision(values, precision), round_to_precision(B, precision)
+        return values, B
+
+    def sparse_gemm(self, X, W, out, precision="fp32"):
+        """out (m, n) = X @ W for CSR rows X (m, k) (:class:`core.sparse.CsrRows`) and W (k, n): the first
+        layer's forward on sparse features, nnz x n multiply-adds."""
+        values, W = self._sparse_operands(X, W, precision)
+        out.fill(0)
+        np.add.at(out, X.row_ids(), values[:, None] * W[X.indices[X.indptr[0]:X.indptr[-1]]])
+        return out
+
+    def sparse_gemm_t(self, X, G, out, precision="fp32"):
+        """out (k, n) = X^T @ G for CSR rows X (m, k) and G (m, n): the first layer's weight gradient, zero
+        in every row of a column no row of X holds."""
+        values, G = self._sparse_operands(X, G, precision)
+        out.fill(0)
+        np.add.at(out, X.indices[X.indptr[0]:X.indptr[-1]], values[:, None] * G[X.row_ids()])
+        return out
+
     # -------------------------------------------------------------- dense layer
     def bias_add(self, y, b):
         """In place: y (m, n) += b (n,)."""
