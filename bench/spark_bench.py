@@ -12,7 +12,8 @@
    same fit at communicationWindow=1 (the old default), alternating, 3 fits each on 48k synthetic rows.
 5. ``transform`` (only when asked): scoring --rows rows by an ffps and an MLlib MLPC model of [784,256,256,10],
    all output columns written to the noop sink.
-6. ``wide`` (only when asked): 2,000 documents through Tokenizer + HashingTF (2^18 features), [262144,16,2]:
+6. ``wide`` (only when asked): --wide-rows documents (2,000) through Tokenizer + HashingTF (2^18 features),
+   [262144,16,2], trained as sparse rows:
    ffps's fit and transform at the session's default Arrow batch rows (Spark 3.5 sent 10 GiB batches), the same
    rows as sparse vectors without ML attributes, and MLlib's MLPC on the HashingTF frame as the anchor.
     python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,transform,...]
@@ -336,6 +337,7 @@ def main():
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--sections", default="digits,synthetic",
                     help="comma-separated subset of digits, synthetic, defaults, transform, torch, wide")
+    ap.add_argument("--wide-rows", type=int, default=2000, help="documents of the wide section")
     ap.add_argument("--skip-synthetic", action="store_true", help="leave synthetic out of --sections")
     a = ap.parse_args()
     sections = set(a.sections.split(",")) - ({"synthetic"} if a.skip_synthetic else set())
@@ -354,7 +356,7 @@ def main():
     if "torch" in sections:
         torch_section(spark, a.backend)
     if "wide" in sections:
-        wide_section(spark, a.backend)
+        wide_section(spark, a.backend, a.wide_rows)
     spark.stop()
 
 

@@ -9,6 +9,7 @@ import numbers
 import numpy as np
 
 from .backends.numpy_ops import PRECISIONS
+from .sparse import is_sparse
 
 SUPPORTED_DTYPES = ("float32", "float64")
 
@@ -82,6 +83,10 @@ def check_precision(precision, dtype: np.dtype) -> str:
 
 def check_features(X, width: int, dtype: np.dtype) -> np.ndarray:
     """X (m, width) numeric, finite -> C-contiguous array of ``dtype``."""
+    if is_sparse(X):       # np.asarray would make a 0-d object array of it, and the error would say "0-D"
+        raise ValueError(f"X is a sparse matrix ({type(X).__name__}, shape {X.shape}) and this path takes dense rows: "
+                         f"pass X.toarray(); FeedForwardNetwork, MinibatchTrainer and the Spark estimator train "
+                         f"sparse rows as they are")
     arr = np.asarray(X)
     if arr.ndim != 2:
         raise ValueError(f"X must be a 2-D array (rows, features), got {arr.ndim}-D with shape {arr.shape}")

@@ -1,6 +1,6 @@
 """Executor side of ``fit``: the function one barrier task runs, and the driver's run-with-retries loop.
 
-Each barrier task reads its partition as Arrow batches into one contiguous float32 matrix, exchanges a
+Each barrier task reads its partition as Arrow batches into one float32 matrix (or sparse rows), exchanges a
 report of it with the other tasks through the server (rows, data checks), cuts it to the common shard size
 where the mode needs one, takes its GPU from ``TaskContext.resources()`` and runs
 :func:`ps.worker.run_worker` against the driver's parameter server.
@@ -70,8 +70,11 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         from ps.shards import connect
         from spark.data import data_problem, read_partition, uneven_partitions
 
+        from core import resolve_backend_name
+
         t_start = time.time()
-        X, y, report = read_partition(batches, width)
+        # sparse vectors stay sparse on the CPU backends; a GPU takes dense rows
+        X, y, report = read_partition(batches, width, sparse_ok=resolve_backend_name(spec.backend) != "cupy")
         t_read = time.time()
         try:
             client = connect(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
@@ -122,7 +125,8 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         # the task's CPU share bounds BLAS/numba threads: executors run several tasks side by side
         stats = run_worker(cfg, worker, X, y.astype(np.int32), device=device, attempt=attempt, on_step=step_hook,
                            cpu_threads=max(1, int(ctx.cpus())), start_together=True, client=client)
-        stats.update(rows=int(len(y)), gpu_address=address, cuda_ordinal=ordinal, device=device)
+        stats.update(rows=int(len(y)), gpu_address=address, cuda_ordinal=ordinal, device=device,
+                     sparse_rows=not isinstance(X, np.ndarray))
         return stats
 
     return train

@@ -172,6 +172,18 @@ def main(out_path: str) -> None:
         return {"stop_reason": s.stopReason, "message": s.stopMessage, "epochs": s.totalIterations,
                 "convergence": model.trainingStats["server"]["convergence"]}
 
+    @step(report, "sparse")
+    def _():
+        from core.datasets import load_digits_split
+        from tests.spark_helpers import SPARSE_DIGITS_WIDTH, sparse_digit_vectors
+
+        Xtr, _, ytr, _ = load_digits_split(seed=0)
+        rows = spark.createDataFrame([(float(lab), v) for v, lab in zip(sparse_digit_vectors(Xtr), ytr)],
+                                     ["label", "features"])
+        model = clf(layers=[SPARSE_DIGITS_WIDTH, 32, 10], maxIter=3).fit(rows)
+        return {"sparse_rows": [model.trainingStats["workers"][w]["sparse_rows"] for w in (0, 1)],
+                "rows": model.trainingStats["rows"], "loss": model.summary.objectiveHistory}
+
     @step(report, "bad_data")
     def _():
         from pyspark.ml.linalg import Vectors

@@ -190,6 +190,8 @@ def test_more_blas_threads_than_cores_is_warned_about(monkeypatch, caplog):
     (lambda X, y: (X[:3], y[:3]), "3 rows cannot feed 4 workers"),
     (lambda X, y: (X[:, :10], y), "10 features per row but layers\\[0\\] is 64"),
     (lambda X, y: (X, y + 5), "outside 0..9"),
+    (lambda X, y: (__import__("scipy.sparse").sparse.csr_matrix(X), y),
+     "X is a sparse matrix \\(csr_matrix, shape \\(1257, 64\\)\\) and this path takes dense rows: pass X.toarray"),
 ])
 def test_bad_data_is_refused_in_the_parent_before_anything_starts(make, message, tmp_path, monkeypatch):
     """The workers found these after their peers had waited out the barrier (20-30 s), and a 1-D X was

@@ -4,11 +4,11 @@ import pyarrow as pa
 import pytest
 
 from spark.data import data_problem, read_partition, uneven_partitions
+from tests.spark_helpers import vector_batch
 
 
 def batch(rows, labels):
-    return pa.RecordBatch.from_arrays([pa.array(rows, pa.list_(pa.float32())), pa.array(labels, pa.float64())],
-                                      names=["f", "label"])
+    return vector_batch(rows, labels)
 
 
 def verdict(*partitions, width=3, classes=3):
@@ -63,6 +63,61 @@ def test_partitions_that_would_not_train_on_all_rows_are_told_apart_from_bad_dat
 def test_a_row_of_float32_overflow_counts_as_infinite():
     X, _, report = read_partition(iter([batch([[1, 3e38, 3e38], [1, 2, 3]], [0, 1])]), 3)
     assert report["bad_features"] == 0     # 3e38 is finite in float32 (the quick sum overflows: counted exactly)
-    rows = pa.array([[1.0, 1e300, 3.0]], pa.list_(pa.float64())).cast(pa.list_(pa.float32()), safe=False)
-    overflow = pa.RecordBatch.from_arrays([rows, pa.array([0.0])], names=["f", "label"])
+    overflow = batch([[1.0, 1e300, 3.0]], [0.0])          # a DenseVector's float64 beyond float32's range
     assert read_partition(iter([overflow]), 3)[2]["bad_features"] == 1
+    assert read_partition(iter([batch([("sparse", 3, [1], [1e300])], [0.0])]), 3)[2]["bad_features"] == 1
+
+
+def test_sparse_vectors_stay_sparse_where_they_are_sparse():
+    """Rows of HashingTF-like vectors: CSR rows on a CPU backend, the same matrix dense for the GPU or where a
+    partition is dense enough (the CSR product loses to BLAS above SPARSE_MAX_DENSITY)."""
+    from core.sparse import CsrRows
+    from spark.data import SPARSE_MAX_DENSITY
+
+    width = 40
+    rows = [("sparse", width, [i % width, (7 * i + 3) % width], [1.0 + i, -2.0]) for i in range(30)]
+    expected = np.zeros((30, width), np.float32)
+    for i, (_, _, cols, vals) in enumerate(rows):
+        expected[i, cols] = vals
+    first, second = batch(rows[:12], [0] * 12), batch(rows[12:], [1] * 18)
+    X, y, report = read_partition(iter([first, second]), width)
+    assert isinstance(X, CsrRows) and X.shape == (30, width) and X.nnz == 60 and X.dtype == np.float32
+    np.testing.assert_array_equal(X.toarray(), expected)
+    assert y.tolist() == [0] * 12 + [1] * 18
+    assert report["min_width"] == report["max_width"] == width and report["bad_features"] == 0
+    X, _, _ = read_partition(iter([first, second]), width, sparse_ok=False)
+    assert isinstance(X, np.ndarray) and X.flags.c_contiguous
+    np.testing.assert_array_equal(X, expected)
+    dense_enough = [("sparse", 4, [0, 2], [1.0, 2.0])] * 5          # 50 % stored
+    assert 0.5 > SPARSE_MAX_DENSITY
+    X, _, _ = read_partition(iter([batch(dense_enough, [0] * 5)]), 4)
+    np.testing.assert_array_equal(X, np.tile(np.float32([1, 0, 2, 0]), (5, 1)))
+
+
+def test_dense_and_sparse_vectors_mix_in_one_partition():
+    """VectorAssembler writes each row dense or sparse, whichever is smaller: a partition may hold both, in any
+    order of batches."""
+    from core.sparse import CsrRows
+
+    width = 50
+    dense_rows = [[float(j == i) for j in range(width)] for i in range(3)]
+    sparse_rows = [("sparse", width, [5 + i], [3.0]) for i in range(20)]
+    expected = np.zeros((23, width), np.float32)
+    expected[[0, 1, 2], [0, 1, 2]] = 1
+    expected[np.arange(3, 23), np.arange(5, 25)] = 3
+    for order in ([batch(dense_rows, [0] * 3), batch(sparse_rows, [1] * 20)],
+                  [batch(dense_rows + sparse_rows[:1], [0] * 4), batch(sparse_rows[1:], [1] * 19)]):
+        X, _, report = read_partition(iter(order), width)
+        assert isinstance(X, CsrRows) and report["max_width"] == width
+        np.testing.assert_array_equal(X.toarray(), expected)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([("sparse", 4, [0], [1.0]), ("sparse", 3, [0], [1.0])], "has vectors of size 4 but layers[0] is 3"),
+    ([("sparse", 3, [0], [1.0]), None], "'features' has 1 null value(s)"),
+    ([("sparse", 3, [0, 2], [np.nan, np.inf]), ("sparse", 3, [1], [np.inf]), [1, 2, 3]], "has 2 row(s) with NaN"),
+])
+def test_sparse_vectors_get_the_same_verdicts(rows, message):
+    X, _, report = read_partition(iter([batch(rows, [0] * len(rows))]), 3)
+    assert message in data_problem([report], 3, 3, "features", "label")
+    assert X is None or report["bad_features"]

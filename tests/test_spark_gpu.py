@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tests.spark_helpers import REPO
+from tests.spark_helpers import REPO, vector_batch
 
 from spark.gpu import cuda_ordinal, supports_stage_level_scheduling, task_gpu, unused_gpu_warning
 
@@ -115,8 +115,7 @@ def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False):
                          secure=False, layers=layers, barrier_timeout=20.0, epochs=1, batch_size=4,
                          backend=backend, seed=0, worker_timeout=20.0) as server:
         cfg = server.client_config()
-        seven = partition_report(np.ones((7, 3), np.float32), np.zeros(7), rows=7, null_features=0, min_width=3,
-                                 max_width=3, null_labels=0)
+        seven = partition_report(np.zeros(7), rows=7, null_features=0, min_width=3, max_width=3, null_labels=0)
         gathered = {}
 
         def worker0():
@@ -127,8 +126,7 @@ def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False):
         fn = make_train_function(cfg, attempt=0, features_col="f", label_col="label", may_reshuffle=may_reshuffle)
         # 10 rows beside the peer's 7, as the driver's own shuffle may leave them: cut to 7 (may_reshuffle is
         # for the input's own partitions)
-        batches = [pa.RecordBatch.from_arrays([pa.array([[1, 2, 3], [4, 5, 6]] * 5, pa.list_(pa.float32())),
-                                               pa.array([0.0, 1.0] * 5)], names=["f", "label"])]
+        batches = [vector_batch([[1, 2, 3], [4, 5, 6]] * 5, [0.0, 1.0] * 5)]
         out = list(fn(iter(batches)))
         peer.join(30)
     return calls, gathered, json.loads(out[0].column(1)[0].as_py())
