@@ -1,6 +1,5 @@
 """The training tasks' read and data verdict without Spark: Arrow batches -> (X, y, report) -> problem."""
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from spark.data import data_problem, read_partition, uneven_partitions

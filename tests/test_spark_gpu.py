@@ -11,7 +11,6 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from tests.spark_helpers import REPO, vector_batch
