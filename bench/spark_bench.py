@@ -15,7 +15,8 @@
 6. ``wide`` (only when asked): --wide-rows documents (2,000) through Tokenizer + HashingTF (2^18 features),
    [262144,16,2], trained as sparse rows:
    ffps's fit and transform at the session's default Arrow batch rows (Spark 3.5 sent 10 GiB batches), the same
-   rows as sparse vectors without ML attributes, and MLlib's MLPC on the HashingTF frame as the anchor.
+   rows as sparse vectors without ML attributes, and MLlib's MLPC on the HashingTF frame as the anchor;
+   --wide-variants first fits the HashingTF frame as it is, with secure=False and with communicationWindow=16.
     python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,transform,...]
 """
 import argparse
@@ -276,7 +277,10 @@ def transform_section(spark, rows, backend):
     df.unpersist()
 
 
-def wide_section(spark, backend, rows=2000):
+WIDE_VARIANTS = ({}, {"secure": False}, {"communicationWindow": 16})
+
+
+def wide_section(spark, backend, rows=2000, variants=()):
     """Wide sparse input (Spark 3.5 sent it in Arrow batches of 10 GiB): ``rows`` documents of 30 words from two
     vocabularies, Tokenizer + HashingTF at its default 2^18 features, [262144, 16, 2], 3 passes; fit, then
     transform and train accuracy, each with the session's maxRecordsPerBatch at its default. The same rows as
@@ -302,6 +306,16 @@ def wide_section(spark, backend, rows=2000):
     hashed.count(), bare.count()
     records = "spark.sql.execution.arrow.maxRecordsPerBatch"
     times = {}
+    # where a wide model's time goes: the fit with one Param changed (before MLlib's MLPC, whose OutOfMemoryError
+    # may take the driver down)
+    for change in variants:
+        clf = FeedForwardNetworkPSClassifier(layers=[width, 16, 2], maxIter=3, blockSize=32, stepSize=0.1, seed=1,
+                                             backend=backend, **change)
+        t0 = time.perf_counter()
+        model = clf.fit(hashed)
+        waits = [round(w["exchange_s"], 1) for w in model.trainingStats["workers"].values()]
+        print(f"wide ffps HashingTF {change}: fit {time.perf_counter() - t0:.1f} s (workers waited on exchanges "
+              f"{waits} s)", flush=True)
     for name, df, clf in (
             ("ffps HashingTF", hashed, FeedForwardNetworkPSClassifier(layers=[width, 16, 2], maxIter=3, blockSize=32,
                                                                       stepSize=0.1, seed=1, backend=backend)),
@@ -338,6 +352,8 @@ def main():
     ap.add_argument("--sections", default="digits,synthetic",
                     help="comma-separated subset of digits, synthetic, defaults, transform, torch, wide")
     ap.add_argument("--wide-rows", type=int, default=2000, help="documents of the wide section")
+    ap.add_argument("--wide-variants", action="store_true",
+                    help="wide: the ffps fit again as it is, with secure=False and with communicationWindow=16")
     ap.add_argument("--skip-synthetic", action="store_true", help="leave synthetic out of --sections")
     a = ap.parse_args()
     sections = set(a.sections.split(",")) - ({"synthetic"} if a.skip_synthetic else set())
@@ -356,7 +372,7 @@ def main():
     if "torch" in sections:
         torch_section(spark, a.backend)
     if "wide" in sections:
-        wide_section(spark, a.backend, a.wide_rows)
+        wide_section(spark, a.backend, a.wide_rows, WIDE_VARIANTS if a.wide_variants else ())
     spark.stop()
 
 
