@@ -77,24 +77,23 @@ def _rows_per_batch(records: str) -> int:
     return int(records) if int(records) > 0 else DEFAULT_RECORDS
 
 
-# Bytes per feature of a dense row in the Arrow batches: training reads the Vector column as Spark stores it
-# (a DenseVector's values are float64); transform reads it as array<float> (vector_to_array, float32).
-FIT_FEATURE_BYTES, SCORE_FEATURE_BYTES = 8, 4
+# Bytes per feature of a dense row in the Arrow batches: fit and transform read the Vector column as Spark
+# stores it, and a DenseVector's values are float64.
+FEATURE_BYTES = 8
 
 
-def batch_rows_bound(spark, features_col: str, width: int, records: str | None = None,
-                     feature_bytes: int = FIT_FEATURE_BYTES) -> tuple[str, int] | None:
-    """Spark 3.5, rows ``width`` features wide (layers[0], which every row must match), ``feature_bytes`` a
-    feature where a row is dense: -> (``records``, by default the session's maxRecordsPerBatch; the most rows a
-    batch may hold within MAX_BATCH_BYTES) when a batch at that setting would be larger, else None (Spark 4, or
-    narrow rows). Sparse rows are smaller, but nothing says before the rows are read which a column holds. A
-    row over the bound on its own is refused."""
+def batch_rows_bound(spark, features_col: str, width: int, records: str | None = None) -> tuple[str, int] | None:
+    """Spark 3.5, rows ``width`` features wide (layers[0], which every row must match): -> (``records``, by
+    default the session's maxRecordsPerBatch; the most rows a batch of dense rows may hold within
+    MAX_BATCH_BYTES) when a batch at that setting would be larger, else None (Spark 4, or narrow rows). Sparse
+    rows are smaller, but nothing says before the rows are read which a column holds. A row over the bound on
+    its own is refused."""
     if int(str(spark.version).split(".")[0]) >= 4:
         return None
-    row_bytes = feature_bytes * width
+    row_bytes = FEATURE_BYTES * width
     if row_bytes > MAX_BATCH_BYTES:
-        kind = "float64 (a DenseVector's values)" if feature_bytes == 8 else "float32"
-        raise ValueError(f"featuresCol {features_col!r} is {width} features wide: one dense {kind} row is "
+        raise ValueError(f"featuresCol {features_col!r} is {width} features wide: one dense float64 (a DenseVector's "
+                         f"values) row is "
                          f"{row_bytes >> 20} MiB, over the {MAX_BATCH_BYTES >> 20} MiB Spark 3.5 can send a "
                          f"Python task in one Arrow batch; use fewer features (e.g. a smaller HashingTF "
                          f"numFeatures), or Spark 4")
@@ -104,13 +103,12 @@ def batch_rows_bound(spark, features_col: str, width: int, records: str | None =
     return (records, allowed) if _rows_per_batch(records) > allowed else None
 
 
-def _why(width: int, records: str, allowed: int, feature_bytes: int) -> str:
+def _why(width: int, records: str, allowed: int) -> str:
     per_batch = f"{records} rows" if int(records) > 0 else "whole partitions (-1: no row limit)"
     rows = _rows_per_batch(records)
-    kind = "float64" if feature_bytes == 8 else "float32"
-    return (f"{width} features of {kind} are {feature_bytes * width / 2**20:.2f} MiB a dense row, and Spark 3.5 "
+    return (f"{width} features of float64 are {FEATURE_BYTES * width / 2**20:.2f} MiB a dense row, and Spark 3.5 "
             f"sends Python tasks Arrow batches of {per_batch} ({RECORDS_PER_BATCH}): "
-            f"{rows * feature_bytes * width / 2**30:.1f} GiB at {rows} "
+            f"{rows * FEATURE_BYTES * width / 2**30:.1f} GiB at {rows} "
             f"rows, over ffps's bound of {MAX_BATCH_BYTES >> 20} MiB (the JVM could not allocate such a batch and "
             f"the task waited forever)")
 
@@ -135,8 +133,7 @@ def batches_bounded_while_fitting(spark, features_col: str, width: int):
         yield
         return
     allowed = bound[1]
-    log.info("ffps: %s; this fit sets it to %d while it runs", _why(width, entry[0], allowed, FIT_FEATURE_BYTES),
-             allowed)
+    log.info("ffps: %s; this fit sets it to %d while it runs", _why(width, entry[0], allowed), allowed)
     try:
         yield
     finally:
@@ -153,8 +150,7 @@ def bound_batches_for_scoring(spark, features_col: str, width: int) -> None:
     setting then), said once per change in the log."""
     with _bounds_lock:
         entry = _bounded.get(spark)     # fits running: the value they give back when they end is lowered too
-        bound = batch_rows_bound(spark, features_col, width, None if entry is None else entry[0],
-                                 SCORE_FEATURE_BYTES)
+        bound = batch_rows_bound(spark, features_col, width, None if entry is None else entry[0])
         if bound is None:
             return
         records, allowed = bound
@@ -162,17 +158,7 @@ def bound_batches_for_scoring(spark, features_col: str, width: int) -> None:
             entry[0] = str(allowed)
         spark.conf.set(RECORDS_PER_BATCH, str(allowed if entry is None else min(allowed, *entry[1])))
     log.warning("ffps: %s; transform set it to %d in this session (other Arrow work of the session gets batches "
-                "of at most that many rows)", _why(width, records, allowed, SCORE_FEATURE_BYTES), allowed)
-
-
-def features_array(features_col: str):
-    """Column expression: the Vector column as array<float>, null where the vector is null (vector_to_array
-    fails on a null vector with an opaque UDF error; a null lets the reader count it and name the column)."""
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.sql import functions as F
-
-    f = F.col(features_col)
-    return F.when(f.isNull(), F.lit(None)).otherwise(vector_to_array(f, "float32"))
+                "of at most that many rows)", _why(width, records, allowed), allowed)
 
 
 def prepared(dataset, features_col: str, label_col: str | None):
@@ -285,35 +271,57 @@ def uneven_partitions(counts: list, equal_shards: bool) -> str | None:
 SPARSE_MAX_DENSITY = 0.1
 
 
-class _Rows:
-    """The rows of a partition as they are read: dense float32 blocks while every vector is dense and
-    ``width`` wide, else CSR parts (lengths, columns, values) for every row, stored zeros dropped; widths and
-    bad rows counted."""
+class VectorRows:
+    """Vectors as they are read, batch by batch: dense float32 blocks while every vector is dense and ``width``
+    wide, else CSR parts (lengths, columns, values) for every row, stored zeros dropped; nulls, widths and rows
+    holding NaN or an infinity counted. The training tasks add Arrow batches (:meth:`add_arrow`), the scoring
+    UDF pandas ones (:meth:`add_pandas`); both hold a Vector as Spark stores it: (type 0 sparse / 1 dense,
+    size, indices, values)."""
 
     def __init__(self, width: int):
         self.width = width
         self.dense: list = []          # (n, width) float32 blocks
         self.parts: list = []          # (lengths (n,), columns (nnz,) int64, values (nnz,) float32)
         self.min_width = self.max_width = None
-        self.bad = 0
+        self.nulls = self.bad = 0
 
     def _widths(self, lo, hi):
         if lo is not None:
             self.min_width = lo if self.min_width is None else min(self.min_width, lo)
             self.max_width = hi if self.max_width is None else max(self.max_width, hi)
 
-    def add(self, feats) -> None:
-        """One batch's Vector column (struct type/size/indices/values; a null vector is a null struct)."""
+    def add_arrow(self, feats) -> None:
+        """One Arrow batch's Vector column (a struct; a null vector is a null struct)."""
         import pyarrow.compute as pc
 
         kind, size, indices, values = feats.flatten()          # the struct's nulls carried into each field
-        valid = ~feats.is_null().to_numpy(zero_copy_only=False)
-        lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        dense = kind.fill_null(-1).to_numpy(zero_copy_only=False) == 1
-        widths = np.where(dense, lengths, size.fill_null(0).to_numpy(zero_copy_only=False))[valid]
+        self.add(kind.fill_null(-1).to_numpy(zero_copy_only=False), size.fill_null(0).to_numpy(zero_copy_only=False),
+                 pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False),
+                 values.flatten().to_numpy(zero_copy_only=False), indices.flatten().to_numpy(zero_copy_only=False))
+
+    def add_pandas(self, frame) -> None:
+        """One pandas batch of a Vector column, as a pandas UDF gets it: a frame of type, size, indices, values
+        (per-row arrays; a null vector's row all null)."""
+        import pandas as pd
+
+        kind = pd.to_numeric(frame["type"]).fillna(-1).to_numpy(dtype=np.int64)
+        size = pd.to_numeric(frame["size"]).fillna(0).to_numpy(dtype=np.int64)
+        values = [np.zeros(0) if kind[r] < 0 else v for r, v in enumerate(frame["values"])]
+        sparse = [v for r, v in enumerate(frame["indices"]) if kind[r] == 0]
+        self.add(kind, size, np.fromiter((len(v) for v in values), np.int64, len(values)),
+                 np.concatenate(values) if values else np.zeros(0),
+                 np.concatenate(sparse) if sparse else np.zeros(0, np.int64))
+
+    def add(self, kind, size, lengths, flat, sparse_indices) -> None:
+        """Rows given as arrays: kind (n,) 0 sparse / 1 dense / < 0 null, size (n,) (a sparse row's width),
+        lengths (n,) values stored per row, flat (nnz,) those values, sparse_indices: the sparse rows' columns."""
+        kind, lengths = np.asarray(kind), np.asarray(lengths, dtype=np.int64)
+        valid, dense = kind >= 0, kind == 1
+        self.nulls += int((~valid).sum())
+        widths = np.where(dense, lengths, size)[valid]
         self._widths(int(widths.min()) if widths.size else None, int(widths.max()) if widths.size else None)
         with np.errstate(over="ignore"):             # beyond float32's range: inf, counted as a bad row
-            flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            flat = np.asarray(flat).astype(np.float32)
         if dense.all() and (widths == self.width).all() and not self.parts:
             block = flat.reshape(len(lengths), self.width)
             self.bad += nonfinite_rows(block)
@@ -326,7 +334,7 @@ class _Rows:
             starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
             columns[dense_at] = (np.arange(len(flat), dtype=np.int64) - starts)[dense_at]
         if not dense_at.all():
-            columns[~dense_at] = indices.flatten().to_numpy(zero_copy_only=False)
+            columns[~dense_at] = sparse_indices
         if columns.size and columns.max() >= self.width:     # a SparseVector's indices are below its size
             self._widths(int(columns.max()) + 1, int(columns.max()) + 1)
         screen = float(flat.sum(dtype=np.float32)) if flat.size else 0.0
@@ -379,20 +387,19 @@ def read_partition(batches, width: int, sparse_ok: bool = True):
     a vector of another width keeps the rows from forming one matrix (the report says why).
     """
     ys = []
-    read = _Rows(width)
-    rows = null_features = null_labels = 0
+    read = VectorRows(width)
+    rows = null_labels = 0
     for batch in batches:
         if batch.num_rows == 0:
             continue
         rows += batch.num_rows
         feats, labels = batch.column(0), batch.column(1)
-        null_features += feats.null_count
         null_labels += labels.null_count
         ys.append(labels.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
-        read.add(feats)
+        read.add_arrow(feats)
     y = np.concatenate(ys) if ys else np.empty(0)
-    whole = null_features == 0 and read.min_width in (None, width) and read.max_width in (None, width)
+    whole = read.nulls == 0 and read.min_width in (None, width) and read.max_width in (None, width)
     X = read.matrix(rows, sparse_ok) if whole else None
-    report = partition_report(y, rows=rows, null_features=null_features, min_width=read.min_width,
+    report = partition_report(y, rows=rows, null_features=read.nulls, min_width=read.min_width,
                               max_width=read.max_width, null_labels=null_labels, bad_features=read.bad)
     return X, y, report

@@ -98,40 +98,42 @@ def transform_frame(dataset, w_bc, layers, features_col, raw_col, prob_col, pred
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
-    from .data import features_array, nonfinite_rows
+    from .data import VectorRows
 
     layers = [int(d) for d in layers]
     width = layers[0]
     keep_vector_frames_on_the_row_path(dataset)
 
+    # the Vector column goes in as it is: a pandas UDF gets it as Spark stores it (type, size, indices, values),
+    # so sparse rows are scored sparse; vector_to_array made every HashingTF row 1 MiB of float32 in the JVM
     @pandas_udf(RESULT_TYPE)
-    def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from core import FeedForwardNetwork
 
         net = FeedForwardNetwork(layers, backend="numpy")
         w = w_bc.value if hasattr(w_bc, "value") else np.frombuffer(w_bc, dtype="<f4")
-        for s in batches:
-            if len(s) == 0:
+        for frame in batches:
+            if len(frame) == 0:
                 yield pd.DataFrame({"raw": [], "prob": [], "pred": []})
                 continue
-            nulls = int(s.isna().sum())
-            if nulls:
-                raise ValueError(f"featuresCol {features_col!r} has {nulls} null vector(s); drop or impute them "
+            rows = VectorRows(width)
+            rows.add_pandas(frame)
+            if rows.nulls:
+                raise ValueError(f"featuresCol {features_col!r} has {rows.nulls} null vector(s); drop or impute them "
                                  f"before transform")
-            X = np.stack(s.to_numpy()).astype(np.float32, copy=False)
-            if X.ndim != 2 or X.shape[1] != width:
-                raise ValueError(f"feature vectors have width {X.shape[-1]} but the model expects {width}")
-            bad = nonfinite_rows(X)           # else argmax would name a class for a row of NaN logits
-            if bad:
-                raise ValueError(f"featuresCol {features_col!r} has {bad} row(s) with NaN or infinite values "
+            if rows.min_width != width or rows.max_width != width:
+                bad = rows.max_width if rows.max_width != width else rows.min_width
+                raise ValueError(f"feature vectors have width {bad} but the model expects {width}")
+            if rows.bad:                     # else argmax would name a class for a row of NaN logits
+                raise ValueError(f"featuresCol {features_col!r} has {rows.bad} row(s) with NaN or infinite values "
                                  f"(after conversion to float32); clean or impute them before transform")
-            raw, prob = logits_and_probabilities(net, w, np.ascontiguousarray(X))
+            raw, prob = logits_and_probabilities(net, w, rows.matrix(len(frame), sparse_ok=True))
             pred = predicted_classes(prob, thresholds).astype(np.float64)
             yield pd.DataFrame({"raw": list(raw), "prob": list(prob), "pred": pred})
 
     classes = layers[-1]
     vector_attrs = {"ml_attr": {"num_attrs": classes}}
-    out = dataset.withColumn(_OUT, score(features_array(features_col)))
+    out = dataset.withColumn(_OUT, score(F.col(features_col)))
     # withMetadata, not alias(metadata=): Spark Connect drops an alias's metadata inside withColumn
     if raw_col:
         out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw"))).withMetadata(raw_col, vector_attrs)

@@ -120,3 +120,28 @@ def test_sparse_vectors_get_the_same_verdicts(rows, message):
     X, _, report = read_partition(iter([batch(rows, [0] * len(rows))]), 3)
     assert message in data_problem([report], 3, 3, "features", "label")
     assert X is None or report["bad_features"]
+
+
+@pytest.mark.parametrize("missing", [np.nan, None])     # a null vector's fields: NaN on Spark 3.5, None on 4
+def test_the_scoring_udf_reads_pandas_vectors_as_the_tasks_read_arrow_ones(missing):
+    """A pandas UDF gets a Vector column as a frame of its fields, one array per row: the same rows as the same
+    matrix, sparse rows sparse, nulls counted."""
+    import pandas as pd
+
+    from core.sparse import CsrRows
+    from spark.data import VectorRows
+
+    rows = [("sparse", 40, [3, 17], [1.0, -2.0]), [0.0] * 39 + [5.0], ("sparse", 40, [39], [4.0])]
+    frame = pd.DataFrame({"type": [0, 1, 0], "size": [40, missing, 40],
+                          "indices": [np.array([3, 17], np.int32), None, np.array([39], np.int32)],
+                          "values": [np.array([1.0, -2.0]), np.array(rows[1]), np.array([4.0])]})
+    read = VectorRows(40)
+    read.add_pandas(frame)
+    X = read.matrix(3, sparse_ok=True)
+    assert isinstance(X, CsrRows) and X.nnz == 4 and read.nulls == 0 and read.min_width == read.max_width == 40
+    arrow, _, _ = read_partition(iter([batch(rows, [0, 1, 0])]), 40)
+    np.testing.assert_array_equal(X.toarray(), arrow.toarray())
+    nulls = VectorRows(40)
+    nulls.add_pandas(pd.DataFrame({"type": [missing, 1], "size": [missing, missing], "indices": [None, None],
+                                   "values": [None, np.arange(40.0)]}))
+    assert nulls.nulls == 1 and nulls.min_width == nulls.max_width == 40

@@ -417,14 +417,14 @@ def test_wide_rows_get_arrow_batches_the_jvm_can_send(spark, monkeypatch, caplog
                 seen.clear()
                 model = FeedForwardNetworkPSClassifier(layers=[width, 2], maxIter=2, blockSize=4, numWorkers=1,
                                                        stepSize=0.1, seed=3).fit(frame)
-                # a fit reads the Vector struct (a DenseVector's values are float64: 2 MiB a row), transform float32
+                # fit and transform read the Vector as Spark stores it: a DenseVector's float64 values, 2 MiB a row
                 assert seen == (["128"] if spark35 else [records]) and spark.conf.get(RECORDS) == records
                 assert model.trainingStats["rows"] == 8
                 caplog.clear()
                 with caplog.at_level(logging.WARNING, logger="spark.data"):
                     scored = model.transform(frame)
-                assert spark.conf.get(RECORDS) == ("256" if spark35 else records)
-                assert ("transform set it to 256 in this session" in caplog.text) == spark35
+                assert spark.conf.get(RECORDS) == ("128" if spark35 else records)
+                assert ("transform set it to 128 in this session" in caplog.text) == spark35
                 assert scored.select(F.count("prediction")).first()[0] == 8
                 spark.conf.set(RECORDS, records)
         finally:
@@ -454,14 +454,14 @@ def test_fits_at_once_keep_the_smallest_bound_until_the_last_ends(spark):
                 with batches_bounded_while_fitting(spark, "features", 1000):       # narrow: within every bound
                     assert spark.conf.get(RECORDS) == "32"
             assert spark.conf.get(RECORDS) == "128"
-            bound_batches_for_scoring(spark, "features", 2**19)                 # 128 for the session from now
-            assert spark.conf.get(RECORDS) == "128"
-        assert spark.conf.get(RECORDS) == "128"
+            bound_batches_for_scoring(spark, "features", 2**19)                 # 64 for the session from now
+            assert spark.conf.get(RECORDS) == "64"
+        assert spark.conf.get(RECORDS) == "64"
         with pytest.raises(ValueError, match=r"featuresCol 'f' is 100000000 features wide: one dense float64 \(a "
                                              r"DenseVector's values\) row is 762 MiB"):
             with batches_bounded_while_fitting(spark, "f", 10**8):
                 pass
-        assert spark.conf.get(RECORDS) == "128"
+        assert spark.conf.get(RECORDS) == "64"
     finally:
         spark.conf.unset(RECORDS)
 

@@ -42,3 +42,30 @@ def test_bad_sparse_rows_are_refused_before_training(spark):
         est.fit(spark.createDataFrame(rows, ["label", "features"]))
     with pytest.raises(ValueError, match="1 row\\(s\\) with NaN or infinite values"):
         est.fit(spark.createDataFrame(rows[:2], ["label", "features"]))
+
+
+def test_transform_scores_sparse_rows_as_the_dense_ones(spark, digits_split):
+    """transform hands the scoring UDF the Vector as Spark stores it: sparse rows are scored sparse, with the
+    probabilities of the same rows dense, and its refusals name the row's problem."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from spark import FeedForwardNetworkPSClassificationModel
+
+    Xtr, Xte, ytr, yte = digits_split
+    rng = np.random.default_rng(9)
+    layers = [SPARSE_DIGITS_WIDTH, 12, 10]
+    weights = (rng.standard_normal(SPARSE_DIGITS_WIDTH * 12 + 12 + 12 * 10 + 10) * 0.1).astype(np.float32)
+    model = FeedForwardNetworkPSClassificationModel(weights=weights, layers=layers)
+    sparse = sparse_digit_vectors(Xte[:200])
+    dense = [Vectors.dense(v.toArray()) for v in sparse]
+
+    def probabilities(vectors):
+        out = model.transform(frame(spark, vectors, yte[:200]))
+        return np.array([r[0] for r in out.select(vector_to_array("probability")).collect()])
+    np.testing.assert_allclose(probabilities(sparse), probabilities(dense), rtol=1e-5, atol=1e-7)
+    small_model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(5 * 2 + 2, np.float32), layers=[5, 2])
+    for rows, message in (([Vectors.sparse(6, [2], [1.0])], "feature vectors have width 6 but the model expects 5"),
+                          ([Vectors.sparse(5, [2], [float("inf")])], r"1 row\(s\) with NaN or infinite values")):
+        with pytest.raises(Exception, match=message):
+            small_model.transform(frame(spark, rows, [0])).select(F.count("prediction")).collect()
