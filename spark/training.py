@@ -66,11 +66,10 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
 
         import pyarrow as pa
 
+        from core import resolve_backend_name
         from ps.client import AuthenticationRefused, ServerUnavailable
         from ps.shards import connect
         from spark.data import data_problem, read_partition, uneven_partitions
-
-        from core import resolve_backend_name
 
         t_start = time.time()
         # sparse vectors stay sparse on the CPU backends; a GPU takes dense rows
