@@ -176,9 +176,19 @@ def cluster_job(out_path: str) -> None:
     report = {"master": spark.sparkContext.master, "accuracy": acc, "same_after_load": bool(same),
               "workers": model.trainingStats["workers"], "attempts": model.trainingStats["attempts"],
               "warnings": model.trainingStats["warnings"]}
+    app_id = spark.sparkContext.applicationId
     spark.stop()
+    remove_work_dir(app_id)
     with open(out_path, "w") as f:
         json.dump(report, f)
+
+
+def remove_work_dir(app_id: str) -> None:
+    """The folder a local-cluster's workers kept for application ``app_id`` (its executors' logs and files), in
+    the Spark home: the pip pyspark's package folder, where each test run left one behind."""
+    from pyspark.find_spark_home import _find_spark_home
+
+    shutil.rmtree(os.path.join(_find_spark_home(), "work", app_id), ignore_errors=True)
 
 
 RESUME_FIT = dict(layers=[64, 100, 10], maxIter=12, blockSize=32, stepSize=0.3, seed=5, numWorkers=2, mode="sync",
