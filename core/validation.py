@@ -85,8 +85,7 @@ def check_features(X, width: int, dtype: np.dtype) -> np.ndarray:
     """X (m, width) numeric, finite -> C-contiguous array of ``dtype``."""
     if is_sparse(X):       # np.asarray would make a 0-d object array of it, and the error would say "0-D"
         raise ValueError(f"X is a sparse matrix ({type(X).__name__}, shape {X.shape}) and this path takes dense rows: "
-                         f"pass X.toarray(); FeedForwardNetwork, MinibatchTrainer and the Spark estimator train "
-                         f"sparse rows as they are")
+                         f"pass X.toarray(), or core.sparse.check_sparse_features for sparse rows")
     arr = np.asarray(X)
     if arr.ndim != 2:
         raise ValueError(f"X must be a 2-D array (rows, features), got {arr.ndim}-D with shape {arr.shape}")

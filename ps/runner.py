@@ -45,15 +45,30 @@ def save_arrays(directory: str, name: str, *arrays) -> tuple[str, ...]:
     Data goes to a child this way, not among its start-up arguments: multiprocessing writes those into a pipe
     from ``Process.start()``, and a child that dies before reading them all (an import that fails in it, a
     script without the ``__main__`` guard) leaves ``start()`` blocked for ever once they exceed the pipe's
-    buffer (64 kB): the parent holds the pipe's read end itself until the write ends."""
-    paths = tuple(os.path.join(directory, f"{name}-{k}.npy") for k in range(len(arrays)))
-    for path, a in zip(paths, arrays):
-        np.save(path, a)
-    return paths
+    buffer (64 kB): the parent holds the pipe's read end itself until the write ends. Sparse rows
+    (core.sparse.CsrRows) go as one .npz of their arrays."""
+    from core.sparse import CsrRows
+
+    paths = []
+    for k, a in enumerate(arrays):
+        sparse = isinstance(a, CsrRows)
+        paths.append(os.path.join(directory, f"{name}-{k}.{'npz' if sparse else 'npy'}"))
+        if sparse:
+            np.savez(paths[-1], indptr=a.indptr, indices=a.indices, values=a.values, n_cols=a.n_cols)
+        else:
+            np.save(paths[-1], a)
+    return tuple(paths)
 
 
 def load_arrays(paths) -> tuple:
-    return tuple(np.load(path) for path in paths)
+    from core.sparse import CsrRows
+
+    def load(path):
+        if not path.endswith(".npz"):
+            return np.load(path)
+        with np.load(path) as f:
+            return CsrRows(f["indptr"], f["indices"], f["values"], int(f["n_cols"]))
+    return tuple(load(path) for path in paths)
 
 
 def _worker_main(out_q, cfg, worker_id, attempt, data, kw):
@@ -76,8 +91,10 @@ def shard_bounds(n: int, workers: int, equal: bool) -> list[tuple[int, int]]:
 
 
 def shard(X, y, workers: int, equal: bool):
-    """Contiguous shards of a shuffled copy, cut at :func:`shard_bounds`."""
-    return [(np.ascontiguousarray(X[a:b]), np.ascontiguousarray(y[a:b]))
+    """Contiguous shards of a shuffled copy, cut at :func:`shard_bounds` (sparse rows: compact copies)."""
+    from core.sparse import CsrRows
+
+    return [(X[a:b].copy() if isinstance(X, CsrRows) else np.ascontiguousarray(X[a:b]), np.ascontiguousarray(y[a:b]))
             for a, b in shard_bounds(X.shape[0], workers, equal)]
 
 
@@ -157,11 +174,12 @@ class Runner:
     def _check_data(self, X, y, devices):
         """The data and devices, checked here in the parent, before the server or any worker starts (a worker
         found them after its peers had waited out the barrier, 20-30 s) -> (X float32, y int32)."""
+        from core.sparse import check_sparse_features, is_sparse
         from core.validation import check_features, check_labels
 
         if self.spec.layers is None:
             raise ValueError("layers is not set: give the layer sizes, e.g. layers=[features, 100, classes]")
-        X = check_features(X, self.spec.layers[0], np.dtype(np.float32))
+        X = (check_sparse_features if is_sparse(X) else check_features)(X, self.spec.layers[0], np.dtype(np.float32))
         y = check_labels(y, X.shape[0], self.spec.layers[-1])
         per = X.shape[0] // self.n if self.spec.rule.equal_shards else -(-X.shape[0] // self.n)
         if X.shape[0] < self.n or per == 0:

@@ -140,6 +140,14 @@ def test_bad_sparse_input_is_refused_naming_the_value():
     assert good.data[0] == 1.0                        # the caller's matrix is not written
 
 
+def test_a_dense_only_path_names_a_sparse_matrix():
+    from core.validation import check_features
+
+    with pytest.raises(ValueError, match=r"X is a sparse matrix \(csr_matrix, shape \(3, 10\)\) and this path "
+                                         r"takes dense rows: pass X.toarray\(\)"):
+        check_features(sp.csr_matrix(np.eye(3, 10)), 10, np.float32)
+
+
 @pytest.mark.parametrize("backend", [backend_param("cupy")])
 def test_the_gpu_backend_refuses_sparse_rows_with_the_fix(backend):
     net = FeedForwardNetwork([10, 4, 2], backend=backend)
