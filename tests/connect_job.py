@@ -182,7 +182,8 @@ def main(out_path: str) -> None:
                                      ["label", "features"])
         model = clf(layers=[SPARSE_DIGITS_WIDTH, 32, 10], maxIter=3).fit(rows)
         return {"sparse_rows": [model.trainingStats["workers"][w]["sparse_rows"] for w in (0, 1)],
-                "rows": model.trainingStats["rows"], "loss": model.summary.objectiveHistory}
+                "rows": model.trainingStats["rows"], "loss": model.summary.objectiveHistory,
+                "train_accuracy": accuracy(model.transform(rows))}        # scored sparse by the UDF
 
     @step(report, "bad_data")
     def _():
