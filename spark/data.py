@@ -383,7 +383,7 @@ class VectorRows:
 def read_partition(batches, width: int, sparse_ok: bool = True):
     """Arrow record batches (features Vector struct, label double) -> (X, y (n,) float64 with NaN for nulls,
     :func:`partition_report`). X: (n, width) float32; or, with ``sparse_ok`` (a CPU backend), CsrRows where
-    the vectors are sparse and at most SPARSE_MAX_DENSITY of the features are stored; or None when a null or
+    the vectors are sparse and at most SPARSE_MAX_DENSITY of the features are non-zero; or None when a null or
     a vector of another width keeps the rows from forming one matrix (the report says why).
     """
     ys = []
