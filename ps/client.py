@@ -25,8 +25,9 @@ from zmq.utils.monitor import recv_monitor_message
 from core.validation import check_int
 
 from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
-                       FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status,
-                       array_frame, encode_array, queue_depth, read_array, recv_frames, request_header, unpack_header)
+                       FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, SPARSE32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason,
+                       Status, array_frame, encode_push, queue_depth, read_array, recv_frames, request_header,
+                       unpack_header)
 from .security import secure_client
 
 
@@ -295,9 +296,12 @@ class ParameterClient:
         StaleUpdate / PSError on refusal; ServerUnavailable when no reply comes. In sync and easgd modes the
         reply comes when the round completes.
         """
-        wire = self.spec.wire_dtype if kind != "local_weights" else "float32"
-        payload, code = encode_array(array, wire) if wire != "float32" else (array, FLOAT32)
+        if kind == "local_weights":
+            payload, code = array, FLOAT32
+        else:                               # a mostly-zero gradient goes as its non-zero entries
+            payload, code = encode_push(array, self.spec.wire_dtype)
         buf, n = array_frame(payload)
+        n = array.shape[0] if code == SPARSE32 else n
         if n != self.num_params:
             raise ValueError(f"push of {n} values, the model has {self.num_params}")
         if kind not in KIND_FLAGS:

@@ -29,7 +29,9 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   server and workers come from one install, and a version-1 peer would ignore both sessions and the stop.
 * ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32; in a PUSH of
   a gradient or an elastic difference also 2 = bfloat16, the upper 16 bits of a float32, rounded to nearest
-  even, or 3 = IEEE float16, when the job's spec sets ``wire_dtype``), C order, no header of its own; or, in
+  even, or 3 = IEEE float16, when the job's spec sets ``wire_dtype``; or 4 = sparse: k uint32 indices in
+  strictly increasing order, then their k float32 values, ``n_values`` still the vector's length, chosen by
+  the client where it is at most half the dense frame), C order, no header of its own; or, in
   STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
   A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
@@ -66,7 +68,13 @@ ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
 MAX_JSON_BYTES = 64 * 1024         # a BARRIER request's report
 DTYPE_CODES = {1: np.dtype("<f4"), 2: np.dtype("<u2"), 3: np.dtype("<f2")}   # 2: bfloat16 bit patterns
-FLOAT32, BFLOAT16, FLOAT16 = 1, 2, 3
+FLOAT32, BFLOAT16, FLOAT16, SPARSE32 = 1, 2, 3, 4
+# A push whose vector is mostly zeros (a sparse first layer's gradient) goes as its non-zero entries: k uint32
+# indices, strictly increasing, then their k float32 values (8 bytes an entry), when that is at most half the
+# dense frame. Vectors below SPARSE_MIN_VALUES, or whose sample of every SPARSE_SAMPLE_STEP-th value is over
+# SPARSE_SAMPLE_MAX non-zero, go dense without a full scan.
+SPARSE_MIN_VALUES = 1 << 16
+SPARSE_SAMPLE_STEP, SPARSE_SAMPLE_MAX = 61, 0.25
 WIRE_DTYPES = {"float32": FLOAT32, "bfloat16": BFLOAT16, "float16": FLOAT16}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -221,7 +229,7 @@ def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:
     if not isinstance(arr, np.ndarray) or arr.ndim != 1:
         raise ValueError(f"expected a 1-D numpy array, got {type(arr).__name__} "
                          f"with shape {getattr(arr, 'shape', None)}")
-    if arr.dtype not in (np.float32, np.float16, np.uint16):
+    if arr.dtype not in (np.float32, np.float16, np.uint16, np.uint32):
         raise ValueError(f"arrays on the wire are float32 (or the 16-bit frames of encode_array), got "
                          f"{arr.dtype}; convert with .astype(np.float32)")
     if arr.nbytes > MAX_FRAME_BYTES:
@@ -264,17 +272,56 @@ def encode_array(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarr
     return arr, FLOAT32
 
 
+def encode_push(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
+    """A pushed float32 vector (gradient, elastic difference) as it goes on the wire -> (array to send, dtype
+    code): its non-zero entries (SPARSE32) where they take at most half the bytes of :func:`encode_array`'s
+    frame, else that frame."""
+    dense, code = encode_array(arr, wire_dtype)
+    if arr.size >= SPARSE_MIN_VALUES and \
+            np.count_nonzero(arr[::SPARSE_SAMPLE_STEP]) <= SPARSE_SAMPLE_MAX * len(arr[::SPARSE_SAMPLE_STEP]):
+        index = np.flatnonzero(arr != 0)        # via a bool mask: 1.2 ms for 4.2M floats, 8.6 ms on the floats
+        if 8 * index.size <= dense.nbytes // 2:
+            frame = np.empty(2 * index.size, dtype=np.uint32)
+            frame[:index.size] = index
+            frame[index.size:] = arr[index].view(np.uint32)
+            return frame, SPARSE32
+    return dense, code
+
+
+def _read_sparse(buf, n_expected: int) -> np.ndarray:
+    """A SPARSE32 payload -> the dense float32 vector it stands for, or ProtocolError(BAD_PAYLOAD) naming what
+    is wrong: its length, an index out of order or out of range."""
+    if len(buf) % 8 or len(buf) // 8 > n_expected // 2:
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload of {len(buf)} bytes: it must hold k (index, value) "
+                                                f"pairs of 8 bytes, at most {n_expected // 2} for {n_expected} values")
+    k = len(buf) // 8
+    words = np.frombuffer(buf, dtype="<u4")
+    index, values = words[:k], words[k:].view("<f4")
+    if k and (int(index[-1]) >= n_expected or (k > 1 and not (index[1:] > index[:-1]).all())):
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload indices must increase strictly and stay below "
+                                                f"{n_expected}; the last is {int(index[-1])}")
+    arr = np.zeros(n_expected, dtype=np.float32)
+    arr[index] = values
+    return arr
+
+
 def read_array(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)) -> np.ndarray:
     """The payload frame of ``header`` as a read-only float32 view (zero-copy) of exactly ``n_expected`` values.
 
     ``accept``: the dtype codes this message may carry (float32 always; a 16-bit code where the job's spec
     allows it). A 16-bit payload is widened into a new float32 array: the server adds it in float32."""
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if header.dtype == SPARSE32 and SPARSE32 in accept:
+        if header.n_values != n_expected:
+            raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload for n_values={header.n_values}, model needs "
+                                                    f"{n_expected}")
+        arr = _read_sparse(buf, n_expected)
+        return _screened(arr) if check_finite else arr
     dt = DTYPE_CODES.get(header.dtype) if header.dtype in accept else None
     if dt is None:
-        names = {c: n for n, c in WIRE_DTYPES.items()}
+        names = {**{c: n for n, c in WIRE_DTYPES.items()}, SPARSE32: "sparse"}
         allowed = " or ".join(f"{names[c]} (code {c})" for c in accept)
         raise ProtocolError(Reason.BAD_PAYLOAD, f"payload dtype code {header.dtype} is not {allowed}")
-    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if header.n_values != n_expected or len(buf) != n_expected * dt.itemsize:
         raise ProtocolError(Reason.BAD_PAYLOAD,
                             f"payload has {len(buf)} bytes / n_values={header.n_values}, model needs "
@@ -285,14 +332,17 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True, accept
         arr = from_bfloat16(arr)
     elif header.dtype == FLOAT16:
         arr = arr.astype(np.float32)
-    # one BLAS dot product a.a is a fast NaN/inf screen (NaN and inf propagate; ~2.5x faster than a pairwise
-    # sum); only if it is not finite do we look element-wise, so a square that merely overflowed does not
-    # reject finite data
-    if check_finite:
-        with np.errstate(over="ignore", invalid="ignore"):
-            screen = float(np.dot(arr, arr))
-        if not math.isfinite(screen) and not np.isfinite(arr).all():
-            raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
+    return _screened(arr) if check_finite else arr
+
+
+def _screened(arr: np.ndarray) -> np.ndarray:
+    """``arr``, or ProtocolError(NON_FINITE). One BLAS dot product a.a is a fast NaN/inf screen (NaN and inf
+    propagate; ~2.5x faster than a pairwise sum); only if it is not finite do we look element-wise, so a square
+    that merely overflowed does not reject finite data."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        screen = float(np.dot(arr, arr))
+    if not math.isfinite(screen) and not np.isfinite(arr).all():
+        raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
     return arr
 
 
