@@ -230,7 +230,7 @@ def array_frame(arr: np.ndarray) -> tuple[memoryview | bytes, int]:
         raise ValueError(f"expected a 1-D numpy array, got {type(arr).__name__} "
                          f"with shape {getattr(arr, 'shape', None)}")
     if arr.dtype not in (np.float32, np.float16, np.uint16, np.uint32):
-        raise ValueError(f"arrays on the wire are float32 (or the 16-bit frames of encode_array), got "
+        raise ValueError(f"arrays on the wire are float32 (or the 16-bit and sparse frames of encode_push), got "
                          f"{arr.dtype}; convert with .astype(np.float32)")
     if arr.nbytes > MAX_FRAME_BYTES:
         raise ValueError(f"{arr.nbytes} bytes is too large for one frame (max {MAX_FRAME_BYTES})")
@@ -308,8 +308,9 @@ def _read_sparse(buf, n_expected: int) -> np.ndarray:
 def read_array(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)) -> np.ndarray:
     """The payload frame of ``header`` as a read-only float32 view (zero-copy) of exactly ``n_expected`` values.
 
-    ``accept``: the dtype codes this message may carry (float32 always; a 16-bit code where the job's spec
-    allows it). A 16-bit payload is widened into a new float32 array: the server adds it in float32."""
+    ``accept``: the dtype codes this message may carry (float32 always; sparse and a 16-bit code where the
+    job's spec allows them). A 16-bit or sparse payload is widened into a new float32 array: the server adds it
+    in float32."""
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if header.dtype == SPARSE32 and SPARSE32 in accept:
         if header.n_values != n_expected:

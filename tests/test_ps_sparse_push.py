@@ -118,3 +118,13 @@ def test_a_bad_sparse_push_leaves_the_weights():
             sock.close(linger=0)
             ctx.term()
             c.close()
+
+
+def test_an_all_zero_push_is_an_empty_sparse_frame_and_is_applied():
+    n = SPARSE_MIN_VALUES
+    w0 = np.linspace(-1, 1, n, dtype=np.float32)
+    with ParameterServer(w0, mode="async", num_workers=1, progress=False).start() as s:
+        with ParameterClient(s.client_config(), worker_id=0, timeout=10) as c:
+            r = c.push(np.zeros(n, np.float32), want_weights=True)
+            np.testing.assert_array_equal(r.weights, w0)
+            assert r.version == 1 and s.stats()["applied"] == 1
