@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import zmq
 
-from ps import ParameterServer
+from ps import ParameterClient, ParameterServer
 from ps.engine import Engine
 from ps.protocol import FLOAT32, Header, Op, ProtocolError, unpack_header
 
@@ -220,3 +220,21 @@ if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "serve":
         sys.exit(serve_main(sys.argv[2:]))
     sys.exit("usage: python -m tests.ps_helpers serve OUT [--nofile SOFT[,HARD]] ...")
+
+
+def raw_push(w0, dtype, payload: bytes, n_values: int):
+    """One PUSH of ``payload`` as raw frames (dtype code, n_values as given) to a fresh async server holding
+    ``w0``, from a registered worker 0 -> (reply header, reply text, the server's weights after, its applied
+    count)."""
+    with ParameterServer(w0, mode="async", num_workers=1, progress=False).start() as s:
+        cfg = s.client_config()
+        c = ParameterClient(cfg, worker_id=0, attempt=1, timeout=5)
+        ctx, sock = raw_socket(cfg)
+        try:
+            h, text = request(sock, [header_for(cfg, 3, worker_id=0, attempt=1, step=1, dtype=dtype,
+                                                n_values=n_values, session=c.session).pack(), payload])
+            return h, text, s.weights(), s.stats()["applied"]
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+            c.close()

@@ -9,9 +9,9 @@ from ps.protocol import (FLOAT32, SPARSE32, SPARSE_MIN_VALUES, Header, ProtocolE
 from ps.spec import TrainingSpec
 
 try:
-    from tests.ps_helpers import header_for, raw_socket, request
+    from tests.ps_helpers import header_for, raw_push, raw_socket, request
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import header_for, raw_socket, request
+    from ps_helpers import header_for, raw_push, raw_socket, request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,23 +101,12 @@ def test_the_server_applies_a_sparse_push_as_the_dense_one(optimizer):
 
 
 def test_a_bad_sparse_push_leaves_the_weights():
-    n = SPARSE_MIN_VALUES
-    w0 = np.arange(n, dtype=np.float32)
-    with ParameterServer(w0, mode="async", num_workers=1, progress=False).start() as s:
-        cfg = s.client_config()
-        c = ParameterClient(cfg, worker_id=0, attempt=1, timeout=5)
-        ctx, sock = raw_socket(cfg)
-        try:
-            frame = np.array([5, 5, 1, 1], np.uint32)            # index 5 twice
-            h, text = request(sock, [header_for(cfg, 3, worker_id=0, attempt=1, step=1, dtype=SPARSE32, n_values=n,
-                                                session=c.session).pack(), frame.tobytes()])
-            assert h.status == Status.ERROR and h.code == Reason.BAD_PAYLOAD and b"increase strictly" in text
-            np.testing.assert_array_equal(s.weights(), w0)
-            assert s.stats()["applied"] == 0
-        finally:
-            sock.close(linger=0)
-            ctx.term()
-            c.close()
+    w0 = np.arange(SPARSE_MIN_VALUES, dtype=np.float32)
+    frame = np.array([5, 5, 1, 1], np.uint32)            # index 5 twice
+    h, text, weights, applied = raw_push(w0, SPARSE32, frame.tobytes(), SPARSE_MIN_VALUES)
+    assert h.status == Status.ERROR and h.code == Reason.BAD_PAYLOAD and b"increase strictly" in text
+    np.testing.assert_array_equal(weights, w0)
+    assert applied == 0
 
 
 def test_an_all_zero_push_is_an_empty_sparse_frame_and_is_applied():

@@ -9,9 +9,9 @@ from ps.protocol import (BFLOAT16, FLOAT16, FLOAT32, ProtocolError, encode_array
 from ps.spec import TrainingSpec
 
 try:
-    from tests.ps_helpers import digits, header_for, raw_socket, request
+    from tests.ps_helpers import digits, raw_push
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import digits, header_for, raw_socket, request
+    from ps_helpers import digits, raw_push
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,22 +89,11 @@ def test_server_adds_16_bit_pushes_in_float32(wire):
 def test_a_float32_job_refuses_16_bit_frames_and_keeps_its_weights():
     P = 64
     w0 = np.arange(P, dtype=np.float32)
-    with ParameterServer(w0, mode="async", num_workers=1, progress=False).start() as s:
-        cfg = s.client_config()
-        c = ParameterClient(cfg, worker_id=0, attempt=1, timeout=5)
-        ctx, sock = raw_socket(cfg)
-        try:
-            bits = to_bfloat16(np.ones(P, np.float32))
-            h, text = request(sock, [header_for(cfg, 3, worker_id=0, attempt=1, step=1, dtype=BFLOAT16,
-                                                n_values=P, session=c.session).pack(), bits.tobytes()])
-            assert h.status == Status.ERROR and h.code == Reason.BAD_PAYLOAD
-            assert b"payload dtype code 2 is not float32 (code 1)" in text
-            np.testing.assert_array_equal(s.weights(), w0)
-            assert s.stats()["applied"] == 0
-        finally:
-            sock.close(linger=0)
-            ctx.term()
-            c.close()
+    h, text, weights, applied = raw_push(w0, BFLOAT16, to_bfloat16(np.ones(P, np.float32)).tobytes(), P)
+    assert h.status == Status.ERROR and h.code == Reason.BAD_PAYLOAD
+    assert b"payload dtype code 2 is not float32 (code 1)" in text
+    np.testing.assert_array_equal(weights, w0)
+    assert applied == 0
 
 
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
