@@ -11,6 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def offsets(lengths) -> np.ndarray:
+    """Rows of ``lengths`` stored values each -> their indptr (m + 1,) int64, from 0."""
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return indptr
+
+
+def value_rows(lengths) -> np.ndarray:
+    """Rows of ``lengths`` stored values each -> the row (0..m-1) of each value, in storage order."""
+    return np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+
+
 class CsrRows:
     """Rows of a sparse matrix in CSR form: row r holds ``values[indptr[r]:indptr[r+1]]`` at columns
     ``indices[...]``. ``indptr`` holds absolute offsets into ``indices``/``values`` (it need not start at 0), so
@@ -58,8 +70,7 @@ class CsrRows:
             raise IndexError(f"row index out of range for {n} rows: {index.min()}..{index.max()}")
         starts = self.indptr[:-1][index]
         lengths = self.indptr[1:][index] - starts
-        indptr = np.zeros(len(index) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
+        indptr = offsets(lengths)
         # position p of the gathered rows reads source position starts[row(p)] + (p - indptr[row(p)])
         source = np.arange(indptr[-1], dtype=np.int64) + np.repeat(starts - indptr[:-1], lengths)
         return CsrRows(indptr, self.indices[source], self.values[source], self.n_cols)
@@ -71,7 +82,7 @@ class CsrRows:
 
     def row_ids(self) -> np.ndarray:
         """The row (0..m-1) of each stored value, in storage order from indptr[0]."""
-        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.indptr))
+        return value_rows(np.diff(self.indptr))
 
     def toarray(self) -> np.ndarray:
         out = np.zeros(self.shape, dtype=self.dtype)

@@ -277,8 +277,8 @@ def encode_push(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarra
     code): its non-zero entries (SPARSE32) where they take at most half the bytes of :func:`encode_array`'s
     frame, else that frame."""
     dense, code = encode_array(arr, wire_dtype)
-    if arr.size >= SPARSE_MIN_VALUES and \
-            np.count_nonzero(arr[::SPARSE_SAMPLE_STEP]) <= SPARSE_SAMPLE_MAX * len(arr[::SPARSE_SAMPLE_STEP]):
+    sample = arr[::SPARSE_SAMPLE_STEP]
+    if arr.size >= SPARSE_MIN_VALUES and np.count_nonzero(sample) <= SPARSE_SAMPLE_MAX * sample.size:
         index = np.flatnonzero(arr != 0)        # via a bool mask: 1.2 ms for 4.2M floats, 8.6 ms on the floats
         if 8 * index.size <= dense.nbytes // 2:
             frame = np.empty(2 * index.size, dtype=np.uint32)

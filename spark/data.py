@@ -17,6 +17,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from core.sparse import CsrRows, offsets, value_rows
+
 log = logging.getLogger("spark.data")
 
 FEATURES, LABEL = "__ffps_features", "__ffps_label"
@@ -93,9 +95,8 @@ def batch_rows_bound(spark, features_col: str, width: int, records: str | None =
     row_bytes = FEATURE_BYTES * width
     if row_bytes > MAX_BATCH_BYTES:
         raise ValueError(f"featuresCol {features_col!r} is {width} features wide: one dense float64 (a DenseVector's "
-                         f"values) row is "
-                         f"{row_bytes >> 20} MiB, over the {MAX_BATCH_BYTES >> 20} MiB Spark 3.5 can send a "
-                         f"Python task in one Arrow batch; use fewer features (e.g. a smaller HashingTF "
+                         f"values) row is {row_bytes >> 20} MiB, over the {MAX_BATCH_BYTES >> 20} MiB Spark 3.5 can "
+                         f"send a Python task in one Arrow batch; use fewer features (e.g. a smaller HashingTF "
                          f"numFeatures), or Spark 4")
     if records is None:
         records = str(spark.conf.get(RECORDS_PER_BATCH, str(DEFAULT_RECORDS)))
@@ -331,7 +332,7 @@ class VectorRows:
         columns = np.empty(len(flat), dtype=np.int64)
         dense_at = np.repeat(dense, lengths)
         if dense_at.any():            # a dense row's values sit at columns 0..len-1
-            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            starts = np.repeat(offsets(lengths)[:-1], lengths)
             columns[dense_at] = (np.arange(len(flat), dtype=np.int64) - starts)[dense_at]
         if not dense_at.all():
             columns[~dense_at] = sparse_indices
@@ -339,16 +340,14 @@ class VectorRows:
             self._widths(int(columns.max()) + 1, int(columns.max()) + 1)
         screen = float(flat.sum(dtype=np.float32)) if flat.size else 0.0
         if not np.isfinite(screen):
-            rows = np.repeat(np.arange(len(lengths)), lengths)
-            self.bad += int(np.unique(rows[~np.isfinite(flat)]).size)
+            self.bad += int(np.unique(value_rows(lengths)[~np.isfinite(flat)]).size)
         self._part(lengths, columns, flat)
 
     def _part(self, lengths, columns, values) -> None:
         """Rows as CSR parts, without their stored zeros (a dense row's, mostly): they add nothing to a product."""
         keep = values != 0
         if not keep.all():
-            rows = np.repeat(np.arange(len(lengths)), lengths)
-            lengths = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int64)
+            lengths = np.bincount(value_rows(lengths)[keep], minlength=len(lengths)).astype(np.int64)
             columns, values = columns[keep], values[keep]
         self.parts.append((lengths, columns, values))
 
@@ -362,8 +361,6 @@ class VectorRows:
 
     def matrix(self, rows: int, sparse_ok: bool):
         """-> (n, width) float32, or CsrRows where sparse rows are welcome and sparse enough."""
-        from core.sparse import CsrRows
-
         if not self.parts:
             return np.ascontiguousarray(np.concatenate(self.dense) if self.dense
                                         else np.empty((0, self.width)), dtype=np.float32)
@@ -371,12 +368,10 @@ class VectorRows:
         columns = np.concatenate([p[1] for p in self.parts])
         values = np.concatenate([p[2] for p in self.parts])
         self.parts = []
-        indptr = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
         if sparse_ok and len(values) <= SPARSE_MAX_DENSITY * rows * self.width:
-            return CsrRows(indptr, columns.astype(np.int32), values, self.width)
+            return CsrRows(offsets(lengths), columns.astype(np.int32), values, self.width)
         X = np.zeros((rows, self.width), dtype=np.float32)
-        X[np.repeat(np.arange(rows), lengths), columns] = values
+        X[value_rows(lengths), columns] = values
         return X
 
 
