@@ -136,6 +136,10 @@ class Optimizer:
     # it on every push.
     plain_sgd = True
 
+    # True where a zero gradient entry leaves its weight and state exactly as they are (SGD, adagrad), so an
+    # update changes only the entries a sparse gradient carries; momentum and adam move every entry they ever saw.
+    sparse_exact = True
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.plain_sgd = False
@@ -191,6 +195,7 @@ class Optimizer:
 
 class Momentum(Optimizer):
     name = "momentum"
+    sparse_exact = False
 
     def __init__(self, num_params, schedule, *, momentum=0.9, nesterov=False, **kw):
         super().__init__(num_params, schedule, **kw)
@@ -222,6 +227,7 @@ class Adagrad(Optimizer):
 
 class Adam(Optimizer):
     name = "adam"
+    sparse_exact = False
 
     def __init__(self, num_params, schedule, *, beta1=0.9, beta2=0.999, eps=1e-8, **kw):
         super().__init__(num_params, schedule, **kw)

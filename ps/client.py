@@ -24,10 +24,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from core.validation import check_int
 
-from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
-                       FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, SPARSE32, ZERO_COPY_MIN, Header, Op, ProtocolError, Reason,
-                       Status, array_frame, encode_push, queue_depth, read_array, recv_frames, request_header,
-                       unpack_header)
+from .changes import HeldWeights
+from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, SPARSE32, SPARSE_MIN_VALUES, ZERO_COPY_MIN,
+                       Header, Op, ProtocolError, Reason, Status, array_frame, encode_push, queue_depth, read_array,
+                       recv_frames, request_header, sparse_parts, unpack_header)
 from .security import secure_client
 
 
@@ -133,6 +134,9 @@ class ParameterClient:
         self.step = 0          # last step the server applied for this worker
         self.stop_requested = False   # a reply said the server decided to stop training (tol)
         self._last = None      # keeps the frame behind the last pulled view alive
+        # the weights of the last reply, which the server may bring up to date with the entries changed since
+        # (a delta reply, ps.changes): only a vector this large can get one
+        self._held = HeldWeights(self.num_params) if self.num_params >= SPARSE_MIN_VALUES else None
         if register:
             try:
                 self.hello()
@@ -257,13 +261,41 @@ class ParameterClient:
             raise UpdateRejected(code, text)
         raise (StaleUpdate if rh.status == Status.STALE else PSError)(code, text)
 
-    def _weights(self, rh, frame, out):
-        w = read_array(rh, frame, self.num_params, check_finite=False)
+    def _held_version(self, version=None):
+        """The version whose weights this client holds, for a request's FLAG_DELTA_OK (when it is ``version``,
+        if given), else None."""
+        held = self._held
+        if held is None or held.version is None or (version is not None and version != held.version):
+            return None
+        return held.version
+
+    def _weights(self, rh, frame, out, asked=None, hold=True):
+        """The reply's weights: a whole vector, or (when the request said it holds version ``asked``) the
+        entries changed since, applied to the weights held. ``hold``: they are the weights of the reply's
+        version (not the EASGD center a round answers with), to be held for the next delta."""
+        held = self._held
+        if rh.dtype == SPARSE32:
+            if asked is None or held is None or held.version != asked:
+                raise PSError(Reason.BAD_PAYLOAD, "the server answered with changed entries (a delta) a request "
+                                                  "that did not offer one")
+            try:
+                if rh.n_values != self.num_params:
+                    raise ProtocolError(Reason.BAD_PAYLOAD, f"n_values={rh.n_values}, the model has "
+                                                            f"{self.num_params}")
+                index, values = sparse_parts(getattr(frame, "buffer", frame), self.num_params)
+            except ProtocolError as exc:
+                held.forget()
+                raise PSError(exc.reason, f"the server's delta reply: {exc}") from None
+            w = held.delta(rh.wversion, index, values).view()
+        else:
+            w = read_array(rh, frame, self.num_params, check_finite=False)
+            if held is not None:
+                held.whole(rh.wversion, w, frame) if hold else held.forget()
+            self._last = frame
         if out is not None:
             np.copyto(out, w)
             return out
-        self._last = frame
-        w.flags.writeable = False           # a view of the received frame, valid until the next pull
+        w.flags.writeable = False           # valid until the next request that returns weights
         return w
 
     # ------------------------------------------------------------------ operations
@@ -281,10 +313,12 @@ class ParameterClient:
         its last applied step); the server holds the reply until the others are within the slack."""
         slack_wait = self.spec.ssp_slack is not None
         timeout = self.timeout + (self.spec.barrier_timeout if slack_wait else 0)
-        rh, frame = self._request(self._header(Op.PULL, step=self.step if clock is None else int(clock)),
-                                  timeout=timeout)
+        held = self._held_version()
+        h = self._header(Op.PULL, step=self.step if clock is None else int(clock),
+                         flags=0 if held is None else FLAG_DELTA_OK, wversion=held or 0)
+        rh, frame = self._request(h, timeout=timeout)
         self._check(rh, frame)
-        return rh.wversion, self._weights(rh, frame, out)
+        return rh.wversion, self._weights(rh, frame, out, asked=held)
 
     def push(self, array, loss=0.0, accuracy=0.0, batch_size=0, *, base_version=None, step=None,
              kind="gradient", want_weights=False, out=None, epoch=0, last_of_epoch=False) -> PushResult:
@@ -307,15 +341,17 @@ class ParameterClient:
         if kind not in KIND_FLAGS:
             raise ValueError(f"kind must be one of {', '.join(KIND_FLAGS)}, got {kind!r}")
         flags = KIND_FLAGS[kind]
+        base = self.version if base_version is None else base_version
+        held = self._held_version(base) if want_weights else None
         if want_weights:
-            flags |= FLAG_WANT_WEIGHTS
+            flags |= FLAG_WANT_WEIGHTS if held is None else FLAG_WANT_WEIGHTS | FLAG_DELTA_OK
         if last_of_epoch:
             flags |= FLAG_EPOCH_LAST
         step = self.step + 1 if step is None else check_int("step", step, 0, 2**63 - 1)
         if not 0 <= batch_size <= INT32_MAX or not 0 <= epoch <= 0xFFFF:      # the header's int32 and uint16
             check_int("batch_size", batch_size, 0, INT32_MAX)
             check_int("epoch", epoch, 0, 0xFFFF)
-        h = self._header(Op.PUSH, flags=flags, wversion=self.version if base_version is None else base_version,
+        h = self._header(Op.PUSH, flags=flags, wversion=base,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=code, n_values=n, epoch=int(epoch))
         rh, frame, tries = self._request_tries(h, buf, timeout=self._push_timeout)
@@ -325,7 +361,8 @@ class ParameterClient:
             raise PSError(Reason.DUPLICATE_STEP, f"step {step} of worker {self.worker_id} was taken before this "
                                                  f"client sent it: another client pushed as this worker")
         self.step = max(self.step, rh.step)
-        w = self._weights(rh, frame, out) if frame is not None and rh.dtype == FLOAT32 else None
+        w = self._weights(rh, frame, out, asked=held, hold=kind != "local_weights") if (
+            frame is not None and rh.dtype in (FLOAT32, SPARSE32)) else None
         return PushResult(rh.wversion, rh.step, duplicate, w)
 
     def barrier(self, step: int) -> int:

@@ -31,11 +31,11 @@ import numpy as np
 from core.optimizers import Verdict
 
 from . import rules
+from .changes import ChangeLog
 from .convergence import ConvergenceMonitor
-from .protocol import (FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP, FLAG_TEXT,
-                       FLAG_WANT_WEIGHTS, FLOAT32,
-                       MAX_JSON_BYTES, Header, Op, ProtocolError, Reason, Status, check_metrics, read_array,
-                       unpack_header)
+from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, MAX_JSON_BYTES, SPARSE32, SPARSE_MIN_VALUES, Header,
+                       Op, ProtocolError, Reason, Status, check_metrics, read_push, sparse_frame, unpack_header)
 from .spec import TrainingSpec
 
 _OPS = {int(op): op for op in Op}
@@ -79,7 +79,9 @@ class BufferPool:
         self.max_free = max_free
 
     def track(self, buf: np.ndarray, tracker) -> None:
-        if tracker is not None and not tracker.done:
+        """A zero-copy send of ``buf`` is in flight; arrays of no pool's (a delta reply's) need no watch: the
+        frame keeps them alive, and nothing writes to them."""
+        if tracker is not None and not tracker.done and id(buf) in self._all:
             self._trackers.setdefault(id(buf), []).append(tracker)
 
     def _busy(self, key: int) -> bool:
@@ -122,6 +124,7 @@ class Round:
     """One synchronous round (sync gradients, easgd exchange or a barrier): a contribution per worker."""
     deadline: float
     entries: dict = field(default_factory=dict)   # worker -> (token, header, array or None)
+    touched: dict = field(default_factory=dict)   # worker -> a sparse push's indices, or None
 
 
 def check_initial_weights(w0) -> np.ndarray:
@@ -169,6 +172,11 @@ class Engine:
         self._update_guard = contextlib.nullcontext if quiet else functools.partial(np.errstate, over="ignore",
                                                                                       invalid="ignore")
         self._push_codes = spec.push_dtype_codes
+        # Where an update changes only the entries a sparse push carried, a client holding an earlier version
+        # may be sent just the entries changed since (ps.changes): a vector this large is the only one a sparse
+        # push can come for.
+        self.changes = ChangeLog(self.num_params) if (self.num_params >= SPARSE_MIN_VALUES
+                                                      and self.mode.changes_only_pushed(optimizer)) else None
         self.ssp = None if spec.ssp_slack is None else rules.SSPClocks(self.num_workers, spec.ssp_slack)
         self.barrier_timeout = spec.barrier_timeout
         self.version = 0
@@ -179,7 +187,7 @@ class Engine:
         self.waiting_pulls: list = []             # SSP: (deadline, token, header)
         self.min_attempt = 0                      # requests of older attempts are fenced off (fence_below)
         self.counters = {"received": 0, "applied": 0, "pulls": 0, "rounds": 0, "stale_pushes": 0,
-                         "non_finite_updates": 0}
+                         "non_finite_updates": 0, "delta_replies": 0}
         self.failures: list = []                  # REPORTs of failed tasks, first come first (at most 64)
         self.rejected: dict[str, int] = {}
         self.history: deque = deque(maxlen=history_limit)   # tuples of HISTORY_FIELDS (history_records)
@@ -205,13 +213,23 @@ class Engine:
     def _ok(self, token, h: Header, weights=False, **kw):
         if weights or (h.flags & FLAG_WANT_WEIGHTS):
             w = self.weights
+            changed = self.changes.since(h.wversion, self.version) if (
+                h.flags & FLAG_DELTA_OK and self.changes is not None) else None
+            if changed is not None:        # the client holds version h.wversion: what changed since, new values
+                self.counters["delta_replies"] += 1
+                return (token, h.reply(Status.OK, wversion=self.version, dtype=SPARSE32, n_values=w.shape[0], **kw),
+                        sparse_frame(changed, w[changed]))
             return (token, h.reply(Status.OK, wversion=self.version, dtype=FLOAT32, n_values=w.shape[0], **kw), w)
         return (token, h.reply(Status.OK, wversion=self.version, **kw), None)
 
-    def _commit(self, new: np.ndarray) -> None:
+    def _commit(self, new: np.ndarray, touched=None) -> None:
+        """``new`` becomes the weights; ``touched``: the index arrays of the sparse pushes it applied, when the
+        update changed only those entries (else None: any entry may have changed)."""
         self.pool.current = new
         self.version += 1
         self.counters["applied"] += 1
+        if self.changes is not None:
+            self.changes.record(self.version, touched)
 
     # ------------------------------------------------------------------ entry points
     def handle(self, token, frames, now=None) -> list:
@@ -341,6 +359,7 @@ class Engine:
         for rnd in (self.round, self.barrier):
             for wid in [w for w, (_, hh, _) in (rnd.entries.items() if rnd else ()) if match(hh)]:
                 tok, hh, _ = rnd.entries.pop(wid)
+                rnd.touched.pop(wid, None)
                 dropped.append((tok, hh))
         keep = []
         for item in self.waiting_pulls:
@@ -387,7 +406,7 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
-        arr = read_array(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes)
+        arr, index = read_push(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes)
         if h.step <= info.last_step:
             # a retransmit of a push already taken (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
@@ -399,7 +418,7 @@ class Engine:
                                                  f"{info.last_step + 1}: steps are contiguous")
         self.convergence.seen(h.worker_id, h.epoch, bool(h.flags & FLAG_EPOCH_LAST), now)
         if self.mode.rounds:
-            return self._round_push(token, h, info, arr, now)
+            return self._round_push(token, h, info, arr, index, now)
         stale = rules.staleness(h.wversion, self.version)
         if rules.is_stale(h.wversion, self.version, self.spec.staleness):
             self.counters["stale_pushes"] += 1             # the step stays open: pull, recompute, push it again
@@ -412,7 +431,7 @@ class Engine:
             raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
         if verdict is Verdict.BAD_RESULT:
             return self._rolled_back([(token, h, info)], now)
-        self._commit(new)
+        self._commit(new, None if index is None else [index])
         self._record(h, info, stale, now)
         reply = [self._ok(token, h, step=info.last_step)]
         return reply if self.ssp is None else reply + self._advance_ssp(h, info, now)
@@ -444,7 +463,7 @@ class Engine:
             out += self._serve_waiting(now)
         return out
 
-    def _round_push(self, token, h, info, arr, now):
+    def _round_push(self, token, h, info, arr, index, now):
         if h.wversion != self.version:
             raise ProtocolError(Reason.STALE, f"sync push computed on version {h.wversion}, round is at "
                                               f"{self.version}; pull and recompute")
@@ -455,16 +474,17 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"worker {h.worker_id} already pushed step {prev[1].step} "
                                                   f"in this round, now step {h.step}")
         self.round.entries[h.worker_id] = (token, h, arr)   # a retransmit replaces the earlier copy
+        self.round.touched[h.worker_id] = index
         if len(self.round.entries) < self.num_workers:
             return []
-        entries, self.round = self.round.entries, None
+        entries, touched, self.round = self.round.entries, list(self.round.touched.values()), None
         new = self.pool.acquire()
         old = self.weights
         with np.errstate(over="ignore", invalid="ignore"):
             verdict = self.mode.apply_round(self, old, [(hh, a) for _, hh, a in entries.values()], new)
         if not verdict:
             return self._rolled_back([(tok, hh, self.workers[wid]) for wid, (tok, hh, _) in entries.items()], now)
-        self._commit(new)
+        self._commit(new, None if any(index is None for index in touched) else touched)
         self.counters["applied"] += len(entries) - 1          # every contribution counts as applied
         self.counters["rounds"] += 1
         reply = self.mode.round_reply(old)                    # easgd: the center the exchange used
@@ -602,6 +622,8 @@ class Engine:
         self.optimizer.load_state_dict({"t": meta["optimizer_t"],
                                         "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}})
         self.version = int(meta["version"])
+        if self.changes is not None:
+            self.changes.record(self.version, None)
         self.counters.update(meta.get("counters", {}))
         if "convergence" in meta:
             self.convergence.load_state(meta["convergence"], time.monotonic())

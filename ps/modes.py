@@ -116,6 +116,11 @@ class Mode:
         """True when :meth:`apply_push` itself refuses NaN/inf, so reading the payload need not look."""
         return False
 
+    def changes_only_pushed(self, optimizer) -> bool:
+        """True when an update changes only the entries its pushes carried (a zero entry of a push leaves that
+        weight as it is): the server may then answer a client with the entries changed since its version."""
+        return False
+
     def apply_push(self, engine, w: np.ndarray, payload: np.ndarray, out: np.ndarray) -> Verdict:
         """Apply one push on arrival: new weights into ``out`` -> APPLIED, BAD_GRADIENT (the payload held
         NaN/inf: only where :meth:`screens_payload`) or BAD_RESULT (non-finite weights; any optimizer state
@@ -139,6 +144,9 @@ class _GradientMode(Mode):
     def local_progress(self, spec) -> bool:
         """Whether a worker also steps its own copy of the weights inside a window."""
         return False
+
+    def changes_only_pushed(self, optimizer):
+        return optimizer.sparse_exact
 
     def local_window(self, loop, data, first, count):
         return loop.trainer.run_window(loop.w, data, first, count, accumulate=loop.acc,
@@ -297,6 +305,9 @@ class AsyncEasgd(Mode):
         """x_i <- x_i - e: what left the worker went to the center (pipelined, x_i moved on meanwhile)."""
         loop.version, e = reply
         loop.w -= loop.ops.asarray(e)
+
+    def changes_only_pushed(self, optimizer):
+        return True                            # c + e: a zero entry of e leaves c
 
     def apply_push(self, engine, w, payload, out):
         rules.apply_elastic(w, payload, out=out)

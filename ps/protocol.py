@@ -31,7 +31,10 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   a gradient or an elastic difference also 2 = bfloat16, the upper 16 bits of a float32, rounded to nearest
   even, or 3 = IEEE float16, when the job's spec sets ``wire_dtype``; or 4 = sparse: k uint32 indices in
   strictly increasing order, then their k float32 values, ``n_values`` still the vector's length, chosen by
-  the client where it is at most half the dense frame), C order, no header of its own; or, in
+  the client where it is at most half the dense frame), C order, no header of its own. A reply's weights
+  (PULL, or PUSH with ``FLAG_WANT_WEIGHTS``) are float32, or, where the request set ``FLAG_DELTA_OK`` (the
+  client holds the weights of the request's ``wversion`` exactly, from an earlier reply of this server), may be
+  sparse: the entries that changed since that version with their new values (:mod:`ps.changes`); or, in
   STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
   A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
@@ -85,6 +88,7 @@ FLAG_ELASTIC = 8        # push payload is an elastic difference (async-easgd / e
 FLAG_LOCAL_WEIGHTS = 16  # push payload is the worker's local weights (synchronous easgd exchange)
 FLAG_EPOCH_LAST = 32    # push: the worker's last push of its ``epoch``
 FLAG_STOP = 64          # reply: the server decided to stop training (tol); finish after this exchange
+FLAG_DELTA_OK = 128     # PULL / PUSH: the client holds the weights of version ``wversion``: send what changed since
 REPLY = 0x80
 
 
@@ -281,16 +285,21 @@ def encode_push(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarra
     if arr.size >= SPARSE_MIN_VALUES and np.count_nonzero(sample) <= SPARSE_SAMPLE_MAX * sample.size:
         index = np.flatnonzero(arr != 0)        # via a bool mask: 1.2 ms for 4.2M floats, 8.6 ms on the floats
         if 8 * index.size <= dense.nbytes // 2:
-            frame = np.empty(2 * index.size, dtype=np.uint32)
-            frame[:index.size] = index
-            frame[index.size:] = arr[index].view(np.uint32)
-            return frame, SPARSE32
+            return sparse_frame(index, arr[index]), SPARSE32
     return dense, code
 
 
-def _read_sparse(buf, n_expected: int) -> np.ndarray:
-    """A SPARSE32 payload -> the dense float32 vector it stands for, or ProtocolError(BAD_PAYLOAD) naming what
-    is wrong: its length, an index out of order or out of range."""
+def sparse_frame(index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A SPARSE32 payload: the k ``index`` (strictly increasing) as uint32, then their k float32 ``values``."""
+    frame = np.empty(2 * index.size, dtype=np.uint32)
+    frame[:index.size] = index
+    frame[index.size:] = values.astype(np.float32, copy=False).view(np.uint32)
+    return frame
+
+
+def sparse_parts(buf, n_expected: int) -> tuple[np.ndarray, np.ndarray]:
+    """A SPARSE32 payload -> (indices uint32, values float32), read-only views of ``buf``, or
+    ProtocolError(BAD_PAYLOAD) naming what is wrong: its length, an index out of order or out of range."""
     if len(buf) % 8 or len(buf) // 8 > n_expected // 2:
         raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload of {len(buf)} bytes: it must hold k (index, value) "
                                                 f"pairs of 8 bytes, at most {n_expected // 2} for {n_expected} values")
@@ -300,9 +309,7 @@ def _read_sparse(buf, n_expected: int) -> np.ndarray:
     if k and (int(index[-1]) >= n_expected or (k > 1 and not (index[1:] > index[:-1]).all())):
         raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload indices must increase strictly and stay below "
                                                 f"{n_expected}; the last is {int(index[-1])}")
-    arr = np.zeros(n_expected, dtype=np.float32)
-    arr[index] = values
-    return arr
+    return index, values
 
 
 def read_array(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)) -> np.ndarray:
@@ -311,13 +318,21 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True, accept
     ``accept``: the dtype codes this message may carry (float32 always; sparse and a 16-bit code where the
     job's spec allows them). A 16-bit or sparse payload is widened into a new float32 array: the server adds it
     in float32."""
+    return read_push(header, frame, n_expected, check_finite, accept)[0]
+
+
+def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)):
+    """:func:`read_array` -> (the vector, the indices of a sparse payload's entries or None): what a sparse push
+    can change."""
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if header.dtype == SPARSE32 and SPARSE32 in accept:
         if header.n_values != n_expected:
             raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload for n_values={header.n_values}, model needs "
                                                     f"{n_expected}")
-        arr = _read_sparse(buf, n_expected)
-        return _screened(arr) if check_finite else arr
+        index, values = sparse_parts(buf, n_expected)
+        arr = np.zeros(n_expected, dtype=np.float32)
+        arr[index] = values
+        return (_screened(arr) if check_finite else arr), index
     dt = DTYPE_CODES.get(header.dtype) if header.dtype in accept else None
     if dt is None:
         names = {**{c: n for n, c in WIRE_DTYPES.items()}, SPARSE32: "sparse"}
@@ -333,7 +348,7 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True, accept
         arr = from_bfloat16(arr)
     elif header.dtype == FLOAT16:
         arr = arr.astype(np.float32)
-    return _screened(arr) if check_finite else arr
+    return (_screened(arr) if check_finite else arr), None
 
 
 def _screened(arr: np.ndarray) -> np.ndarray:

@@ -1,0 +1,228 @@
+"""Delta replies: a client that holds the weights of version b gets the entries changed since b, where every
+update since changed only what its sparse push carried; the weights it then holds equal the server's exactly."""
+import numpy as np
+import pytest
+
+from ps import ParameterClient, ParameterServer, PSError, Reason
+from ps.changes import ChangeLog, HeldWeights
+from ps.protocol import (FLAG_DELTA_OK, FLAG_WANT_WEIGHTS, FLOAT32, SPARSE32, SPARSE_MIN_VALUES, Header, Op,
+                         encode_push, sparse_frame, sparse_parts)
+from ps.shards import ShardedServer, connect
+from ps.spec import TrainingSpec
+
+try:
+    from tests.ps_helpers import SessionEngine
+except ImportError:  # pytest run without the repository root on sys.path
+    from ps_helpers import SessionEngine
+
+pytestmark = pytest.mark.timeout(120)
+
+N = SPARSE_MIN_VALUES + 1000
+
+
+def touched(n, count, seed):
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False)).astype(np.uint32)
+
+
+def sparse_gradient(n, count, seed):
+    g = np.zeros(n, np.float32)
+    at = touched(n, count, seed)
+    g[at] = np.random.default_rng(seed + 100).standard_normal(at.size)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- the log alone
+def test_the_log_answers_the_union_of_the_sets_after_a_version():
+    log = ChangeLog(1000, version=0)
+    a, b, c = np.array([1, 5, 9], np.uint32), np.array([5, 7], np.uint32), np.array([0, 999], np.uint32)
+    log.record(1, [a])
+    log.record(2, [b])
+    log.record(3, [c, a])              # a round: two workers' sets under one version
+    np.testing.assert_array_equal(log.since(0, 3), [0, 1, 5, 7, 9, 999])
+    np.testing.assert_array_equal(log.since(1, 3), [0, 1, 5, 7, 9, 999])
+    np.testing.assert_array_equal(log.since(2, 3), [0, 1, 5, 9, 999])
+    assert log.since(3, 3).size == 0                      # up to date: nothing to send
+    assert log.since(4, 3) is None and log.since(-1, 3) is None   # not a version this log knows
+
+
+def test_a_dense_update_and_an_overfull_log_send_older_versions_the_whole_vector():
+    log = ChangeLog(1000, version=0)
+    log.record(1, [np.arange(10, dtype=np.uint32)])
+    log.record(2, None)                                   # any entry may have changed
+    assert log.since(0, 2) is None and log.since(1, 2) is None
+    assert log.since(2, 2).size == 0
+    log.record(3, [np.arange(100, dtype=np.uint32)])
+    np.testing.assert_array_equal(log.since(2, 3), np.arange(100))
+    for v in range(4, 10):                                # 100 more each: the log keeps at most 500 indices
+        log.record(v, [np.arange(100 * v, 100 * v + 100, dtype=np.uint32) % 1000])
+    assert log.held <= 500 and log.floor == 4
+    assert log.since(3, 9) is None                        # older than the log reaches back
+    np.testing.assert_array_equal(log.since(8, 9), np.arange(900, 1000))
+    assert log.since(6, 9) is None                        # 300 entries: more bytes than half the float32 frame
+    np.testing.assert_array_equal(log.since(7, 9), np.arange(800, 1000))
+
+
+def test_held_weights_take_a_whole_vector_then_deltas_and_refuse_a_delta_with_nothing_held():
+    held = HeldWeights(6)
+    with pytest.raises(ValueError, match="holds no weights"):
+        held.delta(1, np.array([0], np.uint32), np.array([1.0], np.float32))
+    frame = np.arange(6, dtype=np.float32)
+    frame.flags.writeable = False                         # as a received frame's view
+    assert held.whole(3, frame, None) is frame            # no copy
+    w = held.delta(4, np.array([1, 4], np.uint32), np.array([-1.0, -4.0], np.float32))
+    np.testing.assert_array_equal(w, [0, -1, 2, 3, -4, 5])
+    assert held.version == 4 and np.array_equal(frame, np.arange(6))   # the frame itself is not written to
+    held.forget()
+    assert held.version is None
+
+
+# --------------------------------------------------------------------------------------- the engine's replies
+def engine(optimizer="sgd", mode="async", n=N, workers=1):
+    spec = TrainingSpec(mode=mode, optimizer=optimizer, learning_rate=0.1, num_workers=workers)
+    eng = SessionEngine(np.linspace(-1, 1, n, dtype=np.float32), spec, job_id=b"j" * 16, fingerprint=7)
+    for wid in range(workers):
+        eng.handle(b"t%d" % wid, [Header(op=Op.HELLO, job_id=b"j" * 16, fingerprint=7, worker_id=wid).pack()])
+    return eng
+
+
+def push(eng, g, step, base, flags=FLAG_WANT_WEIGHTS | FLAG_DELTA_OK, wid=0, dense=False):
+    payload, code = (g, FLOAT32) if dense else encode_push(g)
+    flags |= eng.mode.push_flag
+    h = Header(op=Op.PUSH, job_id=b"j" * 16, fingerprint=7, worker_id=wid, step=step, wversion=base, flags=flags,
+               batch_size=8, dtype=code, n_values=g.size)
+    return eng.handle(b"t%d" % wid, [h.pack(), payload.tobytes()])
+
+
+def pull(eng, held_version=None):
+    flags, base = (0, 0) if held_version is None else (FLAG_DELTA_OK, held_version)
+    h = Header(op=Op.PULL, job_id=b"j" * 16, fingerprint=7, worker_id=0, flags=flags, wversion=base)
+    return eng.handle(b"t0", [h.pack()])[-1]
+
+
+def test_the_engine_answers_a_sparse_push_with_the_changed_entries_only_when_asked():
+    eng = engine()
+    before = eng.weights.copy()
+    g = sparse_gradient(N, 300, seed=1)
+    _, rh, payload = push(eng, g, step=1, base=0)[-1]
+    assert rh.dtype == SPARSE32 and rh.n_values == N and rh.wversion == 1
+    index, values = sparse_parts(memoryview(payload).cast("B"), N)
+    np.testing.assert_array_equal(index, np.flatnonzero(g))
+    np.testing.assert_array_equal(values, eng.weights[index])
+    after = before.copy()
+    after[index] = values
+    np.testing.assert_array_equal(after, eng.weights)     # the version-0 weights plus the delta: version 1
+    _, rh, payload = push(eng, sparse_gradient(N, 300, seed=2), step=2, base=1, flags=FLAG_WANT_WEIGHTS)[-1]
+    assert rh.dtype == FLOAT32 and payload is eng.weights # not offered: the whole vector
+    _, rh, payload = pull(eng, held_version=0)            # two updates since version 0: their union
+    index, values = sparse_parts(memoryview(payload).cast("B"), N)
+    np.testing.assert_array_equal(index, np.union1d(np.flatnonzero(g), touched(N, 300, 2)))
+    assert pull(eng, held_version=5)[1].dtype == FLOAT32   # a version the server never had
+    assert pull(eng, held_version=2)[2].size == 0          # up to date: an empty delta
+    assert eng.counters["delta_replies"] == 3
+
+
+@pytest.mark.parametrize("optimizer,mode,deltas", [("sgd", "async", True), ("adagrad", "async", True),
+                                                   ("momentum", "async", False), ("adam", "async", False),
+                                                   ("sgd", "async-easgd", True), ("sgd", "easgd", False)])
+def test_deltas_only_where_an_update_leaves_the_entries_a_push_did_not_carry(optimizer, mode, deltas):
+    eng = engine(optimizer, mode)
+    assert (eng.changes is not None) is deltas
+    if mode == "easgd":
+        return                                            # its pushes are a worker's whole weights
+    before = eng.weights.copy()
+    g = sparse_gradient(N, 300, seed=3)
+    _, rh, _ = push(eng, g, step=1, base=0)[-1]
+    unchanged = np.ones(N, bool)
+    unchanged[np.flatnonzero(g)] = False
+    np.testing.assert_array_equal(eng.weights[unchanged], before[unchanged])   # what the log relies on
+    assert rh.dtype == (SPARSE32 if deltas else FLOAT32)
+
+
+def test_a_dense_push_and_a_small_model_get_whole_vectors():
+    eng = engine()
+    push(eng, sparse_gradient(N, 300, seed=4), step=1, base=0)
+    push(eng, sparse_gradient(N, 300, seed=5), step=2, base=1, dense=True)   # a float32 frame: any entry
+    assert pull(eng, held_version=1)[1].dtype == FLOAT32
+    assert pull(eng, held_version=2)[1].dtype == SPARSE32
+    assert engine(n=SPARSE_MIN_VALUES - 1).changes is None
+
+
+def test_a_restored_engine_sends_whole_vectors_to_versions_before_the_restore():
+    eng = engine()
+    push(eng, sparse_gradient(N, 300, seed=6), step=1, base=0)
+    arrays, meta = eng.snapshot()
+    eng.restore(arrays, meta)
+    assert eng.changes.since(0, eng.version) is None and eng.changes.since(1, eng.version).size == 0
+
+
+def test_a_sync_round_of_sparse_pushes_sends_the_union_of_its_members():
+    eng = engine(mode="sync", workers=2)
+    gs = [sparse_gradient(N, 300, seed=7), sparse_gradient(N, 300, seed=8)]
+    assert push(eng, gs[0], step=1, base=0, wid=0) == []   # waits for the round
+    replies = push(eng, gs[1], step=1, base=0, wid=1)
+    union = np.union1d(np.flatnonzero(gs[0]), np.flatnonzero(gs[1]))
+    for _, rh, payload in replies:
+        assert rh.dtype == SPARSE32
+        np.testing.assert_array_equal(sparse_parts(memoryview(payload).cast("B"), N)[0], union)
+
+
+# ---------------------------------------------------------------------------------------------- over sockets
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_clients_hold_exactly_the_servers_weights_through_interleaved_sparse_pushes(optimizer):
+    w0 = np.random.default_rng(0).standard_normal(N).astype(np.float32)
+    with ParameterServer(w0, mode="async", optimizer=optimizer, learning_rate=0.05, num_workers=2,
+                         progress=False) as srv:
+        a, b = (ParameterClient(srv.client_config(), worker_id=k) for k in (0, 1))
+        try:
+            for c in (a, b):
+                c.pull()
+            order = [a, a, b, a, b, b, b, a]                 # b misses two of a's updates, then a three of b's
+            for k, c in enumerate(order):
+                r = c.push(sparse_gradient(N, 200, seed=10 + k), batch_size=8, want_weights=True)
+                np.testing.assert_array_equal(r.weights, srv.weights())
+                assert not r.weights.flags.writeable
+            out = np.empty(N, np.float32)
+            a.pull(out=out)
+            np.testing.assert_array_equal(out, srv.weights())
+            deltas = srv.stats()["delta_replies"]
+            assert deltas == (len(order) + 1 if optimizer == "sgd" else 0)
+        finally:
+            a.close(), b.close()
+
+
+def test_a_sharded_server_sends_each_slice_its_own_delta():
+    n = 2 * N
+    w0 = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    spec = TrainingSpec(mode="async", optimizer="sgd", learning_rate=0.05, num_workers=1)
+    with ShardedServer(w0, spec=spec, shards=2, progress=False) as srv:
+        c = connect(srv.client_config(), worker_id=0)
+        try:
+            c.pull()
+            for k in range(4):
+                r = c.push(sparse_gradient(n, 400, seed=20 + k), batch_size=8, want_weights=True)
+                np.testing.assert_array_equal(r.weights, srv.weights())
+            assert [s["delta_replies"] for s in srv.stats()["shards"]] == [4, 4]
+        finally:
+            c.close()
+
+
+def test_a_client_refuses_a_delta_it_did_not_offer_and_a_malformed_one():
+    with ParameterServer(np.zeros(N, np.float32), mode="async", learning_rate=0.1, num_workers=1,
+                         progress=False) as srv:
+        c = ParameterClient(srv.client_config(), worker_id=0)
+        try:
+            _, w = c.pull()
+            frame = sparse_frame(np.array([3, 7], np.uint32), np.array([1.0, 2.0], np.float32))
+            rh = Header(op=Op.PULL | 0x80, dtype=SPARSE32, n_values=N, wversion=1)
+            with pytest.raises(PSError, match="did not offer"):
+                c._weights(rh, memoryview(frame).cast("B"), None, asked=None)
+            backwards = sparse_frame(np.array([7, 3], np.uint32), np.array([1.0, 2.0], np.float32))
+            with pytest.raises(PSError, match="increase strictly") as err:
+                c._weights(rh, memoryview(backwards).cast("B"), None, asked=0)
+            assert err.value.reason == Reason.BAD_PAYLOAD and c._held.version is None   # holds nothing now
+            c.push(sparse_gradient(N, 50, seed=30), batch_size=8)
+            _, w = c.pull()                                  # asks for the whole vector again, and gets it
+            np.testing.assert_array_equal(w, srv.weights())
+            assert srv.stats()["delta_replies"] == 0
+        finally:
+            c.close()
