@@ -78,6 +78,7 @@ class FeedForwardNetwork:
         self._dims = np.asarray(self.layers, dtype=np.int64)
         self._workspaces: OrderedDict[int, tuple] = OrderedDict()   # m -> (acts, deltas, flat, flat)
         self._view_cache: dict[int, tuple] = {}
+        self._entry_cache: dict[str, np.ndarray] = {}     # entries_of_rows' fixed parts
 
     def __repr__(self):
         extra = "" if self.precision == "fp32" else f", precision={self.precision!r}"
@@ -232,13 +233,15 @@ class FeedForwardNetwork:
             h = acts[i]
         return acts
 
-    def gradient_device(self, w, X, y, grad, sums=None):
+    def gradient_device(self, w, X, y, grad, sums=None, rows=None):
         """One forward+backward on device arrays: writes dL/dw (mean loss) into ``grad``.
 
         w (P,), X (m, d0), y (m,) int32, grad (P,) -> (loss_sum over rows, n_correct). No validation, no
         allocation after the first call for a batch size: the trainer's hot path. With ``sums`` ((2,) float64
         backend array) the loss sum and correct count are added to it on the device instead, and None is
         returned: no host read, so a GPU step can be queued (or recorded in a graph) without waiting.
+        ``rows`` (sparse X): ``X.columns()``; the first layer's weight gradient is then written in those rows
+        only (:meth:`entries_of_rows`), the others keep stale values: for a caller that reads only those.
         """
         ops = self.ops
         m = X.shape[0]
@@ -267,7 +270,7 @@ class FeedForwardNetwork:
             inputs = X if i == 0 else acts[i - 1]
             gW, gb = grads[i]
             if i == 0 and sparse:
-                ops.sparse_gemm_t(X, g, out=gW, precision=precision)
+                ops.sparse_gemm_t(X, g, out=gW, precision=precision, rows=rows)
             else:
                 ops.gemm(inputs, g, out=gW, trans_a=True, precision=precision)
             if i == len(params) - 1:
@@ -278,6 +281,17 @@ class FeedForwardNetwork:
                 ops.relu_backward_bias_grad(prev, acts[i - 1], out=grads[i - 1][1])
                 g = prev
         return None if sums is not None else (loss_sum, n_correct)
+
+    def entries_of_rows(self, rows) -> np.ndarray:
+        """The flat indices (sorted, int64) a sparse batch's gradient can be non-zero at: the first layer's weight
+        rows ``rows`` (its columns, sorted) and every parameter after that layer's weights."""
+        first = self.layout[0]
+        tail = self._entry_cache.get("tail")
+        if tail is None:
+            tail = self._entry_cache["tail"] = np.arange(first.b_start, self.num_params, dtype=np.int64)
+            self._entry_cache["row"] = np.arange(first.d_out, dtype=np.int64)
+        head = (np.asarray(rows, dtype=np.int64)[:, None] * first.d_out + self._entry_cache["row"]).ravel()
+        return np.concatenate([head + first.w_start, tail])
 
     # ------------------------------------------------------------------ public API
     def loss_grad_and_correct(self, w, X, y=None, out=None):

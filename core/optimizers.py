@@ -117,6 +117,33 @@ class Optimizer:
         acc += g
         return self.step(w, g)
 
+    def step_entries(self, w, g, index, acc=None):
+        """``step_accumulating`` (``acc`` optional) on the entries ``index`` only, where g is zero elsewhere (a
+        sparse batch's gradient): plain SGD touches just those, instead of the whole vector. Plain SGD only."""
+        if not self.plain_sgd:
+            raise TypeError(f"{self.name} keeps state for every entry: step the whole vector")
+        self.ops.sgd_update_entries(w, g, index, self.schedule(self.t), acc)
+        self.t += 1
+        return w
+
+    def step_entries_checked(self, w, index, values) -> Verdict:
+        """A step in place on the entries ``index`` of ``w``, the gradient ``values`` there and zero elsewhere
+        (a sparse push), checked as :meth:`step_checked` (BAD_GRADIENT, BAD_RESULT) before anything is written:
+        O(k), not a pass over the vector. Plain SGD only."""
+        if not self.plain_sgd:
+            raise TypeError(f"{self.name} keeps state for every entry: step the whole vector")
+        ops = self.ops
+        if not ops.all_finite(values):
+            return Verdict.BAD_GRADIENT
+        new = w[index]
+        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is looked for below
+            new -= w.dtype.type(self.schedule(self.t)) * values
+        if not ops.all_finite(new):
+            return Verdict.BAD_RESULT
+        w[index] = new
+        self.t += 1
+        return Verdict.APPLIED
+
     def warm_up(self) -> None:
         """Run this rule's checked update once, on a twin over 8 zeros, so that a backend which compiles its kernels
         on first use is ready before the first real update (numba: ~0.7 s for a process's first kernel, which the

@@ -80,6 +80,11 @@ class CsrRows:
         a, b = int(self.indptr[0]), int(self.indptr[-1])
         return CsrRows(self.indptr - a, self.indices[a:b].copy(), self.values[a:b].copy(), self.n_cols)
 
+    def columns(self) -> np.ndarray:
+        """The columns these rows hold a value in, sorted, each once (int64): the first layer's weight rows a
+        batch's gradient touches."""
+        return np.unique(self.indices[self.indptr[0]:self.indptr[-1]]).astype(np.int64, copy=False)
+
     def row_ids(self) -> np.ndarray:
         """The row (0..m-1) of each stored value, in storage order from indptr[0]."""
         return value_rows(np.diff(self.indptr))

@@ -100,6 +100,55 @@ def test_sparse_training_follows_dense_training(backend):
     del rng
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_sparse_step_updates_and_sums_only_its_entries_as_the_dense_step_would(backend):
+    """Steps on batches of different columns (the first layer's gradient rows of the earlier batch are stale
+    in the trainer's buffer): weights and window sum equal the dense steps' in float64, and every entry outside
+    the batches' columns' rows and the later layers is untouched."""
+    rng = np.random.default_rng(25)
+    layers = [300, 5, 4, 3]
+    X = sparse_rows(rng, 24, layers[0], 4)
+    y = rng.integers(0, 3, 24)
+    states = []
+    for rows in (X, X.toarray()):
+        net = FeedForwardNetwork(layers, backend=backend, dtype="float64")
+        trainer = MinibatchTrainer(net, batch_size=8, learning_rate=0.3, seed=1)
+        trainer.track_entries()
+        w, acc = net.init_params(seed=2).astype(np.float64), np.zeros(net.num_params)
+        w0 = w.copy()
+        for a in (0, 8, 16):
+            trainer.step(w, rows[a:a + 8], y[a:a + 8], accumulate=acc)
+        states.append((w, acc, trainer.take_entries(), w0))
+    (w_s, acc_s, entries, w0), (w_d, acc_d, dense_entries, _) = states
+    np.testing.assert_allclose(w_s, w_d, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(acc_s, acc_d, rtol=1e-12, atol=1e-15)
+    assert dense_entries is None                                   # a dense step may change any entry
+    np.testing.assert_array_equal(entries, net.entries_of_rows(X.columns()))
+    outside = np.ones(net.num_params, bool)
+    outside[entries] = False
+    assert outside.sum() == (300 - X.columns().size) * 5
+    np.testing.assert_array_equal(w_s[outside], w0[outside])
+    assert not acc_s[outside].any()
+
+
+def test_entries_of_rows_and_the_partial_gradient_rows():
+    net = FeedForwardNetwork([6, 2, 3], backend="numpy")
+    # W1 is 6 x 2 at 0..11, b1 12..13, W2 2 x 3 at 14..19, b2 20..22
+    np.testing.assert_array_equal(net.entries_of_rows(np.array([1, 4])), [2, 3, 8, 9, *range(12, 23)])
+    X = CsrRows(np.array([0, 1, 2]), np.array([1, 4], np.int32), np.array([2.0, 3.0], np.float32), 6)
+    G = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    out = np.full((6, 2), 9.0, np.float32)                          # stale rows of an earlier step
+    net.ops.sparse_gemm_t(X, G, out, rows=X.columns())
+    np.testing.assert_array_equal(out, [[9, 9], [2, 4], [9, 9], [9, 9], [9, 12], [9, 9]])
+    trainer = MinibatchTrainer(net, batch_size=2, optimizer="momentum")
+    trainer.track_entries()
+    trainer.step(net.init_params(0), X, np.array([0, 1]))
+    assert trainer.take_entries() is None                           # momentum steps every entry: a dense step
+    with pytest.raises(TypeError, match="momentum keeps state"):
+        trainer.optimizer.step_entries(np.zeros(23, np.float32), np.zeros(23, np.float32), np.arange(3))
+    assert MinibatchTrainer(net).take_entries() is None             # not tracking
+
+
 def test_take_slice_and_copy_keep_the_rows():
     rng = np.random.default_rng(25)
     X = sparse_rows(rng, 30, 12, 3)

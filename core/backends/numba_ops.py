@@ -112,10 +112,13 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         self._kernel("csr_gemm", X.nnz * out.shape[1])(X.indptr, X.indices, X.values, W, out)
         return out
 
-    def sparse_gemm_t(self, X, G, out, precision="fp32"):
+    def sparse_gemm_t(self, X, G, out, precision="fp32", rows=None):
         if not self._sparse_jit(X, G, out, precision):
-            return super().sparse_gemm_t(X, G, out, precision)
-        out.fill(0)
+            return super().sparse_gemm_t(X, G, out, precision, rows)
+        if rows is None:
+            out.fill(0)
+        else:
+            out[rows] = 0
         csr_gemm_t_add(X.indptr, X.indices, X.values, G, out)
         return out
 

@@ -146,11 +146,15 @@ class NumpyOps:
         np.add.at(out, X.row_ids(), values[:, None] * W[X.indices[X.indptr[0]:X.indptr[-1]]])
         return out
 
-    def sparse_gemm_t(self, X, G, out, precision="fp32"):
+    def sparse_gemm_t(self, X, G, out, precision="fp32", rows=None):
         """out (k, n) = X^T @ G for CSR rows X (m, k) and G (m, n): the first layer's weight gradient, zero
-        in every row of a column no row of X holds."""
+        in every row of a column no row of X holds. ``rows``: X's columns (``X.columns()``); then only those
+        rows of ``out`` are written, the others keep what they held (for a caller that reads only these)."""
         values, G = self._sparse_operands(X, G, precision)
-        out.fill(0)
+        if rows is None:
+            out.fill(0)
+        else:
+            out[rows] = 0
         np.add.at(out, X.indices[X.indptr[0]:X.indptr[-1]], values[:, None] * G[X.row_ids()])
         return out
 
@@ -302,6 +306,16 @@ class NumpyOps:
         """out <- w - lr g."""
         step = np.multiply(g, w.dtype.type(lr), out=self._scratch("opt_step", g.shape, g.dtype))
         return np.subtract(w, step, out=w if out is None else out)
+
+    def sgd_update_entries(self, w, g, index, lr, acc=None):
+        """``sgd_update_accumulate`` (``acc`` optional) on the entries ``index`` only, in place: a step whose
+        gradient is zero elsewhere (a sparse batch's) reads and writes those entries, not the whole vector."""
+        gi = g[index]
+        if acc is not None:
+            acc[index] += gi
+        gi *= w.dtype.type(lr)
+        w[index] -= gi
+        return w
 
     def sgd_update_accumulate(self, w, g, lr, acc):
         """acc <- acc + g, then w <- w - lr g, both in place (a worker's step inside an exchange window)."""
