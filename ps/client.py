@@ -137,6 +137,8 @@ class ParameterClient:
         # the weights of the last reply, which the server may bring up to date with the entries changed since
         # (a delta reply, ps.changes): only a vector this large can get one
         self._held = HeldWeights(self.num_params) if self.num_params >= SPARSE_MIN_VALUES else None
+        self.last_changed = None   # the entries the last weights returned changed (a delta reply's), or None
+        self.last_base = None      # the version those changes were made after
         if register:
             try:
                 self.hello()
@@ -261,6 +263,11 @@ class ParameterClient:
             raise UpdateRejected(code, text)
         raise (StaleUpdate if rh.status == Status.STALE else PSError)(code, text)
 
+    @property
+    def held_version(self) -> int | None:
+        """The version of the weights this client holds for delta replies (None: none)."""
+        return None if self._held is None else self._held.version
+
     def _held_version(self, version=None):
         """The version whose weights this client holds, for a request's FLAG_DELTA_OK (when it is ``version``,
         if given), else None."""
@@ -287,7 +294,9 @@ class ParameterClient:
                 held.forget()
                 raise PSError(exc.reason, f"the server's delta reply: {exc}") from None
             w = held.delta(rh.wversion, index, values).view()
+            self.last_changed, self.last_base = index, asked
         else:
+            self.last_changed = None
             w = read_array(rh, frame, self.num_params, check_finite=False)
             if held is not None:
                 held.whole(rh.wversion, w, frame) if hold else held.forget()
@@ -324,11 +333,11 @@ class ParameterClient:
              kind="gradient", want_weights=False, out=None, epoch=0, last_of_epoch=False) -> PushResult:
         """Push a gradient (or elastic difference / local weights, per ``kind``) for ``step``.
 
-        array: float32 (P,). base_version: weights version it was computed on (default: last pulled).
-        step: default last applied step + 1. epoch: the epoch this exchange ends in (0 = not given);
-        last_of_epoch: this worker's last push of it (the server's tol decision needs both). Raises
-        StaleUpdate / PSError on refusal; ServerUnavailable when no reply comes. In sync and easgd modes the
-        reply comes when the round completes.
+        array: float32 (P,), or :class:`ps.protocol.Entries` (zero outside its index). base_version: weights
+        version it was computed on (default: last pulled). step: default last applied step + 1. epoch: the
+        epoch this exchange ends in (0 = not given); last_of_epoch: this worker's last push of it (the server's
+        tol decision needs both). Raises StaleUpdate / PSError on refusal; ServerUnavailable when no reply
+        comes. In sync and easgd modes the reply comes when the round completes.
         """
         if kind == "local_weights":
             payload, code = array, FLOAT32

@@ -34,8 +34,9 @@ from . import rules
 from .changes import ChangeLog
 from .convergence import ConvergenceMonitor
 from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
-                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, MAX_JSON_BYTES, SPARSE32, SPARSE_MIN_VALUES, Header,
-                       Op, ProtocolError, Reason, Status, check_metrics, read_push, sparse_frame, unpack_header)
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, MAX_JSON_BYTES, SPARSE32, SPARSE_MIN_VALUES, Entries,
+                       Header, Op, ProtocolError, Reason, Status, check_metrics, read_push, sparse_frame,
+                       unpack_header)
 from .spec import TrainingSpec
 
 _OPS = {int(op): op for op in Op}
@@ -83,6 +84,10 @@ class BufferPool:
         frame keeps them alive, and nothing writes to them."""
         if tracker is not None and not tracker.done and id(buf) in self._all:
             self._trackers.setdefault(id(buf), []).append(tracker)
+
+    def in_flight(self, buf: np.ndarray) -> bool:
+        """Whether a zero-copy send of ``buf`` has not finished: it may not be written to."""
+        return self._busy(id(buf))
 
     def _busy(self, key: int) -> bool:
         ts = self._trackers.get(key)
@@ -172,6 +177,7 @@ class Engine:
         self._update_guard = contextlib.nullcontext if quiet else functools.partial(np.errstate, over="ignore",
                                                                                       invalid="ignore")
         self._push_codes = spec.push_dtype_codes
+        self._entries_in_place = self.mode.updates_entries(optimizer)
         # Where an update changes only the entries a sparse push carried, a client holding an earlier version
         # may be sent just the entries changed since (ps.changes): a vector this large is the only one a sparse
         # push can come for.
@@ -406,7 +412,8 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
-        arr, index = read_push(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes)
+        arr, index = read_push(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes,
+                               widen=False)
         if h.step <= info.last_step:
             # a retransmit of a push already taken (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
@@ -418,15 +425,22 @@ class Engine:
                                                  f"{info.last_step + 1}: steps are contiguous")
         self.convergence.seen(h.worker_id, h.epoch, bool(h.flags & FLAG_EPOCH_LAST), now)
         if self.mode.rounds:
-            return self._round_push(token, h, info, arr, index, now)
+            return self._round_push(token, h, info, _whole(arr), index, now)
         stale = rules.staleness(h.wversion, self.version)
         if rules.is_stale(h.wversion, self.version, self.spec.staleness):
             self.counters["stale_pushes"] += 1             # the step stays open: pull, recompute, push it again
             raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
                                               f"(bound {self.spec.staleness}); pull and recompute")
-        new = self.pool.acquire()
-        with self._update_guard():                           # an overflow is checked for and rolled back
-            verdict = self.mode.apply_push(self, self.weights, arr, new)
+        if isinstance(arr, Entries) and self._entries_in_place:    # a sparse push: on its entries only
+            new = self.weights
+            if self.pool.in_flight(new):        # a reply is still sending these weights: update a copy
+                new = self.pool.acquire()
+                np.copyto(new, self.weights)
+            verdict = self.mode.apply_entries(self, new, arr.index, arr.values)
+        else:
+            arr, new = _whole(arr), self.pool.acquire()
+            with self._update_guard():                       # an overflow is checked for and rolled back
+                verdict = self.mode.apply_push(self, self.weights, arr, new)
         if verdict is Verdict.BAD_GRADIENT:
             raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
         if verdict is Verdict.BAD_RESULT:
@@ -633,6 +647,11 @@ class Engine:
                                               applied=v["applied"], samples=v["samples"])
             if self.ssp is not None:
                 self.ssp.advance(int(k), v["last_step"])
+
+
+def _whole(arr):
+    """A push's vector made whole (a sparse payload's :class:`Entries`)."""
+    return arr.toarray() if isinstance(arr, Entries) else arr
 
 
 def _json_report(h: Header, frame, op_name: str) -> dict:

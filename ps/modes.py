@@ -30,11 +30,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from core.backends.numpy_ops import Transfer
 from core.optimizers import Verdict
 
 from . import rules
 from .client import StaleUpdate, UpdateRejected
-from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS, Reason
+from .protocol import FLAG_ELASTIC, FLAG_LOCAL_WEIGHTS, Entries, Reason
 
 STALE = object()      # talk's answer for a push refused as stale: receive recomputes the window
 # Local steps between exchanges when the user gives none (tau 0) in a mode that may exceed 1. One exchange per
@@ -127,6 +128,15 @@ class Mode:
         rolled back)."""
         raise NotImplementedError
 
+    def updates_entries(self, optimizer) -> bool:
+        """True when :meth:`apply_entries` can apply a sparse push on its entries alone (with ``optimizer``)."""
+        return False
+
+    def apply_entries(self, engine, w: np.ndarray, index, values) -> Verdict:
+        """Apply a sparse push (``values`` at ``index``, zero elsewhere) in place on ``w``, reading and writing
+        only its entries -> a Verdict as :meth:`apply_push`; nothing is written unless APPLIED."""
+        raise NotImplementedError
+
     def apply_round(self, engine, w: np.ndarray, entries: list, out: np.ndarray) -> Verdict:
         """Combine a full round, ``entries`` = [(header, payload)] one per worker: new weights into ``out``
         -> APPLIED or BAD_RESULT (as :meth:`apply_push`)."""
@@ -156,13 +166,19 @@ class _GradientMode(Mode):
         """Queue the copy of the window's summed gradient and give the next window the other accumulator
         (zeroed; its own last copy finished when its exchange was received). Pipelined, also note the weights
         the next window starts from (``loop.window_start``): receive rebases that window's progress."""
-        host = loop.outbox(step)
-        transfer = loop.ops.copy_to_host_async(loop.acc, host)
-        loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
-        loop.acc[...] = 0
+        entries = loop.trainer.take_entries()
+        if entries is not None:     # a sparse window (CPU, host arrays): its entries go as they are, and only
+            out = Outgoing(step, metrics, Entries(entries, loop.acc[entries], loop.net.num_params), Transfer(),
+                           loop.window_version, {"entries": entries})
+            loop.acc[entries] = 0   # they held all of the window's sum
+        else:
+            host = loop.outbox(step)
+            out = Outgoing(step, metrics, host, loop.ops.copy_to_host_async(loop.acc, host), loop.window_version)
+            loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
+            loop.acc[...] = 0
         if loop.window_start is not None:
             loop.window_start[...] = loop.w
-        return Outgoing(step, metrics, host, transfer, loop.window_version)
+        return out
 
     def talk(self, loop, out):
         out.transfer.wait(loop.wait_timeout)
@@ -189,12 +205,22 @@ class _GradientMode(Mode):
         gradient is on its way to the server, which will apply about that step (gain: the server optimizer's
         steady-state factor, 1 for sgd, 1 / (1 - mu) for momentum); without the rebase the next window would
         start from weights that lack the worker's own last window (DOWNPOUR one exchange behind itself),
-        which cost ~0.2 of test accuracy after 3 passes in bench/scale_bench.py --pipeline."""
-        if reply is STALE:
+        which cost ~0.2 of test accuracy after 3 passes in bench/scale_bench.py --pipeline. A sparse window
+        answered by a delta reply copies back only its own entries and the ones the reply changed."""
+        recomputed = reply is STALE
+        if recomputed:
             reply = self._push_recomputed(loop, out)
         loop.forget_window(out.step)
         loop.version, wh = reply
         start = loop.window_start
+        own = out.extra.get("entries")
+        changed = loop.client.last_changed if own is not None and start is None and not recomputed else None
+        if changed is not None:
+            # The weights are the ones the client held before, but for this window's own entries; the reply
+            # changed what it names: copy those two sets, not the whole vector.
+            loop.w[own] = wh[own]
+            loop.w[changed] = wh[changed]
+            return
         if start is not None:
             start -= loop.w                    # minus the progress of the window computed while this was away
         # one copy out of the reply's read-only view (valid until the client's next request)
@@ -254,6 +280,12 @@ class Async(_GradientMode):
 
     def apply_push(self, engine, w, payload, out):
         return engine.optimizer.step_checked(w, payload, out)
+
+    def updates_entries(self, optimizer):
+        return optimizer.plain_sgd
+
+    def apply_entries(self, engine, w, index, values):
+        return engine.optimizer.step_entries_checked(w, index, values)
 
 
 class Easgd(Mode):

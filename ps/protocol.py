@@ -276,10 +276,36 @@ def encode_array(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarr
     return arr, FLOAT32
 
 
-def encode_push(arr: np.ndarray, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
+class Entries(NamedTuple):
+    """A vector of ``size`` float32 values that is zero outside ``index`` (sorted, unique): a sparse window's
+    gradient sum, pushed without being made whole (:func:`encode_push`)."""
+    index: np.ndarray
+    values: np.ndarray
+    size: int
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.size,)
+
+    def toarray(self) -> np.ndarray:
+        out = np.zeros(self.size, dtype=np.float32)
+        out[self.index] = self.values
+        return out
+
+    def slice(self, a: int, b: int) -> "Entries":
+        """Entries [a, b) of the vector, indexed from a (a shard's slice)."""
+        lo, hi = np.searchsorted(self.index, [a, b])
+        return Entries(self.index[lo:hi] - a, self.values[lo:hi], b - a)
+
+
+def encode_push(arr, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
     """A pushed float32 vector (gradient, elastic difference) as it goes on the wire -> (array to send, dtype
     code): its non-zero entries (SPARSE32) where they take at most half the bytes of :func:`encode_array`'s
-    frame, else that frame."""
+    frame, else that frame. ``arr`` may be :class:`Entries`: then they go as they are, without a scan."""
+    if isinstance(arr, Entries):
+        if 8 * arr.index.size <= 2 * arr.size:
+            return sparse_frame(arr.index, arr.values), SPARSE32
+        arr = arr.toarray()
     dense, code = encode_array(arr, wire_dtype)
     sample = arr[::SPARSE_SAMPLE_STEP]
     if arr.size >= SPARSE_MIN_VALUES and np.count_nonzero(sample) <= SPARSE_SAMPLE_MAX * sample.size:
@@ -321,18 +347,20 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True, accept
     return read_push(header, frame, n_expected, check_finite, accept)[0]
 
 
-def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)):
+def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,), widen=True):
     """:func:`read_array` -> (the vector, the indices of a sparse payload's entries or None): what a sparse push
-    can change."""
+    can change. ``widen=False``: a sparse payload comes back as :class:`Entries` (views of the frame), not made
+    whole."""
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if header.dtype == SPARSE32 and SPARSE32 in accept:
         if header.n_values != n_expected:
             raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload for n_values={header.n_values}, model needs "
                                                     f"{n_expected}")
         index, values = sparse_parts(buf, n_expected)
-        arr = np.zeros(n_expected, dtype=np.float32)
-        arr[index] = values
-        return (_screened(arr) if check_finite else arr), index
+        if check_finite:
+            _screened(values)                   # the zeros between them are finite
+        entries = Entries(index, values, n_expected)
+        return (entries.toarray() if widen else entries), index
     dt = DTYPE_CODES.get(header.dtype) if header.dtype in accept else None
     if dt is None:
         names = {**{c: n for n, c in WIRE_DTYPES.items()}, SPARSE32: "sparse"}

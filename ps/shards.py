@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .client import ParameterClient, PushResult
+from .protocol import Entries
 from .server import ParameterServer
 
 SHARD_MIN_PARAMS = 1 << 20      # below ~4 MB a second socket costs more than its crypto saves
@@ -184,6 +185,7 @@ class ShardedClient:
                                       register=False) for c in cfg["shards"]]
         self._pool = ThreadPoolExecutor(max_workers=len(self.parts) - 1, thread_name_prefix="ps-shard")
         self._weights = np.empty(self.num_params, dtype=np.float32)
+        self._synced = [None] * len(self.parts)   # the version of shard k's weights _weights' slice k holds
         if register:
             try:
                 self.hello()
@@ -229,6 +231,14 @@ class ShardedClient:
     def session(self) -> int:
         return self.parts[0].session
 
+    @property
+    def last_changed(self):
+        """The entries the last weights returned changed, every shard's a delta, else None."""
+        parts = [p.last_changed for p in self.parts]
+        if any(c is None for c in parts):
+            return None
+        return np.concatenate([c.astype(np.int64) + a for c, (a, _) in zip(parts, self.bounds)])
+
     def hello(self) -> int:
         self._each(lambda k, p: p.hello())
         return self.step
@@ -237,27 +247,42 @@ class ShardedClient:
         """-> (shard 0's version, the whole vector): each shard's slice copied into one buffer (``out`` if
         given)."""
         buf = self._weights if out is None else out
-        self._each(lambda k, p: p.pull(out=buf[self.bounds[k][0]:self.bounds[k][1]], clock=clock))
+        self._each(lambda k, p: self._take(k, p, p.pull(clock=clock)[1], buf))
         return self.version, buf
+
+    def _take(self, k, part, w, buf) -> None:
+        """Shard k's weights ``w`` into its slice of ``buf``: only the entries its delta reply changed where the
+        slice holds the version that delta was made after."""
+        a, b = self.bounds[k]
+        own = buf is self._weights
+        changed = part.last_changed
+        if own and changed is not None and self._synced[k] == part.last_base:
+            buf[a:b][changed] = w[changed]
+        else:
+            buf[a:b] = w
+        if own:
+            self._synced[k] = part.held_version
 
     def push(self, array, loss=0.0, accuracy=0.0, batch_size=0, *, base_version=None, step=None,
              kind="gradient", want_weights=False, out=None, epoch=0, last_of_epoch=False) -> PushResult:
         """Slice k to shard k, with that shard's own base version (``base_version`` is ignored: each shard
         judges staleness by the weights it last sent this client). Shards that already took ``step`` (it was
         refused as STALE elsewhere and is being pushed again) are not sent it again."""
-        array = np.asarray(array)
+        entries = isinstance(array, Entries)
+        array = array if entries else np.asarray(array)
         if array.shape != (self.num_params,):
             raise ValueError(f"push of {array.shape} values, the model has {self.num_params}")
         step = self.step + 1 if step is None else int(step)
         todo = [k for k, p in enumerate(self.parts) if p.step < step]
-        results = self._each(lambda k, p: p.push(array[self.bounds[k][0]:self.bounds[k][1]], loss, accuracy,
+        part = array.slice if entries else lambda a, b: array[a:b]
+        results = self._each(lambda k, p: p.push(part(*self.bounds[k]), loss, accuracy,
                                                  batch_size, step=step, kind=kind, want_weights=want_weights,
                                                  epoch=epoch, last_of_epoch=last_of_epoch), todo)
         weights = None
         if results and all(r.weights is not None for r in results) and len(results) == len(self.parts):
             weights = self._weights if out is None else out
             for k, r in zip(todo, results):
-                weights[self.bounds[k][0]:self.bounds[k][1]] = r.weights
+                self._take(k, self.parts[k], r.weights, weights)
         return PushResult(self.version, self.step, all(r.duplicate for r in results), weights)
 
     def barrier(self, step: int) -> int:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from core.optimizers import steady_gain
+from core.sparse import CsrRows
 
 from .convergence import exchange_epoch
 from .shards import connect
@@ -144,6 +145,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                                optimizer=mode.local_optimizer, momentum=spec.local_momentum,
                                seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs)
     data = net.upload(X, y)
+    if isinstance(data.X, CsrRows) and mode.pushes_gradients:
+        trainer.track_entries()        # a sparse window's sum is pushed (and its weights taken back) by entries
     steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     spec = window_within_an_epoch(spec, steps_per_epoch)
     tau = spec.tau

@@ -14,9 +14,9 @@ from core import FeedForwardNetwork
 from ps.runner import Runner, WorkerFailed, run
 
 try:
-    from tests.ps_helpers import digits
+    from tests.ps_helpers import digits, text_rows
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import digits
+    from ps_helpers import digits, text_rows
 
 LAYERS = [64, 100, 10]
 
@@ -58,6 +58,24 @@ def test_sparse_rows_train_in_the_workers_as_dense_rows_do():
                 workers=2, timeout=100) for X, backend in ((sp.csr_matrix(Xtr), "numba"), (Xtr, "numba"))]
     np.testing.assert_allclose(runs[0].weights, runs[1].weights, rtol=1e-4, atol=1e-5)
     assert accuracy(runs[0].weights) >= 0.85
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_wide_sparse_model_exchanges_entries_and_trains_as_its_dense_rows(shards):
+    """Text rows on a model past SPARSE_MIN_VALUES (per shard) take the sparse way end to end: steps on their
+    entries, pushes of those entries, updates in place on the server, replies of the changed entries (each
+    shard its own), weights copied back by entries. One async worker is deterministic: it ends where its dense
+    rows do."""
+    layers = [1 << 14, 8, 2]
+    X, y = text_rows(1600)
+    Xs, y, Xte, yte = X[:1200], y[:1200], X[1200:], y[1200:]
+    runs = [run(X, y, layers, mode="async", backend="numba", epochs=3, batch_size=32, learning_rate=0.1,
+                workers=1, tau=4, shards=shards, timeout=100) for X in (Xs, Xs.toarray())]
+    np.testing.assert_allclose(runs[0].weights, runs[1].weights, rtol=1e-4, atol=1e-6)
+    stats = runs[0].stats["shards"] if shards > 1 else [runs[0].stats]
+    assert [s["delta_replies"] for s in stats] == [s["applied"] for s in stats]    # every push answered so
+    assert FeedForwardNetwork(layers, backend="numpy").evaluate(runs[0].weights, Xte, yte)[1] > 0.9
 
 
 def _kill_when(runner, worker, min_step, timeout=30):

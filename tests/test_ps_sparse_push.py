@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from ps import ParameterClient, ParameterServer, Reason, Status
-from ps.protocol import (FLOAT32, SPARSE32, SPARSE_MIN_VALUES, Header, ProtocolError, encode_array, encode_push,
-                         read_array)
+from ps.protocol import (FLOAT32, SPARSE32, SPARSE_MIN_VALUES, Entries, Header, ProtocolError, encode_array,
+                         encode_push, read_array, sparse_frame)
 from ps.spec import TrainingSpec
 
 try:
-    from tests.ps_helpers import header_for, raw_push, raw_socket, request
+    from tests.ps_helpers import SessionEngine, header_for, raw_push, raw_socket, request
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import header_for, raw_push, raw_socket, request
+    from ps_helpers import SessionEngine, header_for, raw_push, raw_socket, request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -117,3 +117,59 @@ def test_an_all_zero_push_is_an_empty_sparse_frame_and_is_applied():
             r = c.push(np.zeros(n, np.float32), want_weights=True)
             np.testing.assert_array_equal(r.weights, w0)
             assert r.version == 1 and s.stats()["applied"] == 1
+
+
+@pytest.mark.parametrize("values,reason,message", [
+    ([1.0, np.nan], Reason.NON_FINITE, b"NaN or inf"),
+    ([1.0, -3e38], Reason.NON_FINITE_UPDATE, b"rolled back"),       # 0.1 x 3e38 from 3.4e38: beyond float32
+])
+def test_a_sparse_push_updated_in_place_writes_nothing_when_it_is_refused(values, reason, message):
+    w0 = np.full(SPARSE_MIN_VALUES, 3.4e38, np.float32)
+    frame = sparse_frame(np.array([4, 9], np.uint32), np.array(values, np.float32))
+    h, text, weights, applied = raw_push(w0, SPARSE32, frame.tobytes(), SPARSE_MIN_VALUES)
+    assert h.code == reason and message in text
+    np.testing.assert_array_equal(weights, w0)
+    assert applied == 0
+
+
+class Unfinished:
+    """A send's tracker that has not finished (the interface ParameterServer registers: ``done``)."""
+    done = False
+
+
+def test_a_sparse_push_updates_the_weights_in_place_unless_a_reply_is_still_sending_them():
+    n = SPARSE_MIN_VALUES
+    spec = TrainingSpec(mode="async", num_workers=1, learning_rate=0.5)
+    eng = SessionEngine(np.ones(n, np.float32), spec, job_id=b"j" * 16, fingerprint=7)
+    eng.handle(b"t", [Header(op=1, job_id=b"j" * 16, fingerprint=7, worker_id=0).pack()])          # HELLO
+
+    def push(step, at):
+        g = np.zeros(n, np.float32)
+        g[at] = 2.0
+        frame, code = encode_push(g)
+        h = Header(op=3, job_id=b"j" * 16, fingerprint=7, worker_id=0, step=step, wversion=eng.version,
+                   dtype=code, n_values=n)
+        assert eng.handle(b"t", [h.pack(), frame.tobytes()])[0][1].status == Status.OK
+
+    first = eng.weights
+    push(1, [3, 70])
+    assert eng.weights is first and first[3] == first[70] == 0.0 and first.sum() == n - 2     # O(k), in place
+    eng.pool.track(first, Unfinished())          # a whole reply of these weights is still being sent
+    push(2, [5])
+    assert eng.weights is not first and first[5] == 1.0          # the buffer in flight was not written to
+    assert eng.weights[5] == 0.0 and eng.weights[3] == 0.0 and eng.weights.sum() == n - 3
+    assert eng.optimizer.t == 2 and eng.version == 2
+
+
+def test_entries_go_as_the_sparse_frame_of_their_vector_or_whole_when_too_many():
+    n = 4 * SPARSE_MIN_VALUES
+    g = mostly_zero(n, 0.02, seed=5)
+    index = np.flatnonzero(g)
+    frame, code = encode_push(Entries(index, g[index], n))
+    assert code == SPARSE32 and np.array_equal(frame, encode_push(g)[0])
+    dense = mostly_zero(n, 0.3, seed=6)
+    index = np.flatnonzero(dense)
+    frame, code = encode_push(Entries(index, dense[index], n))
+    assert code == FLOAT32 and np.array_equal(frame, dense)
+    part = Entries(np.array([2, 5, 9, 14], np.uint32), np.array([1.0, 2.0, 3.0, 4.0], np.float32), 16).slice(5, 10)
+    assert part.size == 5 and part.index.tolist() == [0, 4] and part.values.tolist() == [2.0, 3.0]
