@@ -12,8 +12,13 @@
    with 1, 2 and 4 workers sharing one device, as shipped (op by op, exchange in line) and with this
    project's GPU options (cuda_graphs, pipeline, bfloat16 gradient frames), beside one process alone
    (MinibatchTrainer, no server) in both configurations. On a GPU: ``--backend cupy``.
+5. ``wide`` (only when asked): a wide sparse model, ``core.datasets.hashed_text`` (--wide-rows documents of 30
+   words hashed into 2^18 columns, as HashingTF makes them), [262144, 16, 2], async, window 4, batch 32, 3
+   passes, numba, CURVE on: the runner with 1 and 2 workers (one server, and sharded in 2), beside one process
+   alone (MinibatchTrainer, no server). Its steps, pushes, server updates and replies go by entries (the
+   sparse first layer's touched rows), not the 4.2M-float vector.
 
-    .venv/bin/python bench/ps_bench.py [--quick] [--backend numba] [--sections round_trip,updates,runner,mid]
+    .venv/bin/python bench/ps_bench.py [--quick] [--backend numba] [--sections round_trip,updates,runner,mid,wide]
 """
 from __future__ import annotations
 
@@ -280,22 +285,57 @@ def mid_section(backend, quick, out, rows=60_000):
                   f"({steady / one:.2f}x one worker), last loss {loss:.4f}")
 
 
+WIDE_LAYERS = [1 << 18, 16, 2]
+
+
+def wide_section(rows, out, epochs=3):
+    from core import FeedForwardNetwork, MinibatchTrainer
+    from core.datasets import hashed_text
+    from ps.runner import run
+
+    X, y = hashed_text(rows)
+    print(f"\nwide sparse model {WIDE_LAYERS}, {rows} hashed documents of 30 words, async window 4, batch 32, "
+          f"{epochs} passes, numba, CURVE on")
+    net = FeedForwardNetwork(WIDE_LAYERS, backend="numba")
+    MinibatchTrainer(net, batch_size=32, learning_rate=0.1).fit(X[:1000], y[:1000], epochs=1)     # compile
+    t0 = time.perf_counter()
+    w, hist = MinibatchTrainer(net, batch_size=32, learning_rate=0.1).fit(X, y, epochs=epochs)
+    alone = time.perf_counter() - t0
+    out["wide"].append({"workers": 0, "label": "one process, no server", "seconds": alone,
+                        "train_accuracy": hist[-1].accuracy})
+    print(f"  one process alone (no server): {alone:6.2f} s, train accuracy {hist[-1].accuracy:.4f}")
+    for workers, shards in ((1, 1), (2, 1), (2, 2)):
+        t0 = time.perf_counter()
+        res = run(X, y, WIDE_LAYERS, mode="async", workers=workers, backend="numba", epochs=epochs, batch_size=32,
+                  learning_rate=0.1, tau=4, secure=True, shards=shards, timeout=900)
+        wall = time.perf_counter() - t0
+        acc = net.evaluate(res.weights, X, y)[1]
+        waits = [round(r["exchange_s"], 2) for r in res.workers.values()]
+        stats = res.stats.get("shards", [res.stats])
+        deltas = sum(s.get("delta_replies", 0) for s in stats)
+        out["wide"].append({"workers": workers, "shards": shards, "seconds": wall, "train_accuracy": acc,
+                            "exchange_s": waits, "delta_replies": deltas, "over_alone": wall / alone})
+        print(f"  workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
+              f"{acc:.4f}, workers waited {waits} s on exchanges, {deltas} delta replies")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--sections", default="round_trip,updates,runner,mid",
-                    help="comma-separated subset of round_trip, updates, runner, mid")
+                    help="comma-separated subset of round_trip, updates, runner, mid, wide")
     ap.add_argument("--mid-rows", type=int, default=60_000, help="rows of the mid-size net's data")
+    ap.add_argument("--wide-rows", type=int, default=20_000, help="documents of the wide section")
     ap.add_argument("--shards", type=int, default=0, help="round trips: slices of a sharded server (0 = auto)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "ps_bench.json"))
     a = ap.parse_args(argv)
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(),
                        "libzmq": zmq.zmq_version(), "platform": platform.platform()}, "round_trip": [],
-           "updates_per_s": [], "runner": [], "mid": []}
+           "updates_per_s": [], "runner": [], "mid": [], "wide": []}
     sections = set(a.sections.split(","))
-    unknown = sections - {"round_trip", "updates", "runner", "mid"}
+    unknown = sections - {"round_trip", "updates", "runner", "mid", "wide"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     if "round_trip" in sections:
@@ -306,6 +346,8 @@ def main(argv=None):
         runner_table(a, out)
     if "mid" in sections:
         mid_section(a.backend, a.quick, out, a.mid_rows)
+    if "wide" in sections:
+        wide_section(a.wide_rows, out)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -341,7 +341,10 @@ def wide_section(spark, backend, rows=2000, variants=()):
     ours, anchor = times["ffps HashingTF"], times["MLlib HashingTF"]
     print(f"RESULT wide: ffps fit {ours:.1f} s vs MLlib " + ("failed" if anchor is None else
           f"{anchor:.1f} s: {ours / anchor:.2f}x of MLlib's time"), flush=True)
-    hashed.unpersist(), bare.unpersist()
+    try:
+        hashed.unpersist(), bare.unpersist()
+    except Exception as exc:  # noqa: BLE001 - MLlib's OutOfMemoryError may have taken the driver down with it
+        print(f"wide: the cached frames were not released: {root_cause(exc)}", flush=True)
 
 
 def main():

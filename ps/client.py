@@ -1,7 +1,7 @@
 """Worker-side client: a DEALER socket with receive timeouts, bounded retries and clear errors.
 
     client = ParameterClient(cfg, worker_id=0)      # cfg = server.client_config(); registers (HELLO)
-    version, w = client.pull()                       # w: read-only float32 view (P,) of the received frame
+    version, w = client.pull()                       # w: read-only float32 (P,), valid until the next reply
     client.push(grad, loss=0.3, accuracy=0.9, batch_size=64)
 
 Retries are safe: every request carries a sequence number (late replies to an earlier try are discarded) and
@@ -318,7 +318,8 @@ class ParameterClient:
 
     def pull(self, out: np.ndarray | None = None, clock: int | None = None):
         """-> (version, weights (P,) float32). Without ``out`` the weights are a read-only view, valid until
-        the next pull; with ``out`` they are copied into it. ``clock`` (SSP): this worker's clock (default:
+        the next pull or push that returns weights (a delta reply updates the same array); with ``out`` they
+        are copied into it. ``clock`` (SSP): this worker's clock (default:
         its last applied step); the server holds the reply until the others are within the slack."""
         slack_wait = self.spec.ssp_slack is not None
         timeout = self.timeout + (self.spec.barrier_timeout if slack_wait else 0)

@@ -102,22 +102,6 @@ def digits():
     return _DIGITS
 
 
-def text_rows(rows, width=1 << 14, words=20, vocabulary=6000, seed=0):
-    """(X csr float32, y): ``rows`` documents of ``words`` words hashed into ``width`` columns, as HashingTF
-    makes them; a document of class c (alternating 0, 1) draws its words from half c of the vocabulary."""
-    import scipy.sparse as sp
-
-    rng = np.random.default_rng(seed)
-    column = rng.integers(0, width, vocabulary)
-    y = np.arange(rows) % 2
-    half = vocabulary // 2
-    drawn = rng.integers(0, half, (rows, words)) + half * y[:, None]
-    X = sp.csr_matrix((np.ones(rows * words, np.float32), column[drawn].ravel(),
-                       np.arange(0, rows * words + 1, words)), shape=(rows, width))
-    X.sum_duplicates()
-    return X, y
-
-
 def port_of(address: str) -> int:
     """The port of a tcp://host:port address."""
     return int(address.rsplit(":", 1)[1])

@@ -65,3 +65,20 @@ def test_syscall_counts_are_read_from_straces_summary_table(tmp_path):
                      "------ ----------- ----------- --------- --------- ----------------\n"
                      "100.00    0.133456          10     13003        17 total\n")
     assert bench._counts(str(table)) == {"poll": 10000, "recvfrom": 3003}
+
+
+def test_hashed_text_is_sparse_like_hashingtf_and_the_wide_rows_train_by_entries():
+    from core.datasets import hashed_text
+
+    X, y = hashed_text(400, width=1 << 12, words=10, vocabulary=200)
+    assert X.shape == (400, 1 << 12) and X.dtype.name == "float32" and list(y[:4]) == [0, 1, 0, 1]
+    counts = X.sum(axis=1).A.ravel()
+    assert (counts == 10).all() and (X.getnnz(axis=1) <= 10).all()      # term counts: repeated words add up
+    seen = [set(X[y == c].indices.tolist()) for c in (0, 1)]
+    assert len(seen[0] & seen[1]) < 0.2 * len(seen[0])                   # the halves of the vocabulary differ
+    bench = load("ps_bench")
+    out = {"wide": []}
+    bench.wide_section(300, out, epochs=1)
+    alone, *runs = out["wide"]
+    assert alone["workers"] == 0 and [(r["workers"], r["shards"]) for r in runs] == [(1, 1), (2, 1), (2, 2)]
+    assert all(r["delta_replies"] > 0 and r["seconds"] > 0 for r in runs)

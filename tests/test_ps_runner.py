@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from core import FeedForwardNetwork
+from core.datasets import hashed_text
 from ps.runner import Runner, WorkerFailed, run
 
 try:
-    from tests.ps_helpers import digits, text_rows
+    from tests.ps_helpers import digits
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import digits, text_rows
+    from ps_helpers import digits
 
 LAYERS = [64, 100, 10]
 
@@ -68,7 +69,7 @@ def test_a_wide_sparse_model_exchanges_entries_and_trains_as_its_dense_rows(shar
     shard its own), weights copied back by entries. One async worker is deterministic: it ends where its dense
     rows do."""
     layers = [1 << 14, 8, 2]
-    X, y = text_rows(1600)
+    X, y = hashed_text(1600, width=1 << 14, words=20, vocabulary=6000)
     Xs, y, Xte, yte = X[:1200], y[:1200], X[1200:], y[1200:]
     runs = [run(X, y, layers, mode="async", backend="numba", epochs=3, batch_size=32, learning_rate=0.1,
                 workers=1, tau=4, shards=shards, timeout=100) for X in (Xs, Xs.toarray())]
