@@ -117,12 +117,13 @@ class Optimizer:
         acc += g
         return self.step(w, g)
 
-    def step_entries(self, w, g, index, acc=None):
-        """``step_accumulating`` (``acc`` optional) on the entries ``index`` only, where g is zero elsewhere (a
-        sparse batch's gradient): plain SGD touches just those, instead of the whole vector. Plain SGD only."""
+    def step_rows(self, w, g, rows, width, tail, acc=None):
+        """``step_accumulating`` (``acc`` optional) on rows ``rows`` of the (-1, width) block ``w[:tail]`` and
+        on ``w[tail:]``, where g is zero in the block's other rows (a sparse batch's gradient: the first layer's
+        rows of its columns, then the later layers): plain SGD touches just those. Plain SGD only."""
         if not self.plain_sgd:
             raise TypeError(f"{self.name} keeps state for every entry: step the whole vector")
-        self.ops.sgd_update_entries(w, g, index, self.schedule(self.t), acc)
+        self.ops.sgd_update_rows(w, g, rows, width, tail, self.schedule(self.t), acc)
         self.t += 1
         return w
 

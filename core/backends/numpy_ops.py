@@ -307,14 +307,18 @@ class NumpyOps:
         step = np.multiply(g, w.dtype.type(lr), out=self._scratch("opt_step", g.shape, g.dtype))
         return np.subtract(w, step, out=w if out is None else out)
 
-    def sgd_update_entries(self, w, g, index, lr, acc=None):
-        """``sgd_update_accumulate`` (``acc`` optional) on the entries ``index`` only, in place: a step whose
-        gradient is zero elsewhere (a sparse batch's) reads and writes those entries, not the whole vector."""
-        gi = g[index]
+    def sgd_update_rows(self, w, g, rows, width, tail, lr, acc=None):
+        """``sgd_update_accumulate`` (``acc`` optional) in place on rows ``rows`` (sorted, unique) of the
+        (-1, width) block ``w[:tail]`` and on all of ``w[tail:]``: a sparse batch's step, whose gradient is
+        zero in the first layer's other rows, reads and writes those only."""
+        t = w.dtype.type(lr)
+        G = g[:tail].reshape(-1, width)[rows]
         if acc is not None:
-            acc[index] += gi
-        gi *= w.dtype.type(lr)
-        w[index] -= gi
+            acc[:tail].reshape(-1, width)[rows] += G
+            acc[tail:] += g[tail:]
+        G *= t
+        w[:tail].reshape(-1, width)[rows] -= G
+        self.sgd_update(w[tail:], g[tail:], lr)
         return w
 
     def sgd_update_accumulate(self, w, g, lr, acc):
