@@ -15,8 +15,8 @@
 5. ``wide`` (only when asked): a wide sparse model, ``core.datasets.hashed_text`` (--wide-rows documents of 30
    words hashed into 2^18 columns, as HashingTF makes them), [262144, 16, 2], async, window 4, batch 32, 3
    passes, numba, CURVE on: the runner with 1 and 2 workers (one server, and sharded in 2), beside one process
-   alone (MinibatchTrainer, no server). Its steps, pushes, server updates and replies go by entries (the
-   sparse first layer's touched rows), not the 4.2M-float vector.
+   alone (MinibatchTrainer, no server), and sync with 2 workers (window 1). Its steps, pushes, server updates
+   and replies go by entries (the sparse first layer's touched rows), not the 4.2M-float vector.
 
     .venv/bin/python bench/ps_bench.py [--quick] [--backend numba] [--sections round_trip,updates,runner,mid,wide]
 """
@@ -304,18 +304,19 @@ def wide_section(rows, out, epochs=3):
     out["wide"].append({"workers": 0, "label": "one process, no server", "seconds": alone,
                         "train_accuracy": hist[-1].accuracy})
     print(f"  one process alone (no server): {alone:6.2f} s, train accuracy {hist[-1].accuracy:.4f}")
-    for workers, shards in ((1, 1), (2, 1), (2, 2)):
+    for mode, workers, shards in (("async", 1, 1), ("async", 2, 1), ("async", 2, 2), ("sync", 2, 1)):
         t0 = time.perf_counter()
-        res = run(X, y, WIDE_LAYERS, mode="async", workers=workers, backend="numba", epochs=epochs, batch_size=32,
-                  learning_rate=0.1, tau=4, secure=True, shards=shards, timeout=900)
+        res = run(X, y, WIDE_LAYERS, mode=mode, workers=workers, backend="numba", epochs=epochs, batch_size=32,
+                  learning_rate=0.1, tau=0, secure=True, shards=shards, timeout=900)
         wall = time.perf_counter() - t0
         acc = net.evaluate(res.weights, X, y)[1]
         waits = [round(r["exchange_s"], 2) for r in res.workers.values()]
         stats = res.stats.get("shards", [res.stats])
         deltas = sum(s.get("delta_replies", 0) for s in stats)
-        out["wide"].append({"workers": workers, "shards": shards, "seconds": wall, "train_accuracy": acc,
-                            "exchange_s": waits, "delta_replies": deltas, "over_alone": wall / alone})
-        print(f"  workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
+        out["wide"].append({"mode": mode, "workers": workers, "shards": shards, "seconds": wall,
+                            "train_accuracy": acc, "exchange_s": waits, "delta_replies": deltas,
+                            "over_alone": wall / alone})
+        print(f"  {mode} workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
               f"{acc:.4f}, workers waited {waits} s on exchanges, {deltas} delta replies")
 
 

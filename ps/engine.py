@@ -425,17 +425,14 @@ class Engine:
                                                  f"{info.last_step + 1}: steps are contiguous")
         self.convergence.seen(h.worker_id, h.epoch, bool(h.flags & FLAG_EPOCH_LAST), now)
         if self.mode.rounds:
-            return self._round_push(token, h, info, _whole(arr), index, now)
+            return self._round_push(token, h, info, arr, index, now)
         stale = rules.staleness(h.wversion, self.version)
         if rules.is_stale(h.wversion, self.version, self.spec.staleness):
             self.counters["stale_pushes"] += 1             # the step stays open: pull, recompute, push it again
             raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
                                               f"(bound {self.spec.staleness}); pull and recompute")
         if isinstance(arr, Entries) and self._entries_in_place:    # a sparse push: on its entries only
-            new = self.weights
-            if self.pool.in_flight(new):        # a reply is still sending these weights: update a copy
-                new = self.pool.acquire()
-                np.copyto(new, self.weights)
+            new = self._weights_to_update()
             verdict = self.mode.apply_entries(self, new, arr.index, arr.values)
         else:
             arr, new = _whole(arr), self.pool.acquire()
@@ -449,6 +446,15 @@ class Engine:
         self._record(h, info, stale, now)
         reply = [self._ok(token, h, step=info.last_step)]
         return reply if self.ssp is None else reply + self._advance_ssp(h, info, now)
+
+    def _weights_to_update(self) -> np.ndarray:
+        """The weights, for an update in place; a copy of them while a reply is still sending them."""
+        w = self.weights
+        if not self.pool.in_flight(w):
+            return w
+        new = self.pool.acquire()
+        np.copyto(new, w)
+        return new
 
     def _use_up(self, h, info) -> None:
         """Step h.step of this worker was refused for good (its update was not finite): the next push may be
@@ -492,10 +498,15 @@ class Engine:
         if len(self.round.entries) < self.num_workers:
             return []
         entries, touched, self.round = self.round.entries, list(self.round.touched.values()), None
-        new = self.pool.acquire()
+        pushes = [(hh, a) for _, hh, a in entries.values()]
         old = self.weights
-        with np.errstate(over="ignore", invalid="ignore"):
-            verdict = self.mode.apply_round(self, old, [(hh, a) for _, hh, a in entries.values()], new)
+        if self._entries_in_place and all(isinstance(a, Entries) for _, a in pushes):   # every push sparse
+            new = self._weights_to_update()
+            verdict = self.mode.apply_round_entries(self, new, pushes)
+        else:
+            new = self.pool.acquire()
+            with np.errstate(over="ignore", invalid="ignore"):
+                verdict = self.mode.apply_round(self, old, [(hh, _whole(a)) for hh, a in pushes], new)
         if not verdict:
             return self._rolled_back([(tok, hh, self.workers[wid]) for wid, (tok, hh, _) in entries.items()], now)
         self._commit(new, None if any(index is None for index in touched) else touched)

@@ -142,6 +142,11 @@ class Mode:
         -> APPLIED or BAD_RESULT (as :meth:`apply_push`)."""
         raise NotImplementedError
 
+    def apply_round_entries(self, engine, w: np.ndarray, entries: list) -> Verdict:
+        """:meth:`apply_round` of a round whose pushes are all sparse (``entries`` = [(header, Entries)]), in
+        place on ``w`` and on the union of their entries only (where :meth:`updates_entries`)."""
+        raise NotImplementedError
+
     def round_reply(self, w_old: np.ndarray):
         """The array each member of a completed round gets back (None: weights only if it asked)."""
         return None
@@ -264,6 +269,14 @@ class Sync(_GradientMode):
     def apply_round(self, engine, w, entries, out):
         g = rules.weighted_mean([a for _, a in entries], [h.batch_size for h, _ in entries], out=np.empty_like(w))
         return engine.optimizer.step_checked(w, g, out)
+
+    def updates_entries(self, optimizer):
+        return optimizer.plain_sgd
+
+    def apply_round_entries(self, engine, w, entries):
+        index, g = rules.weighted_mean_entries([(a.index, a.values) for _, a in entries],
+                                               [h.batch_size for h, _ in entries])
+        return engine.optimizer.step_entries_checked(w, index, g)
 
 
 class Async(_GradientMode):

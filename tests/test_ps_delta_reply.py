@@ -155,15 +155,22 @@ def test_a_restored_engine_sends_whole_vectors_to_versions_before_the_restore():
     assert eng.changes.since(0, eng.version) is None and eng.changes.since(1, eng.version).size == 0
 
 
-def test_a_sync_round_of_sparse_pushes_sends_the_union_of_its_members():
-    eng = engine(mode="sync", workers=2)
+def test_a_sync_round_of_sparse_pushes_is_applied_in_place_as_the_dense_round_and_sends_the_union():
     gs = [sparse_gradient(N, 300, seed=7), sparse_gradient(N, 300, seed=8)]
-    assert push(eng, gs[0], step=1, base=0, wid=0) == []   # waits for the round
-    replies = push(eng, gs[1], step=1, base=0, wid=1)
     union = np.union1d(np.flatnonzero(gs[0]), np.flatnonzero(gs[1]))
-    for _, rh, payload in replies:
-        assert rh.dtype == SPARSE32
-        np.testing.assert_array_equal(sparse_parts(memoryview(payload).cast("B"), N)[0], union)
+    weights = []
+    for dense in (False, True):
+        eng = engine(mode="sync", workers=2)
+        first = eng.weights
+        assert push(eng, gs[0], step=1, base=0, wid=0, dense=dense) == []   # waits for the round
+        replies = push(eng, gs[1], step=1, base=0, wid=1, dense=dense)
+        for _, rh, payload in replies:
+            assert rh.dtype == (FLOAT32 if dense else SPARSE32)     # dense pushes: any entry may have changed
+            if not dense:
+                np.testing.assert_array_equal(sparse_parts(memoryview(payload).cast("B"), N)[0], union)
+        assert (eng.weights is first) is not dense          # sparse: in place
+        weights.append(eng.weights.copy())
+    np.testing.assert_array_equal(weights[0], weights[1])
 
 
 # ---------------------------------------------------------------------------------------------- over sockets

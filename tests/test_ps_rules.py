@@ -488,3 +488,23 @@ def test_fused_screen_tells_a_bad_gradient_from_a_bad_result():
     g[5] = 3e38
     with np.errstate(over="ignore"):           # as the engine calls NumPy updates: the overflow is the point
         assert ref.step_screened(w, g, np.empty_like(w)) is Verdict.BAD_RESULT  # the NumPy reference agrees
+
+
+def test_the_weighted_mean_of_sparse_vectors_is_the_dense_mean_on_their_union():
+    rng = np.random.default_rng(8)
+    n = 500
+    parts = []
+    for k in range(3):
+        index = np.sort(rng.choice(n, 40 + 10 * k, replace=False)).astype(np.uint32)
+        parts.append((index, rng.standard_normal(index.size).astype(np.float32)))
+    dense = []
+    for index, values in parts:
+        v = np.zeros(n, np.float32)
+        v[index] = values
+        dense.append(v)
+    for weights in ([32, 32, 7], [0, 0, 0]):                 # all-zero weights: the plain mean
+        union, mean = rules.weighted_mean_entries(parts, weights)
+        want = rules.weighted_mean(dense, weights, out=np.empty(n, np.float32))
+        np.testing.assert_array_equal(union, np.unique(np.concatenate([i for i, _ in parts])))
+        np.testing.assert_array_equal(mean, want[union])       # bit for bit
+        assert not np.delete(want, union).any()

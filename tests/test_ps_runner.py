@@ -62,17 +62,18 @@ def test_sparse_rows_train_in_the_workers_as_dense_rows_do():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("shards", [1, 2])
-def test_a_wide_sparse_model_exchanges_entries_and_trains_as_its_dense_rows(shards):
+@pytest.mark.parametrize("mode,workers,shards", [("async", 1, 1), ("async", 1, 2), ("sync", 2, 1)])
+def test_a_wide_sparse_model_exchanges_entries_and_trains_as_its_dense_rows(mode, workers, shards):
     """Text rows on a model past SPARSE_MIN_VALUES (per shard) take the sparse way end to end: steps on their
-    entries, pushes of those entries, updates in place on the server, replies of the changed entries (each
-    shard its own), weights copied back by entries. One async worker is deterministic: it ends where its dense
-    rows do."""
+    entries, pushes of those entries, updates (and sync rounds) in place on the server, replies of the changed
+    entries (each shard its own), weights copied back by entries. One async worker, and sync, are
+    deterministic: they end where their dense rows do."""
     layers = [1 << 14, 8, 2]
     X, y = hashed_text(1600, width=1 << 14, words=20, vocabulary=6000)
     Xs, y, Xte, yte = X[:1200], y[:1200], X[1200:], y[1200:]
-    runs = [run(X, y, layers, mode="async", backend="numba", epochs=3, batch_size=32, learning_rate=0.1,
-                workers=1, tau=4, shards=shards, timeout=100) for X in (Xs, Xs.toarray())]
+    runs = [run(X, y, layers, mode=mode, backend="numba", epochs=3, batch_size=32, learning_rate=0.1,
+                workers=workers, tau=4 if mode == "async" else 0, shards=shards, timeout=100)
+            for X in (Xs, Xs.toarray())]
     np.testing.assert_allclose(runs[0].weights, runs[1].weights, rtol=1e-4, atol=1e-6)
     stats = runs[0].stats["shards"] if shards > 1 else [runs[0].stats]
     assert [s["delta_replies"] for s in stats] == [s["applied"] for s in stats]    # every push answered so
