@@ -69,3 +69,27 @@ def test_transform_scores_sparse_rows_as_the_dense_ones(spark, digits_split):
                           ([Vectors.sparse(5, [2], [float("inf")])], r"1 row\(s\) with NaN or infinite values")):
         with pytest.raises(Exception, match=message):
             small_model.transform(frame(spark, rows, [0])).select(F.count("prediction")).collect()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_hashingtf_pipeline_trains_by_entries(spark, mode):
+    """Tokenizer -> HashingTF -> ffps, as a text pipeline runs: the workers keep the rows sparse, and the
+    exchanges go by entries (the server answers with the entries changed since each worker's weights)."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.feature import HashingTF, Tokenizer
+
+    rng = np.random.default_rng(4)
+    words = [f"w{i}" for i in range(3000)]
+    docs = [(float(i % 2), " ".join(rng.choice(words[1500:] if i % 2 else words[:1500], 20))) for i in range(1600)]
+    train = spark.createDataFrame(docs[:1200], ["label", "text"])
+    test = spark.createDataFrame(docs[1200:], ["label", "text"])
+    pipeline = Pipeline(stages=[Tokenizer(inputCol="text", outputCol="words"),
+                                HashingTF(inputCol="words", outputCol="features", numFeatures=1 << 14),
+                                FeedForwardNetworkPSClassifier(layers=[1 << 14, 8, 2], maxIter=3, blockSize=32,
+                                                               stepSize=0.1, seed=2, numWorkers=2, mode=mode,
+                                                               backend="numba")])
+    model = pipeline.fit(train)
+    stats = model.stages[-1].trainingStats
+    assert all(stats["workers"][w]["sparse_rows"] for w in (0, 1))
+    assert stats["server"]["delta_replies"] == stats["server"]["applied"], stats["server"]   # every push answered so
+    assert accuracy(model.transform(test)) > 0.9
