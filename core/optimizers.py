@@ -130,20 +130,27 @@ class Optimizer:
     def step_entries_checked(self, w, index, values) -> Verdict:
         """A step in place on the entries ``index`` of ``w``, the gradient ``values`` there and zero elsewhere
         (a sparse push), checked as :meth:`step_checked` (BAD_GRADIENT, BAD_RESULT) before anything is written:
-        O(k), not a pass over the vector. Plain SGD only."""
-        if not self.plain_sgd:
+        O(k), not a pass over the vector, with the float32 arithmetic of the whole step. Rules whose zero
+        gradient entries change nothing only (``sparse_exact``: SGD, adagrad)."""
+        if not self.sparse_exact:
             raise TypeError(f"{self.name} keeps state for every entry: step the whole vector")
-        ops = self.ops
-        if not ops.all_finite(values):
+        if not self.ops.all_finite(values):
             return Verdict.BAD_GRADIENT
-        new = w[index]
         with np.errstate(over="ignore", invalid="ignore"):      # an overflow is looked for below
-            new -= w.dtype.type(self.schedule(self.t)) * values
-        if not ops.all_finite(new):
+            new, state = self._entries_update(w[index], {k: v[index] for k, v in self.state.items()}, values,
+                                              w.dtype.type(self.schedule(self.t)))
+        if not self.ops.all_finite(new):
             return Verdict.BAD_RESULT
         w[index] = new
+        for k, v in state.items():
+            self.state[k][index] = v
         self.t += 1
         return Verdict.APPLIED
+
+    def _entries_update(self, w, state, g, lr):
+        """The rule on gathered entries: (new weights, new state arrays) from copies ``w`` and ``state``."""
+        w -= lr * g
+        return w, state
 
     def warm_up(self) -> None:
         """Run this rule's checked update once, on a twin over 8 zeros, so that a backend which compiles its kernels
@@ -251,6 +258,17 @@ class Adagrad(Optimizer):
 
     def _update(self, w, g, lr, out):
         return self.ops.adagrad_update(w, self.state["sum_sq"], g, lr, self.eps, out=out)
+
+    def _entries_update(self, w, state, g, lr):
+        """adagrad_update's steps, in its float32 order."""
+        t = w.dtype.type
+        state["sum_sq"] += g * g
+        step = np.sqrt(state["sum_sq"])
+        step += t(self.eps)
+        np.divide(g, step, out=step)
+        step *= lr
+        w -= step
+        return w, state
 
 
 class Adam(Optimizer):

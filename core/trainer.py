@@ -185,8 +185,8 @@ class MinibatchTrainer:
     def take_entries(self) -> np.ndarray | None:
         """The flat entries (sorted, unique) the steps since the last call could change, or None when one of
         them was dense (any entry), they cover more than ROWS_STEP_SHARE of the first layer's rows, or tracking
-        is off; resets. A parameter-server worker sends and receives
-        those of a sparse window instead of the whole vector."""
+        is off; resets. A parameter-server worker sends and receives those of a sparse window instead of the
+        whole vector."""
         steps = self._entries
         if steps is None:
             return None

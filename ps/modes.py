@@ -271,7 +271,7 @@ class Sync(_GradientMode):
         return engine.optimizer.step_checked(w, g, out)
 
     def updates_entries(self, optimizer):
-        return optimizer.plain_sgd
+        return optimizer.sparse_exact
 
     def apply_round_entries(self, engine, w, entries):
         index, g = rules.weighted_mean_entries([(a.index, a.values) for _, a in entries],
@@ -295,7 +295,7 @@ class Async(_GradientMode):
         return engine.optimizer.step_checked(w, payload, out)
 
     def updates_entries(self, optimizer):
-        return optimizer.plain_sgd
+        return optimizer.sparse_exact
 
     def apply_entries(self, engine, w, index, values):
         return engine.optimizer.step_entries_checked(w, index, values)

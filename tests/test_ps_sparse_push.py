@@ -69,13 +69,14 @@ def test_malformed_sparse_payloads_are_refused(make, reason, message):
         read_array(Header(op=3, dtype=SPARSE32, n_values=1000), make(index, values), 1000)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "momentum"])
 def test_the_server_applies_a_sparse_push_as_the_dense_one(optimizer):
-    """Two servers, one push each of the same gradient: by the client's sparse frame, and dense (raw frames)."""
+    """Two servers, one push each of the same gradient: by the client's sparse frame (sgd and adagrad: in place
+    on its entries), and dense (raw frames)."""
     n = 2 * SPARSE_MIN_VALUES
     w0 = np.random.default_rng(2).standard_normal(n).astype(np.float32)
-    g = mostly_zero(n, 0.02, seed=3)
-    assert encode_push(g)[1] == SPARSE32
+    gs = [mostly_zero(n, 0.02, seed=3), mostly_zero(n, 0.02, seed=4)]     # the second meets the first's state
+    assert encode_push(gs[0])[1] == SPARSE32
     spec = TrainingSpec(layers=None, mode="async", num_workers=1, learning_rate=0.5, optimizer=optimizer)
     got = []
     for sparse in (True, False):
@@ -83,19 +84,22 @@ def test_the_server_applies_a_sparse_push_as_the_dense_one(optimizer):
             cfg = s.client_config()
             with ParameterClient(cfg, worker_id=0, timeout=10) as c:
                 if sparse:
-                    r = c.push(g, want_weights=True)
+                    for g in gs:
+                        r = c.push(g, want_weights=True)
                     got.append(np.array(r.weights))
                 else:
                     ctx, sock = raw_socket(cfg)
                     try:
-                        h, _ = request(sock, [header_for(cfg, 3, worker_id=0, step=1, dtype=FLOAT32, n_values=n,
-                                                         session=c.session).pack(), g.tobytes()])
-                        assert h.status == Status.OK
+                        for step, g in enumerate(gs, 1):
+                            h, _ = request(sock, [header_for(cfg, 3, worker_id=0, step=step, wversion=step - 1,
+                                                             dtype=FLOAT32, n_values=n, session=c.session).pack(),
+                                                  g.tobytes()])
+                            assert h.status == Status.OK
                     finally:
                         sock.close(linger=0)
                         ctx.term()
                     got.append(s.weights())
-            assert s.stats()["applied"] == 1
+            assert s.stats()["applied"] == 2
     np.testing.assert_array_equal(got[0], got[1])
     assert not np.array_equal(got[0], w0)
 
