@@ -26,9 +26,9 @@ from core.validation import check_int
 
 from .changes import HeldWeights
 from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
-                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, SNDMORE, SPARSE32, SPARSE_MIN_VALUES, ZERO_COPY_MIN,
-                       Header, Op, ProtocolError, Reason, Status, array_frame, encode_push, queue_depth, read_array,
-                       recv_frames, request_header, sparse_parts, unpack_header)
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, SNDMORE, SPARSE32, SPARSE_MIN_VALUES,
+                       ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, encode_push, queue_depth,
+                       read_array, recv_frames, request_header, sparse_parts, unpack_header)
 from .security import secure_client
 
 
@@ -192,8 +192,9 @@ class ParameterClient:
                 self._lost, remade = False, True
         return remade
 
-    def _request_tries(self, h: Header, payload=None, timeout=None):
-        """:meth:`_request` -> (reply header, payload frame, how many times the request was sent)."""
+    def _request_tries(self, h: Header, payload=None, timeout=None, extra=None):
+        """:meth:`_request` -> (reply header, payload frame, how many times the request was sent). ``extra``: a
+        small last frame after the payload (a push's held version)."""
         if self._closed:
             raise RuntimeError(f"this ParameterClient (worker {self.worker_id}) is closed: make a new one")
         timeout = self.timeout if timeout is None else timeout
@@ -211,7 +212,9 @@ class ParameterClient:
                     sock.send(head, copy=True)
                 else:                           # plain ints: zmq's flag enums cost more than the header
                     sock.send(head, SNDMORE, copy=True)
-                    tracker = sock.send(payload, 0, copy=not big, track=big)
+                    tracker = sock.send(payload, 0 if extra is None else SNDMORE, copy=not big, track=big)
+                    if extra is not None:
+                        sock.send(extra, 0, copy=True)
                     if big:
                         trackers.append(tracker)
             except zmq.Again:
@@ -352,7 +355,7 @@ class ParameterClient:
             raise ValueError(f"kind must be one of {', '.join(KIND_FLAGS)}, got {kind!r}")
         flags = KIND_FLAGS[kind]
         base = self.version if base_version is None else base_version
-        held = self._held_version(base) if want_weights else None
+        held = self._held_version() if want_weights else None
         if want_weights:
             flags |= FLAG_WANT_WEIGHTS if held is None else FLAG_WANT_WEIGHTS | FLAG_DELTA_OK
         if last_of_epoch:
@@ -364,7 +367,9 @@ class ParameterClient:
         h = self._header(Op.PUSH, flags=flags, wversion=base,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
                          dtype=code, n_values=n, epoch=int(epoch))
-        rh, frame, tries = self._request_tries(h, buf, timeout=self._push_timeout)
+        # the weights held are of another version than the push's base (a pipelined window): say which
+        extra = None if held is None or held == base else HELD_VERSION.pack(held)
+        rh, frame, tries = self._request_tries(h, buf, timeout=self._push_timeout, extra=extra)
         self._check(rh, frame)
         duplicate = rh.status == DUPLICATE
         if duplicate and tries == 1 and step > self._registered_step:

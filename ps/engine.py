@@ -34,15 +34,15 @@ from . import rules
 from .changes import ChangeLog
 from .convergence import ConvergenceMonitor
 from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
-                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, MAX_JSON_BYTES, SPARSE32, SPARSE_MIN_VALUES, Entries,
-                       Header, Op, ProtocolError, Reason, Status, check_metrics, read_push, sparse_frame,
-                       unpack_header)
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, MAX_JSON_BYTES, SPARSE32,
+                       SPARSE_MIN_VALUES, Entries, Header, Op, ProtocolError, Reason, Status, check_metrics,
+                       read_push, sparse_frame, unpack_header)
 from .spec import TrainingSpec
 
 _OPS = {int(op): op for op in Op}
 HELLO, PULL, PUSH, STOP = Op.HELLO, Op.PULL, Op.PUSH, Op.STOP    # looked up per request: module names are cheaper
 
-PAYLOAD_FRAMES = {Op.PUSH: (1,), Op.BARRIER: (0, 1), Op.REPORT: (1,)}   # payload frames an op may carry
+PAYLOAD_FRAMES = {Op.PUSH: (1, 2), Op.BARRIER: (0, 1), Op.REPORT: (1,)}   # payload frames an op may carry
 MAX_FAILURE_REPORTS = 64     # REPORTs kept; later ones are answered and dropped
 
 
@@ -216,12 +216,14 @@ class Engine:
         rh = base.reply(status, reason, flags=FLAG_TEXT, wversion=self.version)
         return [(token, rh, msg.encode())]
 
-    def _ok(self, token, h: Header, weights=False, **kw):
+    def _ok(self, token, h: Header, weights=False, held=None, **kw):
+        """An OK reply, with the weights where asked: the entries changed since the version the client holds
+        (``held``, default the request's wversion) where it offers that (FLAG_DELTA_OK) and the log can tell."""
         if weights or (h.flags & FLAG_WANT_WEIGHTS):
             w = self.weights
-            changed = self.changes.since(h.wversion, self.version) if (
+            changed = self.changes.since(h.wversion if held is None else held, self.version) if (
                 h.flags & FLAG_DELTA_OK and self.changes is not None) else None
-            if changed is not None:        # the client holds version h.wversion: what changed since, new values
+            if changed is not None:        # what changed since the version the client holds, new values
                 self.counters["delta_replies"] += 1
                 return (token, h.reply(Status.OK, wversion=self.version, dtype=SPARSE32, n_values=w.shape[0], **kw),
                         sparse_frame(changed, w[changed]))
@@ -293,7 +295,7 @@ class Engine:
         info = self._known(h)
         self.convergence.heard_from(h.worker_id, now)
         if op is PUSH:               # the ops by how often they come
-            return self._push(token, h, info, payload[0], now)
+            return self._push(token, h, info, payload, now)
         if op is PULL:
             return self._pull(token, h, info, now)
         if op is Op.STATS:
@@ -400,7 +402,13 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ push
-    def _push(self, token, h, info, frame, now):
+    def _push(self, token, h, info, frames, now):
+        frame, held = frames[0], h.wversion
+        if len(frames) > 1:                 # the version of the weights the client holds, where not the base
+            if len(frames[1]) != HELD_VERSION.size:
+                raise ProtocolError(Reason.BAD_PAYLOAD, f"a push's held-version frame has {len(frames[1])} bytes, "
+                                                        f"not {HELD_VERSION.size}")
+            held = HELD_VERSION.unpack(frames[1])[0]
         carries = h.flags & (FLAG_ELASTIC | FLAG_LOCAL_WEIGHTS)
         if carries != self.mode.push_flag:
             kind = "elastic difference" if carries & FLAG_ELASTIC else "local weights" if carries else "gradient"
@@ -444,7 +452,7 @@ class Engine:
             return self._rolled_back([(token, h, info)], now)
         self._commit(new, None if index is None else [index])
         self._record(h, info, stale, now)
-        reply = [self._ok(token, h, step=info.last_step)]
+        reply = [self._ok(token, h, step=info.last_step, held=held)]
         return reply if self.ssp is None else reply + self._advance_ssp(h, info, now)
 
     def _weights_to_update(self) -> np.ndarray:

@@ -34,7 +34,9 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   the client where it is at most half the dense frame), C order, no header of its own. A reply's weights
   (PULL, or PUSH with ``FLAG_WANT_WEIGHTS``) are float32, or, where the request set ``FLAG_DELTA_OK`` (the
   client holds the weights of the request's ``wversion`` exactly, from an earlier reply of this server), may be
-  sparse: the entries that changed since that version with their new values (:mod:`ps.changes`); or, in
+  sparse: the entries that changed since that version with their new values (:mod:`ps.changes`). A PUSH
+  whose window started from older weights than the client holds (pipelined) names the version it holds in a
+  last frame of 8 bytes (``HELD_VERSION``, int64); ``wversion`` stays the window's base; or, in
   STATS replies and ERROR replies, UTF-8 JSON / text (``flags`` says which); or,
   in a BARRIER request, a small UTF-8 JSON object (``FLAG_JSON``, at most ``MAX_JSON_BYTES``).
   A frame stays below ``MAX_FRAME_BYTES`` (2 GB is ZeroMQ's practical ceiling per frame).
@@ -88,7 +90,9 @@ FLAG_ELASTIC = 8        # push payload is an elastic difference (async-easgd / e
 FLAG_LOCAL_WEIGHTS = 16  # push payload is the worker's local weights (synchronous easgd exchange)
 FLAG_EPOCH_LAST = 32    # push: the worker's last push of its ``epoch``
 FLAG_STOP = 64          # reply: the server decided to stop training (tol); finish after this exchange
-FLAG_DELTA_OK = 128     # PULL / PUSH: the client holds the weights of version ``wversion``: send what changed since
+FLAG_DELTA_OK = 128     # PULL / PUSH: the client holds the weights of version ``wversion`` (or of a PUSH's
+#                         HELD_VERSION frame): the reply may be what changed since
+HELD_VERSION = struct.Struct("<q")   # a PUSH's optional last frame: the version of the weights the client holds
 REPLY = 0x80
 
 

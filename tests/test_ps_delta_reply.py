@@ -233,3 +233,26 @@ def test_a_client_refuses_a_delta_it_did_not_offer_and_a_malformed_one():
             assert srv.stats()["delta_replies"] == 0
         finally:
             c.close()
+
+
+def test_a_push_from_older_weights_than_held_names_the_held_version_and_gets_a_delta():
+    """A pipelined window starts from weights one exchange older than the client holds: its push's wversion is
+    that base (staleness), and a last frame names the version held, which the delta is made from."""
+    with ParameterServer(np.zeros(N, np.float32), mode="async", learning_rate=0.1, num_workers=1,
+                         progress=False) as srv:
+        c = ParameterClient(srv.client_config(), worker_id=0)
+        try:
+            c.pull()
+            c.push(sparse_gradient(N, 100, seed=40), batch_size=8, want_weights=True)        # holds version 1
+            r = c.push(sparse_gradient(N, 100, seed=41), batch_size=8, want_weights=True, base_version=0)
+            np.testing.assert_array_equal(r.weights, srv.weights())
+            assert srv.stats()["delta_replies"] == 2 and r.version == 2
+            assert srv.history()[-1]["staleness"] == 1           # judged by the window's base, version 0
+        finally:
+            c.close()
+    eng = engine()
+    payload, code = encode_push(sparse_gradient(N, 10, seed=42))
+    h = Header(op=Op.PUSH, job_id=b"j" * 16, fingerprint=7, worker_id=0, step=1, batch_size=8, dtype=code,
+               flags=FLAG_WANT_WEIGHTS | FLAG_DELTA_OK, n_values=N)
+    _, rh, text = eng.handle(b"t0", [h.pack(), payload.tobytes(), b"\x01\x02"])[-1]
+    assert rh.code == Reason.BAD_PAYLOAD and b"held-version frame has 2 bytes" in text and eng.version == 0
