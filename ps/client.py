@@ -26,7 +26,7 @@ from core.validation import check_int
 
 from .changes import HeldWeights
 from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
-                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, SNDMORE, SPARSE32, SPARSE_MIN_VALUES,
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, SNDMORE, SPARSE_CODES, SPARSE_MIN_VALUES,
                        ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, encode_push, queue_depth,
                        read_array, recv_frames, request_header, sparse_parts, unpack_header)
 from .security import secure_client
@@ -284,7 +284,7 @@ class ParameterClient:
         entries changed since, applied to the weights held. ``hold``: they are the weights of the reply's
         version (not the EASGD center a round answers with), to be held for the next delta."""
         held = self._held
-        if rh.dtype == SPARSE32:
+        if rh.dtype in SPARSE_CODES:
             if asked is None or held is None or held.version != asked:
                 raise PSError(Reason.BAD_PAYLOAD, "the server answered with changed entries (a delta) a request "
                                                   "that did not offer one")
@@ -292,7 +292,7 @@ class ParameterClient:
                 if rh.n_values != self.num_params:
                     raise ProtocolError(Reason.BAD_PAYLOAD, f"n_values={rh.n_values}, the model has "
                                                             f"{self.num_params}")
-                index, values = sparse_parts(getattr(frame, "buffer", frame), self.num_params)
+                index, values = sparse_parts(getattr(frame, "buffer", frame), self.num_params, rh.dtype)
             except ProtocolError as exc:
                 held.forget()
                 raise PSError(exc.reason, f"the server's delta reply: {exc}") from None
@@ -348,7 +348,7 @@ class ParameterClient:
         else:                               # a mostly-zero gradient goes as its non-zero entries
             payload, code = encode_push(array, self.spec.wire_dtype)
         buf, n = array_frame(payload)
-        n = array.shape[0] if code == SPARSE32 else n
+        n = array.shape[0] if code in SPARSE_CODES else n
         if n != self.num_params:
             raise ValueError(f"push of {n} values, the model has {self.num_params}")
         if kind not in KIND_FLAGS:
@@ -377,7 +377,7 @@ class ParameterClient:
                                                  f"client sent it: another client pushed as this worker")
         self.step = max(self.step, rh.step)
         w = self._weights(rh, frame, out, asked=held, hold=kind != "local_weights") if (
-            frame is not None and rh.dtype in (FLOAT32, SPARSE32)) else None
+            frame is not None and (rh.dtype == FLOAT32 or rh.dtype in SPARSE_CODES)) else None
         return PushResult(rh.wversion, rh.step, duplicate, w)
 
     def barrier(self, step: int) -> int:

@@ -34,9 +34,9 @@ from . import rules
 from .changes import ChangeLog
 from .convergence import ConvergenceMonitor
 from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
-                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, MAX_JSON_BYTES, SPARSE32,
-                       SPARSE_MIN_VALUES, Entries, Header, Op, ProtocolError, Reason, Status, check_metrics,
-                       read_push, sparse_frame, unpack_header)
+                       FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, MAX_JSON_BYTES, SPARSE_MIN_VALUES,
+                       Entries, Header, Op, ProtocolError, Reason, Status, check_metrics, entries_frame, read_push,
+                       unpack_header)
 from .spec import TrainingSpec
 
 _OPS = {int(op): op for op in Op}
@@ -225,8 +225,9 @@ class Engine:
                 h.flags & FLAG_DELTA_OK and self.changes is not None) else None
             if changed is not None:        # what changed since the version the client holds, new values
                 self.counters["delta_replies"] += 1
-                return (token, h.reply(Status.OK, wversion=self.version, dtype=SPARSE32, n_values=w.shape[0], **kw),
-                        sparse_frame(changed, w[changed]))
+                frame, code = entries_frame(changed, w[changed])
+                return (token, h.reply(Status.OK, wversion=self.version, dtype=code, n_values=w.shape[0], **kw),
+                        frame)
             return (token, h.reply(Status.OK, wversion=self.version, dtype=FLOAT32, n_values=w.shape[0], **kw), w)
         return (token, h.reply(Status.OK, wversion=self.version, **kw), None)
 

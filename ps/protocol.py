@@ -30,8 +30,10 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
 * ``payload`` (optional, at most one frame): ``n_values`` raw values of ``dtype`` (1 = float32; in a PUSH of
   a gradient or an elastic difference also 2 = bfloat16, the upper 16 bits of a float32, rounded to nearest
   even, or 3 = IEEE float16, when the job's spec sets ``wire_dtype``; or 4 = sparse: k uint32 indices in
-  strictly increasing order, then their k float32 values, ``n_values`` still the vector's length, chosen by
-  the client where it is at most half the dense frame), C order, no header of its own. A reply's weights
+  strictly increasing order, then their k float32 values; or 5 = runs: r, then the r uint32 starts and r
+  lengths of runs of consecutive indices (increasing, with gaps between), then their k float32 values; for
+  4 and 5 ``n_values`` is still the vector's length, and the sender takes the smaller where it is at most half
+  the dense frame), C order, no header of its own. A reply's weights
   (PULL, or PUSH with ``FLAG_WANT_WEIGHTS``) are float32, or, where the request set ``FLAG_DELTA_OK`` (the
   client holds the weights of the request's ``wversion`` exactly, from an earlier reply of this server), may be
   sparse: the entries that changed since that version with their new values (:mod:`ps.changes`). A PUSH
@@ -73,7 +75,8 @@ ZERO_COPY_MIN = 64 * 1024          # pyzmq copies smaller frames anyway
 MAX_FRAME_BYTES = 2**31 - 2**20    # stay well under ZeroMQ's 2 GB per frame
 MAX_JSON_BYTES = 64 * 1024         # a BARRIER request's report
 DTYPE_CODES = {1: np.dtype("<f4"), 2: np.dtype("<u2"), 3: np.dtype("<f2")}   # 2: bfloat16 bit patterns
-FLOAT32, BFLOAT16, FLOAT16, SPARSE32 = 1, 2, 3, 4
+FLOAT32, BFLOAT16, FLOAT16, SPARSE32, RUNS32 = 1, 2, 3, 4, 5
+SPARSE_CODES = (SPARSE32, RUNS32)     # the two frames of a vector's entries (entries_frame picks the smaller)
 # A push whose vector is mostly zeros (a sparse first layer's gradient) goes as its non-zero entries: k uint32
 # indices, strictly increasing, then their k float32 values (8 bytes an entry), when that is at most half the
 # dense frame. Vectors below SPARSE_MIN_VALUES, or whose sample of every SPARSE_SAMPLE_STEP-th value is over
@@ -304,19 +307,44 @@ class Entries(NamedTuple):
 
 def encode_push(arr, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
     """A pushed float32 vector (gradient, elastic difference) as it goes on the wire -> (array to send, dtype
-    code): its non-zero entries (SPARSE32) where they take at most half the bytes of :func:`encode_array`'s
-    frame, else that frame. ``arr`` may be :class:`Entries`: then they go as they are, without a scan."""
+    code): its non-zero entries (:func:`entries_frame`) where they take at most half the bytes of
+    :func:`encode_array`'s frame, else that frame. ``arr`` may be :class:`Entries`: then they go as they are,
+    without a scan."""
     if isinstance(arr, Entries):
-        if 8 * arr.index.size <= 2 * arr.size:
-            return sparse_frame(arr.index, arr.values), SPARSE32
+        frame, code = entries_frame(arr.index, arr.values)
+        if frame.nbytes <= 2 * arr.size:
+            return frame, code
         arr = arr.toarray()
     dense, code = encode_array(arr, wire_dtype)
     sample = arr[::SPARSE_SAMPLE_STEP]
     if arr.size >= SPARSE_MIN_VALUES and np.count_nonzero(sample) <= SPARSE_SAMPLE_MAX * sample.size:
         index = np.flatnonzero(arr != 0)        # via a bool mask: 1.2 ms for 4.2M floats, 8.6 ms on the floats
-        if 8 * index.size <= dense.nbytes // 2:
-            return sparse_frame(index, arr[index]), SPARSE32
+        if 4 * index.size <= dense.nbytes // 2:                 # the values alone fit: worth a frame
+            frame, sparse_code = entries_frame(index, arr[index])
+            if frame.nbytes <= dense.nbytes // 2:
+                return frame, sparse_code
     return dense, code
+
+
+def entries_frame(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
+    """The k entries ``index`` (strictly increasing) with their ``values`` as the smaller of two payloads ->
+    (uint32 words, dtype code): SPARSE32, k indices then k values (8 bytes an entry); or RUNS32, the r runs of
+    consecutive indices (r, then r starts, then r lengths) then the k values. A first layer's entries come in
+    rows of its width (16 floats for [262144, 16, 2]): as runs, 4.5 bytes an entry."""
+    k = index.size
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1 if k else np.empty(0, dtype=np.int64)
+    r = breaks.size + 1 if k else 0
+    if 1 + 2 * r >= k:
+        return sparse_frame(index, values), SPARSE32
+    frame = np.empty(1 + 2 * r + k, dtype=np.uint32)
+    frame[0] = r
+    starts = frame[1:1 + r]
+    starts[0], starts[1:] = index[0], index[breaks]
+    ends = np.empty(r, dtype=np.int64)
+    ends[:-1], ends[-1] = index[breaks - 1], index[-1]
+    frame[1 + r:1 + 2 * r] = ends + 1 - starts
+    frame[1 + 2 * r:] = values.astype(np.float32, copy=False).view(np.uint32)
+    return frame, RUNS32
 
 
 def sparse_frame(index: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -327,9 +355,11 @@ def sparse_frame(index: np.ndarray, values: np.ndarray) -> np.ndarray:
     return frame
 
 
-def sparse_parts(buf, n_expected: int) -> tuple[np.ndarray, np.ndarray]:
-    """A SPARSE32 payload -> (indices uint32, values float32), read-only views of ``buf``, or
+def sparse_parts(buf, n_expected: int, code: int = SPARSE32) -> tuple[np.ndarray, np.ndarray]:
+    """A SPARSE32 or RUNS32 payload -> (indices, values float32; of SPARSE32 read-only views of ``buf``), or
     ProtocolError(BAD_PAYLOAD) naming what is wrong: its length, an index out of order or out of range."""
+    if code == RUNS32:
+        return _runs_parts(buf, n_expected)
     if len(buf) % 8 or len(buf) // 8 > n_expected // 2:
         raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload of {len(buf)} bytes: it must hold k (index, value) "
                                                 f"pairs of 8 bytes, at most {n_expected // 2} for {n_expected} values")
@@ -339,6 +369,26 @@ def sparse_parts(buf, n_expected: int) -> tuple[np.ndarray, np.ndarray]:
     if k and (int(index[-1]) >= n_expected or (k > 1 and not (index[1:] > index[:-1]).all())):
         raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload indices must increase strictly and stay below "
                                                 f"{n_expected}; the last is {int(index[-1])}")
+    return index, values
+
+
+def _runs_parts(buf, n: int) -> tuple[np.ndarray, np.ndarray]:
+    words = np.frombuffer(buf, dtype="<u4") if len(buf) % 4 == 0 else None
+    if words is None or not words.size or 1 + 2 * int(words[0]) > words.size:
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload of {len(buf)} bytes: it must hold 4-byte words, "
+                                                f"the run count r, r starts, r lengths, then the values")
+    r = int(words[0])
+    starts, lengths = words[1:1 + r].astype(np.int64), words[1 + r:1 + 2 * r].astype(np.int64)
+    values = words[1 + 2 * r:].view("<f4")
+    ends = starts + lengths
+    if r and (lengths.min() < 1 or ends[-1] > n or (r > 1 and not (starts[1:] > ends[:-1]).all())):
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload: each run must hold at least one index, the runs "
+                                                f"must increase with gaps between them and end by {n}")
+    if int(lengths.sum()) != values.size:
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload: its runs cover {int(lengths.sum())} indices, it "
+                                                f"holds {values.size} values")
+    firsts = np.cumsum(lengths) - lengths                        # each run's first position among the values
+    index = np.repeat(starts - firsts, lengths) + np.arange(values.size, dtype=np.int64)
     return index, values
 
 
@@ -356,18 +406,18 @@ def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=
     can change. ``widen=False``: a sparse payload comes back as :class:`Entries` (views of the frame), not made
     whole."""
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    if header.dtype == SPARSE32 and SPARSE32 in accept:
+    if header.dtype in SPARSE_CODES and header.dtype in accept:
         if header.n_values != n_expected:
             raise ProtocolError(Reason.BAD_PAYLOAD, f"sparse payload for n_values={header.n_values}, model needs "
                                                     f"{n_expected}")
-        index, values = sparse_parts(buf, n_expected)
+        index, values = sparse_parts(buf, n_expected, header.dtype)
         if check_finite:
             _screened(values)                   # the zeros between them are finite
         entries = Entries(index, values, n_expected)
         return (entries.toarray() if widen else entries), index
     dt = DTYPE_CODES.get(header.dtype) if header.dtype in accept else None
     if dt is None:
-        names = {**{c: n for n, c in WIRE_DTYPES.items()}, SPARSE32: "sparse"}
+        names = {**{c: n for n, c in WIRE_DTYPES.items()}, SPARSE32: "sparse", RUNS32: "runs"}
         allowed = " or ".join(f"{names[c]} (code {c})" for c in accept)
         raise ProtocolError(Reason.BAD_PAYLOAD, f"payload dtype code {header.dtype} is not {allowed}")
     if header.n_values != n_expected or len(buf) != n_expected * dt.itemsize:

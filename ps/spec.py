@@ -20,7 +20,7 @@ from core.validation import check_int, check_layers, check_seed, int_rule
 
 from .client import MAX_TIMEOUT_S
 from .modes import DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
-from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, SPARSE32, WIRE_DTYPES
+from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, RUNS32, SPARSE32, WIRE_DTYPES
 from .rules import default_alpha
 
 MAX_EPOCHS = 0xFFFF             # the header's epoch field (ps/protocol.py)
@@ -184,7 +184,7 @@ class TrainingSpec:
         """Payload dtype codes the server takes in a push: float32, sparse (a mostly-zero vector's non-zero
         entries), and the spec's 16-bit one if set."""
         code = WIRE_DTYPES[self.wire_dtype]
-        return (FLOAT32, SPARSE32) if code == FLOAT32 else (FLOAT32, SPARSE32, code)
+        return (FLOAT32, SPARSE32, RUNS32) if code == FLOAT32 else (FLOAT32, SPARSE32, RUNS32, code)
 
     @property
     def num_params(self) -> int:

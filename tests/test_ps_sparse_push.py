@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from ps import ParameterClient, ParameterServer, Reason, Status
-from ps.protocol import (FLOAT32, SPARSE32, SPARSE_MIN_VALUES, Entries, Header, ProtocolError, encode_array,
-                         encode_push, read_array, sparse_frame)
+from ps.protocol import (FLOAT32, RUNS32, SPARSE32, SPARSE_MIN_VALUES, Entries, Header, ProtocolError,
+                         encode_array, encode_push, entries_frame, read_array, sparse_frame, sparse_parts)
 from ps.spec import TrainingSpec
 
 try:
@@ -177,3 +177,42 @@ def test_entries_go_as_the_sparse_frame_of_their_vector_or_whole_when_too_many()
     assert code == FLOAT32 and np.array_equal(frame, dense)
     part = Entries(np.array([2, 5, 9, 14], np.uint32), np.array([1.0, 2.0, 3.0, 4.0], np.float32), 16).slice(5, 10)
     assert part.size == 5 and part.index.tolist() == [0, 4] and part.values.tolist() == [2.0, 3.0]
+
+
+def test_entries_in_runs_go_as_runs_and_read_back_exactly():
+    n = 4 * SPARSE_MIN_VALUES
+    rows = np.sort(np.random.default_rng(7).choice(n // 16 - 1, 300, replace=False))
+    index = (rows[:, None] * 16 + np.arange(16)).ravel()                    # a first layer's rows of 16
+    index = np.concatenate([index, np.arange(n - 50, n)])                    # and the later layers
+    values = np.random.default_rng(8).standard_normal(index.size).astype(np.float32)
+    frame, code = entries_frame(index, values)
+    runs = frame[0]
+    assert code == RUNS32 and runs <= 301 and frame.nbytes == 4 * (1 + 2 * runs + index.size)   # not 8 a value
+    back, got = sparse_parts(frame.tobytes(), n, RUNS32)
+    np.testing.assert_array_equal(back, index)
+    np.testing.assert_array_equal(got, values)
+    g = np.zeros(n, np.float32)
+    g[index] = values
+    np.testing.assert_array_equal(read_array(Header(op=3, dtype=RUNS32, n_values=n), frame.tobytes(), n,
+                                             accept=(FLOAT32, SPARSE32, RUNS32)), g)
+    assert encode_push(Entries(index, values, n))[1] == RUNS32 and encode_push(g)[1] == RUNS32
+    scattered = np.array([3, 9, 27], np.uint32)                              # no two in a row: pairs are smaller
+    assert entries_frame(scattered, np.ones(3, np.float32))[1] == SPARSE32
+    assert entries_frame(np.empty(0, np.uint32), np.empty(0, np.float32))[1] == SPARSE32
+
+
+@pytest.mark.parametrize("words,message", [
+    ([2, 10, 0, 3, 3, 1, 1, 1, 1, 1, 1], "runs must increase with gaps"),  # [10,13) then [0,3)
+    ([2, 0, 3, 3, 3, 1, 1, 1, 1, 1, 1], "runs must increase with gaps"),   # [0,3) then [3,6): no gap
+    ([1, 0, 0], "at least one index"),
+    ([1, 998, 5, 1, 1, 1, 1, 1], "end by 1000"),
+    ([1, 0, 3, 1, 1], "cover 3 indices, it holds 2 values"),
+    ([5, 0, 1], "run count r"),
+])
+def test_malformed_runs_payloads_are_refused(words, message):
+    frame = np.array(words, np.uint32).tobytes()
+    with pytest.raises(ProtocolError, match=message) as err:
+        read_array(Header(op=3, dtype=RUNS32, n_values=1000), frame, 1000, accept=(FLOAT32, SPARSE32, RUNS32))
+    assert err.value.reason == Reason.BAD_PAYLOAD
+    with pytest.raises(ProtocolError, match="4-byte words"):
+        sparse_parts(frame[:-1], 1000, RUNS32)

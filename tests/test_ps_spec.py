@@ -160,7 +160,7 @@ def test_issue13_flags_reach_the_spec_and_their_errors_name_the_flag():
     spec = spec_from_flags(ap.parse_args(["--precision", "tf32", "--cuda-graphs", "--pipeline",
                                           "--wire-dtype", "float16"]))
     assert (spec.precision, spec.cuda_graphs, spec.pipeline, spec.wire_dtype) == ("tf32", True, True, "float16")
-    assert spec.push_dtype_codes == (1, 4, 3) and default.push_dtype_codes == (1, 4)       # 4: sparse frames
+    assert spec.push_dtype_codes == (1, 4, 5, 3) and default.push_dtype_codes == (1, 4, 5)   # 4, 5: sparse frames
     with pytest.raises(ValueError, match="^--pipeline applies to the asynchronous modes"):
         spec_from_flags(ap.parse_args(["--trainer", "sync", "--pipeline"]))
 
