@@ -268,16 +268,9 @@ class ParameterClient:
 
     @property
     def held_version(self) -> int | None:
-        """The version of the weights this client holds for delta replies (None: none)."""
+        """The version of the weights this client holds, which a request offers for a delta reply (None:
+        none; the next weights come whole)."""
         return None if self._held is None else self._held.version
-
-    def _held_version(self, version=None):
-        """The version whose weights this client holds, for a request's FLAG_DELTA_OK (when it is ``version``,
-        if given), else None."""
-        held = self._held
-        if held is None or held.version is None or (version is not None and version != held.version):
-            return None
-        return held.version
 
     def _weights(self, rh, frame, out, asked=None, hold=True):
         """The reply's weights: a whole vector, or (when the request said it holds version ``asked``) the
@@ -326,7 +319,7 @@ class ParameterClient:
         its last applied step); the server holds the reply until the others are within the slack."""
         slack_wait = self.spec.ssp_slack is not None
         timeout = self.timeout + (self.spec.barrier_timeout if slack_wait else 0)
-        held = self._held_version()
+        held = self.held_version
         h = self._header(Op.PULL, step=self.step if clock is None else int(clock),
                          flags=0 if held is None else FLAG_DELTA_OK, wversion=held or 0)
         rh, frame = self._request(h, timeout=timeout)
@@ -355,7 +348,7 @@ class ParameterClient:
             raise ValueError(f"kind must be one of {', '.join(KIND_FLAGS)}, got {kind!r}")
         flags = KIND_FLAGS[kind]
         base = self.version if base_version is None else base_version
-        held = self._held_version() if want_weights else None
+        held = self.held_version if want_weights else None
         if want_weights:
             flags |= FLAG_WANT_WEIGHTS if held is None else FLAG_WANT_WEIGHTS | FLAG_DELTA_OK
         if last_of_epoch:
