@@ -18,6 +18,8 @@ from collections import deque
 
 import numpy as np
 
+from core.sparse import sorted_unique
+
 
 class ChangeLog:
     """The index sets of the updates after ``floor``, newest last, at most ``num_params // 2`` indices and
@@ -61,11 +63,7 @@ class ChangeLog:
             if total > self.budget:
                 return None
         if len(parts) > 1:
-            merged = np.sort(np.concatenate(parts))
-            keep = np.empty(merged.size, dtype=bool)
-            keep[0] = True
-            np.not_equal(merged[1:], merged[:-1], out=keep[1:])
-            merged = merged[keep]
+            merged = sorted_unique(np.concatenate(parts))
         else:
             merged = parts[0] if parts else np.empty(0, dtype=np.uint32)
         return merged if 8 * merged.size <= 2 * self.num_params else None     # at most half the float32 frame
