@@ -128,8 +128,7 @@ HISTORY_FIELDS = ("time", "worker", "attempt", "step", "version", "loss", "accur
 class Round:
     """One synchronous round (sync gradients, easgd exchange or a barrier): a contribution per worker."""
     deadline: float
-    entries: dict = field(default_factory=dict)   # worker -> (token, header, array or None)
-    touched: dict = field(default_factory=dict)   # worker -> a sparse push's indices, or None
+    entries: dict = field(default_factory=dict)   # worker -> (token, header, array, its Entries, or None)
 
 
 def check_initial_weights(w0) -> np.ndarray:
@@ -368,7 +367,6 @@ class Engine:
         for rnd in (self.round, self.barrier):
             for wid in [w for w, (_, hh, _) in (rnd.entries.items() if rnd else ()) if match(hh)]:
                 tok, hh, _ = rnd.entries.pop(wid)
-                rnd.touched.pop(wid, None)
                 dropped.append((tok, hh))
         keep = []
         for item in self.waiting_pulls:
@@ -421,8 +419,7 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"push claims weights version {h.wversion}, server is at "
                                                   f"{self.version}")
         # plain SGD in async mode screens NaN/inf in the same pass as the update (into a scratch buffer)
-        arr, index = read_push(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes,
-                               widen=False)
+        arr = read_push(h, frame, self.num_params, check_finite=self._screen_on_read, accept=self._push_codes)
         if h.step <= info.last_step:
             # a retransmit of a push already taken (or a retried task replaying a step): acknowledge, change nothing
             self.rejected["duplicate_step"] = self.rejected.get("duplicate_step", 0) + 1
@@ -434,24 +431,25 @@ class Engine:
                                                  f"{info.last_step + 1}: steps are contiguous")
         self.convergence.seen(h.worker_id, h.epoch, bool(h.flags & FLAG_EPOCH_LAST), now)
         if self.mode.rounds:
-            return self._round_push(token, h, info, arr, index, now)
+            return self._round_push(token, h, info, arr, now)
         stale = rules.staleness(h.wversion, self.version)
         if rules.is_stale(h.wversion, self.version, self.spec.staleness):
             self.counters["stale_pushes"] += 1             # the step stays open: pull, recompute, push it again
             raise ProtocolError(Reason.STALE, f"push computed on version {h.wversion} is {stale} updates old "
                                               f"(bound {self.spec.staleness}); pull and recompute")
-        if isinstance(arr, Entries) and self._entries_in_place:    # a sparse push: on its entries only
+        sparse = isinstance(arr, Entries)
+        if sparse and self._entries_in_place:                    # a sparse push: on its entries only
             new = self._weights_to_update()
             verdict = self.mode.apply_entries(self, new, arr.index, arr.values)
         else:
-            arr, new = _whole(arr), self.pool.acquire()
+            new = self.pool.acquire()
             with self._update_guard():                       # an overflow is checked for and rolled back
-                verdict = self.mode.apply_push(self, self.weights, arr, new)
+                verdict = self.mode.apply_push(self, self.weights, _whole(arr), new)
         if verdict is Verdict.BAD_GRADIENT:
             raise ProtocolError(Reason.NON_FINITE, "payload contains NaN or inf; the update was not applied")
         if verdict is Verdict.BAD_RESULT:
             return self._rolled_back([(token, h, info)], now)
-        self._commit(new, None if index is None else [index])
+        self._commit(new, [arr.index] if sparse else None)
         self._record(h, info, stale, now)
         reply = [self._ok(token, h, step=info.last_step, held=held)]
         return reply if self.ssp is None else reply + self._advance_ssp(h, info, now)
@@ -492,7 +490,7 @@ class Engine:
             out += self._serve_waiting(now)
         return out
 
-    def _round_push(self, token, h, info, arr, index, now):
+    def _round_push(self, token, h, info, arr, now):
         if h.wversion != self.version:
             raise ProtocolError(Reason.STALE, f"sync push computed on version {h.wversion}, round is at "
                                               f"{self.version}; pull and recompute")
@@ -503,13 +501,13 @@ class Engine:
             raise ProtocolError(Reason.BAD_FIELD, f"worker {h.worker_id} already pushed step {prev[1].step} "
                                                   f"in this round, now step {h.step}")
         self.round.entries[h.worker_id] = (token, h, arr)   # a retransmit replaces the earlier copy
-        self.round.touched[h.worker_id] = index
         if len(self.round.entries) < self.num_workers:
             return []
-        entries, touched, self.round = self.round.entries, list(self.round.touched.values()), None
+        entries, self.round = self.round.entries, None
         pushes = [(hh, a) for _, hh, a in entries.values()]
         old = self.weights
-        if self._entries_in_place and all(isinstance(a, Entries) for _, a in pushes):   # every push sparse
+        sparse = all(isinstance(a, Entries) for _, a in pushes)
+        if sparse and self._entries_in_place:                    # every push sparse: on their entries only
             new = self._weights_to_update()
             verdict = self.mode.apply_round_entries(self, new, pushes)
         else:
@@ -518,7 +516,7 @@ class Engine:
                 verdict = self.mode.apply_round(self, old, [(hh, _whole(a)) for hh, a in pushes], new)
         if not verdict:
             return self._rolled_back([(tok, hh, self.workers[wid]) for wid, (tok, hh, _) in entries.items()], now)
-        self._commit(new, None if any(index is None for index in touched) else touched)
+        self._commit(new, [a.index for _, a in pushes] if sparse else None)
         self.counters["applied"] += len(entries) - 1          # every contribution counts as applied
         self.counters["rounds"] += 1
         reply = self.mode.round_reply(old)                    # easgd: the center the exchange used

@@ -163,6 +163,9 @@ class _GradientMode(Mode):
     def changes_only_pushed(self, optimizer):
         return optimizer.sparse_exact
 
+    def updates_entries(self, optimizer):
+        return optimizer.sparse_exact
+
     def local_window(self, loop, data, first, count):
         return loop.trainer.run_window(loop.w, data, first, count, accumulate=loop.acc,
                                        update=self.local_progress(loop.spec))
@@ -270,9 +273,6 @@ class Sync(_GradientMode):
         g = rules.weighted_mean([a for _, a in entries], [h.batch_size for h, _ in entries], out=np.empty_like(w))
         return engine.optimizer.step_checked(w, g, out)
 
-    def updates_entries(self, optimizer):
-        return optimizer.sparse_exact
-
     def apply_round_entries(self, engine, w, entries):
         index, g = rules.weighted_mean_entries([(a.index, a.values) for _, a in entries],
                                                [h.batch_size for h, _ in entries])
@@ -293,9 +293,6 @@ class Async(_GradientMode):
 
     def apply_push(self, engine, w, payload, out):
         return engine.optimizer.step_checked(w, payload, out)
-
-    def updates_entries(self, optimizer):
-        return optimizer.sparse_exact
 
     def apply_entries(self, engine, w, index, values):
         return engine.optimizer.step_entries_checked(w, index, values)

@@ -77,9 +77,9 @@ MAX_JSON_BYTES = 64 * 1024         # a BARRIER request's report
 DTYPE_CODES = {1: np.dtype("<f4"), 2: np.dtype("<u2"), 3: np.dtype("<f2")}   # 2: bfloat16 bit patterns
 FLOAT32, BFLOAT16, FLOAT16, SPARSE32, RUNS32 = 1, 2, 3, 4, 5
 SPARSE_CODES = (SPARSE32, RUNS32)     # the two frames of a vector's entries (entries_frame picks the smaller)
-# A push whose vector is mostly zeros (a sparse first layer's gradient) goes as its non-zero entries: k uint32
-# indices, strictly increasing, then their k float32 values (8 bytes an entry), when that is at most half the
-# dense frame. Vectors below SPARSE_MIN_VALUES, or whose sample of every SPARSE_SAMPLE_STEP-th value is over
+# A push whose vector is mostly zeros (a sparse first layer's gradient) goes as its non-zero entries
+# (entries_frame: index-value pairs, or runs of consecutive indices and their values), when that is at most half
+# the dense frame. Vectors below SPARSE_MIN_VALUES, or whose sample of every SPARSE_SAMPLE_STEP-th value is over
 # SPARSE_SAMPLE_MAX non-zero, go dense without a full scan.
 SPARSE_MIN_VALUES = 1 << 16
 SPARSE_SAMPLE_STEP, SPARSE_SAMPLE_MAX = 61, 0.25
@@ -398,13 +398,13 @@ def read_array(header: Header, frame, n_expected: int, check_finite=True, accept
     ``accept``: the dtype codes this message may carry (float32 always; sparse and a 16-bit code where the
     job's spec allows them). A 16-bit or sparse payload is widened into a new float32 array: the server adds it
     in float32."""
-    return read_push(header, frame, n_expected, check_finite, accept)[0]
+    arr = read_push(header, frame, n_expected, check_finite, accept)
+    return arr.toarray() if isinstance(arr, Entries) else arr
 
 
-def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,), widen=True):
-    """:func:`read_array` -> (the vector, the indices of a sparse payload's entries or None): what a sparse push
-    can change. ``widen=False``: a sparse payload comes back as :class:`Entries` (views of the frame), not made
-    whole."""
+def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)):
+    """:func:`read_array`, but a sparse payload comes back as :class:`Entries` (views of the frame), not made
+    whole: what a sparse push can change is its index."""
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     if header.dtype in SPARSE_CODES and header.dtype in accept:
         if header.n_values != n_expected:
@@ -413,8 +413,7 @@ def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=
         index, values = sparse_parts(buf, n_expected, header.dtype)
         if check_finite:
             _screened(values)                   # the zeros between them are finite
-        entries = Entries(index, values, n_expected)
-        return (entries.toarray() if widen else entries), index
+        return Entries(index, values, n_expected)
     dt = DTYPE_CODES.get(header.dtype) if header.dtype in accept else None
     if dt is None:
         names = {**{c: n for n, c in WIRE_DTYPES.items()}, SPARSE32: "sparse", RUNS32: "runs"}
@@ -430,7 +429,7 @@ def read_push(header: Header, frame, n_expected: int, check_finite=True, accept=
         arr = from_bfloat16(arr)
     elif header.dtype == FLOAT16:
         arr = arr.astype(np.float32)
-    return (_screened(arr) if check_finite else arr), None
+    return _screened(arr) if check_finite else arr
 
 
 def _screened(arr: np.ndarray) -> np.ndarray:
