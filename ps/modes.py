@@ -215,13 +215,17 @@ class _GradientMode(Mode):
         start from weights that lack the worker's own last window (DOWNPOUR one exchange behind itself),
         which cost ~0.2 of test accuracy after 3 passes in bench/scale_bench.py --pipeline. A sparse window
         answered by a delta reply copies back only its own entries and the ones the reply changed."""
-        recomputed = reply is STALE
-        if recomputed:
-            reply = self._push_recomputed(loop, out)
-        loop.forget_window(out.step)
-        loop.version, wh = reply
         start = loop.window_start
         own = out.extra.get("entries")
+        recomputed = reply is STALE
+        if recomputed:
+            if own is not None and start is None:
+                reply, own = self._push_recomputed_entries(loop, out, own)
+                recomputed = own is None
+            else:
+                reply = self._push_recomputed(loop, out)
+        loop.forget_window(out.step)
+        loop.version, wh = reply
         changed = loop.client.last_changed if own is not None and start is None and not recomputed else None
         if changed is not None:
             # The weights are the ones the client held before, but for this window's own entries; the reply
@@ -242,6 +246,46 @@ class _GradientMode(Mode):
         """A bounded-staleness push may be refused and its window recomputed: the worker keeps its batches."""
         return spec.staleness is not None
 
+    def _push_recomputed_entries(self, loop, out, own):
+        """:meth:`_push_recomputed` for a sparse window (in line): the weights pulled are taken into the
+        worker's own by the entries the delta reply and the window changed, the window computed again there
+        and its sum pushed as entries, so a retry costs about what the window did. (A whole-vector copy and
+        push per retry made a retry of a [262144, 16, 2] window ~10x slower than a peer's exchange: every retry
+        came back stale.) -> ((version, weights), the entries the pushed window changed: None where it stepped
+        dense after all, and the caller copies the whole reply)."""
+        trainer, client = loop.trainer, loop.client
+        for attempt in range(1, self.stale_retries + 1):
+            loop.stats["stale"] += 1
+            version, wh = client.pull()
+            changed = client.last_changed
+            if changed is None or own is None:
+                loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
+            else:
+                loop.w[own] = wh[own]          # back from the window's local steps to the weights pulled
+                loop.w[changed] = wh[changed]
+            loss = correct = rows = 0
+            for Xb, yb in loop.kept_window(out.step):
+                ls, c = trainer.step(loop.w, Xb, yb, accumulate=loop.acc, update=self.local_progress(loop.spec))
+                loss, correct, rows = loss + ls, correct + c, rows + Xb.shape[0]
+            metrics = {**out.metrics, "loss": loss / rows, "accuracy": correct / rows, "batch_size": rows}
+            entries = trainer.take_entries()
+            if entries is None:
+                gradient = loop.to_host(loop.acc)
+                loop.acc[...] = 0
+            else:
+                gradient = Entries(entries, loop.acc[entries], loop.net.num_params)
+                loop.acc[entries] = 0
+            try:
+                return self._push(loop, gradient, version, out.step, metrics), entries
+            except StaleUpdate:
+                own = entries            # what the window's local steps moved away from the weights pulled
+        raise self._too_stale(loop, out)
+
+    def _too_stale(self, loop, out):
+        return StaleUpdate(Reason.STALE, f"step {out.step} was stale {self.stale_retries + 1} times in a row: the "
+                                         f"staleness bound {loop.spec.staleness} is too tight for "
+                                         f"{loop.spec.num_workers} workers; raise it")
+
     def _push_recomputed(self, loop, out):
         """Pull, compute window ``out.step`` again from its kept batches on the weights pulled, push the same
         step; up to ``stale_retries`` times -> (version, weights) as talk returns them."""
@@ -259,9 +303,7 @@ class _GradientMode(Mode):
                 return self._push(loop, loop.to_host(acc), version, out.step, metrics)
             except StaleUpdate:
                 continue
-        raise StaleUpdate(Reason.STALE, f"step {out.step} was stale {self.stale_retries + 1} times in a row: the "
-                                        f"staleness bound {loop.spec.staleness} is too tight for "
-                                        f"{loop.spec.num_workers} workers; raise it")
+        raise self._too_stale(loop, out)
 
 
 class Sync(_GradientMode):

@@ -9,6 +9,7 @@ from ps.protocol import (FLAG_DELTA_OK, FLAG_WANT_WEIGHTS, FLOAT32, SPARSE32, SP
                          encode_push, sparse_frame, sparse_parts)
 from ps.shards import ShardedServer, connect
 from ps.spec import TrainingSpec
+from core.datasets import hashed_text
 
 try:
     from tests.ps_helpers import SessionEngine
@@ -256,3 +257,71 @@ def test_a_push_from_older_weights_than_held_names_the_held_version_and_gets_a_d
                flags=FLAG_WANT_WEIGHTS | FLAG_DELTA_OK, n_values=N)
     _, rh, text = eng.handle(b"t0", [h.pack(), payload.tobytes(), b"\x01\x02"])[-1]
     assert rh.code == Reason.BAD_PAYLOAD and b"held-version frame has 2 bytes" in text and eng.version == 0
+
+
+# ------------------------------------------------------------------------------- a stale window, recomputed
+def _stale_run(monkeypatch, dense_recompute, stale_again):
+    """One worker (run_worker, a real server, numba, staleness 0) on hashed text; a second client pushes
+    a sparse gradient into the last step of windows 1 and 3, so their pushes come back STALE and are
+    recomputed, and (``stale_again``) once more right after window 1's recompute pulled, so that retry is
+    stale too. -> (the server's final weights, the worker's stats, the kind of vector each push sent)."""
+    from ps.modes import Async
+    from ps.worker import run_worker
+
+    layers = [1 << 14, 8, 2]
+    X, y = hashed_text(256, width=1 << 14, words=20, vocabulary=6000, seed=3)
+    w0 = TrainingSpec(layers=layers).initial_weights()
+    pushed = []
+    real_push = Async._push
+
+    def recording_push(loop, gradient, base_version, step, metrics):
+        pushed.append(type(gradient).__name__)
+        return real_push(loop, gradient, base_version, step, metrics)
+
+    monkeypatch.setattr(Async, "_push", staticmethod(recording_push))
+    if dense_recompute:      # the whole-vector recompute, which every sparse window took before
+        monkeypatch.setattr(Async, "_push_recomputed_entries",
+                            lambda self, loop, out, own: (self._push_recomputed(loop, out), None))
+    with ParameterServer(w0, mode="async", learning_rate=0.1, num_workers=2, staleness=0, layers=layers,
+                         batch_size=32, tau=2, epochs=1, backend="numba", progress=False) as srv:
+        cfg = srv.client_config()
+        other, client = ParameterClient(cfg, worker_id=1), ParameterClient(cfg, worker_id=0)
+        pushes = iter(range(100))
+
+        def interfere():
+            other.pull()                               # staleness 0 holds for it too
+            other.push(sparse_gradient(srv.engine.num_params, 3000, seed=50 + next(pushes)), batch_size=8)
+
+        pulls = [0]
+        real_pull = client.pull
+
+        def pull(*a, **kw):
+            reply = real_pull(*a, **kw)
+            pulls[0] += 1
+            if stale_again and pulls[0] == 2:          # the first recompute's pull
+                interfere()
+            return reply
+
+        client.pull = pull
+        try:
+            stats = run_worker(cfg, 0, X, y, client=client, on_step=lambda k: k in (2, 6) and interfere())
+            return srv.weights().copy(), stats, pushed
+        finally:
+            other.close()
+
+
+@pytest.mark.parametrize("stale_again", [False, True], ids=["once", "twice"])
+def test_a_stale_sparse_window_is_recomputed_by_entries_as_the_whole_vector_path_did(monkeypatch, stale_again):
+    """A recompute takes the pulled weights into the worker's by the entries the delta and the window changed
+    and pushes its entries: the same run, bit for bit, as the whole-vector copy and push (which cost a
+    [262144, 16, 2] retry so long that a peer's pushes made every retry stale again)."""
+    with monkeypatch.context() as m:
+        w_dense, stats_dense, kinds_dense = _stale_run(m, True, stale_again)
+    w, stats, kinds = _stale_run(monkeypatch, False, stale_again)
+    retries = 3 if stale_again else 2
+    assert stats["stale"] == stats_dense["stale"] == retries
+    assert stats["pushes"] == stats_dense["pushes"] == 4
+    assert kinds == ["Entries"] * (4 + retries)         # the windows' pushes and the recomputes' by entries
+    assert sorted(kinds_dense) == ["Entries"] * 4 + ["ndarray"] * retries
+    np.testing.assert_array_equal(w, w_dense)
+    assert not np.array_equal(w, TrainingSpec(layers=[1 << 14, 8, 2]).initial_weights())
