@@ -304,19 +304,20 @@ def wide_section(rows, out, epochs=3):
     out["wide"].append({"workers": 0, "label": "one process, no server", "seconds": alone,
                         "train_accuracy": hist[-1].accuracy})
     print(f"  one process alone (no server): {alone:6.2f} s, train accuracy {hist[-1].accuracy:.4f}")
-    for mode, workers, shards in (("async", 1, 1), ("async", 2, 1), ("async", 2, 2), ("sync", 2, 1)):
+    for mode, workers, shards, pipeline in (("async", 1, 1, False), ("async", 2, 1, False), ("async", 2, 1, True),
+                                            ("async", 2, 2, False), ("sync", 2, 1, False)):
         t0 = time.perf_counter()
         res = run(X, y, WIDE_LAYERS, mode=mode, workers=workers, backend="numba", epochs=epochs, batch_size=32,
-                  learning_rate=0.1, tau=0, secure=True, shards=shards, timeout=900)
+                  learning_rate=0.1, tau=0, secure=True, shards=shards, pipeline=pipeline, timeout=900)
         wall = time.perf_counter() - t0
         acc = net.evaluate(res.weights, X, y)[1]
         waits = [round(r["exchange_s"], 2) for r in res.workers.values()]
         stats = res.stats.get("shards", [res.stats])
         deltas = sum(s.get("delta_replies", 0) for s in stats)
-        out["wide"].append({"mode": mode, "workers": workers, "shards": shards, "seconds": wall,
+        out["wide"].append({"mode": mode, "workers": workers, "shards": shards, "pipeline": pipeline, "seconds": wall,
                             "train_accuracy": acc, "exchange_s": waits, "delta_replies": deltas,
                             "over_alone": wall / alone})
-        print(f"  {mode} workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
+        print(f"  {mode}{' pipelined' if pipeline else ''} workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
               f"{acc:.4f}, workers waited {waits} s on exchanges, {deltas} delta replies")
 
 

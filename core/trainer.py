@@ -182,15 +182,16 @@ class MinibatchTrainer:
         """From now on remember which entries the steps change, for :meth:`take_entries`."""
         self._entries = []
 
-    def take_entries(self) -> np.ndarray | None:
+    def take_entries(self, keep: bool = False) -> np.ndarray | None:
         """The flat entries (sorted, unique) the steps since the last call could change, or None when one of
         them was dense (any entry), they cover more than ROWS_STEP_SHARE of the first layer's rows, or tracking
-        is off; resets. A parameter-server worker sends and receives those of a sparse window instead of the
-        whole vector."""
+        is off; resets unless ``keep``. A parameter-server worker sends and receives those of a sparse window
+        instead of the whole vector."""
         steps = self._entries
         if steps is None:
             return None
-        self._entries = []
+        if not keep:
+            self._entries = []
         if not steps or any(rows is None for rows in steps):
             return None
         rows = sorted_unique(np.concatenate(steps))

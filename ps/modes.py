@@ -185,7 +185,13 @@ class _GradientMode(Mode):
             loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
             loop.acc[...] = 0
         if loop.window_start is not None:
-            loop.window_start[...] = loop.w
+            behind = loop.start_behind
+            if behind is None or entries is None:
+                loop.window_start[...] = loop.w
+            else:                   # w moved only there since: the receive's copies and this window's steps
+                for index in (*behind, entries):
+                    loop.window_start[index] = loop.w[index]
+            loop.start_behind = []
         return out
 
     def talk(self, loop, out):
@@ -226,13 +232,23 @@ class _GradientMode(Mode):
                 reply = self._push_recomputed(loop, out)
         loop.forget_window(out.step)
         loop.version, wh = reply
-        changed = loop.client.last_changed if own is not None and start is None and not recomputed else None
-        if changed is not None:
-            # The weights are the ones the client held before, but for this window's own entries; the reply
-            # changed what it names: copy those two sets, not the whole vector.
+        changed = loop.client.last_changed if own is not None and not recomputed else None
+        progress = None if changed is None or start is None else loop.trainer.take_entries(keep=True)
+        if changed is not None and (start is None or progress is not None):
+            # The weights are the ones the client held before, but for this window's own entries (and,
+            # pipelined, the next window's steps so far); the reply changed what it names: copy those sets
+            # and rebase the next window's progress on its entries, not over the whole vector.
+            if progress is not None:
+                moved = start[progress] - loop.w[progress]          # as below, on the entries it can be in
+                if loop.rebase_gain != 1.0:
+                    moved *= loop.rebase_gain
             loop.w[own] = wh[own]
             loop.w[changed] = wh[changed]
+            if progress is not None:
+                loop.w[progress] = wh[progress] - moved
+                loop.start_behind += [own, changed]
             return
+        loop.start_behind = None
         if start is not None:
             start -= loop.w                    # minus the progress of the window computed while this was away
         # one copy out of the reply's read-only view (valid until the client's next request)

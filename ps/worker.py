@@ -43,6 +43,9 @@ class WorkerLoop:
         self.w = None
         self.window_start = self.ops.zeros((net.num_params,), net.dtype) \
             if spec.pipeline and spec.rule.pushes_gradients else None
+        # the entries where window_start may differ from w since it was last brought up to date (a list of index
+        # arrays; None: anywhere), so that a sparse window's send copies those, not the whole vector
+        self.start_behind: list | None = None
         # the server's optimizer moves about this many times the worker's own SGD steps for the same gradients
         self.rebase_gain = steady_gain(spec.optimizer, spec.optimizer_options)
         self.version = 0

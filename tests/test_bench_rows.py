@@ -80,6 +80,7 @@ def test_hashed_text_is_sparse_like_hashingtf_and_the_wide_rows_train_by_entries
     out = {"wide": []}
     bench.wide_section(300, out, epochs=1)
     alone, *runs = out["wide"]
-    assert alone["workers"] == 0 and [(r["mode"], r["workers"], r["shards"]) for r in runs] == [
-        ("async", 1, 1), ("async", 2, 1), ("async", 2, 2), ("sync", 2, 1)]
+    assert alone["workers"] == 0 and [(r["mode"], r["workers"], r["shards"], r["pipeline"]) for r in runs] == [
+        ("async", 1, 1, False), ("async", 2, 1, False), ("async", 2, 1, True), ("async", 2, 2, False),
+        ("sync", 2, 1, False)]
     assert all(r["delta_replies"] > 0 and r["seconds"] > 0 for r in runs)

@@ -12,9 +12,9 @@ from ps.spec import TrainingSpec
 from core.datasets import hashed_text
 
 try:
-    from tests.ps_helpers import SessionEngine
+    from tests.ps_helpers import SessionEngine, run_threads
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import SessionEngine
+    from ps_helpers import SessionEngine, run_threads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -325,3 +325,52 @@ def test_a_stale_sparse_window_is_recomputed_by_entries_as_the_whole_vector_path
     assert sorted(kinds_dense) == ["Entries"] * 4 + ["ndarray"] * retries
     np.testing.assert_array_equal(w, w_dense)
     assert not np.array_equal(w, TrainingSpec(layers=[1 << 14, 8, 2]).initial_weights())
+
+
+# ---------------------------------------------------------------------------------- pipelined, by entries
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_a_pipelined_sparse_window_is_rebased_by_entries_as_over_the_whole_vector(monkeypatch, optimizer):
+    """Two pipelined workers (threads, a real server, numba) on hashed text. Every receive is checked against
+    the whole-vector rebase it replaces: the worker's weights become the reply's plus gain x the next window's
+    progress, measured from a whole copy of the weights taken when the window was sent. Bit for bit, while
+    the send keeps its own copy up to date by entries only. (Momentum answers with whole vectors: the whole
+    path, and its gain, checked by the same oracle.)"""
+    from ps.modes import Async
+    from ps.worker import run_worker
+
+    layers = [1 << 14, 8, 2]
+    X, y = hashed_text(1024, width=1 << 14, words=20, vocabulary=6000, seed=4)
+    real_send, real_receive = Async.send, Async.receive
+    snapshots, checked = {}, {"delta": 0, "whole": 0}
+
+    def send(self, loop, step, metrics):
+        out = real_send(self, loop, step, metrics)
+        snapshots[id(loop)] = loop.w.copy()           # what the whole-vector send copied
+        np.testing.assert_array_equal(loop.window_start, loop.w)
+        return out
+
+    def receive(self, loop, out, reply):
+        w_before, start = loop.w.copy(), snapshots[id(loop)]
+        wh = np.array(reply[1], copy=True)
+        real_receive(self, loop, out, reply)
+        moved = start - w_before
+        if loop.rebase_gain != 1.0:
+            moved *= loop.rebase_gain
+        np.testing.assert_array_equal(loop.w, wh - moved)
+        checked["delta" if loop.client.last_changed is not None else "whole"] += 1
+
+    monkeypatch.setattr(Async, "send", send)
+    monkeypatch.setattr(Async, "receive", receive)
+    w0 = TrainingSpec(layers=layers).initial_weights()
+    with ParameterServer(w0, mode="async", optimizer=optimizer, learning_rate=0.05, num_workers=2,
+                         layers=layers, batch_size=32, tau=2, epochs=2, backend="numba", pipeline=True,
+                         progress=False) as srv:
+        cfg = srv.client_config()
+        shards = [(X[k::2], y[k::2]) for k in (0, 1)]
+        run_threads([lambda k=k: run_worker(cfg, k, *shards[k]) for k in (0, 1)], timeout=100)
+        assert srv.stats()["applied"] == 2 * 16
+    assert checked["delta"] + checked["whole"] == 2 * 16
+    if optimizer == "sgd":
+        assert checked["delta"] >= 2 * 14      # all but each worker's first and last (no window after it)
+    else:
+        assert checked["delta"] == 0
