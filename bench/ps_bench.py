@@ -317,7 +317,8 @@ def wide_section(rows, out, epochs=3):
         out["wide"].append({"mode": mode, "workers": workers, "shards": shards, "pipeline": pipeline, "seconds": wall,
                             "train_accuracy": acc, "exchange_s": waits, "delta_replies": deltas,
                             "over_alone": wall / alone})
-        print(f"  {mode}{' pipelined' if pipeline else ''} workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
+        label = mode + (" pipelined" if pipeline else "")
+        print(f"  {label} workers={workers} shards={shards}: {wall:6.2f} s ({wall / alone:.2f}x alone), train accuracy "
               f"{acc:.4f}, workers waited {waits} s on exchanges, {deltas} delta replies")
 
 

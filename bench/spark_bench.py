@@ -16,7 +16,8 @@
    [262144,16,2], trained as sparse rows:
    ffps's fit and transform at the session's default Arrow batch rows (Spark 3.5 sent 10 GiB batches), the same
    rows as sparse vectors without ML attributes, and MLlib's MLPC on the HashingTF frame as the anchor;
-   --wide-variants first fits the HashingTF frame as it is, with secure=False, with communicationWindow=16 and pipelined.
+   --wide-variants first fits the HashingTF frame as it is, with secure=False, with communicationWindow=16 and
+   pipelined.
     python bench/spark_bench.py [--master local[2]] [--rows 100000] [--sections digits,synthetic,transform,...]
 """
 import argparse

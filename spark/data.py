@@ -203,7 +203,8 @@ def partition_report(y, *, rows: int, null_features: int, min_width, max_width, 
             # one of them for the message: a fractional value where there is one, else a NaN
             "fractional_example": repr(float(frac[0])) if frac.size else ("NaN" if fractional else None),
             "min_label": float(known.min()) if known.size else None,
-            "max_label": float(known.max()) if known.size else None}
+            "max_label": float(known.max()) if known.size else None,
+            "gpu_dense_bytes": None}    # set where backend='cupy' would make too many sparse rows dense
 
 
 def data_problem(reports: list, width: int, num_classes: int, features_col: str, label_col: str) -> str | None:
@@ -246,6 +247,13 @@ def data_problem(reports: list, width: int, num_classes: int, features_col: str,
                 f"(layers[-1] = {num_classes} classes)")
     if n < num_workers:
         return f"numWorkers={num_workers} exceeds the {n} training rows; use fewer workers"
+    dense = [(r["gpu_dense_bytes"], r["rows"]) for r in reports if r.get("gpu_dense_bytes")]
+    if dense:
+        size, rows = max(dense)
+        return (f"featuresCol {features_col!r} holds sparse vectors and backend='cupy' trains dense rows: a "
+                f"partition of {rows} rows x {width} features is {size / 2**30:.1f} GiB dense, over the "
+                f"{GPU_DENSE_MAX_BYTES / 2**30:.0f} GiB a GPU task makes dense; set backend='auto' (such partitions "
+                f"train on the CPU by their sparse rows) or 'numba', or spread the rows over more workers")
     return None
 
 
@@ -270,6 +278,30 @@ def uneven_partitions(counts: list, equal_shards: bool) -> str | None:
 # ones as one dense matrix. A numba epoch of [784,256,256,10], [692,100,2] or [4096,64,2] took 0.45-0.79x
 # the dense time at 2-5 % stored, 0.71-1.08x at 10 %, 1.19-1.54x at 20 % (2-core VM).
 SPARSE_MAX_DENSITY = 0.1
+
+# cupy trains dense rows: a GPU worker makes its sparse partition dense up to this many bytes (float32). Past
+# it, backend='auto' trains that partition on the CPU by its sparse rows and 'cupy' is refused before training
+# (20,000 HashingTF documents of 2^18 features are 19.5 GiB dense: the executor's Python died allocating them).
+GPU_DENSE_MAX_BYTES = 2 << 30
+
+
+def rows_for_the_gpu(X, requested: str):
+    """A partition read with sparse_ok, for a worker whose backend resolved to cupy, and the backend setting
+    ``requested`` -> (X, the backend it trains on, None) or, where ``requested`` is 'cupy' and the rows are too
+    many to make dense, (None, 'cupy', their dense bytes): the report's refusal."""
+    from core.backends import cpu_backend_name
+
+    if not isinstance(X, CsrRows):
+        return X, "cupy", None
+    dense = 4 * X.shape[0] * X.shape[1]
+    if dense <= GPU_DENSE_MAX_BYTES:
+        out = np.zeros(X.shape, dtype=np.float32)
+        a, b = int(X.indptr[0]), int(X.indptr[-1])
+        out[X.row_ids(), X.indices[a:b]] = X.values[a:b]
+        return out, "cupy", None
+    if str(requested).strip().lower() == "auto":
+        return X, cpu_backend_name(), None
+    return None, "cupy", dense
 
 
 class VectorRows:

@@ -165,7 +165,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                  if server.resumed_from else None}
         log.info("ffps: training stopped: %s", stats["server"]["convergence"]["message"] or "all workers finished")
         warning = not_learned(stats["server"]["convergence"]["completed"], spec.layers[-1], spec.learning_rate)
-        no_gpu = unused_gpu_warning(spec.backend, workers) if self.getUseGpu() else None
+        declined = any(w.get("gpu_declined") for w in workers.values())
+        no_gpu = unused_gpu_warning(spec.backend, workers) if self.getUseGpu() or declined else None
         insecure = None if self.getSecure() else insecure_warning(server.address)     # logged at start
         stats["warnings"] = [w for w in (insecure, checkpoint_problem, no_gpu, warning) if w]
         for said in (no_gpu, warning):

@@ -99,10 +99,17 @@ def unused_gpu_warning(backend: str, workers: dict) -> str | None:
     each), or None when every task trained on cupy. ``backend`` is the estimator's setting.
 
     Three causes ask for three fixes: no task was given a GPU (Spark's resource confs), GPUs were given to a CPU
-    backend the user chose (the backend), or 'auto' found no usable cupy beside the given GPUs (the install)."""
+    backend the user chose (the backend), or 'auto' found no usable cupy beside the given GPUs (the install).
+    A fourth is a choice, not a fault: 'auto' trained a partition of sparse rows too large to make dense on the
+    CPU (``gpu_declined`` in the worker's stats)."""
     on_cpu = sorted({str(w.get("backend")) for w in workers.values()} - {"cupy"})
     if not on_cpu:
         return None
+    declined = [f"worker {k}: {w['gpu_declined']}" for k, w in sorted(workers.items()) if w.get("gpu_declined")]
+    if declined:
+        return (f"GPU left unused where a partition was too sparse and large to make dense (cupy trains dense rows; "
+                f"{'; '.join(declined)}): fewer features (HashingTF numFeatures) or more workers keep such rows "
+                f"on the GPU")
     addresses = sorted({str(w["gpu_address"]) for w in workers.values() if w.get("gpu_address") is not None})
     ran = f"the training tasks trained on {', '.join(on_cpu)}"
     if not addresses:

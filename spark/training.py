@@ -69,11 +69,17 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         from core import resolve_backend_name
         from ps.client import AuthenticationRefused, ServerUnavailable
         from ps.shards import connect
-        from spark.data import data_problem, read_partition, uneven_partitions
+        from spark.data import data_problem, read_partition, rows_for_the_gpu, uneven_partitions
 
         t_start = time.time()
-        # sparse vectors stay sparse on the CPU backends; a GPU takes dense rows
-        X, y, report = read_partition(batches, width, sparse_ok=resolve_backend_name(spec.backend) != "cupy")
+        X, y, report = read_partition(batches, width)
+        backend, declined = resolve_backend_name(spec.backend), None
+        if backend == "cupy" and X is not None:     # sparse vectors stay sparse on the CPU; a GPU takes dense rows
+            X, backend, report["gpu_dense_bytes"] = rows_for_the_gpu(X, spec.backend)
+            if backend != "cupy":
+                declined = (f"{X.shape[0]} sparse rows of {X.shape[1]} features would be "
+                            f"{4 * X.shape[0] * X.shape[1] / 2**30:.1f} GiB dense for cupy: trained on {backend} by "
+                            f"their sparse rows")
         t_read = time.time()
         try:
             client = connect(cfg, worker_id=worker, attempt=attempt, timeout=spec.worker_timeout)
@@ -103,7 +109,7 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
                 if spec.rule.equal_shards:
                     n = min(stats["partition_rows"])
                     X, y = X[:n], y[:n]
-                stats.update(train_shard(ctx, worker, X, y, client))
+                stats.update(train_shard(ctx, worker, X, y, client, backend, declined))
             else:
                 stats["data_error"] = problem
         finally:
@@ -113,19 +119,20 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         yield pa.RecordBatch.from_arrays([pa.array([worker], pa.int64()), pa.array([json.dumps(stats)])],
                                          names=["worker", "stats"])
 
-    def train_shard(ctx, worker, X, y, client):
-        from core import resolve_backend_name
+    def train_shard(ctx, worker, X, y, client, backend, declined):
+        """``backend``: what this worker trains on; ``declined``: why not on its GPU (rows_for_the_gpu)."""
         from ps.worker import run_worker
         from spark.gpu import task_gpu
 
         address, ordinal = task_gpu(ctx.resources())
-        device = ordinal if resolve_backend_name(spec.backend) == "cupy" else None
+        device = ordinal if backend == "cupy" else None
+        worker_cfg = cfg if declined is None else {**cfg, "spec": spec.replace(backend=backend)}
         step_hook = None if on_step is None else (lambda k: on_step(worker, k))
         # the task's CPU share bounds BLAS/numba threads: executors run several tasks side by side
-        stats = run_worker(cfg, worker, X, y.astype(np.int32), device=device, attempt=attempt, on_step=step_hook,
-                           cpu_threads=max(1, int(ctx.cpus())), start_together=True, client=client)
+        stats = run_worker(worker_cfg, worker, X, y.astype(np.int32), device=device, attempt=attempt,
+                           on_step=step_hook, cpu_threads=max(1, int(ctx.cpus())), start_together=True, client=client)
         stats.update(rows=int(len(y)), gpu_address=address, cuda_ordinal=ordinal, device=device,
-                     sparse_rows=not isinstance(X, np.ndarray))
+                     sparse_rows=not isinstance(X, np.ndarray), gpu_declined=declined)
         return stats
 
     return train

@@ -22,7 +22,7 @@ def test_read_concatenates_batches_into_one_float32_matrix():
     assert y.tolist() == [0, 1, 2]
     assert report == {"rows": 3, "null_features": 0, "min_width": 3, "max_width": 3, "bad_features": 0,
                       "null_labels": 0, "fractional_labels": 0, "fractional_example": None, "min_label": 0.0,
-                      "max_label": 2.0}
+                      "max_label": 2.0, "gpu_dense_bytes": None}
     assert verdict([batch([[1, 2, 3]], [0])], [batch([[1, 2, 3]], [2])]) is None
 
 

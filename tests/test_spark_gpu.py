@@ -86,10 +86,11 @@ class FakeBarrierContext:
         return 1
 
 
-def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False):
+def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False, rows=None, resolve=None):
     """The task function of worker 1 (10 rows) run in-process with a fake barrier context against a real sync
     server, worker 0 (7 rows) played by a thread -> (run_worker's arguments, the gathered reports, the task's
-    stats)."""
+    stats). rows: worker 1's 10 feature rows as vector_column takes them (default 3 dense features);
+    resolve: what the backend settings resolve to (default themselves)."""
     import threading
 
     import pyspark
@@ -108,13 +109,16 @@ def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setattr(pyspark.BarrierTaskContext, "get", classmethod(lambda cls: FakeBarrierContext(1, ["5"])))
     monkeypatch.setattr(ps.worker, "run_worker", fake_run_worker)
-    monkeypatch.setattr(core, "resolve_backend_name", lambda name: name)
-    layers = [3, 4, 2]
-    with ParameterServer(np.zeros(3 * 4 + 4 + 4 * 2 + 2, np.float32), mode="sync", num_workers=2,
+    monkeypatch.setattr(core, "resolve_backend_name", lambda name: (resolve or {}).get(name, name))
+    rows = rows or [[1, 2, 3], [4, 5, 6]] * 5
+    width = rows[0][1] if isinstance(rows[0], tuple) else len(rows[0])
+    layers = [width, 4, 2]
+    with ParameterServer(np.zeros(width * 4 + 4 + 4 * 2 + 2, np.float32), mode="sync", num_workers=2,
                          secure=False, layers=layers, barrier_timeout=20.0, epochs=1, batch_size=4,
                          backend=backend, seed=0, worker_timeout=20.0) as server:
         cfg = server.client_config()
-        seven = partition_report(np.zeros(7), rows=7, null_features=0, min_width=3, max_width=3, null_labels=0)
+        seven = partition_report(np.zeros(7), rows=7, null_features=0, min_width=width, max_width=width,
+                                 null_labels=0)
         gathered = {}
 
         def worker0():
@@ -125,7 +129,7 @@ def run_task_beside_a_peer_of_7_rows(monkeypatch, backend, may_reshuffle=False):
         fn = make_train_function(cfg, attempt=0, features_col="f", label_col="label", may_reshuffle=may_reshuffle)
         # 10 rows beside the peer's 7, as the driver's own shuffle may leave them: cut to 7 (may_reshuffle is
         # for the input's own partitions)
-        batches = [vector_batch([[1, 2, 3], [4, 5, 6]] * 5, [0.0, 1.0] * 5)]
+        batches = [vector_batch(rows, [0.0, 1.0] * 5)]
         out = list(fn(iter(batches)))
         peer.join(30)
     return calls, gathered, json.loads(out[0].column(1)[0].as_py())
@@ -141,6 +145,50 @@ def test_training_task_hands_the_mapped_ordinal_to_the_backend(monkeypatch, back
     assert calls["y"].tolist() == [0, 1, 0, 1, 0, 1, 0]               # cut to the smallest shard (7 rows)
     assert stats["gpu_address"] == "5" and stats["cuda_ordinal"] == 1 and stats["partition_rows"] == [7, 10]
     assert "uneven" not in stats
+
+
+SPARSE_ROWS = [("sparse", 40, [3 * i], [1.0 + i]) for i in range(10)]      # 2.5 % of 40 features non-zero
+
+
+def test_a_gpu_task_makes_its_sparse_rows_dense_within_the_bound(monkeypatch):
+    calls, _, stats = run_task_beside_a_peer_of_7_rows(monkeypatch, "cupy", rows=SPARSE_ROWS)
+    expect = np.zeros((7, 40), np.float32)
+    expect[range(7), [3 * i for i in range(7)]] = [1.0 + i for i in range(7)]
+    assert calls["backend"] == "cupy" and calls["device"] == 1 and stats["gpu_declined"] is None
+    assert isinstance(calls["X"], np.ndarray)
+    np.testing.assert_array_equal(calls["X"], expect)
+    assert stats["sparse_rows"] is False
+
+
+def test_auto_trains_sparse_rows_too_large_to_make_dense_on_the_cpu(monkeypatch):
+    """backend='auto' resolved to cupy, and 10 rows x 40 features over the (lowered) bound: the worker trains
+    its sparse rows on the CPU backend, says why in its stats, and the driver's warning names it."""
+    import spark.data
+    from core.backends import cpu_backend_name
+    from core.sparse import CsrRows
+
+    monkeypatch.setattr(spark.data, "GPU_DENSE_MAX_BYTES", 1000)           # 10 x 40 x 4 = 1600 bytes dense
+    calls, _, stats = run_task_beside_a_peer_of_7_rows(monkeypatch, "auto", rows=SPARSE_ROWS,
+                                                       resolve={"auto": "cupy"})
+    assert calls["backend"] == cpu_backend_name() and calls["device"] is None
+    assert isinstance(calls["X"], CsrRows) and calls["X"].shape == (7, 40)
+    np.testing.assert_array_equal(calls["X"].toarray()[:, :21:3], np.diag(np.arange(1.0, 8.0)))
+    assert stats["gpu_declined"] == (f"10 sparse rows of 40 features would be {1600 / 2**30:.1f} GiB dense for cupy: "
+                                     f"trained on {cpu_backend_name()} by their sparse rows")
+    said = unused_gpu_warning("auto", {0: {"backend": "cupy"}, 1: {**stats, "backend": calls["backend"]}})
+    assert said.startswith("GPU left unused where a partition was too sparse and large to make dense") and \
+        "worker 1: 10 sparse rows of 40 features" in said
+
+
+def test_cupy_refuses_sparse_rows_too_large_to_make_dense_before_training(monkeypatch):
+    import spark.data
+
+    monkeypatch.setattr(spark.data, "GPU_DENSE_MAX_BYTES", 1000)
+    calls, gathered, stats = run_task_beside_a_peer_of_7_rows(monkeypatch, "cupy", rows=SPARSE_ROWS)
+    assert calls == {} and gathered["reports"][1]["gpu_dense_bytes"] == 1600
+    assert stats["data_error"].startswith(
+        "featuresCol 'f' holds sparse vectors and backend='cupy' trains dense rows: a partition of 10 rows x 40 "
+        "features is 0.0 GiB dense, over the 0 GiB a GPU task makes dense; set backend='auto'")
 
 
 def test_the_inputs_own_uneven_partitions_stop_the_task_for_a_shuffle(monkeypatch):

@@ -74,10 +74,13 @@ def resolve_backend_name(name: str | None = None) -> str:
         source = f" (from ${ENV_VAR})" if name == os.environ.get(ENV_VAR) else ""
         raise ValueError(f"unknown backend {name!r}{source}; choose one of {', '.join(BACKEND_NAMES)}")
     if key == "auto":
-        if has_cupy_gpu():
-            return "cupy"
-        return "numba" if numba_problem() is None else "numpy"
+        return "cupy" if has_cupy_gpu() else cpu_backend_name()
     return key
+
+
+def cpu_backend_name() -> str:
+    """The CPU backend 'auto' takes: numba where it loads, else the NumPy reference."""
+    return "numba" if numba_problem() is None else "numpy"
 
 
 @functools.lru_cache(maxsize=None)
