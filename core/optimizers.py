@@ -134,6 +134,12 @@ class Optimizer:
         gradient entries change nothing only (``sparse_exact``: SGD, adagrad)."""
         if not self.sparse_exact:
             raise TypeError(f"{self.name} keeps state for every entry: step the whole vector")
+        if self.plain_sgd:              # no state: one screened pass over the entries, nothing gathered
+            bad = self.ops.sgd_entries_screened(w, index, values, w.dtype.type(self.schedule(self.t)))
+            if bad is not None:
+                return Verdict.BAD_GRADIENT if bad == "gradient" else Verdict.BAD_RESULT
+            self.t += 1
+            return Verdict.APPLIED
         if not self.ops.all_finite(values):
             return Verdict.BAD_GRADIENT
         with np.errstate(over="ignore", invalid="ignore"):      # an overflow is looked for below

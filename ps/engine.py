@@ -224,7 +224,7 @@ class Engine:
                 h.flags & FLAG_DELTA_OK and self.changes is not None) else None
             if changed is not None:        # what changed since the version the client holds, new values
                 self.counters["delta_replies"] += 1
-                frame, code = entries_frame(changed, w[changed])
+                frame, code = entries_frame(changed, source=w)
                 return (token, h.reply(Status.OK, wversion=self.version, dtype=code, n_values=w.shape[0], **kw),
                         frame)
             return (token, h.reply(Status.OK, wversion=self.version, dtype=FLOAT32, n_values=w.shape[0], **kw), w)

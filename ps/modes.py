@@ -242,8 +242,8 @@ class _GradientMode(Mode):
                 moved = start[progress] - loop.w[progress]          # as below, on the entries it can be in
                 if loop.rebase_gain != 1.0:
                     moved *= loop.rebase_gain
-            loop.w[own] = wh[own]
-            loop.w[changed] = wh[changed]
+            loop.ops.copy_entries(loop.w, wh, own)
+            loop.ops.copy_entries(loop.w, wh, changed)
             if progress is not None:
                 loop.w[progress] = wh[progress] - moved
                 loop.start_behind += [own, changed]
@@ -277,8 +277,8 @@ class _GradientMode(Mode):
             if changed is None or own is None:
                 loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
             else:
-                loop.w[own] = wh[own]          # back from the window's local steps to the weights pulled
-                loop.w[changed] = wh[changed]
+                loop.ops.copy_entries(loop.w, wh, own)     # back from the window's local steps to the pull
+                loop.ops.copy_entries(loop.w, wh, changed)
             loss = correct = rows = 0
             for Xb, yb in loop.kept_window(out.step):
                 ls, c = trainer.step(loop.w, Xb, yb, accumulate=loop.acc, update=self.local_progress(loop.spec))

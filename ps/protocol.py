@@ -65,6 +65,7 @@ from typing import NamedTuple
 import numpy as np
 import zmq
 
+from core.backends import host_ops
 from core.backends.numpy_ops import round_to_precision
 
 PROTOCOL_VERSION = 2
@@ -320,31 +321,36 @@ def encode_push(arr, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
     if arr.size >= SPARSE_MIN_VALUES and np.count_nonzero(sample) <= SPARSE_SAMPLE_MAX * sample.size:
         index = np.flatnonzero(arr != 0)        # via a bool mask: 1.2 ms for 4.2M floats, 8.6 ms on the floats
         if 4 * index.size <= dense.nbytes // 2:                 # the values alone fit: worth a frame
-            frame, sparse_code = entries_frame(index, arr[index])
+            frame, sparse_code = entries_frame(index, source=arr)
             if frame.nbytes <= dense.nbytes // 2:
                 return frame, sparse_code
     return dense, code
 
 
-def entries_frame(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
-    """The k entries ``index`` (strictly increasing) with their ``values`` as the smaller of two payloads ->
-    (uint32 words, dtype code): SPARSE32, k indices then k values (8 bytes an entry); or RUNS32, the r runs of
-    consecutive indices (r, then r starts, then r lengths) then the k values. A first layer's entries come in
-    rows of its width (16 floats for [262144, 16, 2]): as runs, 4.5 bytes an entry."""
-    k = index.size
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1 if k else np.empty(0, dtype=np.int64)
-    r = breaks.size + 1 if k else 0
+def entries_frame(index: np.ndarray, values: np.ndarray | None = None, *, source: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, int]:
+    """The k entries ``index`` (strictly increasing) with their ``values`` (or those of the vector ``source``
+    there, gathered straight into the frame) as the smaller of two payloads -> (uint32 words, dtype code):
+    SPARSE32, k indices then k values (8 bytes an entry); or RUNS32, the r runs of consecutive indices (r, then
+    r starts, then r lengths) then the k values. A first layer's entries come in rows of its width (16 floats
+    for [262144, 16, 2]): as runs, 4.5 bytes an entry."""
+    ops, k = host_ops(), index.size
+    r = ops.count_runs(index)
     if 1 + 2 * r >= k:
-        return sparse_frame(index, values), SPARSE32
-    frame = np.empty(1 + 2 * r + k, dtype=np.uint32)
-    frame[0] = r
-    starts = frame[1:1 + r]
-    starts[0], starts[1:] = index[0], index[breaks]
-    ends = np.empty(r, dtype=np.int64)
-    ends[:-1], ends[-1] = index[breaks - 1], index[-1]
-    frame[1 + r:1 + 2 * r] = ends + 1 - starts
-    frame[1 + 2 * r:] = values.astype(np.float32, copy=False).view(np.uint32)
-    return frame, RUNS32
+        frame = np.empty(2 * k, dtype=np.uint32)
+        frame[:k] = index
+        code, at = SPARSE32, k
+    else:
+        frame = np.empty(1 + 2 * r + k, dtype=np.uint32)
+        frame[0] = r
+        ops.fill_runs(index, frame[1:1 + r], frame[1 + r:1 + 2 * r])
+        code, at = RUNS32, 1 + 2 * r
+    out = frame[at:].view(np.float32)
+    if source is not None:
+        np.take(source, index, out=out)
+    else:
+        out[:] = values
+    return frame, code
 
 
 def sparse_frame(index: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -378,18 +384,11 @@ def _runs_parts(buf, n: int) -> tuple[np.ndarray, np.ndarray]:
         raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload of {len(buf)} bytes: it must hold 4-byte words, "
                                                 f"the run count r, r starts, r lengths, then the values")
     r = int(words[0])
-    starts, lengths = words[1:1 + r].astype(np.int64), words[1 + r:1 + 2 * r].astype(np.int64)
     values = words[1 + 2 * r:].view("<f4")
-    ends = starts + lengths
-    if r and (lengths.min() < 1 or ends[-1] > n or (r > 1 and not (starts[1:] > ends[:-1]).all())):
-        raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload: each run must hold at least one index, the runs "
-                                                f"must increase with gaps between them and end by {n}")
-    if int(lengths.sum()) != values.size:
-        raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload: its runs cover {int(lengths.sum())} indices, it "
-                                                f"holds {values.size} values")
-    firsts = np.cumsum(lengths) - lengths                        # each run's first position among the values
-    index = np.repeat(starts - firsts, lengths) + np.arange(values.size, dtype=np.int64)
-    return index, values
+    try:
+        return host_ops().expand_runs(words, r, n, values.size), values
+    except ValueError as exc:
+        raise ProtocolError(Reason.BAD_PAYLOAD, f"runs payload: {exc}") from None
 
 
 def read_array(header: Header, frame, n_expected: int, check_finite=True, accept=(FLOAT32,)) -> np.ndarray:

@@ -292,3 +292,85 @@ def test_gathering_rows_into_a_buffer_refuses_an_index_out_of_range(bad):
         with pytest.raises(IndexError, match=f"out of range for 40 rows.*{bad}"):
             ops.take_rows(x, np.array([0, bad, 1]), out=out)
         assert (out == -7.0).all()
+
+
+# ------------------------------------------------------------------- a sparse exchange's entries (host ops)
+def host_ops_of(name):
+    if name == "numpy":
+        return NumpyOps()
+    if "numba" not in available_backends():
+        pytest.skip("no numba")
+    from core.backends.numba_ops import NumbaOps
+
+    return NumbaOps(fuse_step=False, parallel=False)
+
+
+def entries(rng, n, k):
+    """k sorted unique indices below n, partly in runs (rows of 16), partly scattered."""
+    rows = rng.choice(n // 16, k // 32, replace=False) * 16
+    runs = (rows[:, None] + np.arange(16)).ravel()
+    return np.unique(np.concatenate([runs, rng.choice(n, k // 2, replace=False)]))
+
+
+@pytest.mark.parametrize("host", ["numpy", "numba"])
+@pytest.mark.parametrize("index_dtype", [np.int64, np.uint32])
+def test_runs_of_entries_count_fill_and_expand_back(host, index_dtype):
+    ops, rng = host_ops_of(host), np.random.default_rng(3)
+    for index in (entries(rng, 4096, 600), np.array([5]), np.arange(10, 40), np.array([0, 2, 4, 4095])):
+        index = index.astype(index_dtype)
+        r = ops.count_runs(index)
+        assert r == REF.count_runs(index) == 1 + int((np.diff(index.astype(np.int64)) != 1).sum())
+        starts, lengths = np.empty(r, np.uint32), np.empty(r, np.uint32)
+        ops.fill_runs(index, starts, lengths)
+        assert lengths.sum() == index.size and (lengths >= 1).all()
+        words = np.concatenate([[r], starts, lengths, np.zeros(index.size, np.uint32)]).astype(np.uint32)
+        back = ops.expand_runs(words, r, 4096, index.size)
+        assert back.dtype == np.int64
+        np.testing.assert_array_equal(back, index)
+    assert ops.count_runs(np.empty(0, np.uint32)) == 0
+
+
+@pytest.mark.parametrize("host", ["numpy", "numba"])
+@pytest.mark.parametrize("words,k,message", [
+    ([1, 0, 0], 0, "at least one index"),              # an empty run
+    ([2, 10, 0, 3, 3], 6, "increase with gaps"),       # [10,13) then [0,3)
+    ([2, 0, 3, 3, 3], 6, "increase with gaps"),        # [0,3) then [3,6): no gap
+    ([1, 98, 5], 5, "end by 100"),                     # past n
+    ([1, 0, 5], 4, "cover 5 indices, it holds 4"),
+    ([2, 0, 5, 1, 1], 3, "cover 2 indices, it holds 3"),
+])
+def test_malformed_runs_are_refused_with_what_is_wrong(host, words, k, message):
+    with pytest.raises(ValueError, match=message):
+        host_ops_of(host).expand_runs(np.array(words, np.uint32), words[0], 100, k)
+
+
+@pytest.mark.parametrize("host", ["numpy", "numba"])
+def test_copy_entries_and_the_sgd_step_on_entries_match_numpy_bit_for_bit(host):
+    ops, rng = host_ops_of(host), np.random.default_rng(4)
+    n = 50_000
+    w = rng.standard_normal(n).astype(np.float32)
+    index = entries(rng, n, 3000)
+    values = rng.standard_normal(index.size).astype(np.float32)
+    want = w.copy()
+    want[index] = want[index] - np.float32(0.05) * values
+    got = w.copy()
+    assert ops.sgd_entries_screened(got, index, values, np.float32(0.05)) is None
+    np.testing.assert_array_equal(got, want)
+    dst = np.zeros(n, np.float32)
+    ops.copy_entries(dst, want, index.astype(np.uint32))
+    np.testing.assert_array_equal(dst[index], want[index])
+    assert np.count_nonzero(dst) == np.count_nonzero(want[index])
+
+
+@pytest.mark.parametrize("host", ["numpy", "numba"])
+@pytest.mark.parametrize("bad,verdict", [(np.nan, "gradient"), (np.inf, "gradient"), (3e38, "result")])
+def test_a_bad_sgd_step_on_entries_writes_nothing(host, bad, verdict):
+    ops, rng = host_ops_of(host), np.random.default_rng(5)
+    w = rng.standard_normal(1000).astype(np.float32)
+    w[700] = 3e38
+    index = np.array([3, 4, 5, 700, 900])
+    values = np.ones(index.size, np.float32)
+    values[3] = bad if verdict == "gradient" else -bad           # 3e38 + 0.5 * 3e38 overflows
+    before = w.copy()
+    assert ops.sgd_entries_screened(w, index, values, np.float32(0.5)) == verdict
+    np.testing.assert_array_equal(w, before)

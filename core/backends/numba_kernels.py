@@ -247,6 +247,77 @@ def _sgd_screened(w, g, lr, out):
     return s, z
 
 
+def _sgd_entries_screened(w, index, values, lr):
+    """The SGD step of a sparse push on w's entries ``index``: 0 when written; 1 (a NaN/inf value) or 2 (a
+    non-finite result) with nothing written. Two reads of the k entries and no temporaries: a gather, an
+    update into a copy and a scatter took 0.12 ms for 48k entries of a [262144, 16, 2] window (fresh pages)."""
+    for p in range(index.shape[0]):
+        v = values[p]
+        if not math.isfinite(v):
+            return 1
+        if not math.isfinite(w[index[p]] - lr * v):
+            return 2
+    for p in range(index.shape[0]):
+        i = index[p]
+        w[i] = w[i] - lr * values[p]
+    return 0
+
+
+def _copy_entries(dst, src, index):
+    """dst[index] = src[index] without the gathered temporary."""
+    for p in range(index.shape[0]):
+        i = index[p]
+        dst[i] = src[i]
+
+
+def _expand_runs(words, r, n, out):
+    """The indices of a RUNS32 payload (words: r, r starts, r lengths, then the values) into ``out`` (k,),
+    checked: 0 when every run holds at least one index, the runs increase with a gap between them, end by
+    ``n`` and cover exactly k indices; else 1 (a run out of order, empty or out of range) or 2 (the count)."""
+    k = out.shape[0]
+    pos = 0
+    last = -1                       # the previous run's end (exclusive); a run must start after it
+    for j in range(r):
+        start = np.int64(words[1 + j])
+        length = np.int64(words[1 + r + j])
+        if length < 1 or start <= last or start + length > n:
+            return 1
+        if pos + length > k:
+            return 2
+        for i in range(length):
+            out[pos + i] = start + i
+        pos += length
+        last = start + length
+    return 0 if pos == k else 2
+
+
+def _count_runs(index):
+    """The runs of consecutive values in ``index`` (strictly increasing)."""
+    if index.shape[0] == 0:
+        return 0
+    r = 1
+    for p in range(1, index.shape[0]):
+        if index[p] != index[p - 1] + 1:
+            r += 1
+    return r
+
+
+def _fill_runs(index, starts, lengths):
+    """The starts and lengths of ``index``'s runs (as :func:`_count_runs` counts them)."""
+    j = 0
+    starts[0] = index[0]
+    run = 1
+    for p in range(1, index.shape[0]):
+        if index[p] == index[p - 1] + 1:
+            run += 1
+        else:
+            lengths[j] = run
+            j += 1
+            starts[j] = index[p]
+            run = 1
+    lengths[j] = run
+
+
 def _csr_gemm(indptr, indices, values, W, out):
     """out (m, n) = CSR rows @ W (k, n); ``indptr`` (m + 1,) holds absolute offsets (a row view's)."""
     m, n = out.shape
@@ -297,3 +368,9 @@ KERNELS["sgd_rows"] = _jit_pair(_sgd_rows, fastmath={"reassoc"})
 all_finite_jit = numba.njit(cache=True, nogil=True)(_all_finite)
 csr_gemm_t_add = numba.njit(cache=True, fastmath=FASTMATH_FLAGS, nogil=True)(_csr_gemm_t_add)
 sgd_screened = numba.njit(cache=True, fastmath={"reassoc"}, boundscheck=False, nogil=True)(_sgd_screened)
+# no fastmath: the step is exactly NumPy's w - lr * g on the entries, and isfinite must not be folded away
+sgd_entries_screened = numba.njit(cache=True, nogil=True)(_sgd_entries_screened)
+copy_entries_jit = numba.njit(cache=True, nogil=True)(_copy_entries)
+expand_runs_jit = numba.njit(cache=True, nogil=True)(_expand_runs)
+count_runs_jit = numba.njit(cache=True, nogil=True)(_count_runs)
+fill_runs_jit = numba.njit(cache=True, nogil=True)(_fill_runs)

@@ -9,7 +9,8 @@ import numba
 import numpy as np
 
 from .numba_kernels import (KERNELS, PARALLEL_MIN_ELEMENTS, POLY_EXP_MIN_CLASSES, all_finite_jit,
-                            csr_gemm_t_add, sgd_screened)
+                            copy_entries_jit, count_runs_jit, csr_gemm_t_add, expand_runs_jit, fill_runs_jit,
+                            sgd_entries_screened, sgd_screened)
 from .numpy_ops import NumpyOps, RowSoftmaxNLL
 from .threads import blas_threads
 
@@ -194,6 +195,30 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         if not math.isfinite(g_screen) and not np.isfinite(g).all():
             return "gradient"
         return None if math.isfinite(out_screen) else "result"
+
+    def sgd_entries_screened(self, w, index, values, lr):
+        if not (w.dtype == values.dtype == np.float32 and w.flags.c_contiguous and w.flags.writeable):
+            return super().sgd_entries_screened(w, index, values, lr)
+        verdict = sgd_entries_screened(w, index, values, np.float32(lr))
+        return None if verdict == 0 else "gradient" if verdict == 1 else "result"
+
+    def copy_entries(self, dst, src, index):
+        if dst.dtype != src.dtype or dst.ndim != 1 or src.ndim != 1 or not dst.flags.writeable:
+            return super().copy_entries(dst, src, index)
+        copy_entries_jit(dst, src, index)
+
+    def count_runs(self, index) -> int:
+        return int(count_runs_jit(index))
+
+    def fill_runs(self, index, starts, lengths) -> None:
+        fill_runs_jit(index, starts, lengths)
+
+    def expand_runs(self, words, r: int, n: int, k: int) -> np.ndarray:
+        out = np.empty(k, dtype=np.int64)
+        verdict = expand_runs_jit(words, r, n, out)
+        if verdict:
+            return super().expand_runs(words, r, n, k)      # says what is wrong
+        return out
 
     def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
         t = w.dtype.type

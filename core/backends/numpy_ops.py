@@ -337,6 +337,48 @@ class NumpyOps:
         self.sgd_update(w, g, lr, out=out)
         return None if self.all_finite(out) else "result"
 
+    def sgd_entries_screened(self, w, index, values, lr):
+        """A sparse push's SGD step in place on w's entries ``index`` (``values`` there, zero elsewhere),
+        screened as :meth:`sgd_update_screened` -> None (written), "gradient" or "result" (nothing written)."""
+        if not self.all_finite(values):
+            return "gradient"
+        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is looked for below
+            new = w[index] - w.dtype.type(lr) * values
+        if not self.all_finite(new):
+            return "result"
+        w[index] = new
+        return None
+
+    def copy_entries(self, dst, src, index):
+        """dst[index] = src[index] (host vectors)."""
+        dst[index] = src[index]
+
+    def count_runs(self, index) -> int:
+        """The runs of consecutive values in ``index`` (strictly increasing): 0 for none."""
+        return int(np.count_nonzero(np.diff(index) != 1)) + 1 if index.size else 0
+
+    def fill_runs(self, index, starts, lengths) -> None:
+        """The starts and lengths of ``index``'s runs, into ``starts`` and ``lengths`` (count_runs of them)."""
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        starts[0], starts[1:] = index[0], index[breaks]
+        ends = np.empty(breaks.size + 1, dtype=np.int64)
+        ends[:-1], ends[-1] = index[breaks - 1], index[-1]
+        lengths[:] = ends + 1 - starts
+
+    def expand_runs(self, words, r: int, n: int, k: int) -> np.ndarray:
+        """The k indices (int64) of a RUNS32 payload's ``words`` (r, r starts, r lengths, then k values), or a
+        ValueError saying what is wrong: an empty run, runs out of order or without a gap, past ``n``, or runs
+        that do not cover exactly k indices."""
+        starts, lengths = words[1:1 + r].astype(np.int64), words[1 + r:1 + 2 * r].astype(np.int64)
+        ends = starts + lengths
+        if r and (lengths.min() < 1 or ends[-1] > n or (r > 1 and not (starts[1:] > ends[:-1]).all())):
+            raise ValueError(f"each run must hold at least one index, the runs must increase with gaps between "
+                             f"them and end by {n}")
+        if int(lengths.sum()) != k:
+            raise ValueError(f"its runs cover {int(lengths.sum())} indices, it holds {k} values")
+        firsts = np.cumsum(lengths) - lengths                    # each run's first position among the values
+        return np.repeat(starts - firsts, lengths) + np.arange(k, dtype=np.int64)
+
     def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
         """v <- momentum v + g; out <- w - lr v (Nesterov: out <- w - lr (g + momentum v))."""
         t = w.dtype.type
