@@ -32,6 +32,8 @@ import numpy as np
 
 from core.backends.numpy_ops import Transfer
 from core.optimizers import Verdict
+from core.sparse import sorted_unique
+from core.trainer import ROWS_STEP_SHARE
 
 from . import rules
 from .client import StaleUpdate, UpdateRejected
@@ -89,6 +91,11 @@ class Mode:
         return self.rounds
 
     # ---------------------------------------------------------------- worker
+    def tracks_entries(self, spec) -> bool:
+        """Whether a worker on sparse rows exchanges by the entries its windows change (``trainer.track_entries``):
+        the gradient modes, and async-easgd in line."""
+        return self.pushes_gradients
+
     def keeps_window(self, spec) -> bool:
         """Whether the worker must keep copies of a window's batches (to recompute it)."""
         return False
@@ -406,12 +413,56 @@ class AsyncEasgd(Mode):
         loop.version, e = reply
         loop.w -= loop.ops.asarray(e)
 
+    def tracks_entries(self, spec):
+        return not spec.pipeline
+
+    def exchange(self, loop, step, metrics):
+        """In line, on sparse rows: x_i and the center the client holds differ only on the entries
+        ``loop.apart`` (every entry a window or a delta reply changed since the first pull; None: anywhere),
+        so e = alpha (x_i - c) is zero elsewhere and is computed, pushed and subtracted there only. Where that
+        set grows past ROWS_STEP_SHARE of the vector, or a reply comes whole, the whole-vector exchange."""
+        own = loop.trainer.take_entries()
+        if own is None or loop.apart is None:
+            loop.apart = None
+            return super().exchange(loop, step, metrics)
+        version, center = loop.client.pull()
+        changed = loop.client.last_changed
+        apart = None if changed is None else sorted_unique(np.concatenate([loop.apart, own, changed]))
+        if apart is None or apart.size > ROWS_STEP_SHARE * loop.net.num_params:
+            loop.apart = None                  # x_i and c may differ anywhere from now on
+            e = rules.elastic_difference(loop.w, center, loop.spec.alpha)
+            push, index = e, None
+        else:
+            loop.apart = apart
+            e = rules.elastic_difference(loop.w[apart], center[apart], loop.spec.alpha)
+            push, index = Entries(apart, e, loop.net.num_params), apart
+        try:
+            loop.client.push(push, base_version=version, step=step, kind="elastic", **metrics)
+        except UpdateRejected:                 # the center's update was rolled back; x_i still moves toward it
+            loop.stats["rejected_updates"] += 1
+        loop.version = version
+        if index is None:
+            loop.w -= e
+        else:
+            loop.w[index] -= e
+
     def changes_only_pushed(self, optimizer):
         return True                            # c + e: a zero entry of e leaves c
 
     def apply_push(self, engine, w, payload, out):
         rules.apply_elastic(w, payload, out=out)
         return _finite(engine, out)
+
+    def updates_entries(self, optimizer):
+        return True
+
+    def apply_entries(self, engine, w, index, values):
+        with np.errstate(over="ignore"):       # an overflow is looked for below
+            new = w[index] + values            # c + e on the entries (read_push refused NaN/inf in e)
+        if not engine.optimizer.ops.all_finite(new):
+            return Verdict.BAD_RESULT
+        w[index] = new
+        return Verdict.APPLIED
 
 
 class Eamsgd(AsyncEasgd):

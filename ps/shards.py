@@ -186,6 +186,7 @@ class ShardedClient:
         self._pool = ThreadPoolExecutor(max_workers=len(self.parts) - 1, thread_name_prefix="ps-shard")
         self._weights = np.empty(self.num_params, dtype=np.float32)
         self._synced = [None] * len(self.parts)   # the version of shard k's weights _weights' slice k holds
+        self._took_delta = [False] * len(self.parts)   # whether the last take into slice k applied a delta
         if register:
             try:
                 self.hello()
@@ -233,11 +234,17 @@ class ShardedClient:
 
     @property
     def last_changed(self):
-        """The entries the last weights returned changed, every shard's a delta, else None."""
+        """The entries the last weights returned changed, where every shard's slice took a delta, else None."""
         parts = [p.last_changed for p in self.parts]
-        if any(c is None for c in parts):
+        if any(c is None for c in parts) or not all(self._took_delta):
             return None
         return np.concatenate([c.astype(np.int64) + a for c, (a, _) in zip(parts, self.bounds)])
+
+    @property
+    def held_version(self) -> int | None:
+        """Shard 0's held version where every shard's client holds its slice's weights, else None."""
+        held = [p.held_version for p in self.parts]
+        return None if any(v is None for v in held) else held[0]
 
     def hello(self) -> int:
         self._each(lambda k, p: p.hello())
@@ -256,10 +263,12 @@ class ShardedClient:
         a, b = self.bounds[k]
         own = buf is self._weights
         changed = part.last_changed
-        if own and changed is not None and self._synced[k] == part.last_base:
+        delta = own and changed is not None and self._synced[k] == part.last_base
+        if delta:
             buf[a:b][changed] = w[changed]
         else:
             buf[a:b] = w
+        self._took_delta[k] = delta
         if own:
             self._synced[k] = part.held_version
 

@@ -46,6 +46,7 @@ class WorkerLoop:
         # the entries where window_start may differ from w since it was last brought up to date (a list of index
         # arrays; None: anywhere), so that a sparse window's send copies those, not the whole vector
         self.start_behind: list | None = None
+        self.apart: np.ndarray | None = None
         # the server's optimizer moves about this many times the worker's own SGD steps for the same gradients
         self.rebase_gain = steady_gain(spec.optimizer, spec.optimizer_options)
         self.version = 0
@@ -148,7 +149,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                                optimizer=mode.local_optimizer, momentum=spec.local_momentum,
                                seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs)
     data = net.upload(X, y)
-    if isinstance(data.X, CsrRows) and mode.pushes_gradients:
+    if isinstance(data.X, CsrRows) and mode.tracks_entries(spec):
         trainer.track_entries()        # a sparse window's sum is pushed (and its weights taken back) by entries
     steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     spec = window_within_an_epoch(spec, steps_per_epoch)
@@ -176,6 +177,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
         loop.version, wh = client.pull()
         loop.w = net.ops.asarray(np.array(wh, copy=True))
         loop.window_version = loop.version
+        # the entries where w and the weights the client holds may differ: none yet (async-easgd by entries)
+        loop.apart = np.empty(0, dtype=np.int64) if client.held_version is not None else None
 
         def exchange(step):
             loss_sum, correct, rows = trainer.take_sums()     # the window's one host read

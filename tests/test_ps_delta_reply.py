@@ -374,3 +374,74 @@ def test_a_pipelined_sparse_window_is_rebased_by_entries_as_over_the_whole_vecto
         assert checked["delta"] >= 2 * 14      # all but each worker's first and last (no window after it)
     else:
         assert checked["delta"] == 0
+
+
+# ------------------------------------------------------------------------------- async-easgd, by entries
+def _easgd_run(monkeypatch, by_entries, shards):
+    """One async-easgd worker (run_worker, real server(s), numba) on hashed text, in line; a second client
+    pushes an elastic difference of its own before steps 3 and 7, so the center also moves where this worker
+    never stepped. -> (the center at the end, the worker's stats, the kind of vector each push sent)."""
+    from ps.modes import AsyncEasgd
+    from ps.shards import connect, make_server
+    from ps.worker import run_worker
+
+    layers = [1 << 14, 8, 2]
+    X, y = hashed_text(256, width=1 << 14, words=20, vocabulary=6000, seed=6)
+    spec = TrainingSpec(layers=layers, mode="async-easgd", learning_rate=0.1, num_workers=2, batch_size=32,
+                        tau=2, epochs=2, backend="numba", alpha=0.3)
+    if not by_entries:        # the whole-vector exchange, which async-easgd took on sparse rows before
+        monkeypatch.setattr(AsyncEasgd, "tracks_entries", lambda self, spec: False)
+    kinds = []
+    with make_server(spec.initial_weights(), spec=spec, shards=shards, progress=False) as srv:
+        cfg = srv.client_config()
+        other, client = connect(cfg, worker_id=1), connect(cfg, worker_id=0)
+        real_push = client.push
+
+        def push(array, *a, **kw):
+            kinds.append(type(array).__name__)
+            return real_push(array, *a, **kw)
+
+        client.push = push
+        pushes = iter(range(1, 10))
+
+        def interfere(k):
+            if k in (3, 7):
+                other.pull()
+                g = sparse_gradient(srv.weights().size, 2000, seed=60 + k)
+                other.push(g * np.float32(1e-2), step=next(pushes), kind="elastic")
+        try:
+            stats = run_worker(cfg, 0, X, y, client=client, on_step=interfere)
+            return srv.weights().copy(), stats, kinds
+        finally:
+            other.close()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_async_easgd_exchanges_by_the_entries_where_worker_and_center_differ(monkeypatch, shards):
+    """In line on sparse rows, async-easgd computes, pushes and subtracts e = alpha (x - c) on the entries
+    where x and the held center can differ (every entry a window or a delta changed): the same run, bit for
+    bit, as the whole-vector exchange, with every push by entries. (Without the other client's pushes the
+    center would move only where this worker stepped.)"""
+    with monkeypatch.context() as m:
+        w_dense, stats_dense, kinds_dense = _easgd_run(m, False, shards)
+    w, stats, kinds = _easgd_run(monkeypatch, True, shards)
+    assert stats["pushes"] == stats_dense["pushes"] == 8
+    assert kinds == ["Entries"] * 8 and kinds_dense == ["ndarray"] * 8
+    np.testing.assert_array_equal(w, w_dense)
+    assert not np.array_equal(w, TrainingSpec(layers=[1 << 14, 8, 2]).initial_weights())
+
+
+def test_an_elastic_push_by_entries_is_applied_in_place_and_an_overflow_writes_nothing():
+    eng = engine(mode="async-easgd")
+    e = sparse_gradient(N, 300, seed=70)
+    w0 = eng.weights.copy()
+    (_, rh, _), = push(eng, e, 1, 0)
+    assert rh.status == 0 and eng.version == 1
+    np.testing.assert_array_equal(eng.weights, w0 + e)                      # c + e, exactly as the dense sum
+    big = np.where(e != 0, np.float32(2e38), np.float32(0))
+    (_, rh, _), = push(eng, big, 2, 1)                                   # c + 2e38: still finite
+    assert rh.status == 0 and eng.version == 2
+    before = eng.weights.copy()
+    (_, rh, _), = push(eng, big, 3, 2)                                   # c + 4e38 overflows
+    assert rh.status != 0 and eng.version == 2 and eng.rejected
+    np.testing.assert_array_equal(eng.weights, before)

@@ -32,6 +32,7 @@ class PushResult:
 class RecordingClient:
     """A one-worker server in the client's shape: applies each gradient push (SGD) or elastic push (c += e)
     at once, versions count pushes, and every call is recorded with the thread that made it."""
+    held_version = last_changed = None        # a small model: whole replies, as the real client's
 
     def __init__(self, spec, w0):
         self.spec, self.w = spec, np.array(w0, np.float32)
