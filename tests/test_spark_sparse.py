@@ -71,10 +71,11 @@ def test_transform_scores_sparse_rows_as_the_dense_ones(spark, digits_split):
             small_model.transform(frame(spark, rows, [0])).select(F.count("prediction")).collect()
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("mode", ["async", "sync", "async-easgd"])
 def test_a_hashingtf_pipeline_trains_by_entries(spark, mode):
     """Tokenizer -> HashingTF -> ffps, as a text pipeline runs: the workers keep the rows sparse, and the
-    exchanges go by entries (the server answers with the entries changed since each worker's weights)."""
+    exchanges go by entries (the server answers with the entries changed since each worker's weights; in
+    async-easgd its pulls of the center)."""
     from pyspark.ml import Pipeline
     from pyspark.ml.feature import HashingTF, Tokenizer
 
