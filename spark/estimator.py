@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 from pyspark import keyword_only
@@ -89,7 +91,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
         reshuffled = None
         try:
-            model, stats = self._train(self._prepared(dataset, shuffle), spec, bind, shuffled=shuffle)
+            with FITS.running() as fit:
+                model, stats = self._train(self._prepared(dataset, shuffle), spec, bind, shuffled=shuffle, fit=fit)
         except (training.UnsupportedBarrierChain, training.UnevenPartitions) as exc:
             if shuffle:
                 if isinstance(exc, training.UnevenPartitions):   # a round-robin shuffle left one empty
@@ -99,7 +102,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
             reshuffled = str(exc) if isinstance(exc, training.UnevenPartitions) else \
                 f"the input's partitions cannot run in a barrier stage ({exc})"
             log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
-            model, stats = self._train(self._prepared(dataset, True), spec, bind, shuffled=True)
+            with FITS.running() as fit:
+                model, stats = self._train(self._prepared(dataset, True), spec, bind, shuffled=True, fit=fit)
         stats["rows"] = sum(stats["workers"][0]["partition_rows"])     # every worker holds the gathered counts
         stats["reshuffled"] = reshuffled
         model.trainingStats = stats
@@ -118,7 +122,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         prep = prepared(dataset, self.getFeaturesCol(), self.getLabelCol())
         return prep.repartition(self.getNumWorkers()) if shuffle else prep
 
-    def _train(self, prep, spec, bind, shuffled: bool):
+    def _train(self, prep, spec, bind, shuffled: bool, fit: int | None = None):
         from ps.server import insecure_warning
         from ps.shards import auto_shards, make_server
 
@@ -127,7 +131,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         server = make_server(w0, spec=spec, shards=self.getPsShards() or auto_shards(w0.shape[0]), bind=bind,
                              secure=self.getSecure(), checkpoint_dir=checkpoint_dir, resume=self.getResume(),
                              checkpoint_every=self.getCheckpointInterval() if checkpoint_dir else None,
-                             progress=self.liveServerLine, on_epoch=epoch_logger(spec.epochs))
+                             progress=self.liveServerLine, on_epoch=epoch_logger(spec.epochs, fit))
         first_attempt = server.next_attempt()
         if server.resumed_from:
             log.info("ffps: resuming from %s (version %d)", server.resumed_from, server.version)
@@ -233,14 +237,45 @@ def check_task_slots(spark, num_workers: int) -> None:
                          f"to {max(slots, 1)} or less, or give the master more cores")
 
 
-def epoch_logger(epochs: int):
-    """-> on_epoch(figures) for the server: one INFO line per completed epoch on this module's logger; the record
-    carries the figures (``ffps_epoch``) and the planned epochs (``ffps_epochs``) for handlers such as the app's
-    progress bar."""
+class Fits:
+    """The fits in progress in this process, numbered from 1: CrossValidator(parallelism > 1) runs several at
+    once, and while it does their epoch lines say which fit each is."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: set = set()
+        self._count = 0
+
+    @contextmanager
+    def running(self):
+        """-> this fit's number, for the time the block runs."""
+        with self._lock:
+            self._count += 1
+            fit = self._count
+            self._active.add(fit)
+        try:
+            yield fit
+        finally:
+            with self._lock:
+                self._active.discard(fit)
+
+    def concurrent(self) -> bool:
+        return len(self._active) > 1
+
+
+FITS = Fits()
+
+
+def epoch_logger(epochs: int, fit: int | None = None, fits: Fits = FITS):
+    """-> on_epoch(figures) for the server: one INFO line per completed epoch on this module's logger, which
+    names the fit (``fit``) while others run beside it; the record carries the figures (``ffps_epoch``), the
+    planned epochs (``ffps_epochs``) and the fit (``ffps_fit``) for handlers such as the app's progress bar."""
     from ps.progress import epoch_line
 
     def on_epoch(figures):
-        log.info("ffps %s", epoch_line(figures, epochs), extra={"ffps_epoch": figures, "ffps_epochs": epochs})
+        which = f" (fit {fit})" if fit is not None and fits.concurrent() else ""
+        log.info("ffps %s%s", epoch_line(figures, epochs), which,
+                 extra={"ffps_epoch": figures, "ffps_epochs": epochs, "ffps_fit": fit})
     return on_epoch
 
 

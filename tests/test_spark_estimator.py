@@ -570,3 +570,25 @@ def test_use_gpu_without_a_gpu_and_security_off_are_said(digits_df, async_model,
                                                                          "the parameter server at tcp://127.0.0.1:")]
     assert ":0 " not in insecure and caplog.text.count("SECURITY OFF") == 1 and insecure in caplog.text
     assert not [w for w in async_model.trainingStats["warnings"] if "useGpu" in w]      # useGpu not asked
+
+
+def test_epoch_lines_name_their_fit_while_fits_run_side_by_side(caplog):
+    """CrossValidator(parallelism > 1) fits several models at once: while it does, each epoch line says
+    which fit it is; a fit alone logs the line as ever."""
+    import logging
+
+    from spark.estimator import Fits, epoch_logger
+
+    fits = Fits()
+    figures = dict(epoch=1, loss=0.5, accuracy=0.75, samples_per_s=1234, staleness=0.5)
+    with caplog.at_level(logging.INFO, logger="spark.estimator"):
+        with fits.running() as a:
+            epoch_logger(4, a, fits)(figures)
+            with fits.running() as b:
+                epoch_logger(4, a, fits)(figures)
+                epoch_logger(4, b, fits)(figures)
+            epoch_logger(4, a, fits)(figures)
+    line = "ffps epoch 1/4 loss 0.5000 accuracy 0.7500 1234 samples/s staleness 0.5"
+    assert [r.getMessage() for r in caplog.records] == [line, line + " (fit 1)", line + " (fit 2)", line]
+    assert [r.ffps_fit for r in caplog.records] == [1, 1, 2, 1]
+    assert not fits.concurrent()
