@@ -17,6 +17,9 @@ from .validation import (check_dtype, check_features, check_int, check_labels, c
                          check_precision, check_seed)
 
 
+INIT_CHUNK = 1 << 20        # float64 normals drawn at a time by init_params (8 MB)
+
+
 @dataclass(frozen=True)
 class LayerSlice:
     """Where one dense layer lives in the flat vector."""
@@ -95,12 +98,20 @@ class FeedForwardNetwork:
 
     # ------------------------------------------------------------------ parameters
     def init_params(self, seed: int = 0) -> np.ndarray:
-        """He-normal weights (std sqrt(2 / d_in)), zero biases; drawn on the host so every backend agrees."""
+        """He-normal weights (std sqrt(2 / d_in)), zero biases; drawn on the host so every backend agrees.
+        Drawn in float64 a chunk at a time and rounded into the result (the same values as one draw per layer):
+        a [262144, 256, 2] model's 67M weights took 1-5 s through two whole float64 copies (1 GB)."""
         rng = np.random.default_rng(check_seed(seed))
-        w = np.zeros(self.num_params, dtype=np.float64)
+        w = np.zeros(self.num_params, dtype=self.dtype)
+        chunk = np.empty(min(INIT_CHUNK, max((s.d_in * s.d_out for s in self.layout), default=0)))
         for s in self.layout:
-            w[s.w_start:s.b_start] = rng.standard_normal(s.d_in * s.d_out) * np.sqrt(2.0 / s.d_in)
-        return w.astype(self.dtype)
+            scale = np.sqrt(2.0 / s.d_in)
+            for a in range(s.w_start, s.b_start, INIT_CHUNK):
+                part = chunk[:min(INIT_CHUNK, s.b_start - a)]
+                rng.standard_normal(out=part)
+                part *= scale
+                w[a:a + part.size] = part
+        return w
 
     def unflatten(self, flat) -> list[tuple]:
         """Views (W (d_in, d_out), b (d_out,)) into a flat vector of this layout (host or device)."""

@@ -48,6 +48,23 @@ def test_init_params_same_on_every_backend(backend):
     assert not np.array_equal(w, FeedForwardNetwork(LAYERS, backend=backend).init_params(seed=6))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_init_params_drawn_in_chunks_are_one_draw_per_layer(monkeypatch, dtype):
+    """init_params draws a layer's normals a chunk at a time (no whole float64 copy of a wide model): the values
+    are those of one float64 draw per layer, rounded once to the network's dtype."""
+    import core.network
+
+    monkeypatch.setattr(core.network, "INIT_CHUNK", 7)            # every layer spans several chunks
+    net = FeedForwardNetwork([6, 50, 20, 10], backend="numpy", dtype=dtype)
+    rng = np.random.default_rng(3)
+    want = np.zeros(net.num_params)
+    for s in net.layout:
+        want[s.w_start:s.b_start] = rng.standard_normal(s.d_in * s.d_out) * np.sqrt(2.0 / s.d_in)
+    w = net.init_params(seed=3)
+    assert w.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(w, want.astype(dtype))
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_network_parity_with_float64_reference(backend, dtype):
