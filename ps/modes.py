@@ -32,7 +32,6 @@ import numpy as np
 
 from core.backends.numpy_ops import Transfer
 from core.optimizers import Verdict
-from core.sparse import sorted_unique
 from core.trainer import ROWS_STEP_SHARE
 
 from . import rules
@@ -427,14 +426,15 @@ class AsyncEasgd(Mode):
             return super().exchange(loop, step, metrics)
         version, center = loop.client.pull()
         changed = loop.client.last_changed
-        apart = None if changed is None else sorted_unique(np.concatenate([loop.apart, own, changed]))
+        apart = None if changed is None else loop.ops.union_sorted([loop.apart, own, changed])
         if apart is None or apart.size > ROWS_STEP_SHARE * loop.net.num_params:
             loop.apart = None                  # x_i and c may differ anywhere from now on
             e = rules.elastic_difference(loop.w, center, loop.spec.alpha)
             push, index = e, None
         else:
             loop.apart = apart
-            e = rules.elastic_difference(loop.w[apart], center[apart], loop.spec.alpha)
+            e = rules.elastic_difference(loop.ops.gather_entries(loop.w, apart),
+                                        loop.ops.gather_entries(center, apart), loop.spec.alpha)
             push, index = Entries(apart, e, loop.net.num_params), apart
         try:
             loop.client.push(push, base_version=version, step=step, kind="elastic", **metrics)

@@ -347,7 +347,7 @@ def entries_frame(index: np.ndarray, values: np.ndarray | None = None, *, source
         code, at = RUNS32, 1 + 2 * r
     out = frame[at:].view(np.float32)
     if source is not None:
-        np.take(source, index, out=out)
+        ops.gather_entries(source, index, out)
     else:
         out[:] = values
     return frame, code

@@ -374,3 +374,23 @@ def test_a_bad_sgd_step_on_entries_writes_nothing(host, bad, verdict):
     before = w.copy()
     assert ops.sgd_entries_screened(w, index, values, np.float32(0.5)) == verdict
     np.testing.assert_array_equal(w, before)
+
+
+@pytest.mark.parametrize("host", ["numpy", "numba"])
+def test_union_gather_and_scatter_of_entries(host):
+    ops, rng = host_ops_of(host), np.random.default_rng(6)
+    sets = [entries(rng, 20_000, 900).astype(dtype) for dtype in (np.uint32, np.uint32, np.int64)]
+    want = np.union1d(np.union1d(sets[0], sets[1]), sets[2])
+    np.testing.assert_array_equal(ops.union_sorted(sets[:2]), np.union1d(sets[0], sets[1]))
+    assert ops.union_sorted(sets[:2]).dtype == np.uint32
+    np.testing.assert_array_equal(ops.union_sorted(sets), want)         # mixed dtypes: int64
+    one = ops.union_sorted([np.empty(0, np.int64), sets[2]])
+    np.testing.assert_array_equal(one, sets[2])
+    assert not np.shares_memory(one, sets[2])                          # a new array, never an argument
+    assert ops.union_sorted([]).size == 0
+    src = rng.standard_normal(20_000).astype(np.float32)
+    np.testing.assert_array_equal(ops.gather_entries(src, sets[0]), src[sets[0]])
+    dst = np.zeros(20_000, np.float32)
+    ops.scatter_entries(dst, sets[1], src[sets[1]])
+    np.testing.assert_array_equal(dst[sets[1]], src[sets[1]])
+    assert np.count_nonzero(dst) == np.count_nonzero(src[sets[1]])

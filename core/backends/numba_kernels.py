@@ -291,6 +291,43 @@ def _expand_runs(words, r, n, out):
     return 0 if pos == k else 2
 
 
+def _union_sorted(a, b, out):
+    """The union of the strictly increasing a and b into ``out`` (at least len(a) + len(b)) -> its length."""
+    i = j = k = 0
+    while i < a.shape[0] and j < b.shape[0]:
+        x, y = a[i], b[j]
+        if x <= y:
+            out[k] = x
+            i += 1
+            if x == y:
+                j += 1
+        else:
+            out[k] = y
+            j += 1
+        k += 1
+    while i < a.shape[0]:
+        out[k] = a[i]
+        i += 1
+        k += 1
+    while j < b.shape[0]:
+        out[k] = b[j]
+        j += 1
+        k += 1
+    return k
+
+
+def _gather_entries(src, index, out):
+    """out = src[index] without NumPy's index conversion (a uint32 index is cast to intp first)."""
+    for p in range(index.shape[0]):
+        out[p] = src[index[p]]
+
+
+def _scatter_entries(dst, index, values):
+    """dst[index] = values."""
+    for p in range(index.shape[0]):
+        dst[index[p]] = values[p]
+
+
 def _count_runs(index):
     """The runs of consecutive values in ``index`` (strictly increasing)."""
     if index.shape[0] == 0:
@@ -373,4 +410,7 @@ sgd_entries_screened = numba.njit(cache=True, nogil=True)(_sgd_entries_screened)
 copy_entries_jit = numba.njit(cache=True, nogil=True)(_copy_entries)
 expand_runs_jit = numba.njit(cache=True, nogil=True)(_expand_runs)
 count_runs_jit = numba.njit(cache=True, nogil=True)(_count_runs)
+union_sorted_jit = numba.njit(cache=True, nogil=True)(_union_sorted)
+gather_entries_jit = numba.njit(cache=True, nogil=True)(_gather_entries)
+scatter_entries_jit = numba.njit(cache=True, nogil=True)(_scatter_entries)
 fill_runs_jit = numba.njit(cache=True, nogil=True)(_fill_runs)

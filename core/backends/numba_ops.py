@@ -10,7 +10,8 @@ import numpy as np
 
 from .numba_kernels import (KERNELS, PARALLEL_MIN_ELEMENTS, POLY_EXP_MIN_CLASSES, all_finite_jit,
                             copy_entries_jit, count_runs_jit, csr_gemm_t_add, expand_runs_jit, fill_runs_jit,
-                            sgd_entries_screened, sgd_screened)
+                            gather_entries_jit, scatter_entries_jit, sgd_entries_screened, sgd_screened,
+                            union_sorted_jit)
 from .numpy_ops import NumpyOps, RowSoftmaxNLL
 from .threads import blas_threads
 
@@ -206,6 +207,31 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
         if dst.dtype != src.dtype or dst.ndim != 1 or src.ndim != 1 or not dst.flags.writeable:
             return super().copy_entries(dst, src, index)
         copy_entries_jit(dst, src, index)
+
+    def union_sorted(self, arrays) -> np.ndarray:
+        arrays = [a for a in arrays if a.size]
+        if len(arrays) < 2:
+            return arrays[0].copy() if arrays else np.empty(0, dtype=np.int64)
+        if len({a.dtype for a in arrays}) > 1:
+            arrays = [a.astype(np.int64, copy=False) for a in arrays]
+        merged = arrays[0]
+        for other in arrays[1:]:       # pairwise: a reply's union spans the few pushes since the version held
+            out = np.empty(merged.size + other.size, dtype=merged.dtype)
+            merged = out[:union_sorted_jit(merged, other, out)]
+        return merged
+
+    def gather_entries(self, src, index, out=None) -> np.ndarray:
+        if out is None:
+            out = np.empty(index.size, dtype=src.dtype)
+        if src.ndim != 1 or out.dtype != src.dtype:
+            return super().gather_entries(src, index, out)
+        gather_entries_jit(src, index, out)
+        return out
+
+    def scatter_entries(self, dst, index, values) -> None:
+        if dst.ndim != 1 or dst.dtype != values.dtype or not dst.flags.writeable:
+            return super().scatter_entries(dst, index, values)
+        scatter_entries_jit(dst, index, values)
 
     def count_runs(self, index) -> int:
         return int(count_runs_jit(index))

@@ -353,6 +353,24 @@ class NumpyOps:
         """dst[index] = src[index] (host vectors)."""
         dst[index] = src[index]
 
+    def union_sorted(self, arrays) -> np.ndarray:
+        """The sorted union of strictly increasing index arrays (one dtype: int64 where they differ), a new array
+        (never one of them: an index may be a view of a frame that the client's next request releases)."""
+        from core.sparse import sorted_unique
+
+        arrays = [a for a in arrays if a.size]
+        if len(arrays) < 2:
+            return arrays[0].copy() if arrays else np.empty(0, dtype=np.int64)
+        return sorted_unique(np.concatenate(arrays))
+
+    def gather_entries(self, src, index, out=None) -> np.ndarray:
+        """src[index] (into ``out`` where given)."""
+        return np.take(src, index, out=out)
+
+    def scatter_entries(self, dst, index, values) -> None:
+        """dst[index] = values."""
+        dst[index] = values
+
     def count_runs(self, index) -> int:
         """The runs of consecutive values in ``index`` (strictly increasing): 0 for none."""
         return int(np.count_nonzero(np.diff(index) != 1)) + 1 if index.size else 0
