@@ -256,7 +256,8 @@ def train(spark, args) -> dict:
             "attempts": model.trainingStats["attempts"], "model": args.dir,
             "objective_history": [round(v, 5) for v in model.summary.objectiveHistory],
             "stop_reason": model.summary.stopReason, "stop_message": model.summary.stopMessage,
-            "warnings": model.trainingStats.get("warnings", []), **extra}
+            "warnings": model.trainingStats.get("warnings", []), "hints": model.trainingStats.get("hints", []),
+            **extra}
 
 
 def _accuracy(frame, label_col) -> float:

@@ -592,3 +592,21 @@ def test_epoch_lines_name_their_fit_while_fits_run_side_by_side(caplog):
     assert [r.getMessage() for r in caplog.records] == [line, line + " (fit 1)", line + " (fit 2)", line]
     assert [r.ffps_fit for r in caplog.records] == [1, 1, 2, 1]
     assert not fits.concurrent()
+
+
+def test_a_fit_that_mostly_waited_on_exchanges_hints_at_a_longer_window():
+    from ps.spec import TrainingSpec
+    from spark.estimator import exchange_bound
+
+    def workers(wait, loop, tau=4, pushes=240):
+        return {k: {"exchange_s": wait, "seconds": loop, "tau": tau, "pushes": pushes} for k in (0, 1)}
+
+    spec = TrainingSpec(layers=[4, 3, 2], mode="async")
+    assert exchange_bound(workers(6.2, 9.9), spec) == (
+        "the workers waited on the parameter server for 63 % of their training time (6.2 of 9.9 s each, 240 "
+        "exchanges): a longer communicationWindow (it was 4) exchanges less often; try 16. Small networks and "
+        "wide sparse ones (HashingTF) gain the most")
+    assert exchange_bound(workers(0.03, 0.05), spec) is None          # most of the time, but no time to speak of
+    assert exchange_bound(workers(1.2, 3.0), spec) is None            # a second, but not most of the time
+    assert exchange_bound(workers(6.2, 9.9), TrainingSpec(layers=[4, 3, 2], mode="sync")) is None  # window 1
+    assert exchange_bound({}, spec) is None
