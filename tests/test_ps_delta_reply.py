@@ -371,7 +371,9 @@ def test_a_pipelined_sparse_window_is_rebased_by_entries_as_over_the_whole_vecto
         assert srv.stats()["applied"] == 2 * 16
     assert checked["delta"] + checked["whole"] == 2 * 16
     if optimizer == "sgd":
-        assert checked["delta"] >= 2 * 14      # all but each worker's first and last (no window after it)
+        # most receives take the entries path (a worker three pushes behind its peer is owed more entries than a
+        # delta may carry and gets the whole vector; each worker's last receive has no window after it)
+        assert checked["delta"] >= 16
     else:
         assert checked["delta"] == 0
 
