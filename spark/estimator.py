@@ -214,7 +214,7 @@ def exchange_bound(workers: dict, spec) -> str | None:
     stats = list(workers.values())
     wait = sum(w.get("exchange_s", 0.0) for w in stats) / len(stats)
     loop = sum(w.get("seconds", 0.0) for w in stats) / len(stats)
-    if wait < EXCHANGE_BOUND_SECONDS or wait < EXCHANGE_BOUND_SHARE * loop:
+    if loop <= 0 or wait < EXCHANGE_BOUND_SECONDS or wait < EXCHANGE_BOUND_SHARE * loop:
         return None
     tau = max(int(w.get("tau", spec.tau) or 1) for w in stats)
     pushes = round(sum(w.get("pushes", 0) for w in stats) / len(stats))
