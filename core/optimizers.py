@@ -154,9 +154,10 @@ class Optimizer:
         return Verdict.APPLIED
 
     def _entries_update(self, w, state, g, lr):
-        """The rule on gathered entries: (new weights, new state arrays) from copies ``w`` and ``state``."""
-        w -= lr * g
-        return w, state
+        """The rule on gathered entries: (new weights, new state arrays) from copies ``w`` and ``state``. Plain
+        SGD steps its entries in ``ops.sgd_entries_screened``; a stateful rule that is ``sparse_exact`` defines
+        this."""
+        raise NotImplementedError(f"{self.name} is sparse_exact but does not step gathered entries")
 
     def warm_up(self) -> None:
         """Run this rule's checked update once, on a twin over 8 zeros, so that a backend which compiles its kernels

@@ -128,7 +128,7 @@ HISTORY_FIELDS = ("time", "worker", "attempt", "step", "version", "loss", "accur
 class Round:
     """One synchronous round (sync gradients, easgd exchange or a barrier): a contribution per worker."""
     deadline: float
-    entries: dict = field(default_factory=dict)   # worker -> (token, header, array, its Entries, or None)
+    entries: dict = field(default_factory=dict)   # worker -> (token, header, array or its Entries or None)
 
 
 def check_initial_weights(w0) -> np.ndarray:

@@ -401,11 +401,16 @@ class AsyncEasgd(Mode):
         out.transfer.wait(loop.wait_timeout)
         version, center = loop.client.pull()
         e = rules.elastic_difference(np.asarray(out.host, np.float32), center, loop.spec.alpha)
+        self._push_difference(loop, e, version, out.step, out.metrics)
+        return version, e
+
+    @staticmethod
+    def _push_difference(loop, e, version, step, metrics) -> None:
+        """Push the elastic difference ``e`` (a vector or its Entries) computed against center ``version``."""
         try:
-            loop.client.push(e, base_version=version, step=out.step, kind="elastic", **out.metrics)
+            loop.client.push(e, base_version=version, step=step, kind="elastic", **metrics)
         except UpdateRejected:                 # the center's update was rolled back; x_i still moves toward it
             loop.stats["rejected_updates"] += 1
-        return version, e
 
     def receive(self, loop, out, reply):
         """x_i <- x_i - e: what left the worker went to the center (pipelined, x_i moved on meanwhile)."""
@@ -436,10 +441,7 @@ class AsyncEasgd(Mode):
             e = rules.elastic_difference(loop.ops.gather_entries(loop.w, apart),
                                         loop.ops.gather_entries(center, apart), loop.spec.alpha)
             push, index = Entries(apart, e, loop.net.num_params), apart
-        try:
-            loop.client.push(push, base_version=version, step=step, kind="elastic", **metrics)
-        except UpdateRejected:                 # the center's update was rolled back; x_i still moves toward it
-            loop.stats["rejected_updates"] += 1
+        self._push_difference(loop, push, version, step, metrics)
         loop.version = version
         if index is None:
             loop.w -= e

@@ -353,14 +353,6 @@ def entries_frame(index: np.ndarray, values: np.ndarray | None = None, *, source
     return frame, code
 
 
-def sparse_frame(index: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """A SPARSE32 payload: the k ``index`` (strictly increasing) as uint32, then their k float32 ``values``."""
-    frame = np.empty(2 * index.size, dtype=np.uint32)
-    frame[:index.size] = index
-    frame[index.size:] = values.astype(np.float32, copy=False).view(np.uint32)
-    return frame
-
-
 def sparse_parts(buf, n_expected: int, code: int = SPARSE32) -> tuple[np.ndarray, np.ndarray]:
     """A SPARSE32 or RUNS32 payload -> (indices, values float32; of SPARSE32 read-only views of ``buf``), or
     ProtocolError(BAD_PAYLOAD) naming what is wrong: its length, an index out of order or out of range."""

@@ -45,13 +45,13 @@ def weighted_mean_entries(parts, weights) -> tuple[np.ndarray, np.ndarray]:
     """:func:`weighted_mean` of p sparse vectors, ``parts`` = [(index (sorted, unique), values)], zero outside
     their indices -> (the union of the indices, the mean there, float32). The same float64 sums in the same
     order as the dense mean, so the same float32 result on every entry."""
-    from core.sparse import sorted_unique
+    from core.backends import host_ops
 
     weights = [float(w) for w in weights]
     total = sum(weights)
     if total <= 0:
         weights, total = [1.0] * len(parts), float(len(parts))
-    union = sorted_unique(np.concatenate([index for index, _ in parts]))
+    union = host_ops().union_sorted([index for index, _ in parts])
     acc = np.zeros(union.shape, dtype=np.float64)
     for (index, values), w in zip(parts, weights):
         acc[np.searchsorted(union, index)] += (w / total) * values.astype(np.float64, copy=False)

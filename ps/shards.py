@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from core.backends import host_ops
+
 from .client import ParameterClient, PushResult
 from .protocol import Entries
 from .server import ParameterServer
@@ -265,7 +267,7 @@ class ShardedClient:
         changed = part.last_changed
         delta = own and changed is not None and self._synced[k] == part.last_base
         if delta:
-            buf[a:b][changed] = w[changed]
+            host_ops().copy_entries(buf[a:b], w, changed)
         else:
             buf[a:b] = w
         self._took_delta[k] = delta

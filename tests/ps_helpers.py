@@ -238,3 +238,12 @@ def raw_push(w0, dtype, payload: bytes, n_values: int):
             sock.close(linger=0)
             ctx.term()
             c.close()
+
+
+def sparse_frame(index, values) -> np.ndarray:
+    """A SPARSE32 payload as given, in order or not (the tests' malformed frames): the k ``index`` as uint32,
+    then their k float32 ``values``. ps.protocol.entries_frame builds the ones ffps sends."""
+    frame = np.empty(2 * len(index), dtype=np.uint32)
+    frame[:len(index)] = index
+    frame[len(index):] = np.asarray(values, dtype=np.float32).view(np.uint32)
+    return frame

@@ -6,15 +6,15 @@ import pytest
 from ps import ParameterClient, ParameterServer, PSError, Reason
 from ps.changes import ChangeLog, HeldWeights
 from ps.protocol import (FLAG_DELTA_OK, FLAG_WANT_WEIGHTS, FLOAT32, SPARSE32, SPARSE_MIN_VALUES, Header, Op,
-                         encode_push, sparse_frame, sparse_parts)
+                         encode_push, sparse_parts)
 from ps.shards import ShardedServer, connect
 from ps.spec import TrainingSpec
 from core.datasets import hashed_text
 
 try:
-    from tests.ps_helpers import SessionEngine, run_threads
+    from tests.ps_helpers import SessionEngine, run_threads, sparse_frame
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import SessionEngine, run_threads
+    from ps_helpers import SessionEngine, run_threads, sparse_frame
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,13 +5,13 @@ import pytest
 
 from ps import ParameterClient, ParameterServer, Reason, Status
 from ps.protocol import (FLOAT32, RUNS32, SPARSE32, SPARSE_MIN_VALUES, Entries, Header, ProtocolError,
-                         encode_array, encode_push, entries_frame, read_array, sparse_frame, sparse_parts)
+                         encode_array, encode_push, entries_frame, read_array, sparse_parts)
 from ps.spec import TrainingSpec
 
 try:
-    from tests.ps_helpers import SessionEngine, header_for, raw_push, raw_socket, request
+    from tests.ps_helpers import SessionEngine, header_for, raw_push, raw_socket, request, sparse_frame
 except ImportError:  # pytest run without the repository root on sys.path
-    from ps_helpers import SessionEngine, header_for, raw_push, raw_socket, request
+    from ps_helpers import SessionEngine, header_for, raw_push, raw_socket, request, sparse_frame
 
 pytestmark = pytest.mark.timeout(120)
 

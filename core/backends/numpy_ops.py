@@ -12,6 +12,8 @@ import threading
 
 import numpy as np
 
+from ..sparse import offsets, sorted_unique
+
 # GEMM input precisions: float32 operands rounded to this many explicit mantissa bits before the product; the
 # products and sums stay float32 (fp32 accumulation), as tensor cores do. fp32 keeps all 23 bits (no rounding).
 PRECISION_MANTISSA_BITS = {"fp32": 23, "tf32": 10, "bf16": 7}
@@ -356,8 +358,6 @@ class NumpyOps:
     def union_sorted(self, arrays) -> np.ndarray:
         """The sorted union of strictly increasing index arrays (one dtype: int64 where they differ), a new array
         (never one of them: an index may be a view of a frame that the client's next request releases)."""
-        from core.sparse import sorted_unique
-
         arrays = [a for a in arrays if a.size]
         if len(arrays) < 2:
             return arrays[0].copy() if arrays else np.empty(0, dtype=np.int64)
@@ -394,7 +394,7 @@ class NumpyOps:
                              f"them and end by {n}")
         if int(lengths.sum()) != k:
             raise ValueError(f"its runs cover {int(lengths.sum())} indices, it holds {k} values")
-        firsts = np.cumsum(lengths) - lengths                    # each run's first position among the values
+        firsts = offsets(lengths)[:-1]                           # each run's first position among the values
         return np.repeat(starts - firsts, lengths) + np.arange(k, dtype=np.int64)
 
     def momentum_update(self, w, v, g, lr, momentum, nesterov=False, out=None):
