@@ -45,7 +45,8 @@ SPARK_FREE="tests/test_backends.py tests/test_cli.py tests/test_gpu.py tests/tes
   tests/test_numba_step.py tests/test_ops_parity.py tests/test_precision.py tests/test_ps_pipeline.py
   tests/test_ps_rules.py tests/test_ps_runner.py tests/test_ps_server.py tests/test_ps_convergence.py
   tests/test_ps_spec.py tests/test_ps_wire16.py tests/test_ps_shards.py tests/test_ps_hardening.py
-  tests/test_spark_data.py tests/test_trainer.py tests/test_windows.py tests/test_bench_rows.py"
+  tests/test_spark_data.py tests/test_trainer.py tests/test_windows.py tests/test_bench_rows.py
+  tests/test_ps_adaptive_window.py"
 
 status=0
 stage() {   # name, command...: output to $OUT/<name>.txt and the log, exit status remembered

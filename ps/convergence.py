@@ -180,3 +180,12 @@ def exchange_epoch(step: int, tau: int, steps_per_epoch: int, epochs: int) -> tu
     e = epoch_of(step)
     last = step * tau >= total or epoch_of(step + 1) != e
     return e, last
+
+
+def last_window_of_epoch(step: int, tau: int, steps_per_epoch: int, epochs: int) -> int:
+    """The last window (of ``tau`` local steps, numbered as :func:`exchange_epoch`'s steps) of the epoch that
+    window ``step`` belongs to: a push covering several windows ends there at the latest, so that every epoch
+    still ends one of a worker's pushes (its FLAG_EPOCH_LAST)."""
+    total = epochs * steps_per_epoch
+    e, _ = exchange_epoch(step, tau, steps_per_epoch, epochs)
+    return -(-total // tau) if e >= epochs else max(step, e * steps_per_epoch // tau)

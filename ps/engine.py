@@ -8,13 +8,14 @@ barriers and SSP waits. Every rejection leaves weights and optimizer state untou
 
 Retry safety: a worker registers with (worker_id, attempt); the HELLO reply's ``step`` is the last step the
 server applied for it, so a restarted worker resumes after it, and its ``session`` binds the registration to
-the client that made it: every later request must carry it (FOREIGN_SESSION otherwise), so no other client
-can push or pull as that (worker, attempt). Requests from an older attempt are fenced off
-(SUPERSEDED_ATTEMPT); steps are contiguous: a push for a step already taken gets DUPLICATE and changes
-nothing, one beyond the next step gets STEP_GAP, and a STALE push leaves its step open for the recomputed
-push. Every update's result is checked: a non-finite one is rolled back (weights and optimizer state),
-answered NON_FINITE_UPDATE and counted, and its step is used up so the worker can go on. No client may STOP
-the server (FORBIDDEN); the process that started it stops it.
+the client that made it: every later request must carry it (FOREIGN_SESSION otherwise), so no other client can
+push or pull as that (worker, attempt). Requests from an older attempt are fenced off (SUPERSEDED_ATTEMPT);
+steps are contiguous: a push for a step already taken gets DUPLICATE and changes nothing, one beyond the next
+step gets STEP_GAP (with an adaptive window, ``spec.window_max``, a push may cover up to window_max // tau
+windows, its step the last of them; one beyond those gets STEP_GAP), and a STALE push leaves its step open for
+the recomputed push. Every update's result is checked: a non-finite one is rolled back (weights and optimizer
+state), answered NON_FINITE_UPDATE and counted, and its step is used up so the worker can go on. No client may
+STOP the server (FORBIDDEN); the process that started it stops it.
 """
 from __future__ import annotations
 
@@ -176,6 +177,8 @@ class Engine:
         self._update_guard = contextlib.nullcontext if quiet else functools.partial(np.errstate, over="ignore",
                                                                                       invalid="ignore")
         self._push_codes = spec.push_dtype_codes
+        # windows one push may cover: 1, or with an adaptive window (spec.window_max) up to window_max // tau
+        self._span = max(1, spec.window_max // spec.tau) if spec.window_max else 1
         self._entries_in_place = self.mode.updates_entries(optimizer)
         # Where an update changes only the entries a sparse push carried, a client holding an earlier version
         # may be sent just the entries changed since (ps.changes): a vector this large is the only one a sparse
@@ -206,6 +209,13 @@ class Engine:
     @property
     def weights(self) -> np.ndarray:
         return self.pool.current
+
+    def _gap_message(self, h: Header, info) -> str:
+        if self._span == 1:
+            return (f"push for step {h.step}, but worker {h.worker_id}'s next step is {info.last_step + 1}: steps "
+                    f"are contiguous")
+        return (f"push for step {h.step}, but worker {h.worker_id}'s next step is {info.last_step + 1}: a push "
+                f"covers at most {self._span} windows (window_max {self.spec.window_max}, tau {self.spec.tau})")
 
     def _reject(self, token, h: Header | None, reason: Reason, msg: str, status=Status.ERROR):
         self.rejected[reason.name.lower()] = self.rejected.get(reason.name.lower(), 0) + 1
@@ -426,9 +436,8 @@ class Engine:
             info.rejected += 1
             return [(token, h.reply(Status.DUPLICATE, Reason.DUPLICATE_STEP, wversion=self.version,
                                     step=info.last_step), None)]
-        if h.step > info.last_step + 1:
-            raise ProtocolError(Reason.STEP_GAP, f"push for step {h.step}, but worker {h.worker_id}'s next step is "
-                                                 f"{info.last_step + 1}: steps are contiguous")
+        if h.step > info.last_step + self._span:
+            raise ProtocolError(Reason.STEP_GAP, self._gap_message(h, info))
         self.convergence.seen(h.worker_id, h.epoch, bool(h.flags & FLAG_EPOCH_LAST), now)
         if self.mode.rounds:
             return self._round_push(token, h, info, arr, now)

@@ -13,7 +13,9 @@ Every message is a ZeroMQ multipart message ``[header, payload?]`` (the ROUTER a
   ``wversion``: in a push, the weights version the update was computed on; in a reply, the server's version
   after handling the request. ``step``: the worker's exchange counter (1, 2, ...; across attempts), contiguous:
   a push of step s is taken only when step s - 1 was (applied, or refused as a non-finite update; a STALE
-  refusal leaves step s - 1 open for the worker's recomputed push).
+  refusal leaves step s - 1 open for the worker's recomputed push). Steps count windows of the spec's tau
+  local steps; with an adaptive window (the spec's ``window_max``) a push covering windows s .. s+m-1 carries
+  step s+m-1 (m at most window_max // tau) and is taken when step s - 1 was.
   ``seq``: a per-client request number echoed in the reply so late replies to a retried request are
   discarded. ``session``: the token that binds this (worker, attempt) to one client. The client proposes a
   random one in its first HELLO (0: the server picks one), so a HELLO sent again after a lost connection is

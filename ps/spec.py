@@ -19,7 +19,7 @@ from core.optimizers import OPTIMIZERS, SCHEDULES
 from core.validation import check_int, check_layers, check_seed, int_rule
 
 from .client import MAX_TIMEOUT_S
-from .modes import DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
+from .modes import AUTO_WINDOW_MAX, DEFAULT_WINDOW, MODE_NAMES, MODES, get_mode
 from .protocol import FLAG_LOCAL_WEIGHTS, FLOAT32, RUNS32, SPARSE32, WIRE_DTYPES
 from .rules import default_alpha
 
@@ -59,7 +59,7 @@ class TrainingSpec:
     mode: a :data:`ps.modes.MODE_NAMES` entry. learning_rate: the server optimizer's rate and the workers'
     local-step rate. optimizer (+ optimizer_options, schedule): the server's update rule for gradient pushes.
     tau: local steps between exchanges; 0 (the default) = the mode's own (:attr:`ps.modes.Mode.default_tau`: 1 in
-    sync, 4 in the others). alpha: the elastic modes' moving rate (default 0.9 /
+    sync, 4 in the others, where it may grow: ``window_max``). alpha: the elastic modes' moving rate (default 0.9 /
     num_workers). local_momentum: eamsgd's Nesterov momentum delta on the local steps. staleness: async only,
     refuse a push computed on weights more than this many updates old. ssp_slack: hold a pull at clock c until
     every other live worker reached c - slack. barrier_timeout: seconds a round, barrier or SSP wait may last.
@@ -72,6 +72,11 @@ class TrainingSpec:
     progress across the exchange in flight). wire_dtype: float32, or bfloat16 / float16 frames for gradient
     and elastic-difference pushes (the server adds them in float32).
     The four are off (fp32, False, False, float32) by default.
+    window_max: the adaptive window's bound, in local steps: a worker of an asynchronous mode covers as many
+    windows of tau steps in one push as keep its waits on exchanges near a fifth of its time
+    (:class:`ps.worker.WindowPacer`), up to window_max steps; 0 = every push covers one window. None (the
+    default) = :data:`ps.modes.AUTO_WINDOW_MAX` where tau is 0 (the mode's own) in an asynchronous mode without
+    ``staleness`` or ``ssp_slack``, else 0: a window the user sets stays fixed, and so does the run's schedule.
     """
     layers: tuple | None = None
     mode: str = "async"
@@ -96,6 +101,7 @@ class TrainingSpec:
     cuda_graphs: bool = False
     pipeline: bool = False
     wire_dtype: str = "float32"
+    window_max: int | None = None
 
     def __post_init__(self):
         put = object.__setattr__          # frozen: normalised values are set once, here
@@ -105,8 +111,10 @@ class TrainingSpec:
         for name in ("num_workers", "epochs", "batch_size"):
             _int_setting(self, name)
         _int_setting(self, "tau", low=0)
-        if self.tau == 0:
+        auto_window = self.tau == 0
+        if auto_window:
             put(self, "tau", mode.default_tau)
+        self._check_window_max(mode, auto_window)
         if self.epochs > MAX_EPOCHS:
             raise SpecError("epochs", "{name} must be at most %d (a push names its epoch in 16 bits), got {v!r}"
                             % MAX_EPOCHS, v=self.epochs)
@@ -160,6 +168,26 @@ class TrainingSpec:
             raise SpecError("seed", "{name} must be an integer, got {v!r}", v=self.seed) from None
         put(self, "learning_rate", float(self.learning_rate))
 
+    def _check_window_max(self, mode, auto_window: bool) -> None:
+        bounded = self.staleness is not None or self.ssp_slack is not None
+        if self.window_max is None:
+            grows = auto_window and mode.pipelines and not bounded
+            object.__setattr__(self, "window_max", AUTO_WINDOW_MAX if grows else 0)
+            return
+        _int_setting(self, "window_max", low=0)
+        if self.window_max == 0:
+            return
+        if not mode.pipelines:
+            takes = ", ".join(m for m, o in MODES.items() if o.pipelines)
+            raise SpecError("window_max", "{name} applies to the asynchronous modes (%s), not mode={mode!r}: its "
+                            "rounds take one window from every worker" % takes, mode=self.mode)
+        if self.window_max < self.tau:
+            raise SpecError("window_max", "{name} must be 0 or at least the window tau={tau}, got {v}",
+                            tau=self.tau, v=self.window_max)
+        if bounded:
+            raise SpecError("window_max", "{name}={v} does not combine with a staleness bound or an SSP slack "
+                            "(their clocks count windows of tau steps); use 0", v=self.window_max)
+
     @classmethod
     def build(cls, names: dict | None = None, **settings) -> "TrainingSpec":
         """``TrainingSpec(**settings)``, with an error worded in ``names`` (setting -> the caller's name)."""
@@ -172,6 +200,7 @@ class TrainingSpec:
         """A copy with ``changes``; a window that was the old mode's own (tau 0 resolved) follows a new mode."""
         if "mode" in changes and "tau" not in changes and self.tau == self.rule.default_tau:
             changes["tau"] = 0
+            changes.setdefault("window_max", None)         # and so does an adaptive window's bound
         return dataclasses.replace(self, **changes)
 
     @property
@@ -212,7 +241,8 @@ def add_spec_flags(parser: argparse.ArgumentParser, mode_alias: bool = True) -> 
     parser.add_argument("--workers", type=int, default=2, help="training workers (Spark: numWorkers)")
     add_flag(parser, "--window", "--tau", type=int, default=0,
              help="local steps between exchanges with the server (communicationWindow); 0: 1 in sync mode, %d in "
-                  "the others" % DEFAULT_WINDOW)
+                  "the others, where a push may cover several windows (up to %d steps) while exchanges take more "
+                  "than a fifth of a worker's time" % (DEFAULT_WINDOW, AUTO_WINDOW_MAX))
     add_flag(parser, "--server-optimizer", "--optimizer", choices=OPTIMIZERS, default="sgd",
              help="update rule the server applies to gradient pushes (sync, async)")
     parser.add_argument("--momentum", type=float, default=None,

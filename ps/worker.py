@@ -6,8 +6,10 @@ numpy, numba, cupy with a device ordinal) a window at a time (one recorded launc
 ``cuda_graphs``); the client moves float32 host vectors, through page-locked buffers on a GPU. Exchange ``s``
 (1, 2, ...) covers local steps ``(s-1)*tau+1 .. s*tau`` of a deterministic batch sequence (seeded per worker),
 so a restarted worker (attempt + 1) skips exactly the exchanges the server already applied for it and no
-mini-batch is applied twice. With the spec's ``pipeline`` (asynchronous modes) the push and pull of window k
-run on a thread while window k+1 computes.
+mini-batch is applied twice. With an adaptive window (the spec's ``window_max``) one push may cover windows s
+.. s+m-1 and carries step s+m-1: the numbering, and with it every resume, stays in windows of tau steps. With
+the spec's ``pipeline`` (asynchronous modes) the push and pull of window k run on a thread while window k+1
+computes.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from core.optimizers import steady_gain
 from core.sparse import CsrRows
 
-from .convergence import exchange_epoch
+from .convergence import exchange_epoch, last_window_of_epoch
 from .shards import connect
 
 log = logging.getLogger("ps.worker")
@@ -111,6 +113,40 @@ class Exchanges:
             self.pool.shutdown(wait=False)
 
 
+MIN_PUSHES_PER_PASS = 4     # an adaptive window covers at most a quarter of a pass over the worker's shard
+
+
+class WindowPacer:
+    """How many windows of ``tau`` steps a worker's next push covers (an adaptive window, ``window_max`` > tau):
+    enough that its wait on the exchange is about ``SHARE`` of the time between pushes, from running means of
+    a local step's time and an exchange's wait. Starts at one window; grows at most twofold a push (a slow first
+    exchange does not jump to the bound); never past ``window_max`` steps. Only the timing of this worker moves
+    it, so runs that set their window keep a fixed schedule (no pacer)."""
+
+    SHARE = 0.2         # of a worker's time between two pushes that its wait on the exchange may take
+    SMOOTHING = 0.5     # weight of the newest measurement in the running means
+
+    def __init__(self, tau: int, window_max: int):
+        self.tau, self.most = tau, max(1, window_max // tau)
+        self.windows = 1
+        self.step_s = self.wait_s = None
+
+    def observe(self, steps: int, compute_s: float, wait_s: float) -> int:
+        """One push's figures (its local steps, their time, the wait on its exchange) -> windows of the next."""
+        if steps > 0:
+            step_s = max(compute_s, 0.0) / steps
+            a = self.SMOOTHING
+            self.step_s = step_s if self.step_s is None else a * step_s + (1 - a) * self.step_s
+            self.wait_s = wait_s if self.wait_s is None else a * wait_s + (1 - a) * self.wait_s
+            if self.step_s > 0:
+                need = self.wait_s * (1 - self.SHARE) / self.SHARE / self.step_s        # steps a push
+                want = max(1, -(-int(need) // self.tau))
+            else:
+                want = self.most
+            self.windows = max(1, min(want, 2 * self.windows, self.most))
+        return self.windows
+
+
 def window_within_an_epoch(spec, steps_per_epoch: int):
     """``spec`` with its window cut to a pass over the shard when it is longer: an exchange counts in the epoch
     of its last step, so with fewer steps per pass than ``tau`` some epochs ended no exchange, had no figures,
@@ -121,7 +157,8 @@ def window_within_an_epoch(spec, steps_per_epoch: int):
         return spec
     log.info("worker: %d local steps per pass over this shard, fewer than the window of %d: exchanging every %d "
              "steps, so every epoch ends at least one exchange", steps_per_epoch, spec.tau, steps_per_epoch)
-    return spec.replace(tau=steps_per_epoch)
+    # an adaptive window's bound follows (its pushes never cross an epoch's end either)
+    return spec.replace(tau=steps_per_epoch, **({"window_max": steps_per_epoch} if spec.window_max else {}))
 
 
 def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, device=None, attempt=0,
@@ -154,6 +191,10 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     spec = window_within_an_epoch(spec, steps_per_epoch)
     tau = spec.tau
+    # the adaptive window's bound: the spec's, and at most a quarter of a pass, so that a small shard still
+    # exchanges a few times a pass (digits on 4 workers, 10 steps a pass: whole-pass pushes lost ~0.5 % accuracy)
+    most = min(spec.window_max, max(tau, steps_per_epoch // MIN_PUSHES_PER_PASS))
+    pacer = WindowPacer(tau, most) if most >= 2 * tau and not mode.keeps_window(spec) else None
     t_ready = time.perf_counter()
     if client is None:
         client = connect(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)
@@ -161,7 +202,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     resume_after = client.step
     stats = {"worker_id": worker_id, "attempt": attempt, "resumed_after": resume_after, "pushes": 0,
              "stale": 0, "rejected_updates": 0, "duplicates": 0, "local_steps": 0, "samples": 0, "exchange_s": 0.0,
-             "tau": tau, "epochs": spec.epochs,
+             "tau": tau, "window_max": most if pacer else tau, "longest_push": 0, "epochs": spec.epochs,
              # batches per pass: exchange s ends in epoch ceil(s * tau / steps_per_epoch)
              "steps_per_epoch": steps_per_epoch, "pipelined": bool(spec.pipeline)}
     loop = WorkerLoop(spec, net, trainer, client, stats)
@@ -180,18 +221,24 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
         # the entries where w and the weights the client holds may differ: none yet (async-easgd by entries)
         loop.apart = np.empty(0, dtype=np.int64) if client.held_version is not None else None
 
-        def exchange(step):
+        def exchange(step, steps, started):
             loss_sum, correct, rows = trainer.take_sums()     # the window's one host read
             epoch, last = exchange_epoch(step, tau, steps_per_epoch, spec.epochs)
             t = time.perf_counter()
             exchanges(step, dict(loss=loss_sum / rows, accuracy=correct / rows, batch_size=rows, epoch=epoch,
                                  last_of_epoch=last))
-            stats["exchange_s"] += time.perf_counter() - t        # the time training waited on the server
+            wait = time.perf_counter() - t
+            stats["exchange_s"] += wait                          # the time training waited on the server
             stats["pushes"] += 1
             stats["samples"] += rows
+            stats["longest_push"] = max(stats["longest_push"], steps)
+            if pacer is not None:
+                pacer.observe(steps, t - started, wait)
 
         k = 0                                  # local steps of the whole run so far (done or skipped)
-        in_window = 0                          # steps of the current window so far
+        in_window = 0                          # steps of the current push so far
+        push_end = 0                           # the last window the current push covers
+        started = 0.0                          # when the current push's first step began
         for _ in range(spec.epochs):
             if client.stop_requested:          # the server decided (tol): end after the last exchange
                 break
@@ -203,24 +250,28 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                     skip = min(steps_per_epoch - b, resume_after * tau - k)
                     b, k = b + skip, k + skip
                     continue
+                if in_window == 0:
+                    push_end = window if pacer is None else min(
+                        window + pacer.windows - 1, last_window_of_epoch(window, tau, steps_per_epoch, spec.epochs))
+                    loop.window_version = loop.version
+                    started = time.perf_counter()
+                # a push of several windows still runs them a window at a time (the shapes a CUDA graph recorded)
                 count = 1 if per_step else min(steps_per_epoch - b, window * tau - k)
                 if per_step:
                     if on_step is not None:
                         on_step(k + 1)
                     if step_delay:
                         time.sleep(step_delay)
-                if in_window == 0:
-                    loop.window_version = loop.version
                 if keep:
                     loop.keep_batches(window, [trainer.batch(data, i) for i in range(b, b + count)])
                 mode.local_window(loop, data, b, count)
                 b, k, in_window = b + count, k + count, in_window + count
                 stats["local_steps"] += count
-                if k == window * tau:
-                    exchange(window)
+                if k == push_end * tau:
+                    exchange(push_end, in_window, started)
                     in_window = 0
         if in_window and not client.stop_requested:
-            exchange((k - 1) // tau + 1)                   # the last, shorter window: no batch goes unsent
+            exchange((k - 1) // tau + 1, in_window, started)    # the last, shorter window: no batch goes unsent
         exchanges.finish()
         client.bye()
     finally:

@@ -23,7 +23,7 @@ from core.backends.numpy_ops import PRECISIONS
 from core.network import param_layout
 from core.optimizers import OPTIMIZERS
 from core.validation import check_int, check_layers
-from ps.modes import DEFAULT_WINDOW, MODE_NAMES
+from ps.modes import AUTO_WINDOW_MAX, DEFAULT_WINDOW, MODE_NAMES
 from ps.protocol import WIRE_DTYPES
 from ps.spec import TrainingSpec
 
@@ -115,8 +115,10 @@ PARAMS = {
     "optimizer": ("update rule the server applies to gradient pushes (sync, async): " + ", ".join(OPTIMIZERS),
                   _choice("optimizer", OPTIMIZERS), "sgd"),
     "communicationWindow": ("local mini-batch steps between exchanges with the server (tau); 0 = auto: 1 in sync "
-                            "mode (where it must be 1), %d in the others. A worker whose pass over its shard has "
-                            "fewer steps exchanges once a pass" % DEFAULT_WINDOW, T.toInt, 0),
+                            "mode (where it must be 1); in the others %d, and a worker whose exchanges take more "
+                            "than a fifth of its time covers several windows in one push, up to %d steps (not with "
+                            "maxStaleness); a window set here stays fixed. A worker whose pass over its shard has "
+                            "fewer steps exchanges once a pass" % (DEFAULT_WINDOW, AUTO_WINDOW_MAX), T.toInt, 0),
     "rho": ("elastic modes: moving rate alpha = stepSize * rho; unset = the EASGD default alpha = 0.9 / "
             "numWorkers", T.toFloat, None),
     "momentum": ("momentum: of the server optimizer 'momentum'/'nesterov', and delta of eamsgd's local Nesterov "

@@ -1,6 +1,7 @@
 """Update rules, optimizers, protocol and the engine state machine, without sockets."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from core.optimizers import Schedule, make_optimizer, steady_gain
 from ps import rules
 from ps.protocol import (FLAG_ELASTIC, FLAG_JSON, FLOAT32, HEADER, MAGIC, PROTOCOL_VERSION, Header, Op, ProtocolError,
                          Reason, Status, model_fingerprint, read_array, request_header, unpack_header)
+from ps.modes import AUTO_WINDOW_MAX
 from ps.spec import TrainingSpec
 try:
     from tests.ps_helpers import SessionEngine
@@ -406,6 +408,46 @@ def test_engine_steps_are_contiguous():
     assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=2, wversion=1))) == [(Status.OK, 0)]
     np.testing.assert_array_equal(e.weights, -2 * one)
     assert e.stats()["rejected"] == {"step_gap": 1}
+
+
+def test_engine_push_of_an_adaptive_window_covers_up_to_window_max_over_tau_windows():
+    e = engine(lr=1.0, tau=4, window_max=16)                 # a push may cover 16 // 4 = 4 windows
+    one = np.ones(4, np.float32)
+    e.handle(b"a", msg(Op.HELLO, 0))
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=4))) == [(Status.OK, 0)]   # windows 1..4
+    r = e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=9, wversion=1))                   # 5..9: five windows
+    assert status(r) == [(Status.ERROR, Reason.STEP_GAP)]
+    assert "covers at most 4 windows (window_max 16, tau 4)" in r[0][2].decode()
+    assert e.version == 1 and e.workers[0].last_step == 4
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=5, wversion=1))) == [(Status.OK, 0)]
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=8, wversion=2))) == [(Status.OK, 0)]
+    assert status(e.handle(b"a", msg(Op.PUSH, 0, 0, one, step=6, wversion=3))) == \
+        [(Status.DUPLICATE, Reason.DUPLICATE_STEP)]
+    np.testing.assert_array_equal(e.weights, -3 * one)
+    fixed = engine(lr=1.0, tau=4)                           # a window the user set: contiguous steps
+    fixed.handle(b"a", msg(Op.HELLO, 0))
+    assert status(fixed.handle(b"a", msg(Op.PUSH, 0, 0, one, step=2))) == [(Status.ERROR, Reason.STEP_GAP)]
+
+
+def test_spec_window_max_is_adaptive_only_for_a_default_window_in_the_asynchronous_modes():
+    assert TrainingSpec(mode="async").window_max == AUTO_WINDOW_MAX
+    assert TrainingSpec(mode="async-easgd").window_max == AUTO_WINDOW_MAX
+    assert TrainingSpec(mode="eamsgd", pipeline=True).window_max == AUTO_WINDOW_MAX
+    for fixed in (dict(mode="async", tau=4), dict(mode="async", staleness=2), dict(mode="async", ssp_slack=1),
+                  dict(mode="sync"), dict(mode="easgd")):
+        assert TrainingSpec(**fixed).window_max == 0, fixed
+    spec = TrainingSpec(mode="async")
+    assert spec.replace(backend="numpy").window_max == AUTO_WINDOW_MAX          # kept through a copy
+    assert spec.replace(mode="sync").window_max == 0 and spec.replace(mode="sync").tau == 1
+    assert spec.replace(mode="sync").replace(mode="async").window_max == AUTO_WINDOW_MAX
+    assert TrainingSpec(mode="async", tau=8, window_max=32).window_max == 32
+    for bad, words in ((dict(mode="sync", window_max=8), "applies to the asynchronous modes"),
+                       (dict(mode="easgd", tau=2, window_max=8), "not mode='easgd'"),
+                       (dict(mode="async", tau=8, window_max=4), "must be 0 or at least the window tau=8, got 4"),
+                       (dict(mode="async", window_max=-1), "window_max must be"),
+                       (dict(mode="async", window_max=16, staleness=1), "does not combine with a staleness bound")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            TrainingSpec(**bad)
 
 
 def test_engine_every_op_honours_registration_and_fencing():

@@ -207,7 +207,7 @@ def _fuzz_messages(cfg, rng, n, P, session=0):
         lambda: push_frames(cfg, np.ones(P), worker_id=rng.choice([1, 2, -1, 99]), attempt=0, step=1),  # unknown
         lambda: push_frames(cfg, np.ones(P), **dict(good, step=-3)),
         lambda: push_frames(cfg, np.ones(P), **dict(good, flags=8)),                                # wrong mode
-        lambda: push_frames(cfg, np.ones(P), **dict(good, step=rng.choice([3, 50, 10**9]))),        # step gap
+        lambda: push_frames(cfg, np.ones(P), **dict(good, step=rng.choice([18, 50, 10**9]))),       # step gap
         lambda: push_frames(cfg, np.ones(P), **dict(good, session=rng.getrandbits(64))),            # not its session
         lambda: [header_for(cfg, 7, **good).pack()],                                               # STOP
         lambda: [header_for(cfg, 1, worker_id=rng.choice([5, 99, -7])).pack()],                    # hello, bad id

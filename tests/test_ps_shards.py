@@ -89,7 +89,7 @@ def test_every_shard_refuses_what_it_should():
                                  worker_id=0, step=2, session=session), Reason.WRONG_FINGERPRINT),   # shard 0's
                     (push_frames(cfg["shards"][0], np.ones(334), worker_id=0, step=2, session=session),
                      Reason.WRONG_JOB),                          # a header meant for shard 0
-                    (push_frames(shard1, np.ones(334), worker_id=0, step=9, session=session), Reason.STEP_GAP),
+                    (push_frames(shard1, np.ones(334), worker_id=0, step=99, session=session), Reason.STEP_GAP),
                     (push_frames(shard1, np.ones(334), worker_id=0, step=2, session=session ^ 1),
                      Reason.FOREIGN_SESSION)):
                 h, _ = request(sock, frames)

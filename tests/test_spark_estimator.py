@@ -598,8 +598,9 @@ def test_a_fit_that_mostly_waited_on_exchanges_hints_at_a_longer_window():
     from ps.spec import TrainingSpec
     from spark.estimator import exchange_bound
 
-    def workers(wait, loop, tau=4, pushes=240):
-        return {k: {"exchange_s": wait, "seconds": loop, "tau": tau, "pushes": pushes} for k in (0, 1)}
+    def workers(wait, loop, tau=4, pushes=240, longest=4):
+        return {k: {"exchange_s": wait, "seconds": loop, "tau": tau, "pushes": pushes, "longest_push": longest}
+                for k in (0, 1)}
 
     spec = TrainingSpec(layers=[4, 3, 2], mode="async")
     assert exchange_bound(workers(6.2, 9.9), spec) == (
@@ -610,3 +611,7 @@ def test_a_fit_that_mostly_waited_on_exchanges_hints_at_a_longer_window():
     assert exchange_bound(workers(1.2, 3.0), spec) is None            # a second, but not most of the time
     assert exchange_bound(workers(6.2, 9.9), TrainingSpec(layers=[4, 3, 2], mode="sync")) is None  # window 1
     assert exchange_bound({}, spec) is None
+    assert exchange_bound(workers(6.2, 9.9, longest=64), spec) == (       # the automatic window at its bound
+        "the workers waited on the parameter server for 63 % of their training time (6.2 of 9.9 s each, 240 "
+        "exchanges): a longer communicationWindow (the automatic window grew from 4 to 64 local steps a push) "
+        "exchanges less often; try 256. Small networks and wide sparse ones (HashingTF) gain the most")

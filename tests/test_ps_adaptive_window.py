@@ -1,0 +1,171 @@
+"""The adaptive window (TrainingSpec.window_max): a push may cover several windows of tau steps, numbered in
+windows, so resumes and epoch boundaries hold; the pacer's choice from its worker's timing."""
+import numpy as np
+import pytest
+
+from ps.convergence import exchange_epoch, last_window_of_epoch
+from ps.spec import TrainingSpec
+from ps.worker import WindowPacer, run_worker
+
+try:
+    from tests.ps_helpers import digits, server
+except ImportError:  # pytest run without the repository root on sys.path
+    from ps_helpers import digits, server
+
+pytestmark = pytest.mark.timeout(120)
+LAYERS = [64, 100, 10]
+
+
+def test_the_pacer_aims_at_a_fifth_of_the_time_grows_at_most_twofold_and_stays_in_bounds():
+    p = WindowPacer(tau=4, window_max=64)
+    assert p.windows == 1
+    # 1 ms a step, 4 ms a wait: 16 steps a push keep the wait at a fifth, but the first growth is twofold
+    assert p.observe(4, 0.004, 0.004) == 2
+    assert p.observe(8, 0.008, 0.004) == 4
+    assert p.observe(16, 0.016, 0.004) == 4                  # 16 steps: steady
+    for _ in range(6):                                       # exchanges 50x a step: up to the bound, 64 steps
+        p.observe(16, 0.016, 0.05)
+    assert p.windows == 16
+    for _ in range(8):                                       # exchanges cheap again: back to one window
+        p.observe(64, 0.064, 0.0)
+    assert p.windows == 1
+    assert WindowPacer(tau=4, window_max=64).observe(4, 0.0, 0.001) == 2    # steps too fast to time: grow
+    assert WindowPacer(tau=4, window_max=6).observe(4, 0.004, 1.0) == 1     # 6 // 4: one window at most
+    q = WindowPacer(tau=3, window_max=64)
+    assert q.observe(0, 0.0, 1.0) == 1                       # a push without steps says nothing
+    assert q.step_s is None
+
+
+def test_the_last_window_of_an_epoch_matches_exchange_epoch():
+    for tau, spe, epochs in ((4, 16, 3), (4, 20, 2), (3, 4, 3), (2, 5, 2), (7, 3, 4), (1, 1, 2)):
+        total = -(-epochs * spe // tau)
+        for s in range(1, total + 1):
+            e = exchange_epoch(s, tau, spe, epochs)[0]
+            last = max(t for t in range(1, total + 1) if exchange_epoch(t, tau, spe, epochs)[0] == e)
+            assert last_window_of_epoch(s, tau, spe, epochs) == last, (tau, spe, epochs, s)
+            assert exchange_epoch(last, tau, spe, epochs)[1]
+
+
+def forced(monkeypatch, first, then):
+    """Make every WindowPacer start at ``first`` windows and choose the values of ``then`` in turn (its last
+    one from there on) instead of timing."""
+    init = WindowPacer.__init__
+    seq = iter(then)
+
+    def start(self, tau, window_max):
+        init(self, tau, window_max)
+        self.windows = min(first, self.most)
+
+    def observe(self, steps, compute_s, wait_s):
+        self.windows = min(next(seq, then[-1]), self.most)
+        return self.windows
+    monkeypatch.setattr(WindowPacer, "__init__", start)
+    monkeypatch.setattr(WindowPacer, "observe", observe)
+
+
+def train(spec, X, y, **kw):
+    """One worker (in this process) against a real server -> (final weights, history, server stats, worker stats)."""
+    with server(spec.initial_weights(), spec=spec) as s:
+        stats = run_worker(s.client_config(), 0, X, y, **kw)
+        return s.weights(), s.history(), s.stats(), stats
+
+
+def one_worker(batch_size=4, **fields):
+    return TrainingSpec(layers=LAYERS, mode="async", num_workers=1, epochs=3, batch_size=batch_size,
+                        learning_rate=0.05, backend="numpy", seed=5, **fields)
+
+
+def test_pushes_of_two_windows_train_exactly_as_a_window_twice_as_long(monkeypatch):
+    Xtr, _, ytr, _ = digits()
+    X, y = Xtr[:512], ytr[:512]                               # 128 batches of 4 a pass: 32 windows of 4
+    forced(monkeypatch, 2, [2])
+    adaptive = one_worker(window_max=64)
+    assert adaptive.tau == 4 and adaptive.window_max == 64
+    w_2, hist_2, stats_2, worker_2 = train(adaptive, X, y)
+    w_8, hist_8, _, _ = train(one_worker(tau=8), X, y)
+    assert [r["step"] for r in hist_2] == list(range(2, 97, 2))        # numbered in windows of 4 steps
+    assert [r["step"] for r in hist_8] == list(range(1, 49))
+    assert [r["batch_size"] for r in hist_2] == [r["batch_size"] for r in hist_8] == [32] * 48
+    np.testing.assert_array_equal(w_2, w_8)
+    # the bound: the spec's 64 steps, cut to a quarter of a pass (32 steps)
+    assert worker_2["longest_push"] == 8 and worker_2["window_max"] == 32 and worker_2["tau"] == 4
+    assert stats_2["workers"]["0"]["last_step"] == 96 and worker_2["local_steps"] == 384
+    forced(monkeypatch, 1, [1])
+    w_1, _, _, worker_1 = train(one_worker(window_max=64), X, y)
+    np.testing.assert_array_equal(w_1, train(one_worker(tau=4), X, y)[0])   # one window a push: the fixed run
+    assert worker_1["longest_push"] == 4 and worker_1["pushes"] == 96
+
+
+def test_a_shard_of_few_steps_a_pass_keeps_one_window_a_push(monkeypatch):
+    """16 steps a pass: a quarter of a pass is one window, so no push covers more (the pacer is not used)."""
+    Xtr, _, ytr, _ = digits()
+    forced(monkeypatch, 4, [4])
+    w, hist, _, worker = train(one_worker(batch_size=32, window_max=64), Xtr[:512], ytr[:512])
+    assert [r["step"] for r in hist] == list(range(1, 13)) and worker["longest_push"] == 4
+    assert worker["window_max"] == 4
+    np.testing.assert_array_equal(w, train(one_worker(batch_size=32, tau=4), Xtr[:512], ytr[:512])[0])
+
+
+@pytest.mark.parametrize("mode,pipeline", [("async", False), ("async", True), ("async-easgd", False),
+                                           ("eamsgd", True)])
+def test_a_push_never_crosses_an_epoch_and_every_epoch_is_closed(monkeypatch, mode, pipeline):
+    Xtr, _, ytr, _ = digits()
+    X, y = Xtr[:640], ytr[:640]                               # 160 batches of 4 a pass, windows of 3 across passes
+    forced(monkeypatch, 1, [3, 16, 1, 5, 2] * 20)
+    spec = TrainingSpec(layers=LAYERS, mode=mode, num_workers=1, epochs=4, batch_size=4, learning_rate=0.05,
+                        tau=3, window_max=48, backend="numpy", seed=1, pipeline=pipeline)
+    _, hist, stats, worker = train(spec, X, y)
+    steps = [r["step"] for r in hist]
+    assert steps == sorted(set(steps)) and steps[-1] == -(-4 * 160 // 3)
+    gaps = [b - a for a, b in zip([0] + steps, steps)]
+    assert max(gaps) == 40 // 3 and worker["window_max"] == 40       # a quarter of a pass: 13 windows of 3
+    for a, b in zip([0] + steps, steps):                      # windows a+1 .. b all lie in one epoch
+        assert exchange_epoch(a + 1, 3, 160, 4)[0] == exchange_epoch(b, 3, 160, 4)[0]
+    assert sum(r["batch_size"] for r in hist) == 4 * 640 and worker["local_steps"] == 640
+    assert [e["epoch"] for e in stats["convergence"]["completed"]] == [1, 2, 3, 4]
+    assert worker["pushes"] == len(hist) < -(-640 // 3)
+
+
+def test_a_restarted_worker_resumes_after_the_last_push_it_covered(monkeypatch):
+    """Killed in the middle of a three-window push: the restarted attempt skips exactly the windows the server
+    applied and trains the same weights, bit for bit, as a run that was never interrupted."""
+    Xtr, _, ytr, _ = digits()
+    X, y = Xtr[:512], ytr[:512]
+    spec = one_worker(window_max=64)
+
+    class Killed(Exception):
+        pass
+
+    def die_at(step):
+        def hook(k):
+            if k == step:
+                raise Killed()
+        return hook
+
+    # the uninterrupted run's pushes: windows 1 | 2-4 | 5 | 6-8 | 9-11 | 12 | ...; the killed attempt's: 1 | 2-4,
+    # then it dies in 5-7, and the restarted attempt's pacer starts again at one window: 5 | 6-8 | ...
+    forced(monkeypatch, 1, [3, 1, 3])
+    w_whole, hist_whole, _, _ = train(spec, X, y, on_step=lambda k: None)
+    forced(monkeypatch, 1, [3])
+    with server(spec.initial_weights(), spec=spec) as s:
+        cfg = s.client_config()
+        with pytest.raises(Killed):
+            run_worker(cfg, 0, X, y, on_step=die_at(20))      # steps 17..19 of window 5 done, not pushed
+        assert s.stats()["workers"]["0"]["last_step"] == 4
+        forced(monkeypatch, 1, [3])
+        second = run_worker(cfg, 0, X, y, attempt=1, on_step=lambda k: None)
+        w_resumed, hist = s.weights(), s.history()
+    assert second["resumed_after"] == 4
+    assert sum(r["batch_size"] for r in hist) == 3 * 512      # every row of every pass applied once
+    assert [r["step"] for r in hist] == [r["step"] for r in hist_whole]
+    np.testing.assert_array_equal(w_resumed, w_whole)
+
+
+def test_a_window_cut_to_a_short_pass_cuts_the_adaptive_bound_with_it():
+    from ps.worker import window_within_an_epoch
+
+    cut = window_within_an_epoch(TrainingSpec(mode="async"), 3)          # 3 steps a pass, window 4
+    assert (cut.tau, cut.window_max) == (3, 3)
+    fixed = window_within_an_epoch(TrainingSpec(mode="async", tau=8), 3)
+    assert (fixed.tau, fixed.window_max) == (3, 0)
+    assert window_within_an_epoch(TrainingSpec(mode="async"), 40).window_max == 64
