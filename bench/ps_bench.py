@@ -239,7 +239,7 @@ def mid_runner(workers, backend, epochs, rows, options):
     X, y = mid_data(rows)
     devices = [0] * workers if backend == "cupy" else None
     res = run(X, y, MID_LAYERS, mode="async", workers=workers, backend=backend, epochs=epochs, batch_size=128,
-              learning_rate=0.05, tau=4, secure=True, timeout=900, devices=devices, **options)
+              learning_rate=0.05, secure=True, timeout=900, devices=devices, **dict({"tau": 4}, **options))
     loss = res.history[-1]["loss"] if res.history else float("nan")
     graphs = [r.get("graph_problem") for r in res.workers.values()]
     return res.samples_per_s, res.steady_samples_per_s, loss, graphs
@@ -263,12 +263,17 @@ def mid_alone(backend, epochs, rows, graphs):
 
 def mid_section(backend, quick, out, rows=60_000):
     epochs = 2 if quick else 4
-    print(f"\nmid-size net {MID_LAYERS}, {rows} rows, async window 4, batch 128, backend {backend}, CURVE on")
-    configs = [("as shipped", {})]
+    print(f"\nmid-size net {MID_LAYERS}, {rows} rows, async window 4 (or automatic), batch 128, backend {backend}, "
+          f"CURVE on")
+    configs = [("as shipped", {}), ("automatic window", {"tau": 0})]     # tau 0: a push may cover 1-16 windows
     if backend == "cupy":
         configs.append(("graphs+pipeline+bf16 frames", GPU_OPTIONS))
+    alone = {}                                  # one single-process run per graphs setting
     for label, options in configs:
-        sps, loss, problem = mid_alone(backend, epochs, rows, graphs=bool(options.get("cuda_graphs")))
+        graphs = bool(options.get("cuda_graphs"))
+        if graphs not in alone:
+            alone[graphs] = mid_alone(backend, epochs, rows, graphs=graphs)
+        sps, loss, problem = alone[graphs]
         out["mid"].append({"workers": 0, "label": "one process, no server", "config": label, "backend": backend,
                            "samples_per_s": sps, "train_loss": loss, "graph_problem": problem})
         print(f"  {label:28s} alone (no server): {sps:10.0f} samples/s, loss {loss:.4f}"
@@ -277,7 +282,8 @@ def mid_section(backend, quick, out, rows=60_000):
         for w in (1, 2, 4):
             wall, steady, loss, problems = mid_runner(w, backend, epochs, rows, options)
             one = steady if w == 1 else one
-            row = {"workers": w, "config": label, "backend": backend, "tau": 4, "samples_per_s_wall": wall,
+            row = {"workers": w, "config": label, "backend": backend, "tau": options.get("tau", 4),
+                   "samples_per_s_wall": wall,
                    "samples_per_s_steady": steady, "train_loss_last_push": loss,
                    "steady_over_one_worker": steady / one if one else None, "graph_problems": problems}
             out["mid"].append(row)
