@@ -101,10 +101,16 @@ class CsrRows:
         """The row (0..m-1) of each stored value, in storage order from indptr[0]."""
         return value_rows(np.diff(self.indptr))
 
-    def toarray(self) -> np.ndarray:
+    def toarray(self, unique_columns: bool = False) -> np.ndarray:
+        """The dense rows. Duplicate columns of a row add up (scipy's meaning); ``unique_columns``: the caller
+        knows a row names each column once (a Spark SparseVector), and one assignment does (~10x faster than
+        the unbuffered add)."""
         out = np.zeros(self.shape, dtype=self.dtype)
         a, b = int(self.indptr[0]), int(self.indptr[-1])
-        np.add.at(out, (self.row_ids(), self.indices[a:b]), self.values[a:b])   # duplicate columns add up
+        if unique_columns:
+            out[self.row_ids(), self.indices[a:b]] = self.values[a:b]
+        else:
+            np.add.at(out, (self.row_ids(), self.indices[a:b]), self.values[a:b])
         return out
 
 

@@ -294,11 +294,8 @@ def rows_for_the_gpu(X, requested: str):
     if not isinstance(X, CsrRows):
         return X, "cupy", None
     dense = 4 * X.shape[0] * X.shape[1]
-    if dense <= GPU_DENSE_MAX_BYTES:
-        out = np.zeros(X.shape, dtype=np.float32)
-        a, b = int(X.indptr[0]), int(X.indptr[-1])
-        out[X.row_ids(), X.indices[a:b]] = X.values[a:b]
-        return out, "cupy", None
+    if dense <= GPU_DENSE_MAX_BYTES:            # VectorRows' CSR rows come from SparseVectors: unique columns
+        return X.toarray(unique_columns=True).astype(np.float32, copy=False), "cupy", None
     if str(requested).strip().lower() == "auto":
         return X, cpu_backend_name(), None
     return None, "cupy", dense

@@ -224,3 +224,14 @@ def test_the_gpu_backend_refuses_sparse_rows_with_the_fix(backend):
     net = FeedForwardNetwork([10, 4, 2], backend=backend)
     with pytest.raises(ValueError, match="cupy backend takes dense rows: pass X.toarray"):
         net.upload(sp.csr_matrix(np.eye(3, 10)), [0, 1, 0])
+
+
+def test_dense_rows_add_duplicate_columns_unless_told_each_column_comes_once():
+    X = CsrRows(np.array([0, 3, 5]), np.array([1, 4, 1, 0, 2], np.int32),
+                np.array([2.0, 3.0, 5.0, 7.0, 1.0], np.float32), 6)
+    np.testing.assert_array_equal(X.toarray(), sp.csr_matrix((X.values, X.indices, X.indptr), shape=(2, 6)).toarray())
+    assert X.toarray()[0, 1] == 7.0                           # 2 + 5: scipy's meaning
+    unique = CsrRows(np.array([0, 2, 3]), np.array([1, 4, 0], np.int32), np.array([2.0, 3.0, 7.0], np.float32), 6)
+    np.testing.assert_array_equal(unique.toarray(unique_columns=True), unique.toarray())
+    view = CsrRows(unique.indptr[1:], unique.indices, unique.values, 6)       # rows from a later offset
+    np.testing.assert_array_equal(view.toarray(unique_columns=True), [[7.0, 0, 0, 0, 0, 0]])
