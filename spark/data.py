@@ -162,14 +162,41 @@ def bound_batches_for_scoring(spark, features_col: str, width: int) -> None:
                 "of at most that many rows)", _why(width, records, allowed), allowed)
 
 
-def prepared(dataset, features_col: str, label_col: str | None):
-    """DataFrame of (features Vector, label double) under private names. The Vector column goes as it is:
-    mapInArrow hands it over as its struct (type, size, indices, values), sparse rows stay sparse, and no
-    JVM conversion runs (vector_to_array of 20,000 sparse rows of 2^18 features took 30-34 s, the struct
-    1.4-2.2 s; 48k dense rows of 784: 0.6-0.85 s against 0.42-0.6 s)."""
+# Spark 4 hands mapInArrow a Vector column's struct at ~9 us a row, whatever its width (local[2], 1M cached rows
+# of 20 features: 4.4 s a task just to drain its 500k rows, against 0.2 s on Spark 3.5), while its JVM
+# vector_to_array costs ~0.9 us a row there (0.45 s). Narrow vectors go as float32 arrays on Spark 4 (a sparse
+# one arrives dense: at this width a dense row is at most 2 kB); wider ones keep the struct, whose sparse rows
+# stay sparse (20,000 HashingTF rows of 2^18 features: 30-34 s through vector_to_array, 1.4-2.2 s as structs).
+ARRAY_READ_MAX_WIDTH = 512
+
+
+def reads_arrays(spark, width: int) -> bool:
+    """Whether a fit of rows ``width`` features wide reads its Vector column as arrays (:func:`prepared`)."""
+    return int(width) <= ARRAY_READ_MAX_WIDTH and int(str(spark.version).split(".")[0]) >= 4
+
+
+def vector_arrays(features_col: str):
+    """vector_to_array(features_col, "float32"), null for a null vector (vector_to_array itself fails on one,
+    where the readers name the nulls as a data problem)."""
+    from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
-    cols = [F.col(features_col).alias(FEATURES)]
+    col = F.col(features_col)
+    return F.when(col.isNull(), F.lit(None).cast("array<float>")).otherwise(vector_to_array(col, "float32"))
+
+
+def prepared(dataset, features_col: str, label_col: str | None, arrays: bool = False):
+    """DataFrame of (features, label double) under private names. The Vector column goes as it is: mapInArrow
+    hands it over as its struct (type, size, indices, values), sparse rows stay sparse, and no JVM conversion
+    runs (48k dense rows of 784 on Spark 3.5: 0.42-0.6 s, vector_to_array 0.6-0.85 s); with ``arrays``
+    (:func:`reads_arrays`) as vector_to_array's float32 array instead. :meth:`VectorRows.add_arrow` reads
+    either."""
+    from pyspark.sql import functions as F
+
+    if arrays:
+        cols = [vector_arrays(features_col).alias(FEATURES)]
+    else:
+        cols = [F.col(features_col).alias(FEATURES)]
     if label_col is not None:
         cols.append(F.col(label_col).cast("double").alias(LABEL))
     return dataset.select(*cols)
@@ -321,9 +348,16 @@ class VectorRows:
             self.max_width = hi if self.max_width is None else max(self.max_width, hi)
 
     def add_arrow(self, feats) -> None:
-        """One Arrow batch's Vector column (a struct; a null vector is a null struct)."""
+        """One Arrow batch's Vector column: a struct (a null vector is a null struct), or vector_to_array's list
+        of floats (a null vector is a null list)."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
+        if pa.types.is_list(feats.type) or pa.types.is_large_list(feats.type):
+            lengths = pc.list_value_length(feats).fill_null(0).to_numpy(zero_copy_only=False)
+            kind = np.where(feats.is_null().to_numpy(zero_copy_only=False), -1, 1)
+            self.add(kind, lengths, lengths, feats.flatten().to_numpy(zero_copy_only=False), np.zeros(0, np.int64))
+            return
         kind, size, indices, values = feats.flatten()          # the struct's nulls carried into each field
         self.add(kind.fill_null(-1).to_numpy(zero_copy_only=False), size.fill_null(0).to_numpy(zero_copy_only=False),
                  pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False),
@@ -341,6 +375,14 @@ class VectorRows:
         self.add(kind, size, np.fromiter((len(v) for v in values), np.int64, len(values)),
                  np.concatenate(values) if values else np.zeros(0),
                  np.concatenate(sparse) if sparse else np.zeros(0, np.int64))
+
+    def add_pandas_arrays(self, series) -> None:
+        """One pandas batch of vector_to_array's arrays, as a pandas UDF gets them (a null vector: None)."""
+        null = series.isna().to_numpy()
+        values = [np.zeros(0, np.float32) if null[r] else v for r, v in enumerate(series.to_numpy())]
+        lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
+        self.add(np.where(null, -1, 1), lengths, lengths, np.concatenate(values) if values else np.zeros(0),
+                 np.zeros(0, np.int64))
 
     def add(self, kind, size, lengths, flat, sparse_indices) -> None:
         """Rows given as arrays: kind (n,) 0 sparse / 1 dense / < 0 null, size (n,) (a sparse row's width),

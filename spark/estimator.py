@@ -27,7 +27,7 @@ from pyspark.ml import Estimator
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
-from .data import batches_bounded_while_fitting, check_schema, check_width, prepared
+from .data import batches_bounded_while_fitting, check_schema, check_width, prepared, reads_arrays
 from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
@@ -114,12 +114,14 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         return model
 
     def _prepared(self, dataset, shuffle):
-        """(features array<float>, label) under private names, in numWorkers partitions when ``shuffle``.
+        """(features Vector, or array<float> where :func:`spark.data.reads_arrays`; label) under private names,
+        in numWorkers partitions when ``shuffle``.
 
         Nothing is cached: the training stage reads the rows once into NumPy (a relaunched stage reads the
         shuffle's output again), and its tasks check the data as they read it.
         """
-        prep = prepared(dataset, self.getFeaturesCol(), self.getLabelCol())
+        arrays = reads_arrays(dataset.sparkSession, self.getLayers()[0])
+        prep = prepared(dataset, self.getFeaturesCol(), self.getLabelCol(), arrays)
         return prep.repartition(self.getNumWorkers()) if shuffle else prep
 
     def _train(self, prep, spec, bind, shuffled: bool, fit: int | None = None):

@@ -98,26 +98,28 @@ def transform_frame(dataset, w_bc, layers, features_col, raw_col, prob_col, pred
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
-    from .data import VectorRows
+    from .data import VectorRows, reads_arrays, vector_arrays
 
     layers = [int(d) for d in layers]
     width = layers[0]
     keep_vector_frames_on_the_row_path(dataset)
 
     # the Vector column goes in as it is: a pandas UDF gets it as Spark stores it (type, size, indices, values),
-    # so sparse rows are scored sparse; vector_to_array made every HashingTF row 1 MiB of float32 in the JVM
-    @pandas_udf(RESULT_TYPE)
-    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    # so sparse rows are scored sparse (vector_to_array made every HashingTF row 1 MiB of float32 in the JVM);
+    # narrow vectors on Spark 4 go as vector_to_array's arrays, which it hands over ~8x faster (reads_arrays)
+    arrays = reads_arrays(dataset.sparkSession, width)
+
+    def scored(batches, add):
         from core import FeedForwardNetwork
 
         net = FeedForwardNetwork(layers, backend="numpy")
         w = w_bc.value if hasattr(w_bc, "value") else np.frombuffer(w_bc, dtype="<f4")
-        for frame in batches:
-            if len(frame) == 0:
+        for batch in batches:
+            if len(batch) == 0:
                 yield pd.DataFrame({"raw": [], "prob": [], "pred": []})
                 continue
             rows = VectorRows(width)
-            rows.add_pandas(frame)
+            add(rows, batch)
             if rows.nulls:
                 raise ValueError(f"featuresCol {features_col!r} has {rows.nulls} null vector(s); drop or impute them "
                                  f"before transform")
@@ -127,13 +129,22 @@ def transform_frame(dataset, w_bc, layers, features_col, raw_col, prob_col, pred
             if rows.bad:                     # else argmax would name a class for a row of NaN logits
                 raise ValueError(f"featuresCol {features_col!r} has {rows.bad} row(s) with NaN or infinite values "
                                  f"(after conversion to float32); clean or impute them before transform")
-            raw, prob = logits_and_probabilities(net, w, rows.matrix(len(frame), sparse_ok=True))
+            raw, prob = logits_and_probabilities(net, w, rows.matrix(len(batch), sparse_ok=True))
             pred = predicted_classes(prob, thresholds).astype(np.float64)
             yield pd.DataFrame({"raw": list(raw), "prob": list(prob), "pred": pred})
 
+    @pandas_udf(RESULT_TYPE)
+    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        return scored(batches, VectorRows.add_pandas)
+
+    @pandas_udf(RESULT_TYPE)
+    def score_arrays(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        return scored(batches, VectorRows.add_pandas_arrays)
+
     classes = layers[-1]
     vector_attrs = {"ml_attr": {"num_attrs": classes}}
-    out = dataset.withColumn(_OUT, score(F.col(features_col)))
+    out = dataset.withColumn(_OUT, score_arrays(vector_arrays(features_col)) if arrays
+                             else score(F.col(features_col)))
     # withMetadata, not alias(metadata=): Spark Connect drops an alias's metadata inside withColumn
     if raw_col:
         out = out.withColumn(raw_col, array_to_vector(F.col(_OUT + ".raw"))).withMetadata(raw_col, vector_attrs)

@@ -145,3 +145,57 @@ def test_the_scoring_udf_reads_pandas_vectors_as_the_tasks_read_arrow_ones(missi
     nulls.add_pandas(pd.DataFrame({"type": [missing, 1], "size": [missing, missing], "indices": [None, None],
                                    "values": [None, np.arange(40.0)]}))
     assert nulls.nulls == 1 and nulls.min_width == nulls.max_width == 40
+
+
+def array_batch(rows, labels):
+    """A training task's Arrow batch as vector_to_array(features, "float32") gives it (a null vector: null)."""
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_arrays([pa.array(rows, pa.list_(pa.float32())), pa.array(labels, pa.float64())],
+                                      names=["f", "label"])
+
+
+def test_arrays_read_as_the_vectors_do():
+    """Spark 4 hands narrow vectors over as vector_to_array's arrays (reads_arrays): the same matrix, labels and
+    report as the struct, and the same verdicts on nulls, widths and NaN rows."""
+    rows, labels = [[1, 2, 3], [4, 5, 6], [7, 8, 9]], [0, 1, 2]
+    for cut in (1, 2):                                   # a batch boundary anywhere, an empty batch between
+        X, y, report = read_partition(iter([array_batch(rows[:cut], labels[:cut]), array_batch([], []),
+                                            array_batch(rows[cut:], labels[cut:])]), 3)
+        Xs, ys, reports = read_partition(iter([batch(rows, labels)]), 3)
+        assert X.dtype == np.float32 and X.flags.c_contiguous
+        np.testing.assert_array_equal(X, Xs)
+        assert y.tolist() == ys.tolist() and report == reports
+    sliced = array_batch(rows, labels).slice(1, 2)       # a batch that views its arrays from an offset
+    assert read_partition(iter([sliced]), 3)[0].tolist() == [[4, 5, 6], [7, 8, 9]]
+    for arrays, message in (([[1, 2, 3, 4]], "has vectors of size 4 but layers[0] is 3"),
+                            ([None], "'features' has 1 null value(s)"),
+                            ([[1, np.inf, 3]], "has 1 row(s) with NaN")):
+        assert message in verdict([array_batch([[1, 2, 3]], [0])], [array_batch(arrays, [1])])
+
+
+def test_narrow_vectors_read_as_arrays_on_spark_4_only():
+    from types import SimpleNamespace
+
+    from spark.data import ARRAY_READ_MAX_WIDTH, reads_arrays
+
+    assert reads_arrays(SimpleNamespace(version="4.3.0"), 20)
+    assert reads_arrays(SimpleNamespace(version="4.0.1"), ARRAY_READ_MAX_WIDTH)
+    assert not reads_arrays(SimpleNamespace(version="4.3.0"), ARRAY_READ_MAX_WIDTH + 1)    # sparse stays sparse
+    assert not reads_arrays(SimpleNamespace(version="3.5.9"), 20)
+
+
+def test_pandas_arrays_read_as_the_scoring_udf_gets_them():
+    import pandas as pd
+
+    from spark.data import VectorRows
+
+    rows = VectorRows(3)
+    rows.add_pandas_arrays(pd.Series([np.array([1, 2, 3], np.float32), None, np.array([4, 5, np.nan], np.float32)]))
+    assert rows.nulls == 1 and rows.bad == 1 and (rows.min_width, rows.max_width) == (3, 3)
+    rows = VectorRows(3)
+    rows.add_pandas_arrays(pd.Series([np.array([1, 2, 3], np.float32), np.array([4, 5, 6], np.float32)]))
+    np.testing.assert_array_equal(rows.matrix(2, sparse_ok=True), [[1, 2, 3], [4, 5, 6]])
+    short = VectorRows(3)
+    short.add_pandas_arrays(pd.Series([np.array([1, 2], np.float32)]))
+    assert (short.min_width, short.max_width) == (2, 2)
