@@ -200,7 +200,7 @@ class _GradientMode(Mode):
                 loop.window_start[...] = loop.w
             else:                   # w moved only there since: the receive's copies and this window's steps
                 for index in (*behind, entries):
-                    loop.window_start[index] = loop.w[index]
+                    loop.ops.copy_entries(loop.window_start, loop.w, index)
             loop.start_behind = []
         return out
 
@@ -463,12 +463,12 @@ class AsyncEasgd(Mode):
         return True
 
     def apply_entries(self, engine, w, index, values):
-        with np.errstate(over="ignore"):       # an overflow is looked for below
-            new = w[index] + values            # c + e on the entries (read_push refused NaN/inf in e)
-        if not engine.optimizer.ops.all_finite(new):
-            return Verdict.BAD_RESULT
-        w[index] = new
-        return Verdict.APPLIED
+        # c + e on the entries is an SGD step of rate -1 on e (exactly: c - (-1 e)); screened, nothing written
+        # where a result is not finite (read_push refused NaN/inf in e)
+        bad = engine.optimizer.ops.sgd_entries_screened(w, index, values, -1.0)
+        if bad is None:
+            return Verdict.APPLIED
+        return Verdict.BAD_GRADIENT if bad == "gradient" else Verdict.BAD_RESULT
 
 
 class Eamsgd(AsyncEasgd):

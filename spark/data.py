@@ -354,9 +354,9 @@ class VectorRows:
         import pyarrow.compute as pc
 
         if pa.types.is_list(feats.type) or pa.types.is_large_list(feats.type):
-            lengths = pc.list_value_length(feats).fill_null(0).to_numpy(zero_copy_only=False)
-            kind = np.where(feats.is_null().to_numpy(zero_copy_only=False), -1, 1)
-            self.add(kind, lengths, lengths, feats.flatten().to_numpy(zero_copy_only=False), np.zeros(0, np.int64))
+            self._add_arrays(feats.is_null().to_numpy(zero_copy_only=False),
+                             pc.list_value_length(feats).fill_null(0).to_numpy(zero_copy_only=False),
+                             feats.flatten().to_numpy(zero_copy_only=False))
             return
         kind, size, indices, values = feats.flatten()          # the struct's nulls carried into each field
         self.add(kind.fill_null(-1).to_numpy(zero_copy_only=False), size.fill_null(0).to_numpy(zero_copy_only=False),
@@ -380,9 +380,12 @@ class VectorRows:
         """One pandas batch of vector_to_array's arrays, as a pandas UDF gets them (a null vector: None)."""
         null = series.isna().to_numpy()
         values = [np.zeros(0, np.float32) if null[r] else v for r, v in enumerate(series.to_numpy())]
-        lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
-        self.add(np.where(null, -1, 1), lengths, lengths, np.concatenate(values) if values else np.zeros(0),
-                 np.zeros(0, np.int64))
+        self._add_arrays(null, np.fromiter((len(v) for v in values), np.int64, len(values)),
+                         np.concatenate(values) if values else np.zeros(0))
+
+    def _add_arrays(self, null, lengths, flat) -> None:
+        """Rows of vector_to_array's arrays: dense rows of ``lengths`` values (``flat``), where not ``null``."""
+        self.add(np.where(null, -1, 1), lengths, lengths, flat, np.zeros(0, np.int64))
 
     def add(self, kind, size, lengths, flat, sparse_indices) -> None:
         """Rows given as arrays: kind (n,) 0 sparse / 1 dense / < 0 null, size (n,) (a sparse row's width),

@@ -208,10 +208,7 @@ class NumbaOps(RowSoftmaxNLL, NumpyOps):
             return super().copy_entries(dst, src, index)
         copy_entries_jit(dst, src, index)
 
-    def union_sorted(self, arrays) -> np.ndarray:
-        arrays = [a for a in arrays if a.size]
-        if len(arrays) < 2:
-            return arrays[0].copy() if arrays else np.empty(0, dtype=np.int64)
+    def _union_of(self, arrays) -> np.ndarray:
         if len({a.dtype for a in arrays}) > 1:
             arrays = [a.astype(np.int64, copy=False) for a in arrays]
         merged = arrays[0]

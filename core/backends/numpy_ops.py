@@ -361,6 +361,10 @@ class NumpyOps:
         arrays = [a for a in arrays if a.size]
         if len(arrays) < 2:
             return arrays[0].copy() if arrays else np.empty(0, dtype=np.int64)
+        return self._union_of(arrays)
+
+    def _union_of(self, arrays) -> np.ndarray:
+        """:meth:`union_sorted` of two or more non-empty arrays."""
         return sorted_unique(np.concatenate(arrays))
 
     def gather_entries(self, src, index, out=None) -> np.ndarray:
