@@ -1,5 +1,6 @@
 """The estimator on local[2]: every mode learns digits, transform's columns, and each bad input's error."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -119,6 +120,29 @@ def test_transform_columns_like_spark_probabilistic_classifiers(async_model, dig
     np.testing.assert_allclose(async_model.predictRaw(first.features).toArray(), raw[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="3 features per row but layers\\[0\\] is 64"):
         async_model.predict([1.0, 2.0, 3.0])
+
+
+def test_scores_go_out_per_class_or_as_lists_alike(async_model, digits_df, monkeypatch):
+    """Up to PER_CLASS_MAX classes the scoring UDF returns a double field per class (Arrow takes the columns
+    as they are); above, lists. Both give the same vectors, sizes and predictions."""
+    import spark.predict as predict
+
+    test = digits_df[1]
+    assert predict.result_type(10).count(":double") == 21
+    assert predict.result_type(predict.PER_CLASS_MAX + 1) == predict.LISTS_RESULT_TYPE
+
+    def scores():
+        out = async_model.transform(test)
+        return out, [(tuple(r.rawPrediction.toArray()), tuple(r.probability.toArray()), r.prediction)
+                     for r in out.select("rawPrediction", "probability", "prediction").collect()]
+    per_class, fields = scores()
+    monkeypatch.setattr(predict, "PER_CLASS_MAX", 9)                  # 10 classes: lists
+    lists, listed = scores()
+    assert fields == listed and len(fields) == test.count()
+    assert per_class.schema == lists.schema
+    plans = [str(frame._jdf.queryExecution().analyzed()) for frame in (per_class, lists)]   # the path each took
+    assert re.search(r"__ffps_out#\d+\.r9\b", plans[0]) and ".raw" not in plans[0]
+    assert re.search(r"__ffps_out#\d+\.raw\b", plans[1]) and ".r9" not in plans[1]
 
 
 def test_thresholds_pick_the_largest_probability_over_threshold(async_model, digits_df, tmp_path):
