@@ -103,6 +103,10 @@ class Mode:
         """Whether the worker must keep copies of a window's batches (to recompute it)."""
         return False
 
+    def push_scale(self, spec, windows: int) -> float:
+        """The factor on a push that covers ``windows`` windows of an adaptive window (1 for one window)."""
+        return 1.0
+
     def local_window(self, loop, data, first: int, count: int) -> int:
         """Batches ``first .. first+count-1`` of the epoch between exchanges (loss and correct count wait in
         ``loop.trainer.take_sums``) -> rows. Default: local optimizer steps on the worker's weights."""
@@ -176,6 +180,16 @@ class _GradientMode(Mode):
     def updates_entries(self, optimizer):
         return optimizer.sparse_exact
 
+    def push_scale(self, spec, windows):
+        """1 / min(windows, num_workers). The server adds every worker's summed gradients (DOWNPOUR): for a
+        window of a few steps that is asynchronous SGD, but the sums of K workers' long windows are K
+        trajectories from about the same weights added up, and the server's weights overshoot where they agree
+        (48k x 784 synthetic rows, [784,256,256,10], 2 workers, 3 passes, automatic window of 32-56 steps:
+        accuracy 0.87-0.99, mean 0.949, over 12 seeds; window 4: 0.961-0.982, 0.967). Scaled, a push of
+        K windows or more moves the server by its share of the workers' average, as local SGD's model
+        averaging does (0.943-0.996, mean 0.972), and one window still moves it the whole way."""
+        return 1.0 / min(windows, spec.num_workers) if windows > 1 else 1.0
+
     def local_window(self, loop, data, first, count):
         return loop.trainer.run_window(loop.w, data, first, count, accumulate=loop.acc,
                                        update=self.local_progress(loop.spec))
@@ -185,11 +199,17 @@ class _GradientMode(Mode):
         (zeroed; its own last copy finished when its exchange was received). Pipelined, also note the weights
         the next window starts from (``loop.window_start``): receive rebases that window's progress."""
         entries = loop.trainer.take_entries()
+        scale = loop.push_scale
         if entries is not None:     # a sparse window (CPU, host arrays): its entries go as they are, and only
-            out = Outgoing(step, metrics, Entries(entries, loop.acc[entries], loop.net.num_params), Transfer(),
+            values = loop.acc[entries]
+            if scale != 1.0:
+                values *= scale
+            out = Outgoing(step, metrics, Entries(entries, values, loop.net.num_params), Transfer(),
                            loop.window_version, {"entries": entries})
             loop.acc[entries] = 0   # they held all of the window's sum
         else:
+            if scale != 1.0:
+                loop.acc *= scale
             host = loop.outbox(step)
             out = Outgoing(step, metrics, host, loop.ops.copy_to_host_async(loop.acc, host), loop.window_version)
             loop.acc, loop.spare_acc = loop.spare_acc, loop.acc
@@ -250,8 +270,8 @@ class _GradientMode(Mode):
             # and rebase the next window's progress on its entries, not over the whole vector.
             if progress is not None:
                 moved = start[progress] - loop.w[progress]          # as below, on the entries it can be in
-                if loop.rebase_gain != 1.0:
-                    moved *= loop.rebase_gain
+                if loop.rebase_factor != 1.0:
+                    moved *= loop.rebase_factor
             loop.ops.copy_entries(loop.w, wh, own)
             loop.ops.copy_entries(loop.w, wh, changed)
             if progress is not None:
@@ -264,8 +284,8 @@ class _GradientMode(Mode):
         # one copy out of the reply's read-only view (valid until the client's next request)
         loop.ops.copy_from_host_async(loop.w, wh).wait(loop.wait_timeout)
         if start is not None:
-            if loop.rebase_gain != 1.0:        # the server will move gain x the local SGD steps (momentum)
-                start *= loop.rebase_gain
+            if loop.rebase_factor != 1.0:      # the server will move gain x the local SGD steps (momentum;
+                start *= loop.rebase_factor    # times the push's scale)
             loop.w -= start
 
     def keeps_window(self, spec) -> bool:

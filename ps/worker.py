@@ -33,7 +33,8 @@ class WorkerLoop:
     gradients of the window) and ``spare_acc`` (the one in flight), ``version`` (of the weights last
     received), ``window_version`` (of the weights the current window started from), ``window_start`` (pipelined
     gradient modes: the weights themselves, else None), ``rebase_gain`` (the server optimizer's
-    :func:`core.optimizers.steady_gain`), ``stats``."""
+    :func:`core.optimizers.steady_gain`), ``push_scale`` (the factor on the current push's sum:
+    :meth:`ps.modes.Mode.push_scale`), ``stats``."""
 
     def __init__(self, spec, net, trainer, client, stats):
         self.spec, self.net, self.ops, self.trainer, self.client, self.stats = (
@@ -51,11 +52,17 @@ class WorkerLoop:
         self.apart: np.ndarray | None = None
         # the server's optimizer moves about this many times the worker's own SGD steps for the same gradients
         self.rebase_gain = steady_gain(spec.optimizer, spec.optimizer_options)
+        self.push_scale = 1.0
         self.version = 0
         self.window_version = 0
         self._kept: dict = {}           # step -> copies of its window's batches, where the mode may recompute it
         # a wait on a copy or on the exchange thread outlasts every retry the client makes, then gives up
         self.wait_timeout = 2 * (client.retries + 1) * (spec.worker_timeout + spec.barrier_timeout) + 10.0
+
+    @property
+    def rebase_factor(self) -> float:
+        """How far the server will move the weights for the current push's local SGD steps (pipelined rebase)."""
+        return self.rebase_gain * self.push_scale
 
     def to_host(self, x) -> np.ndarray:
         """A device vector copied into the one host buffer the client sends from."""
@@ -253,6 +260,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                 if in_window == 0:
                     push_end = window if pacer is None else min(
                         window + pacer.windows - 1, last_window_of_epoch(window, tau, steps_per_epoch, spec.epochs))
+                    loop.push_scale = 1.0 if pacer is None else mode.push_scale(spec, push_end - window + 1)
                     loop.window_version = loop.version
                     started = time.perf_counter()
                 # a push of several windows still runs them a window at a time (the shapes a CUDA graph recorded)

@@ -70,8 +70,8 @@ def train(spec, X, y, **kw):
         return s.weights(), s.history(), s.stats(), stats
 
 
-def one_worker(batch_size=4, **fields):
-    return TrainingSpec(layers=LAYERS, mode="async", num_workers=1, epochs=3, batch_size=batch_size,
+def one_worker(batch_size=4, num_workers=1, **fields):
+    return TrainingSpec(layers=LAYERS, mode="async", num_workers=num_workers, epochs=3, batch_size=batch_size,
                         learning_rate=0.05, backend="numpy", seed=5, **fields)
 
 
@@ -94,6 +94,57 @@ def test_pushes_of_two_windows_train_exactly_as_a_window_twice_as_long(monkeypat
     w_1, _, _, worker_1 = train(one_worker(window_max=64), X, y)
     np.testing.assert_array_equal(w_1, train(one_worker(tau=4), X, y)[0])   # one window a push: the fixed run
     assert worker_1["longest_push"] == 4 and worker_1["pushes"] == 96
+
+
+def test_the_share_of_a_push_of_several_windows_among_k_workers():
+    from ps.modes import get_mode
+
+    scale = get_mode("async").push_scale
+    assert [scale(one_worker(), m) for m in (1, 2, 9)] == [1.0, 1.0, 1.0]          # one worker: no peers
+    two, four = one_worker(num_workers=2), one_worker(num_workers=4)
+    assert [scale(two, m) for m in (1, 2, 3, 16)] == [1.0, 0.5, 0.5, 0.5]
+    assert [scale(four, m) for m in (1, 2, 3, 4, 16)] == [1.0, 0.5, 1 / 3, 0.25, 0.25]
+    for elastic in ("async-easgd", "eamsgd"):                # they push elastic differences, not sums
+        assert get_mode(elastic).push_scale(four, 8) == 1.0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_among_two_workers_a_push_of_two_windows_carries_half_its_sum(monkeypatch, sparse):
+    """The same worker, alone, under num_workers=1 and 2: the first push (one window) is the same, the
+    second (two windows, from the same weights) is exactly half of it with a peer expected; a sparse
+    window's entries likewise."""
+    import scipy.sparse as sp
+
+    from ps.client import ParameterClient
+    from ps.protocol import Entries
+
+    Xtr, _, ytr, _ = digits()
+    X, y, layers = Xtr[:512], ytr[:512], LAYERS
+    if sparse:                 # 10 of 4096 columns a row: a window's sum touches few entries
+        rng = np.random.default_rng(3)
+        cols = np.sort(rng.choice(4096, (512, 10)), axis=1)
+        X = sp.csr_matrix((rng.random(5120, dtype=np.float32), cols.ravel(), np.arange(0, 5121, 10)), (512, 4096))
+        layers = [4096, 8, 10]
+    push = ParameterClient.push
+    pushed = []
+
+    def record(self, array, *args, **kw):
+        if isinstance(array, Entries):
+            pushed[-1].append((array.index.copy(), np.array(array.values, copy=True)))
+        else:
+            pushed[-1].append((None, np.array(array, copy=True)))
+        return push(self, array, *args, **kw)
+    monkeypatch.setattr(ParameterClient, "push", record)
+    for workers in (1, 2):
+        forced(monkeypatch, 1, [2])
+        pushed.append([])
+        train(one_worker(window_max=64, num_workers=workers).replace(layers=tuple(layers)), X, y)
+    (i1, a1), (i2, a2) = pushed[0][0], pushed[1][0]
+    np.testing.assert_array_equal(a1, a2)
+    (i1, a1), (i2, a2) = pushed[0][1], pushed[1][1]
+    assert (i1 is not None) == sparse and (i1 is None or np.array_equal(i1, i2))
+    assert np.abs(a1).sum() > 0
+    np.testing.assert_array_equal(a2, a1 * np.float32(0.5))
 
 
 def test_a_shard_of_few_steps_a_pass_keeps_one_window_a_push(monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from core import FeedForwardNetwork
 from ps.runner import run
 from ps.spec import TrainingSpec
-from ps.worker import run_worker
+from ps.worker import WorkerLoop, run_worker
 
 try:
     from tests.conftest import BACKEND_PARAMS
@@ -122,27 +122,31 @@ def test_a_pipelined_worker_keeps_its_own_progress_across_the_exchange_in_flight
 class _Loop:
     """The parts of a worker loop that receive uses, on the NumPy backend."""
 
-    def __init__(self, w, start, gain):
+    def __init__(self, w, start, gain, scale=1.0):
         from core.backends import get_backend
 
         self.ops, self.w, self.window_start, self.rebase_gain = get_backend("numpy"), w, start, gain
+        self.push_scale = scale
         self.wait_timeout, self.version = 10.0, 0
+
+    rebase_factor = WorkerLoop.rebase_factor
 
     def forget_window(self, step):
         pass
 
 
-@pytest.mark.parametrize("gain", [1.0, 10.0])
-def test_receive_puts_the_window_computed_meanwhile_on_top_of_the_reply_scaled_by_the_servers_gain(gain):
-    """w <- reply + gain (w - start): the server's momentum moves gain times the worker's own SGD steps."""
+@pytest.mark.parametrize("gain,scale", [(1.0, 1.0), (10.0, 1.0), (10.0, 0.5)])
+def test_receive_puts_the_window_computed_meanwhile_on_top_of_the_reply_scaled_by_the_servers_gain(gain, scale):
+    """w <- reply + gain x scale (w - start): the server's momentum moves gain times the worker's own SGD
+    steps, of the push's share (an adaptive window's push_scale)."""
     from ps.modes import Outgoing, get_mode
 
     start = np.arange(5, dtype=np.float32)                # the weights the window in flight started from
     now = 3 * start                                         # and where its local steps took them
     reply = np.full(5, 0.5, np.float32)
-    loop = _Loop(now.copy(), start.copy(), gain)
+    loop = _Loop(now.copy(), start.copy(), gain, scale)
     get_mode("async").receive(loop, Outgoing(7, {}, None, None, 0), (12, reply))
-    np.testing.assert_allclose(loop.w, reply + gain * (now - start))
+    np.testing.assert_allclose(loop.w, reply + gain * scale * (now - start))
     assert loop.version == 12
 
 
