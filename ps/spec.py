@@ -77,7 +77,7 @@ class TrainingSpec:
     (:class:`ps.worker.WindowPacer`), up to window_max steps; 0 = every push covers one window. None (the
     default) = :data:`ps.modes.AUTO_WINDOW_MAX` where tau is 0 (the mode's own) in an asynchronous mode without
     ``staleness`` or ``ssp_slack``, else 0: a window the user sets stays fixed, and so does the run's schedule.
-    In async a push of m windows carries 1/min(m, num_workers) of its gradient sum (:meth:`Mode.push_scale`).
+    In async a push of m windows carries 1/sqrt(min(m, num_workers)) of its gradient sum (:meth:`Mode.push_scale`).
     """
     layers: tuple | None = None
     mode: str = "async"

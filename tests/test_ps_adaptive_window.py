@@ -102,16 +102,16 @@ def test_the_share_of_a_push_of_several_windows_among_k_workers():
     scale = get_mode("async").push_scale
     assert [scale(one_worker(), m) for m in (1, 2, 9)] == [1.0, 1.0, 1.0]          # one worker: no peers
     two, four = one_worker(num_workers=2), one_worker(num_workers=4)
-    assert [scale(two, m) for m in (1, 2, 3, 16)] == [1.0, 0.5, 0.5, 0.5]
-    assert [scale(four, m) for m in (1, 2, 3, 4, 16)] == [1.0, 0.5, 1 / 3, 0.25, 0.25]
+    assert [scale(two, m) for m in (1, 2, 3, 16)] == [1.0] + [2 ** -0.5] * 3
+    assert [scale(four, m) for m in (1, 2, 3, 4, 16)] == [1.0, 2 ** -0.5, 3 ** -0.5, 0.5, 0.5]
     for elastic in ("async-easgd", "eamsgd"):                # they push elastic differences, not sums
         assert get_mode(elastic).push_scale(four, 8) == 1.0
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_among_two_workers_a_push_of_two_windows_carries_half_its_sum(monkeypatch, sparse):
-    """The same worker, alone, under num_workers=1 and 2: the first push (one window) is the same, the
-    second (two windows, from the same weights) is exactly half of it with a peer expected; a sparse
+def test_among_four_workers_a_push_of_four_windows_carries_half_its_sum(monkeypatch, sparse):
+    """The same worker, alone, under num_workers=1 and 4: the first push (one window) is the same, the
+    second (four windows, from the same weights) is exactly half of it with three peers expected; a sparse
     window's entries likewise."""
     import scipy.sparse as sp
 
@@ -135,8 +135,8 @@ def test_among_two_workers_a_push_of_two_windows_carries_half_its_sum(monkeypatc
             pushed[-1].append((None, np.array(array, copy=True)))
         return push(self, array, *args, **kw)
     monkeypatch.setattr(ParameterClient, "push", record)
-    for workers in (1, 2):
-        forced(monkeypatch, 1, [2])
+    for workers in (1, 4):
+        forced(monkeypatch, 1, [4])
         pushed.append([])
         train(one_worker(window_max=64, num_workers=workers).replace(layers=tuple(layers)), X, y)
     (i1, a1), (i2, a2) = pushed[0][0], pushed[1][0]
