@@ -26,7 +26,8 @@
 #          numba, then bench/scale_bench.py with 1/2/4/8 numba workers of 2 threads each, and 1/8 pipelined
 #   cpu16x two leads for the 8 x 2 target, 1 and 8 workers each: OpenBLAS helpers that sleep at once
 #          (OPENBLAS_THREAD_TIMEOUT=4: on the 2-core VM it lifted 2 oversubscribed workers 6x, cost a lone
-#          process 10-15 %), and the server cut into 2 shards (a 1 MB CURVE round trip 4.8 -> 3.4 ms on idle cores)
+#          process 10-15 %), and the server cut into 2 shards (a 1 MB CURVE round trip 4.8 -> 3.4 ms on idle cores);
+#          then 1 and 8 workers with the automatic window (the default fit's; --window 0)
 # Each stage is capped (CAP_<stage> seconds, or its default) so one slow stage cannot eat a call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,7 +93,9 @@ for s in ${*:-smoke tests step ps}; do
     cpu16x) TAIL=30 stage scale_blas_sleep env OPENBLAS_THREAD_TIMEOUT=4 timeout $(cap scale 200) python3 \
              bench/scale_bench.py --backend numba --workers 1,8 --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2
            TAIL=30 stage scale_shards2 timeout $(cap scale 200) python3 bench/scale_bench.py --backend numba \
-             --workers 1,8 --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2 --shards 2 ;;
+             --workers 1,8 --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2 --shards 2
+           TAIL=30 stage scale_auto timeout $(cap scale_auto 150) python3 bench/scale_bench.py --backend numba \
+             --workers 1,8 --threads-per-worker 2 --rows ${SCALE_ROWS:-48000} --epochs 2 --window 0 ;;
     *)     echo "unknown stage $s (smoke, gpu, tests, step, ps, mid, cpu16, cpu16x)" >&2; status=2 ;;
   esac
 done

@@ -17,7 +17,10 @@
 
        samples/s(N) = min(N * tau * b / T, tau * b / t_server, cores / cpu_per_sample)
 
-   (with ``--pipeline`` T = max(tau * t_step, t_exchange): the exchange runs while the next window computes)
+   (with ``--pipeline`` T = max(tau * t_step, t_exchange): the exchange runs while the next window computes;
+   with ``--window 0``, the default automatic window, tau is what the worker's pacer would choose: enough
+   steps that the exchange is a fifth of T, in windows of 4, up to 64 and a quarter of a pass; the measured
+   points take the steps a push their workers did average)
 
    where the last term (same machine only) is the machine's CPU, shared by workers and server. The model is
    checked against the measured points (ratio printed), then projected to N executors of ``--executor-cores``
@@ -86,9 +89,10 @@ def ps_run(Xtr, ytr, Xte, yte, layers, workers, a):
     hist = res.history
     per_epoch = {}
     steps = {str(w): r["steps_per_epoch"] for w, r in res.workers.items()}
+    taus = {str(w): r["tau"] for w, r in res.workers.items()}       # pushes count windows of tau steps
     start = min(h["time"] for h in hist) - min(r["seconds"] / max(1, r["pushes"]) for r in res.workers.values())
     for h in hist:
-        epoch = math.ceil(h["step"] * a.window / steps[str(h["worker"])])
+        epoch = math.ceil(h["step"] * taus[str(h["worker"])] / steps[str(h["worker"])])
         acc = per_epoch.setdefault(epoch, [0.0, 0, 0.0])
         acc[0] += h["accuracy"] * h["batch_size"]
         acc[1] += h["batch_size"]
@@ -99,6 +103,8 @@ def ps_run(Xtr, ytr, Xte, yte, layers, workers, a):
             "wall_samples_per_s": res.samples_per_s, "seconds": max(r["seconds"] for r in res.workers.values()),
             "curve": curve, "test_accuracy": net.evaluate(res.weights, Xte, yte)[1],
             "stale": sum(r["stale"] for r in res.workers.values()),
+            "steps_per_push": float(np.mean([r["local_steps"] / max(1, r["pushes"]) for r in res.workers.values()])),
+            "steps_per_pass": min(r["steps_per_epoch"] for r in res.workers.values()),
             # what the workers' clocks say a window cost in this run: its steps, and the wait on the server
             "in_run_step_s": float(np.mean([(r["seconds"] - r["exchange_s"]) / max(1, r["local_steps"])
                                             for r in res.workers.values()])),
@@ -175,9 +181,28 @@ def exchange_parts(num_params, reps=5):
 
 
 # ------------------------------------------------------------------------------------------------- model
+def paced_window(t_step, t_exchange, steps_per_pass=None):
+    """The steps a push the automatic window settles at for these times (ps.worker.WindowPacer's aim and
+    bounds): the exchange a fifth of the window, in windows of DEFAULT_WINDOW, up to AUTO_WINDOW_MAX and a
+    quarter of a pass when ``steps_per_pass`` is given."""
+    from ps.modes import AUTO_WINDOW_MAX, DEFAULT_WINDOW
+    from ps.worker import MIN_PUSHES_PER_PASS, WindowPacer
+
+    share = WindowPacer.SHARE
+    bound = AUTO_WINDOW_MAX
+    if steps_per_pass is not None:
+        bound = min(bound, max(DEFAULT_WINDOW, steps_per_pass // MIN_PUSHES_PER_PASS))
+    if bound < 2 * DEFAULT_WINDOW:                      # too short for the pacer: one window a push
+        return DEFAULT_WINDOW
+    need = t_exchange * (1 - share) / share / t_step
+    windows = max(1, math.ceil(need / DEFAULT_WINDOW))
+    return min(windows, bound // DEFAULT_WINDOW) * DEFAULT_WINDOW
+
+
 def model(parts, n, *, tau, batch, cores_per_worker, bandwidth=None, latency=0.0, machine_cores=None,
-          pipelined=False):
-    """Projected samples/s of N workers (see the module docstring). ``parts``: the measured pieces.
+          pipelined=False, steps_per_pass=None):
+    """Projected samples/s of N workers (see the module docstring). ``parts``: the measured pieces. tau: the
+    steps a push; None: the automatic window's (:func:`paced_window`, within ``steps_per_pass`` // 4).
     bandwidth (bytes/s) and latency (s, one way) add a network between workers and server; machine_cores: all
     on one machine of that many cores (its CPU caps the run); pipelined: each exchange overlaps the next
     window, so a window costs the longer of its steps and its exchange instead of their sum."""
@@ -187,6 +212,8 @@ def model(parts, n, *, tau, batch, cores_per_worker, bandwidth=None, latency=0.0
         t_step = parts.get("step_under_load_s", {}).get(f"{n}x{cores_per_worker}", t_step)
     crypto = parts["curve_rt_s"] - parts["plain_rt_s"]          # encryption both ways, client and server side
     t_exchange = parts["curve_rt_s"] + (2 * nbytes / bandwidth + 2 * latency if bandwidth else 0.0)
+    if tau is None:
+        tau = paced_window(t_step, t_exchange, steps_per_pass)
     window = max(tau * t_step, t_exchange) if pipelined else tau * t_step + t_exchange
     t_server = parts["apply_s"] + crypto / 2 + parts["plain_rt_s"] / 2   # its half of the crypto and copies
     rate = min(n * tau * batch / window, tau * batch / t_server)
@@ -202,7 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=48_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--window", type=int, default=8, help="local steps a push; 0: the automatic window")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--layers", default="784,256,256,10")
     ap.add_argument("--backend", default="numba")
@@ -226,7 +253,8 @@ def main(argv=None) -> int:
     workers = [int(v) for v in a.workers.split(",")]
     cores = os.cpu_count() or 1
     Xtr, Xte, ytr, yte = synthetic(a.rows, max(2000, a.rows // 5), d=layers[0], classes=layers[-1], seed=a.seed)
-    print(f"{a.rows} rows, {layers}, batch {a.batch}, async window {a.window}, CURVE on, {cores} cores"
+    print(f"{a.rows} rows, {layers}, batch {a.batch}, async window {a.window or 'automatic'}, CURVE on, "
+          f"{cores} cores"
           + (f", {a.shards} server shards" if a.shards else ""), flush=True)
 
     if a.compare_pipeline:
@@ -264,8 +292,8 @@ def main(argv=None) -> int:
     for r in runs:
         c = r["threads_per_worker"]
         key = f"{r['workers']}x{c}"
-        r["model_samples_per_s"] = model(parts, r["workers"], tau=a.window, batch=a.batch, cores_per_worker=c,
-                                         machine_cores=cores, pipelined=a.pipeline)
+        r["model_samples_per_s"] = model(parts, r["workers"], tau=a.window or r["steps_per_push"], batch=a.batch,
+                                         cores_per_worker=c, machine_cores=cores, pipelined=a.pipeline)
         r["model_over_measured"] = r["model_samples_per_s"] / r["samples_per_s"]
         print(f"  model, {r['workers']} workers here: {r['model_samples_per_s']:9,.0f} samples/s "
               f"({r['model_over_measured']:.2f}x the measured); in the run a step took "
@@ -275,8 +303,9 @@ def main(argv=None) -> int:
     bandwidth, latency = a.gbits * 1e9 / 8, a.latency_ms / 1e3
     projection = []
     for n in (1, 2, 4, 8, 16, 32, 64):
-        rate = model(parts, n, tau=a.window, batch=a.batch, cores_per_worker=a.executor_cores,
-                     bandwidth=bandwidth, latency=latency, pipelined=a.pipeline)
+        rate = model(parts, n, tau=a.window or None, batch=a.batch, cores_per_worker=a.executor_cores,
+                     bandwidth=bandwidth, latency=latency, pipelined=a.pipeline,
+                     steps_per_pass=math.ceil(a.rows / n / a.batch))
         projection.append({"executors": n, "samples_per_s": rate, "vs_best_single": rate / best["samples_per_s"]})
     print(f"  projection{', pipelined' if a.pipeline else ''}, executors of {a.executor_cores} cores over "
           f"{a.gbits:g} Gbit/s, {a.latency_ms:g} ms: "
@@ -343,7 +372,7 @@ def _plot(report, path):
     ax.set_yscale("log")
     ax.set_xlabel("workers / executors")
     ax.set_ylabel("samples/s")
-    ax.set_title(f"{report['layers']}, batch {s['batch']}, async window {s['window']}, CURVE on")
+    ax.set_title(f"{report['layers']}, batch {s['batch']}, async window {s['window'] or 'automatic'}, CURVE on")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

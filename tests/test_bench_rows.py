@@ -55,6 +55,22 @@ def test_scale_model_adds_workers_until_the_server_or_the_machine_is_the_limit()
     assert math.isclose(bench.model(parts, 64, pipelined=True, **kw), server)     # the server's cap stays
 
 
+def test_scale_model_of_the_automatic_window_takes_the_pacers_steps_a_push():
+    bench = load("scale_bench")
+    # 1 ms steps, 4 ms exchanges: 16 steps keep the exchange a fifth of the window
+    assert bench.paced_window(0.001, 0.004) == 16
+    assert bench.paced_window(0.001, 0.0041) == 20                 # rounded up to whole windows of 4
+    assert bench.paced_window(0.001, 1.0) == 64                    # the bound
+    assert bench.paced_window(0.001, 1.0, steps_per_pass=100) == 24    # a quarter of a pass, in windows of 4
+    assert bench.paced_window(0.001, 1.0, steps_per_pass=20) == 4      # too short to grow
+    assert bench.paced_window(0.01, 0.0001) == 4                   # exchanges cheap: one window
+    parts = {"num_params": 1000, "plain_rt_s": 0.001, "curve_rt_s": 0.004, "apply_s": 0.0005,
+             "step_s": {"1": 0.001}}
+    auto = bench.model(parts, 1, tau=None, batch=100, cores_per_worker=1)
+    assert math.isclose(auto, bench.model(parts, 1, tau=16, batch=100, cores_per_worker=1))
+    assert math.isclose(auto, 16 * 100 / (16 * 0.001 + 0.004))
+
+
 def test_syscall_counts_are_read_from_straces_summary_table(tmp_path):
     bench = load("round_trip_syscalls")
     table = tmp_path / "s.txt"
