@@ -182,20 +182,18 @@ def exchange_parts(num_params, reps=5):
 
 # ------------------------------------------------------------------------------------------------- model
 def paced_window(t_step, t_exchange, steps_per_pass=None):
-    """The steps a push the automatic window settles at for these times (ps.worker.WindowPacer's aim and
-    bounds): the exchange a fifth of the window, in windows of DEFAULT_WINDOW, up to AUTO_WINDOW_MAX and a
-    quarter of a pass when ``steps_per_pass`` is given."""
+    """The steps a push the automatic window settles at for these times: ps.worker.WindowPacer's aim (the
+    exchange a fifth of the window, in windows of DEFAULT_WINDOW) within ps.worker.pacer_bound (AUTO_WINDOW_MAX,
+    and a quarter of a pass when ``steps_per_pass`` is given)."""
     from ps.modes import AUTO_WINDOW_MAX, DEFAULT_WINDOW
-    from ps.worker import MIN_PUSHES_PER_PASS, WindowPacer
+    from ps.worker import MIN_PUSHES_PER_PASS, WindowPacer, pacer_bound
 
-    share = WindowPacer.SHARE
-    bound = AUTO_WINDOW_MAX
-    if steps_per_pass is not None:
-        bound = min(bound, max(DEFAULT_WINDOW, steps_per_pass // MIN_PUSHES_PER_PASS))
-    if bound < 2 * DEFAULT_WINDOW:                      # too short for the pacer: one window a push
+    if steps_per_pass is None:                          # a pass long enough that its quarter does not bind
+        steps_per_pass = MIN_PUSHES_PER_PASS * AUTO_WINDOW_MAX
+    bound = pacer_bound(AUTO_WINDOW_MAX, DEFAULT_WINDOW, steps_per_pass)
+    if bound is None:                                   # too short for the pacer: one window a push
         return DEFAULT_WINDOW
-    need = t_exchange * (1 - share) / share / t_step
-    windows = max(1, math.ceil(need / DEFAULT_WINDOW))
+    windows = WindowPacer.wanted(DEFAULT_WINDOW, t_step, t_exchange)
     return min(windows, bound // DEFAULT_WINDOW) * DEFAULT_WINDOW
 
 

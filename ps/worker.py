@@ -138,6 +138,12 @@ class WindowPacer:
         self.windows = 1
         self.step_s = self.wait_s = None
 
+    @classmethod
+    def wanted(cls, tau: int, step_s: float, wait_s: float) -> int:
+        """Windows of ``tau`` steps a push that keep a wait of ``wait_s`` at SHARE of it (>= 1, unbounded)."""
+        need = wait_s * (1 - cls.SHARE) / cls.SHARE / step_s        # steps a push
+        return max(1, -(-int(need) // tau))
+
     def observe(self, steps: int, compute_s: float, wait_s: float) -> int:
         """One push's figures (its local steps, their time, the wait on its exchange) -> windows of the next."""
         if steps > 0:
@@ -145,13 +151,17 @@ class WindowPacer:
             a = self.SMOOTHING
             self.step_s = step_s if self.step_s is None else a * step_s + (1 - a) * self.step_s
             self.wait_s = wait_s if self.wait_s is None else a * wait_s + (1 - a) * self.wait_s
-            if self.step_s > 0:
-                need = self.wait_s * (1 - self.SHARE) / self.SHARE / self.step_s        # steps a push
-                want = max(1, -(-int(need) // self.tau))
-            else:
-                want = self.most
+            want = self.wanted(self.tau, self.step_s, self.wait_s) if self.step_s > 0 else self.most
             self.windows = max(1, min(want, 2 * self.windows, self.most))
         return self.windows
+
+
+def pacer_bound(window_max: int, tau: int, steps_per_epoch: int) -> int | None:
+    """The adaptive window's bound in local steps: ``window_max``, and at most a quarter of a pass, so that a
+    small shard still exchanges a few times a pass (digits on 4 workers, 10 steps a pass: whole-pass pushes lost
+    ~0.5 % accuracy); None where that leaves no room for two windows (no pacer)."""
+    most = min(window_max, max(tau, steps_per_epoch // MIN_PUSHES_PER_PASS))
+    return most if most >= 2 * tau else None
 
 
 def window_within_an_epoch(spec, steps_per_epoch: int):
@@ -198,10 +208,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     steps_per_epoch = trainer.steps_per_epoch(data.n_rows)
     spec = window_within_an_epoch(spec, steps_per_epoch)
     tau = spec.tau
-    # the adaptive window's bound: the spec's, and at most a quarter of a pass, so that a small shard still
-    # exchanges a few times a pass (digits on 4 workers, 10 steps a pass: whole-pass pushes lost ~0.5 % accuracy)
-    most = min(spec.window_max, max(tau, steps_per_epoch // MIN_PUSHES_PER_PASS))
-    pacer = WindowPacer(tau, most) if most >= 2 * tau and not mode.keeps_window(spec) else None
+    most = pacer_bound(spec.window_max, tau, steps_per_epoch)
+    pacer = WindowPacer(tau, most) if most is not None and not mode.keeps_window(spec) else None
     t_ready = time.perf_counter()
     if client is None:
         client = connect(cfg, worker_id=worker_id, attempt=attempt, timeout=spec.worker_timeout)
@@ -260,7 +268,7 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
                 if in_window == 0:
                     push_end = window if pacer is None else min(
                         window + pacer.windows - 1, last_window_of_epoch(window, tau, steps_per_epoch, spec.epochs))
-                    loop.push_scale = 1.0 if pacer is None else mode.push_scale(spec, push_end - window + 1)
+                    loop.push_scale = mode.push_scale(spec, push_end - window + 1)
                     loop.window_version = loop.version
                     started = time.perf_counter()
                 # a push of several windows still runs them a window at a time (the shapes a CUDA graph recorded)

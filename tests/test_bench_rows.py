@@ -59,7 +59,8 @@ def test_scale_model_of_the_automatic_window_takes_the_pacers_steps_a_push():
     bench = load("scale_bench")
     # 1 ms steps, 4 ms exchanges: 16 steps keep the exchange a fifth of the window
     assert bench.paced_window(0.001, 0.004) == 16
-    assert bench.paced_window(0.001, 0.0041) == 20                 # rounded up to whole windows of 4
+    assert bench.paced_window(0.001, 0.0041) == 16                 # as the pacer rounds: whole steps (16.4 -> 16)
+    assert bench.paced_window(0.001, 0.00425) == 20                # then up to whole windows of 4 (17 -> 20)
     assert bench.paced_window(0.001, 1.0) == 64                    # the bound
     assert bench.paced_window(0.001, 1.0, steps_per_pass=100) == 24    # a quarter of a pass, in windows of 4
     assert bench.paced_window(0.001, 1.0, steps_per_pass=20) == 4      # too short to grow
