@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 from pyspark.ml import Model
 from pyspark.ml.linalg import DenseVector
@@ -20,6 +23,31 @@ from .persistence import ModelReader, ModelWriter
 from .predict import (classic_context, logits_and_probabilities, predicted_classes, transform_frame,
                       weights_for_executors)
 from .summary import FeedForwardNetworkPSTrainingSummary
+
+
+# networks for the one-row methods (predict & co.), per thread and layer sizes: building one per call was most
+# of predict's time (48 us against a 5 us forward on digits), and a network's workspace must not be shared
+# between serving threads
+_ROW_NETS = threading.local()
+_ROW_NETS_HELD = 4
+
+
+def row_network(layers):
+    """This thread's numpy network of ``layers`` (a few of the latest layer sizes are held per thread)."""
+    from core import FeedForwardNetwork
+
+    key = tuple(int(n) for n in layers)
+    nets = getattr(_ROW_NETS, "nets", None)
+    if nets is None:
+        nets = _ROW_NETS.nets = OrderedDict()
+    net = nets.get(key)
+    if net is None:
+        net = nets[key] = FeedForwardNetwork(list(key), backend="numpy")
+        while len(nets) > _ROW_NETS_HELD:
+            nets.popitem(last=False)
+    else:
+        nets.move_to_end(key)
+    return net
 
 
 class TrainingFrame:
@@ -95,11 +123,6 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
     def numClasses(self) -> int:
         return int(self.getLayers()[-1])
 
-    def _net(self):
-        from core import FeedForwardNetwork
-
-        return FeedForwardNetwork(self.getLayers(), backend="numpy")
-
     def _thresholds(self):
         return check_thresholds(self.getOrDefault("thresholds") if self.isDefined("thresholds") else None,
                                 self.numClasses)
@@ -108,9 +131,10 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         """(logits (1, C), probabilities (1, C)) of one feature vector, checked like transform's rows."""
         from core.validation import check_features
 
+        layers = self.getLayers()
         x = np.asarray(value.toArray() if hasattr(value, "toArray") else value)
-        x = check_features(x.reshape(1, -1) if x.ndim == 1 else x, self.numFeatures, np.dtype(np.float32))
-        return logits_and_probabilities(self._net(), self._weights, x)
+        x = check_features(x.reshape(1, -1) if x.ndim == 1 else x, int(layers[0]), np.dtype(np.float32))
+        return logits_and_probabilities(row_network(layers), self._weights, x)
 
     def predictRaw(self, value) -> DenseVector:
         """Raw prediction (the logits) of one feature vector, as in the rawPrediction column."""

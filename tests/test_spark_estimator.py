@@ -122,6 +122,35 @@ def test_transform_columns_like_spark_probabilistic_classifiers(async_model, dig
         async_model.predict([1.0, 2.0, 3.0])
 
 
+def test_one_row_methods_from_serving_threads_agree_with_the_reference():
+    """predict & co. keep a network per thread and layer sizes: 4 threads at once, two models of different sizes
+    in turn, each answer equal to the float64 reference of its own model and row. (A block of 128 rows, of which
+    the methods answer for the first, keeps each forward long enough for a shared workspace to be overwritten.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core import FeedForwardNetwork
+
+    rng = np.random.default_rng(3)
+    models, rows, expected = [], [], []
+    for layers in ([64, 256, 256, 10], [64, 32, 32, 3]):
+        ref = FeedForwardNetwork(layers, backend="numpy", dtype="float64")
+        w = ref.init_params(seed=len(layers)).astype(np.float32)
+        X = rng.normal(size=(400, 64)).astype(np.float32)
+        models.append(FeedForwardNetworkPSClassificationModel(weights=w, layers=layers))
+        rows.append(X)
+        expected.append(ref.predict_proba(w.astype(np.float64), X.astype(np.float64)))
+
+    def score(k):
+        i, r = k % 2, k // 2 % 272
+        block = rows[i][r:r + 128]
+        return i, r, models[i].predictProbability(block).toArray(), models[i].predict(block)
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, r, prob, pred in pool.map(score, range(240)):
+            np.testing.assert_allclose(prob, expected[i][r], rtol=1e-4, atol=1e-6)
+            assert pred == float(expected[i][r].argmax())
+
+
 def test_scores_go_out_per_class_or_as_lists_alike(async_model, digits_df, monkeypatch):
     """Up to PER_CLASS_MAX classes the scoring UDF returns a double field per class (Arrow takes the columns
     as they are); above, lists. Both give the same vectors, sizes and predictions."""
