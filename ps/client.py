@@ -221,8 +221,8 @@ class ParameterClient:
                 pass        # queue to the server full: wait out this try as if no reply came
 
         for _ in range(self.retries + 1):
+            deadline = time.monotonic() + timeout   # a send that blocks (queue to the server full) is in the try
             send()
-            deadline = time.monotonic() + timeout
             while True:
                 try:            # a blocking receive (RCVTIMEO), as a bare DEALER loop: no poller in front
                     reply = recv_frames(sock)

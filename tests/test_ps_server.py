@@ -308,6 +308,29 @@ def test_server_gone_gives_clear_error():
 
 
 @pytest.mark.timeout(30)
+def test_a_send_that_blocks_counts_within_its_try():
+    """The give-up is timeout x (retries + 1), as documented, also when the queue to the server is full (a host
+    whose handshake never comes: here a TCP listener that never speaks, and a queue of one message). A send
+    that blocked for a whole timeout before its try's wait began made 4 tries of 0.5 s take 3.5 s."""
+    import socket
+
+    deaf = socket.socket()
+    deaf.bind(("127.0.0.1", 0))
+    deaf.listen(4)
+    s = server()
+    cfg = {**s.client_config(), "address": f"tcp://127.0.0.1:{deaf.getsockname()[1]}"}
+    s.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="HELLO after 4 tries of 0.5s"):
+            ParameterClient(cfg, worker_id=0, timeout=0.5, retries=3, hwm=1)
+        waited = time.monotonic() - t0
+    finally:
+        deaf.close()
+    assert waited < 4 * 0.5 + 0.75, f"4 tries of 0.5 s took {waited:.2f} s"
+
+
+@pytest.mark.timeout(30)
 def test_an_address_nobody_listens_at_is_said_without_waiting_out_the_tries():
     """A wrong port (psPort, or a server that stopped before the worker came) refuses every connect: that is
     said at once, not after 3 tries of 20 s, the wait of an unanswered request (which this test would exceed)."""
