@@ -27,12 +27,30 @@ from core.validation import check_int
 from .changes import HeldWeights
 from .protocol import (FLAG_DELTA_OK, FLAG_ELASTIC, FLAG_EPOCH_LAST, FLAG_JSON, FLAG_LOCAL_WEIGHTS, FLAG_STOP,
                        FLAG_TEXT, FLAG_WANT_WEIGHTS, FLOAT32, HELD_VERSION, SNDMORE, SPARSE_CODES, SPARSE_MIN_VALUES,
-                       ZERO_COPY_MIN, Header, Op, ProtocolError, Reason, Status, array_frame, encode_push, queue_depth,
-                       read_array, recv_frames, request_header, sparse_parts, unpack_header)
+                       ZERO_COPY_MIN, Entries, Header, Op, ProtocolError, Reason, Status, array_frame, encode_push,
+                       queue_depth, read_array, recv_frames, request_header, sparse_parts, unpack_header)
 from .security import secure_client
 
 
 KIND_FLAGS = {"gradient": 0, "elastic": FLAG_ELASTIC, "local_weights": FLAG_LOCAL_WEIGHTS}   # push(kind=...)
+
+
+def check_pushed(array, num_params: int):
+    """A push's vector as given: a 1-D float32 numpy array of ``num_params`` values, or :class:`Entries` of that
+    size; anything else is refused here, naming what came, before it could be sent as other bytes."""
+    if isinstance(array, Entries):
+        n = array.size
+    elif isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 1:
+        n = array.shape[0]
+    else:
+        shape = getattr(array, "shape", None)
+        got = (f"a {array.dtype} array of shape {shape}" if isinstance(array, np.ndarray)
+               else f"{type(array).__name__}" + (f" of shape {shape}" if shape is not None else ""))
+        raise ValueError(f"push takes a 1-D float32 numpy array of {num_params} values (or ps.protocol.Entries), "
+                         f"got {got}; convert with np.asarray(x, dtype=np.float32)")
+    if n != num_params:
+        raise ValueError(f"push of {n} values, the model has {num_params}")
+    return array
 ACCEPTED = frozenset((int(Status.OK), int(Status.DUPLICATE)))     # reply statuses that are not refusals
 DUPLICATE = int(Status.DUPLICATE)       # ints, not the enum: a small request's whole cost is a few such lookups
 
@@ -336,14 +354,13 @@ class ParameterClient:
         tol decision needs both). Raises StaleUpdate / PSError on refusal; ServerUnavailable when no reply
         comes. In sync and easgd modes the reply comes when the round completes.
         """
+        check_pushed(array, self.num_params)
         if kind == "local_weights":
             payload, code = array, FLOAT32
         else:                               # a mostly-zero gradient goes as its non-zero entries
             payload, code = encode_push(array, self.spec.wire_dtype)
         buf, n = array_frame(payload)
-        n = array.shape[0] if code in SPARSE_CODES else n
-        if n != self.num_params:
-            raise ValueError(f"push of {n} values, the model has {self.num_params}")
+        n = self.num_params if code in SPARSE_CODES else n
         if kind not in KIND_FLAGS:
             raise ValueError(f"kind must be one of {', '.join(KIND_FLAGS)}, got {kind!r}")
         flags = KIND_FLAGS[kind]

@@ -47,6 +47,11 @@ PAYLOAD_FRAMES = {Op.PUSH: (1, 2), Op.BARRIER: (0, 1), Op.REPORT: (1,)}   # payl
 MAX_FAILURE_REPORTS = 64     # REPORTs kept; later ones are answered and dropped
 
 
+def push_kind(flags: int) -> str:
+    """The ``kind`` of ``ParameterClient.push`` that sets these push flags."""
+    return "elastic" if flags & FLAG_ELASTIC else "local_weights" if flags & FLAG_LOCAL_WEIGHTS else "gradient"
+
+
 @dataclass
 class WorkerInfo:
     attempt: int = 0
@@ -420,8 +425,8 @@ class Engine:
             held = HELD_VERSION.unpack(frames[1])[0]
         carries = h.flags & (FLAG_ELASTIC | FLAG_LOCAL_WEIGHTS)
         if carries != self.mode.push_flag:
-            kind = "elastic difference" if carries & FLAG_ELASTIC else "local weights" if carries else "gradient"
-            raise ProtocolError(Reason.WRONG_MODE, f"a {kind} push does not fit mode {self.mode.name!r}")
+            raise ProtocolError(Reason.WRONG_MODE, f"a push of kind={push_kind(carries)!r} does not fit mode "
+                                                   f"{self.mode.name!r}: it takes kind={push_kind(self.mode.push_flag)!r}")
         check_metrics(h)
         if h.step <= 0:
             raise ProtocolError(Reason.BAD_FIELD, f"step must be >= 1, got {h.step}")

@@ -26,7 +26,7 @@ import numpy as np
 
 from core.backends import host_ops
 
-from .client import ParameterClient, PushResult
+from .client import ParameterClient, PushResult, check_pushed
 from .protocol import Entries
 from .server import ParameterServer
 
@@ -279,10 +279,7 @@ class ShardedClient:
         """Slice k to shard k, with that shard's own base version (``base_version`` is ignored: each shard
         judges staleness by the weights it last sent this client). Shards that already took ``step`` (it was
         refused as STALE elsewhere and is being pushed again) are not sent it again."""
-        entries = isinstance(array, Entries)
-        array = array if entries else np.asarray(array)
-        if array.shape != (self.num_params,):
-            raise ValueError(f"push of {array.shape} values, the model has {self.num_params}")
+        entries = isinstance(check_pushed(array, self.num_params), Entries)
         step = self.step + 1 if step is None else int(step)
         todo = [k for k, p in enumerate(self.parts) if p.step < step]
         part = array.slice if entries else lambda a, b: array[a:b]

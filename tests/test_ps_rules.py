@@ -346,6 +346,7 @@ def test_engine_wrong_mode_push():
     e.handle(b"a", msg(Op.HELLO, 0))
     r = e.handle(b"a", msg(Op.PUSH, 0, 0, np.ones(4, np.float32), step=1, flags=FLAG_ELASTIC))
     assert status(r) == [(Status.ERROR, Reason.WRONG_MODE)]
+    assert "kind='elastic' does not fit mode 'async': it takes kind='gradient'" in r[0][-1].decode()
     assert e.version == 0
 
 

@@ -115,6 +115,14 @@ def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
                             (dict(step=-3), "step must be an integer in 0..")):
             with pytest.raises(ValueError, match=re.escape(message)):
                 c.push(g, **kw)
+        # what is pushed: a float32 vector of the model's size (a list failed with 'no attribute size', a float16
+        # vector reached the server as half the bytes)
+        for bad, message in (([0.0] * 16, "got list;"), (np.zeros(16, np.float64), "got a float64 array of shape (16,)"),
+                             (np.zeros(16, np.float16), "got a float16 array of shape (16,)"),
+                             (np.zeros((4, 4), np.float32), "got a float32 array of shape (4, 4)"),
+                             (np.zeros(15, np.float32), "push of 15 values, the model has 16")):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                c.push(bad)
         version, w = c.pull()
         with pytest.raises(ValueError, match="read-only"):
             w[0] = 1.0                                   # a view of the received frame, as the docstring says
