@@ -126,6 +126,11 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
     if features_col in df.columns and isinstance(df.schema[features_col].dataType, VectorUDT):
         return df
     inputs = [f.name for f in df.schema.fields if f.name != label_col and isinstance(f.dataType, NumericType)]
+    other = [f for f in df.schema.fields if f.name != label_col and not isinstance(f.dataType, NumericType)]
+    if other and inputs:          # every column besides the label is a feature: none is dropped unsaid
+        raise ValueError(f"{path}: {not_numeric(df, other[0])}; every column besides {label_col!r} is a feature "
+                         f"and must be numeric" + (f" (not numeric either: {[f.name for f in other[1:6]]}"
+                                                   f"{' ...' if len(other) > 6 else ''})" if len(other) > 1 else ""))
     if not inputs:
         raise ValueError(f"{path}: no Vector column {features_col!r} and no numeric feature columns besides "
                          f"{label_col!r}; columns: {df.columns}")
@@ -133,6 +138,21 @@ def load_data(spark, path, fmt, label_col, features_col, num_features=None):
         raise ValueError(f"{path}: {len(inputs)} numeric feature columns besides {label_col!r} but the model takes "
                          f"{num_features} features (columns: {inputs[:8]}{' ...' if len(inputs) > 8 else ''})")
     return VectorAssembler(inputCols=inputs, outputCol=features_col, handleInvalid="keep").transform(df)
+
+
+def not_numeric(df, field) -> str:
+    """What is wrong with a feature column that is not numeric: its type and its first value that is not a
+    number (csv: one such cell makes the whole column text)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType
+
+    said = f"column {field.name!r} is {field.dataType.simpleString()}, not numeric"
+    if isinstance(field.dataType, StringType):
+        column = F.col(f"`{field.name}`")
+        row = df.filter(column.isNotNull() & F.trim(column).cast("double").isNull()).select(column).first()
+        if row is not None:
+            said += f": its value {row[0]!r} is not a number"
+    return said
 
 
 def _qualified(spark, path: str) -> str:
@@ -324,7 +344,8 @@ def check_json_out(path: str) -> None:
 
 
 _TASK_INPUT_ERRORS = (re.compile(r"ValueError: (.+)"),        # ours, raised in a scoring task
-                      re.compile(r"IllegalArgumentException: (?:requirement failed: )?(.+)"))   # Spark's readers
+                      re.compile(r"IllegalArgumentException: (?:requirement failed: )?(.+)"),   # Spark's readers
+                      re.compile(r"NumberFormatException: (.{1,120})"))   # libsvm's reader on another format
 
 
 def task_input_error(exc: BaseException) -> str | None:
@@ -359,6 +380,9 @@ def main(argv=None) -> int:
         message = task_input_error(exc)
         if message is None:
             raise
+        if _format(args.data, args.format) == "libsvm" and "NumberFormatException" in str(exc):
+            message += f" (read as libsvm{'' if args.format == 'libsvm' else ' from its name'}: --format csv or " \
+                       f"parquet reads other files)"
         print(f"ffps: error: a Spark job failed on the input data: {message}", file=sys.stderr)
         return 2
     text = json.dumps(result)

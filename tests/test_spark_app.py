@@ -279,3 +279,19 @@ def test_app_data_that_does_not_fit_the_model_is_one_line(spark, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "ffps: error: a Spark job failed on the input data: feature vectors have width 5 but the model " \
                   "expects 4"
+
+    # a csv column with a cell that is not a number is text: refused by name (it was left out of the features)
+    text = spark.createDataFrame([(0.0, 0.1, "0.2"), (1.0, 0.3, " 0.4"), (1.0, 0.5, "n/a")], ["label", "a", "b"])
+    text.coalesce(1).write.option("header", True).csv(str(tmp_path / "text.csv"))
+    for mode, extra in (("train", ["--epochs", "1"]), ("evaluate", [])):
+        out_dir = model_dir if mode == "evaluate" else str(tmp_path / "text_model")
+        assert main(["--mode", mode, "--dir", out_dir, str(tmp_path / "text.csv"), *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"ffps: error: {tmp_path / 'text.csv'}: column 'b' is string, not numeric: its value 'n/a' is not a "
+            f"number; every column besides 'label' is a feature and must be numeric")
+    assert not (tmp_path / "text_model").exists()
+    # a csv file read as libsvm: the reader's failure, and which reading was asked for
+    assert main(["--mode", "evaluate", "--dir", model_dir, "--format", "libsvm", str(tmp_path / "wide.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('ffps: error: a Spark job failed on the input data: For input string: "')
+    assert err.endswith("(read as libsvm: --format csv or parquet reads other files)")
