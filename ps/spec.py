@@ -149,6 +149,11 @@ class TrainingSpec:
             takes = ", ".join(m for m, o in MODES.items() if o.pipelines)
             raise SpecError("pipeline", "{name} applies to the asynchronous modes (%s), not mode={mode!r}: its "
                             "rounds wait for every worker's push of the same step" % takes, mode=self.mode)
+        if self.optimizer != "sgd" and not mode.pushes_gradients:     # as staleness: refused, not ignored
+            takes = ", ".join(m for m, o in MODES.items() if o.pushes_gradients)
+            raise SpecError("optimizer", "{name}={v!r} applies to the gradient modes (%s), not mode={mode!r}: its "
+                            "server moves by the workers' elastic differences or weights, no optimizer's step"
+                            % takes, v=self.optimizer, mode=self.mode)
         if self.wire_dtype != "float32" and mode.push_flag == FLAG_LOCAL_WEIGHTS:
             raise SpecError("wire_dtype", "{name}={v!r} does not apply to mode={mode!r}: it pushes its weights, "
                             "which 16-bit frames would round; use float32", v=self.wire_dtype, mode=self.mode)

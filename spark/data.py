@@ -63,14 +63,24 @@ def declared_width(schema, features_col: str) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_width(schema, features_col: str, expected: int, what: str) -> None:
+def check_width(schema, features_col: str, expected: int, what: str,
+                fix: str = "set layers[0] to the feature width") -> None:
     """Before any job: the width the column's ML attributes declare against ``expected`` (layers[0]).
-    ``what``: how the error names ``expected``. A column without attributes is checked row by row where the
-    tasks read it."""
+    ``what``: how the error names ``expected``; ``fix``: what to do about it. A column without attributes is
+    checked row by row where the tasks read it."""
     width = declared_width(schema, features_col)
     if width is not None and width != expected:
         raise ValueError(f"featuresCol {features_col!r} has vectors of size {width} (its ML attributes) but "
-                         f"{what} is {expected}; set layers[0] to the feature width")
+                         f"{what} is {expected}; {fix}")
+
+
+def check_output_columns(columns, params: dict) -> None:
+    """{param: column name} of the output columns: none may be in the input already (MLlib's classifiers refuse
+    it too, "already exists"), at fit as at transform; '' names no column."""
+    for param, column in params.items():
+        if column and column in columns:
+            raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
+                             f"name (or to '' for no such column)")
 
 
 def _rows_per_batch(records: str) -> int:

@@ -27,11 +27,12 @@ from pyspark.ml import Estimator
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
-from .data import batches_bounded_while_fitting, check_schema, check_width, prepared, reads_arrays
+from .data import (batches_bounded_while_fitting, check_output_columns, check_schema, check_width, prepared,
+                   reads_arrays)
 from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
-                     keyword_signature, ps_bind, training_spec)
+                     keyword_signature, output_columns, ps_bind, training_spec)
 from .session import conf, connect_server_host, local_task_slots, master, num_partitions, require_connect_support
 from .tracking import log_fit
 
@@ -73,6 +74,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         spec = training_spec(self)
         features_col, label_col = self.getFeaturesCol(), self.getLabelCol()
         check_schema(dataset.schema, features_col, label_col)
+        check_output_columns(dataset.columns, output_columns(self))    # the model could not score its own frame
         require_connect_support(dataset)
         spark = dataset.sparkSession
         check_width(dataset.schema, features_col, spec.layers[0], "layers[0]")

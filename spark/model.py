@@ -16,9 +16,10 @@ from pyspark.ml.util import MLReadable, MLWritable
 
 from core.validation import check_layers
 
-from .data import bound_batches_for_scoring, check_schema, check_width
+from .data import bound_batches_for_scoring, check_output_columns, check_schema, check_width
 from .metrics import FeedForwardNetworkPSSummary
-from .params import MODEL_SETTABLE, FeedForwardNetworkPSParams, add_setters, check_model_weights, check_thresholds
+from .params import (MODEL_SETTABLE, FeedForwardNetworkPSParams, add_setters, check_model_weights, check_thresholds,
+                     output_columns)
 from .persistence import ModelReader, ModelWriter
 from .predict import (classic_context, logits_and_probabilities, predicted_classes, transform_frame,
                       weights_for_executors)
@@ -103,7 +104,7 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         cached = getattr(self, "_summary", None)
         if cached is None or cached._stats is not self.trainingStats:
             held = getattr(self, "_training_frame", None)
-            frozen = self.copy()          # the columns and thresholds of now, whatever is set on self later
+            frozen = self._summary_model()      # the columns and thresholds of now, whatever is set on self later
             cached = self._summary = FeedForwardNetworkPSTrainingSummary(
                 self.trainingStats, None if held is None or held.frame is None else
                 (lambda: frozen.transform(held.frame)), frozen.getLabelCol(), frozen.getPredictionCol())
@@ -113,7 +114,15 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         """Accuracy, weighted and per-label precision, recall, F-measure and false positive rate of this model on
         ``dataset`` (labelCol must be there), as MLlib's ``MultilayerPerceptronClassificationModel.evaluate``."""
         check_schema(dataset.schema, self.getFeaturesCol(), self.getLabelCol())
-        return FeedForwardNetworkPSSummary(self.transform(dataset), self.getLabelCol(), self.getPredictionCol())
+        scorer = self._summary_model()
+        return FeedForwardNetworkPSSummary(scorer.transform(dataset), scorer.getLabelCol(), scorer.getPredictionCol())
+
+    def _summary_model(self):
+        """A copy that scores for a summary's figures: with predictionCol '' (no such column) it writes a
+        temporary one, ``prediction_<uid>``, as MLlib's summaries do."""
+        if self.getPredictionCol():
+            return self.copy()
+        return self.copy({self.predictionCol: f"prediction_{self.uid}"})
 
     @property
     def numFeatures(self) -> int:
@@ -152,12 +161,9 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         if self._weights is None:
             raise ValueError("this model has no weights: train it with fit() or load() a saved one")
         check_schema(dataset.schema, self.getFeaturesCol(), None)
-        check_width(dataset.schema, self.getFeaturesCol(), self.numFeatures, "the model's layers[0]")
-        for param, column in (("rawPredictionCol", self.getRawPredictionCol()),
-                              ("probabilityCol", self.getProbabilityCol()), ("predictionCol", self.getPredictionCol())):
-            if column and column in dataset.columns:      # MLlib's classifiers refuse it too ("already exists")
-                raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
-                                 f"name (or to '' for no such column)")
+        check_width(dataset.schema, self.getFeaturesCol(), self.numFeatures, "the model's layers[0]",
+                    "score vectors of the model's width, or fit a model on these")
+        check_output_columns(dataset.columns, output_columns(self))
         bound_batches_for_scoring(dataset.sparkSession, self.getFeaturesCol(), self.numFeatures)
         return transform_frame(dataset, self._executor_weights(dataset), self.getLayers(), self.getFeaturesCol(),
                                self.getRawPredictionCol(), self.getProbabilityCol(), self.getPredictionCol(),

@@ -201,6 +201,12 @@ for _name, (_doc, _convert, _) in PARAMS.items():
                 lambda self, _n=_name: self.getOrDefault(_n))
 
 
+def output_columns(p: Params) -> dict:
+    """{param: column} of the columns transform adds (rawPredictionCol, probabilityCol, predictionCol)."""
+    return {"rawPredictionCol": p.getRawPredictionCol(), "probabilityCol": p.getProbabilityCol(),
+            "predictionCol": p.getPredictionCol()}
+
+
 def add_setters(cls, names):
     """``setX(value)`` for each Param name, returning self (as Spark's own setters do)."""
     for name in names:

@@ -33,6 +33,8 @@ def test_defaults_are_normalised_once():
     (dict(mode="sync", tau=3), "tau must be 1 in sync mode, got 3"),
     (dict(local_momentum=1.0), "local_momentum must be in [0, 1), got 1.0"),
     (dict(mode="easgd", staleness=2), "staleness applies to mode='async' only, got staleness=2 with mode='easgd'"),
+    (dict(mode="eamsgd", optimizer="adam"), "optimizer='adam' applies to the gradient modes (sync, async), not "
+                                            "mode='eamsgd': its server moves by the workers' elastic differences"),
     (dict(staleness=-1), "staleness must be an integer >= 0, got -1"),
     (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, nesterov, adagrad, adam, got 'lbfgs'"),
     (dict(backend="tpu"), "backend must be one of auto, cupy, numba, numpy, got 'tpu'"),

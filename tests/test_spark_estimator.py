@@ -261,6 +261,19 @@ def test_an_output_column_already_in_the_input_is_refused(async_model, digits_df
         async_model.transform(scored)
     renamed = async_model.copy({getattr(async_model, param): column + "2"})
     assert column + "2" in renamed.transform(scored).columns
+    with pytest.raises(ValueError, match=f"column '{column}' already exists in the input; drop it, or set {param}"):
+        make(maxIter=1).fit(scored)      # at fit too, as MLlib: the model could not score its training frame
+
+
+def test_summaries_of_a_model_without_a_prediction_column_use_a_temporary_one(async_model, digits_df):
+    """predictionCol '' (no such column): summary() and evaluate() score with prediction_<uid>, as MLlib's."""
+    train, test = digits_df
+    quiet = make(maxIter=3, predictionCol="").fit(train)
+    named = quiet.copy({quiet.predictionCol: "p"})
+    assert quiet.summary().accuracy == named.evaluate(train).accuracy > 0.5
+    assert quiet.summary().predictionCol == f"prediction_{quiet.uid}"
+    assert quiet.evaluate(test).weightedFMeasure() == named.evaluate(test).weightedFMeasure()
+    assert quiet.getPredictionCol() == "" and not {"prediction", "p"} & set(quiet.transform(test).columns)
 
 
 def test_model_carries_params_and_weights(async_model):
@@ -305,6 +318,7 @@ BAD_PARAMS = [
     (dict(momentum=1.5), "momentum must be in [0, 1), got 1.5"),
     (dict(mode="sync", communicationWindow=3), "communicationWindow must be 1 in sync mode, got 3"),
     (dict(mode="easgd", maxStaleness=2), "maxStaleness applies to mode='async' only"),
+    (dict(mode="easgd", optimizer="momentum"), "optimizer='momentum' applies to the gradient modes (sync, async)"),
     (dict(initialWeights=[0.0] * 5), "initialWeights has 5 values but layers [3, 3] have 12 parameters"),
     (dict(psHost="no-such-host.invalid"), "psHost 'no-such-host.invalid' does not resolve"),
     (dict(numWorkers=3), "numWorkers=3 needs 3 training tasks running at once (a barrier stage), but master "
@@ -399,9 +413,9 @@ def test_bad_data(spark, kind, message, caplog):
 
 
 @pytest.mark.parametrize("vector,message", [
-    (None, "featuresCol 'features' has 1 null vector(s); drop or impute them before transform"),
-    ([1.0, float("nan"), 3.0], "has 1 row(s) with NaN or infinite values"),
-    ([1.0, 1e300, 3.0], "has 1 row(s) with NaN or infinite values"),
+    (None, r"featuresCol 'features' has null vectors \(1 in a batch of [12] rows?\); drop or impute them before"),
+    ([1.0, float("nan"), 3.0], r"has rows with NaN or infinite values \(1 in a batch of [12] rows?, after conversion"),
+    ([1.0, 1e300, 3.0], r"has rows with NaN or infinite values \(1 in a batch of [12] rows?, after conversion"),
     ([1.0, 2.0], "feature vectors have width 2 but the model expects 3"),
 ])
 def test_transform_bad_features_are_clear_errors(spark, vector, message):
@@ -411,7 +425,7 @@ def test_transform_bad_features_are_clear_errors(spark, vector, message):
     rows = [(0.0, Vectors.dense([1.0, 2.0, 3.0])), (1.0, None if vector is None else Vectors.dense(vector))]
     with pytest.raises(Exception) as err:
         model.transform(frame(spark, rows)).collect()
-    assert message in str(err.value)
+    assert re.search(message, str(err.value))
 
 
 def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
@@ -429,7 +443,8 @@ def test_a_declared_width_is_checked_before_any_job(spark, monkeypatch):
                                          r"layers\[0\] is 3; set layers\[0\] to the feature width"):
         FeedForwardNetworkPSClassifier(layers=[3, 4, 2]).fit(small)
     model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(12, np.float32), layers=[3, 3])
-    with pytest.raises(ValueError, match="has vectors of size 2 .* but the model's layers\\[0\\] is 3"):
+    with pytest.raises(ValueError, match="has vectors of size 2 .* but the model's layers\\[0\\] is 3; score vectors "
+                                         "of the model's width, or fit a model on these"):
         model.transform(small)
     assert jobs == []
 
