@@ -17,6 +17,8 @@ SUPPORTED_DTYPES = ("float32", "float64")
 def check_layers(layers) -> list[int]:
     """Layer sizes [d0, d1, ..., C]: at least two, each a positive integer."""
     try:
+        if isinstance(layers, (str, bytes)):        # "64,100,10" is a sequence too, of characters
+            raise TypeError
         sizes = list(layers)
     except TypeError:
         raise ValueError(f"layers must be a list of layer sizes such as [64, 100, 10], got {layers!r}") from None

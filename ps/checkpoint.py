@@ -80,7 +80,7 @@ def load(path: str) -> tuple[dict, dict]:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable ffps checkpoint: {exc}") from exc
+        raise ValueError(f"{path} is not a readable ffps checkpoint (an .npz archive of arrays): {exc}") from exc
     if META_KEY not in arrays or "weights" not in arrays:
         raise ValueError(f"{path} lacks {META_KEY!r} or 'weights'; not an ffps checkpoint")
     meta = json.loads(arrays.pop(META_KEY).tobytes().decode())

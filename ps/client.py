@@ -142,7 +142,12 @@ class ParameterClient:
         self._connected = False        # a TCP connection to the server was made at least once
         self._connect_refusals = 0     # refused connects before the first connection
         self._connect_t0 = time.monotonic()
-        s.connect(cfg["address"])
+        try:
+            s.connect(cfg["address"])
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ValueError(f"the client config's address {cfg['address']!r} is not an endpoint a client can "
+                             f"connect to (tcp://HOST:PORT): {exc}") from None
         self._seq = 0
         self.version = 0
         # Binds this (worker, attempt) to this client. Proposed here, in the first HELLO, so that the HELLO

@@ -657,6 +657,10 @@ class Engine:
     def restore(self, arrays: dict, meta: dict) -> None:
         if meta["mode"] != self.mode.name:
             raise ValueError(f"it was made by a mode={meta['mode']!r} run; this run's mode is {self.mode.name!r}")
+        mine = getattr(self.optimizer, "name", "sgd")
+        if meta.get("optimizer", mine) != mine:     # its state would be missing, or dropped without a word
+            raise ValueError(f"it was made by an optimizer={meta['optimizer']!r} run; this run's optimizer is "
+                             f"{mine!r}")
         if meta["fingerprint"] != self.fingerprint:
             made = f"layers {meta['layers']}" if meta.get("layers") else f"{meta.get('num_params')} parameters"
             mine = f"layers {list(self.spec.layers)}" if self.spec.layers else f"{self.num_params} parameters"

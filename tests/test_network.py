@@ -225,6 +225,7 @@ def test_chunk_rows_must_be_a_positive_integer(small, chunk_rows):
     ([10], "at least two"), ([], "at least two"), ([4, 0, 3], "size 0 at position 1"),
     ([4, -2, 3], "size -2 at position 1"), ([4, 2.5, 3], "2.5 at position 1 .* not an integer"),
     ([4, 1], "number of classes"), (5, "list of layer sizes"), ([4, "a", 3], "'a' at position 1"),
+    ("64,100,10", r"layers must be a list of layer sizes such as \[64, 100, 10\], got '64,100,10'"),
 ])
 def test_bad_layers(layers, match):
     with pytest.raises(ValueError, match=match):

@@ -247,3 +247,23 @@ def test_a_resumed_server_names_the_checkpoint_it_resumed_from_when_its_last_one
     push_n(again.client_config(), 3)
     with pytest.raises(ckpt.CheckpointNotWritten, match=f"a resume would start from {re.escape(kept)}$"):
         again.stop()
+
+
+def test_a_resume_under_another_optimizer_is_refused_by_name(tmp_path):
+    """As another mode is: a run of momentum or adam resumed an sgd run's checkpoint with 'optimizer state lacks
+    [...]', and sgd resumed an adam run's, dropping its state, without a word. The files are kept."""
+    d = str(tmp_path / "ck")
+    with ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer="adam", checkpoint_dir=d,
+                         checkpoint_every=1, progress=False) as first:
+        push_n(first.client_config(), 3)
+        first.save_checkpoint()
+    kept = sorted(os.listdir(d))
+    for other in ("sgd", "momentum"):
+        with pytest.raises(ValueError, match=r"cannot resume from .*ckpt-0+3\.npz: it was made by an "
+                                             rf"optimizer='adam' run; this run's optimizer is '{other}'"):
+            ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer=other, checkpoint_dir=d,
+                            resume=True, progress=False).start()
+        assert sorted(os.listdir(d)) == kept
+    with ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer="adam", checkpoint_dir=d,
+                         resume=True, progress=False) as again:
+        assert again.version == 3

@@ -105,6 +105,9 @@ def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
                             (dict(hwm=-1), "hwm must be an integer in 0..2147483647, got -1")):
             with pytest.raises(ValueError, match=re.escape(message)):
                 ParameterClient(cfg, **{"worker_id": 0, **kw})
+        with pytest.raises(ValueError, match="the client config's address 'garbage' is not an endpoint a client "
+                                             r"can connect to \(tcp://HOST:PORT\): Invalid argument"):
+            ParameterClient({**cfg, "address": "garbage"}, worker_id=0)
         ParameterClient(cfg, worker_id=np.int64(1), timeout=np.float32(5.0), hwm=np.int32(8)).close()  # numpy numbers
         c = ParameterClient(cfg, worker_id=0)
         g = np.zeros(16, np.float32)
