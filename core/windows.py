@@ -80,10 +80,13 @@ class GraphWindows:
         ops, net, trainer = self.ops, self.net, self.trainer
         xb, yb = self._buffers(m, data)
         grad, optimizer, sums, offset, order = trainer.grad, trainer.optimizer, self.sums, self.offset, self.order
+        share = m / trainer.batch_size if m < trainer.batch_size else None     # as MinibatchTrainer._weigh_ragged
 
         def step():
             ops.gather_batch(data.X, data.y, order, offset, xb, yb)
             net.gradient_device(w, xb, yb, grad, sums=sums)
+            if share is not None:
+                grad.__imul__(share)
             if accumulate is not None:
                 accumulate.__iadd__(grad)                        # in place (a closure cannot rebind it)
             if update:

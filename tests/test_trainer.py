@@ -59,6 +59,34 @@ def test_numba_follows_numpy_reference_trajectory(digits_split):
     np.testing.assert_allclose(out[0], out[1], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_the_ragged_last_batch_moves_the_weights_by_its_share_of_rows(backend, digits_split):
+    """An epoch's last batch of m < B rows steps by m/B of its mean gradient (each row of the epoch counts the
+    same): 1257 rows in batches of 100 end with one of 57. Against a float64 loop of the same seeded batches;
+    the loop without the share ends elsewhere, by more than the tolerance."""
+    Xtr, _, ytr, _ = digits_split
+    B, lr, epochs = 100, 0.2, 2
+    net = FeedForwardNetwork([64, 30, 10], backend=backend)
+    w0 = net.init_params(seed=4)
+    w, _ = MinibatchTrainer(net, batch_size=B, learning_rate=lr, seed=7).fit(Xtr, ytr, epochs=epochs, w0=w0)
+
+    ref = FeedForwardNetwork([64, 30, 10], backend="numpy", dtype="float64")
+    X64 = Xtr.astype(np.float64)
+    ends = []
+    for weigh in (True, False):
+        rng, v = np.random.default_rng(7), w0.astype(np.float64)
+        for _ in range(epochs):
+            order = rng.permutation(len(ytr))
+            for start in range(0, len(ytr), B):
+                rows = order[start:start + B]
+                _, g = ref.loss_and_grad(v, X64[rows], ytr[rows])
+                v = v - lr * (len(rows) / B if weigh else 1.0) * g
+        ends.append(v)
+    assert len(ytr) % B == 57
+    np.testing.assert_allclose(w, ends[0], rtol=1e-3, atol=2e-5)
+    assert np.abs(w - ends[1]).max() > 100 * 2e-5
+
+
 def test_fit_leaves_callers_initial_weights_alone(digits_split):
     Xtr, _, ytr, _ = digits_split
     net = FeedForwardNetwork([64, 10], backend="numpy")
