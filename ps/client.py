@@ -51,6 +51,8 @@ def check_pushed(array, num_params: int):
     if n != num_params:
         raise ValueError(f"push of {n} values, the model has {num_params}")
     return array
+
+
 ACCEPTED = frozenset((int(Status.OK), int(Status.DUPLICATE)))     # reply statuses that are not refusals
 DUPLICATE = int(Status.DUPLICATE)       # ints, not the enum: a small request's whole cost is a few such lookups
 

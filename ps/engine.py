@@ -425,8 +425,9 @@ class Engine:
             held = HELD_VERSION.unpack(frames[1])[0]
         carries = h.flags & (FLAG_ELASTIC | FLAG_LOCAL_WEIGHTS)
         if carries != self.mode.push_flag:
+            takes = push_kind(self.mode.push_flag)
             raise ProtocolError(Reason.WRONG_MODE, f"a push of kind={push_kind(carries)!r} does not fit mode "
-                                                   f"{self.mode.name!r}: it takes kind={push_kind(self.mode.push_flag)!r}")
+                                                   f"{self.mode.name!r}: it takes kind={takes!r}")
         check_metrics(h)
         if h.step <= 0:
             raise ProtocolError(Reason.BAD_FIELD, f"step must be >= 1, got {h.step}")
@@ -657,10 +658,10 @@ class Engine:
     def restore(self, arrays: dict, meta: dict) -> None:
         if meta["mode"] != self.mode.name:
             raise ValueError(f"it was made by a mode={meta['mode']!r} run; this run's mode is {self.mode.name!r}")
-        mine = getattr(self.optimizer, "name", "sgd")
-        if meta.get("optimizer", mine) != mine:     # its state would be missing, or dropped without a word
+        ours = getattr(self.optimizer, "name", "sgd")
+        if meta.get("optimizer", ours) != ours:     # its state would be missing, or dropped without a word
             raise ValueError(f"it was made by an optimizer={meta['optimizer']!r} run; this run's optimizer is "
-                             f"{mine!r}")
+                             f"{ours!r}")
         if meta["fingerprint"] != self.fingerprint:
             made = f"layers {meta['layers']}" if meta.get("layers") else f"{meta.get('num_params')} parameters"
             mine = f"layers {list(self.spec.layers)}" if self.spec.layers else f"{self.num_params} parameters"

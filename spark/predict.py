@@ -157,16 +157,16 @@ def transform_frame(dataset, w_bc, layers, features_col, raw_col, prob_col, pred
                 continue
             rows = VectorRows(width)
             add(rows, batch)
+            among = f"in a batch of {len(batch)} row{'s' * (len(batch) > 1)}"     # other batches may hold more
             if rows.nulls:
-                raise ValueError(f"featuresCol {features_col!r} has null vectors ({rows.nulls} in a batch of "
-                                 f"{len(batch)} row{'s' * (len(batch) > 1)}); drop or impute them before transform")
+                raise ValueError(f"featuresCol {features_col!r} has null vectors ({rows.nulls} {among}); drop or "
+                                 f"impute them before transform")
             if rows.min_width != width or rows.max_width != width:
                 bad = rows.max_width if rows.max_width != width else rows.min_width
                 raise ValueError(f"feature vectors have width {bad} but the model expects {width}")
             if rows.bad:                     # else argmax would name a class for a row of NaN logits
-                raise ValueError(f"featuresCol {features_col!r} has rows with NaN or infinite values ({rows.bad} in "
-                                 f"a batch of {len(batch)} row{'s' * (len(batch) > 1)}, after conversion to float32); clean or impute them "
-                                 f"before transform")
+                raise ValueError(f"featuresCol {features_col!r} has rows with NaN or infinite values ({rows.bad} "
+                                 f"{among}, after conversion to float32); clean or impute them before transform")
             raw, prob = logits_and_probabilities(net, w, rows.matrix(len(batch), sparse_ok=True))
             pred = predicted_classes(prob, thresholds).astype(np.float64)
             yield result_frame(raw, prob, pred, per_class)

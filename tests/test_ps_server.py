@@ -120,7 +120,8 @@ def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
                 c.push(g, **kw)
         # what is pushed: a float32 vector of the model's size (a list failed with 'no attribute size', a float16
         # vector reached the server as half the bytes)
-        for bad, message in (([0.0] * 16, "got list;"), (np.zeros(16, np.float64), "got a float64 array of shape (16,)"),
+        for bad, message in (([0.0] * 16, "got list;"),
+                             (np.zeros(16, np.float64), "got a float64 array of shape (16,)"),
                              (np.zeros(16, np.float16), "got a float16 array of shape (16,)"),
                              (np.zeros((4, 4), np.float32), "got a float32 array of shape (4, 4)"),
                              (np.zeros(15, np.float32), "push of 15 values, the model has 16")):
