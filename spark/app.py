@@ -148,8 +148,10 @@ def not_numeric(df, field) -> str:
 
     said = f"column {field.name!r} is {field.dataType.simpleString()}, not numeric"
     if isinstance(field.dataType, StringType):
-        column = F.col(f"`{field.name}`")
-        row = df.filter(column.isNotNull() & F.trim(column).cast("double").isNull()).select(column).first()
+        quoted = "`" + field.name.replace("`", "``") + "`"
+        column = F.col(quoted)        # try_cast: Spark 4's ANSI cast fails on the very value looked for
+        row = df.filter(column.isNotNull() & F.expr(f"try_cast(trim({quoted}) AS DOUBLE)").isNull()).select(column) \
+            .first()
         if row is not None:
             said += f": its value {row[0]!r} is not a number"
     return said
