@@ -55,7 +55,7 @@ from ps.runner import load_arrays, save_arrays  # noqa: E402
 # One dict of per-trainer knobs. Everything else (epochs, batch size, learning rate) is the dataset's budget
 # below and is the same for every trainer. EASGD family: beta = 0.9, alpha = beta / p, tau = 10 (the low end
 # of the authors' 10..100, because digits gives each worker only ~20 mini-batches per pass) and Nesterov
-# momentum delta = 0.99 for eamsgd (DESIGN.md, from the authors' reference code). Momentum multiplies the
+# momentum delta = 0.99 for eamsgd (ps.spec's default, from the authors' reference code). Momentum multiplies the
 # stationary step by 1 / (1 - delta), so eamsgd's local learning rate is the budget's rate times
 # (1 - delta): the same effective step as everyone else, not a 100x larger one (lr_scale below).
 # DOWNPOUR keeps plain SGD on the server (the paper's Adagrad would be a second change at once).

@@ -1,6 +1,7 @@
 """Feed-forward network (Dense -> ReLU -> ... -> Dense -> softmax-NLL) over one flat parameter vector.
 
-Flat layout (DESIGN.md): for each layer i in order, W_i row-major (d_i x d_{i+1}) then b_i (d_{i+1}).
+Flat layout (the unit the parameter server stores and ships): for each layer i in order, W_i row-major
+(d_i x d_{i+1}) then b_i (d_{i+1}).
 Layers are views into that vector; gradients are written into a flat buffer of the same layout. All math goes
 through the backend's ops, so this module never touches cupy or numba.
 """

@@ -1,4 +1,4 @@
-"""Update rules of the trainer modes (DESIGN.md), as pure array functions and small state machines.
+"""Update rules of the trainer modes (ps/README.md, "Modes"), as pure array functions and small state machines.
 
 No sockets here: the mode objects of :mod:`ps.modes` call these on the server (NumPy) and in the workers
 (NumPy or CuPy arrays: the worker halves use array operators only), and tests check them against

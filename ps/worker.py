@@ -1,4 +1,4 @@
-"""The training loop one worker runs against the server, for every mode (DESIGN.md rules).
+"""The training loop one worker runs against the server, for every mode (the rules: ps/README.md, "Modes").
 
 What differs between modes (the local window, the exchange) is the mode object's (:mod:`ps.modes`); every
 setting comes from the server's training spec in ``cfg``. Local steps use the core trainer (any backend:

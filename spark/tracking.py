@@ -28,8 +28,9 @@ Scoring later (needs a SparkSession)::
 The model is written to, and read back from, a temp directory on the driver through Spark; on a multi-node
 cluster that needs a driver-local master (``local[*]``) or a filesystem the executors share.
 
-mlflow-skinny 3.x: the default tracking URI is ``sqlite:///mlflow.db`` in the working directory, which needs
-sqlalchemy (not part of mlflow-skinny); a local ``file:`` store works only with ``MLFLOW_ALLOW_FILE_STORE=true``.
+mlflow-skinny 3.x: the default tracking URI is ``sqlite:///mlflow.db`` in the working directory (``./mlruns`` where
+that directory exists), which needs sqlalchemy and alembic (not part of mlflow-skinny; ``ffps[mlflow]`` installs
+them); a local ``file:`` store works only with ``MLFLOW_ALLOW_FILE_STORE=true``.
 """
 from __future__ import annotations
 

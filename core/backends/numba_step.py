@@ -108,7 +108,7 @@ _exp_f32 = KERNELS["softmax_exp_rows_f32"][0]
 def dense_stack_gradient(dims, w, X, y, grad, acts, deltas, scale, row_loss, row_ok, kbits, poly_exp):
     """One forward + backward of Dense-ReLU-...-Dense-softmax-NLL: the per-op path of
     ``FeedForwardNetwork.gradient_device`` as one call. dims (L+1,) int64 layer sizes; w, grad flat vectors
-    of DESIGN.md's layout; acts/deltas flat workspaces (m * sum(dims[1:]), m * sum(dims[1:-1])); row_loss
+    of the flat layout (core/network.py); acts/deltas flat workspaces (m * sum(dims[1:]), m * sum(dims[1:-1])); row_loss
     (m,) float64, row_ok (m,) int32 and kbits (m, C) int32 (float32 with ``poly_exp``) scratch. Returns
     (summed NLL, correct count); grad holds the mean loss's gradient."""
     m = X.shape[0]
