@@ -56,16 +56,21 @@ class MinibatchTrainer:
     """
 
     def __init__(self, net: FeedForwardNetwork, batch_size=64, learning_rate=0.1, optimizer="sgd",
-                 momentum=0.9, seed=0, cuda_graphs=False):
+                 momentum=0.9, seed=0, cuda_graphs=False, ragged_share=True):
         check_int("batch_size", batch_size)
-        if not isinstance(cuda_graphs, (bool, np.bool_)):
-            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        for name, value in (("cuda_graphs", cuda_graphs), ("ragged_share", ragged_share)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         self.net = net
         self.batch_size = int(batch_size)
         self.optimizer = local_optimizer(net, optimizer, learning_rate, momentum)
         self.rng = np.random.default_rng(check_seed(seed))
         self.grad = net.ops.empty((net.num_params,), net.dtype)
         self.cuda_graphs = bool(cuda_graphs)
+        # an epoch's ragged last batch steps by its share of a batch (_weigh_ragged); off where the rows are
+        # weighed elsewhere (sync: the server's batch-size-weighted mean of the workers' pushes)
+        self._ragged_share = bool(ragged_share)
+        self._epoch_rows = 0          # rows of the current epoch (begin_epoch)
         self._shuffled = None
         self._windows: GraphWindows | None = None
         self._epoch = None            # how the current epoch's batches are read: "views" or "order"
@@ -100,6 +105,7 @@ class MinibatchTrainer:
         views, or (graphs) the permutation on the device, where each recorded step gathers its batch."""
         ops = self.net.ops
         self.net.check_data(data)       # a DeviceData of another network would send the kernels out of bounds
+        self._epoch_rows = data.n_rows
         perm = self.rng.permutation(data.n_rows).astype(np.int64)
         windows = self.graphs
         if windows is not None:
@@ -168,13 +174,21 @@ class MinibatchTrainer:
             accumulate += self.grad
         return loss_sum, correct
 
+    def batch_share(self, m: int, n_rows: int) -> float | None:
+        """The share of a batch that a step on ``m`` rows of an epoch of ``n_rows`` takes: m / batch_size for the
+        ragged last batch of an epoch of several batches, else None (a whole batch, or an epoch that is one
+        batch: full-batch descent keeps its rate)."""
+        B = self.batch_size
+        return m / B if self._ragged_share and m < B < n_rows else None
+
     def _weigh_ragged(self, m: int) -> None:
         """The gradient of a ragged batch (the epoch's last, m < batch_size rows) is the mean over its m rows:
         scaled by m / batch_size, each row of an epoch moves the weights as much as any other. At full weight the
         few rows of a tail (3 of 32: digits' 1797 rows over 2 workers) made the last step of a fit a large noisy
         one: 3 in 12 async fits ended at 1.7x the loss of the others, none with an even split."""
-        if m < self.batch_size:
-            self.grad *= m / self.batch_size
+        share = self.batch_share(m, self._epoch_rows)
+        if share is not None:
+            self.grad *= share
 
     def _rows_step(self, w, Xb, yb, rows, accumulate, update) -> tuple[float, int]:
         first = self.net.layout[0]

@@ -80,7 +80,7 @@ class GraphWindows:
         ops, net, trainer = self.ops, self.net, self.trainer
         xb, yb = self._buffers(m, data)
         grad, optimizer, sums, offset, order = trainer.grad, trainer.optimizer, self.sums, self.offset, self.order
-        share = m / trainer.batch_size if m < trainer.batch_size else None     # as MinibatchTrainer._weigh_ragged
+        share = trainer.batch_share(m, data.n_rows)           # the ragged last batch's share, as op by op
 
         def step():
             ops.gather_batch(data.X, data.y, order, offset, xb, yb)

@@ -363,6 +363,8 @@ class ParameterClient:
         """
         check_pushed(array, self.num_params)
         if kind == "local_weights":
+            if isinstance(array, Entries):
+                raise ValueError("a local_weights push takes the whole weight vector, not ps.protocol.Entries")
             payload, code = array, FLOAT32
         else:                               # a mostly-zero gradient goes as its non-zero entries
             payload, code = encode_push(array, self.spec.wire_dtype)

@@ -648,7 +648,7 @@ class Engine:
         sd = self.optimizer.state_dict()
         arrays = {"weights": self.weights.copy(), **{f"opt_{k}": v for k, v in sd["arrays"].items()}}
         meta = {"version": self.version, "mode": self.mode.name, "layers": list(self.spec.layers or []) or None,
-                "optimizer": getattr(self.optimizer, "name", "sgd"),
+                "optimizer": getattr(self.optimizer, "name", "sgd"), "optimizer_rule": self.spec.optimizer,
                 "optimizer_t": sd["t"], "fingerprint": self.fingerprint, "num_params": self.num_params,
                 "counters": self.counters, "convergence": self.convergence.state(),
                 "workers": {str(k): {"last_step": v.last_step, "attempt": v.attempt, "applied": v.applied,
@@ -658,10 +658,12 @@ class Engine:
     def restore(self, arrays: dict, meta: dict) -> None:
         if meta["mode"] != self.mode.name:
             raise ValueError(f"it was made by a mode={meta['mode']!r} run; this run's mode is {self.mode.name!r}")
-        ours = getattr(self.optimizer, "name", "sgd")
-        if meta.get("optimizer", ours) != ours:     # its state would be missing, or dropped without a word
-            raise ValueError(f"it was made by an optimizer={meta['optimizer']!r} run; this run's optimizer is "
-                             f"{ours!r}")
+        # its state would be missing, or dropped without a word; the rule's name tells nesterov from momentum
+        # (one optimizer class), the class's name is all a checkpoint written before it says
+        key, ours = ("optimizer_rule", self.spec.optimizer) if "optimizer_rule" in meta else \
+            ("optimizer", getattr(self.optimizer, "name", "sgd"))
+        if meta.get(key, ours) != ours:
+            raise ValueError(f"it was made by an optimizer={meta[key]!r} run; this run's optimizer is {ours!r}")
         if meta["fingerprint"] != self.fingerprint:
             made = f"layers {meta['layers']}" if meta.get("layers") else f"{meta.get('num_params')} parameters"
             mine = f"layers {list(self.spec.layers)}" if self.spec.layers else f"{self.num_params} parameters"

@@ -70,6 +70,8 @@ class Mode:
     windowed: ClassVar[bool] = True         # tau (local steps between exchanges) may exceed 1
     bounded_staleness: ClassVar[bool] = False   # takes a staleness bound (a push too old is refused)
     pipelines: ClassVar[bool] = False       # may overlap an exchange with the next window (spec.pipeline)
+    weighs_rows: ClassVar[bool] = False     # the server weighs each push by its rows (sync): a worker's ragged
+                                            # batch goes at its mean, not at its share of a batch
 
     @property
     def default_tau(self) -> int:
@@ -357,6 +359,7 @@ class Sync(_GradientMode):
     name = "sync"
     rounds = True
     windowed = False
+    weighs_rows = True
 
     def apply_round(self, engine, w, entries, out):
         g = rules.weighted_mean([a for _, a in entries], [h.batch_size for h, _ in entries], out=np.empty_like(w))

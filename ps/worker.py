@@ -201,7 +201,8 @@ def run_worker(cfg: dict, worker_id: int, X: np.ndarray, y: np.ndarray, *, devic
     net = FeedForwardNetwork(list(spec.layers), backend=spec.backend, device=device, precision=spec.precision)
     trainer = MinibatchTrainer(net, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                                optimizer=mode.local_optimizer, momentum=spec.local_momentum,
-                               seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs)
+                               seed=spec.seed * 1000 + worker_id, cuda_graphs=spec.cuda_graphs,
+                               ragged_share=not mode.weighs_rows)
     data = net.upload(X, y)
     if isinstance(data.X, CsrRows) and mode.tracks_entries(spec):
         trainer.track_entries()        # a sparse window's sum is pushed (and its weights taken back) by entries

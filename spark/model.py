@@ -31,6 +31,7 @@ from .summary import FeedForwardNetworkPSTrainingSummary
 # between serving threads
 _ROW_NETS = threading.local()
 _ROW_NETS_HELD = 4
+ROW_NET_MAX_ROWS = 256         # rows whose workspace a held network keeps
 
 
 def row_network(layers):
@@ -140,10 +141,14 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         """(logits (1, C), probabilities (1, C)) of one feature vector, checked like transform's rows."""
         from core.validation import check_features
 
+        from core import FeedForwardNetwork
+
         layers = self.getLayers()
         x = np.asarray(value.toArray() if hasattr(value, "toArray") else value)
         x = check_features(x.reshape(1, -1) if x.ndim == 1 else x, int(layers[0]), np.dtype(np.float32))
-        return logits_and_probabilities(row_network(layers), self._weights, x)
+        # a block of many rows gets a network of its own: a thread's held one would keep its workspace
+        net = row_network(layers) if x.shape[0] <= ROW_NET_MAX_ROWS else FeedForwardNetwork(layers, backend="numpy")
+        return logits_and_probabilities(net, self._weights, x)
 
     def predictRaw(self, value) -> DenseVector:
         """Raw prediction (the logits) of one feature vector, as in the rawPrediction column."""

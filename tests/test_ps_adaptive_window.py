@@ -220,3 +220,31 @@ def test_a_window_cut_to_a_short_pass_cuts_the_adaptive_bound_with_it():
     fixed = window_within_an_epoch(TrainingSpec(mode="async", tau=8), 3)
     assert (fixed.tau, fixed.window_max) == (3, 0)
     assert window_within_an_epoch(TrainingSpec(mode="async"), 40).window_max == 64
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_workers_ragged_batch_goes_at_its_share_unless_the_server_weighs_rows(mode):
+    """One worker, 150 rows in batches of 64 (a tail of 22), window 1: async's server applies each pushed
+    gradient, so the tail goes at 22/64 of its mean, as MinibatchTrainer's; sync's server weighs each push by
+    its rows (the concatenated batch of a round), so the worker pushes the tail's mean whole. Against float64
+    loops of the same seeded batches."""
+    from core import FeedForwardNetwork
+
+    Xtr, _, ytr, _ = digits()
+    X, y, B, lr = Xtr[:150], ytr[:150], 64, 0.3
+    spec = TrainingSpec(layers=[64, 16, 10], mode=mode, num_workers=1, epochs=3, batch_size=B, learning_rate=lr,
+                        backend="numpy", seed=2, tau=1)
+    w0 = spec.initial_weights()
+    w = train(spec, X, y)[0]
+    ref = FeedForwardNetwork([64, 16, 10], backend="numpy", dtype="float64")
+    ends = {}
+    for share in (True, False):
+        rng, v = np.random.default_rng(spec.seed * 1000), w0.astype(np.float64)
+        for _ in range(spec.epochs):
+            order = rng.permutation(len(y))
+            for start in range(0, len(y), B):
+                rows = order[start:start + B]
+                v = v - lr * (len(rows) / B if share else 1.0) * ref.loss_and_grad(v, X[rows], y[rows])[1]
+        ends[share] = v
+    np.testing.assert_allclose(w, ends[mode == "async"], rtol=1e-3, atol=2e-5)
+    assert np.abs(w - ends[mode != "async"]).max() > 100 * 2e-5

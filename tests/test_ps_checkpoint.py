@@ -267,3 +267,12 @@ def test_a_resume_under_another_optimizer_is_refused_by_name(tmp_path):
     with ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer="adam", checkpoint_dir=d,
                          resume=True, progress=False) as again:
         assert again.version == 3
+    # nesterov and momentum share one optimizer class and its state: the rule's name tells them apart
+    d2 = str(tmp_path / "ck2")
+    with ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer="nesterov", checkpoint_dir=d2,
+                         checkpoint_every=1, progress=False) as first:
+        push_n(first.client_config(), 2)
+        first.save_checkpoint()
+    with pytest.raises(ValueError, match="made by an optimizer='nesterov' run; this run's optimizer is 'momentum'"):
+        ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer="momentum", checkpoint_dir=d2,
+                        resume=True, progress=False).start()

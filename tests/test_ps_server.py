@@ -127,6 +127,9 @@ def test_client_arguments_are_checked_by_name_and_a_closed_client_says_so():
                              (np.zeros(15, np.float32), "push of 15 values, the model has 16")):
             with pytest.raises(ValueError, match=re.escape(message)):
                 c.push(bad)
+        from ps.protocol import Entries
+        with pytest.raises(ValueError, match="a local_weights push takes the whole weight vector, not"):
+            c.push(Entries(np.array([1], np.int64), np.ones(1, np.float32), 16), kind="local_weights")
         version, w = c.pull()
         with pytest.raises(ValueError, match="read-only"):
             w[0] = 1.0                                   # a view of the received frame, as the docstring says

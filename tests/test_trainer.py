@@ -87,6 +87,23 @@ def test_the_ragged_last_batch_moves_the_weights_by_its_share_of_rows(backend, d
     assert np.abs(w - ends[1]).max() > 100 * 2e-5
 
 
+@pytest.mark.parametrize("batch_size", [300, 20_000])
+def test_an_epoch_of_one_batch_keeps_its_rate(batch_size):
+    """blockSize at or above the rows (full-batch descent): the one batch is no ragged tail and steps whole."""
+    from core.datasets import load_digits_split
+
+    X, _, y, _ = load_digits_split(seed=0)
+    X, y = X[:300], y[:300]
+    net = FeedForwardNetwork([64, 12, 10], backend="numpy")
+    w0 = net.init_params(seed=1)
+    w, _ = MinibatchTrainer(net, batch_size=batch_size, learning_rate=0.5, seed=0).fit(X, y, epochs=5, w0=w0)
+    ref = FeedForwardNetwork([64, 12, 10], backend="numpy", dtype="float64")
+    v = w0.astype(np.float64)
+    for _ in range(5):
+        v = v - 0.5 * ref.loss_and_grad(v, X.astype(np.float64), y)[1]
+    np.testing.assert_allclose(w, v, rtol=1e-3, atol=2e-5)
+
+
 def test_fit_leaves_callers_initial_weights_alone(digits_split):
     Xtr, _, ytr, _ = digits_split
     net = FeedForwardNetwork([64, 10], backend="numpy")
@@ -160,6 +177,7 @@ def test_divergence_is_a_clear_error(digits_split):
     ({"learning_rate": float("nan")}, "learning_rate must be a positive finite number, got nan"),
     ({"optimizer": "adam"}, "optimizer must be one of .* got 'adam'"),
     ({"optimizer": "momentum", "momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+    ({"ragged_share": "yes"}, "ragged_share must be True or False, got 'yes'"),
 ])
 def test_bad_trainer_arguments(kwargs, match):
     net = FeedForwardNetwork([4, 3], backend="numpy")
