@@ -202,6 +202,8 @@ def stop_keeping_the_weights(server) -> str | None:
 CHANCE_MARGIN = 0.9     # a last epoch's mean loss above this share of ln(classes) has learned next to nothing
 BLOWN_UP = 2.0          # an epoch's mean loss above this many times ln(classes): the first steps overshot
 STILL_FALLING = 0.01    # the last epoch lowered the loss by at least this share of ln(classes): still learning
+GOT_WORSE = 1.5         # a last epoch's mean loss this many times the lowest epoch's, and at least
+GOT_WORSE_BY = 0.1      # this share of ln(classes) above it: training went back (raw digits: 0.77 -> 2.02)
 
 
 EXCHANGE_BOUND_SHARE = 0.5     # of the workers' training time spent waiting on exchanges, past which a fit says so
@@ -243,8 +245,10 @@ def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
         return None
     losses = [e["loss"] for e in epochs]
     last, chance = losses[-1], math.log(classes)
-    if not math.isfinite(last) or last < CHANCE_MARGIN * chance:
+    if not math.isfinite(last):
         return None
+    if last < CHANCE_MARGIN * chance:
+        return got_worse(epochs, chance, step_size)
     said = (f"the model has learned next to nothing: the mean training loss of epoch {epochs[-1]['epoch']} is "
             f"{last:.3f}, against ln({classes}) = {chance:.3f} for a uniform guess among {classes} classes. ")
     if max(losses) > BLOWN_UP * chance:
@@ -257,6 +261,22 @@ def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
     return said + (f"Features that say little about the labels, unscaled features, or a stepSize ({step_size:g}) "
                    f"far from right usually do this: check the features, scale them "
                    f"(pyspark.ml.feature.StandardScaler), or try another stepSize")
+
+
+def got_worse(epochs: list, chance: float, step_size: float) -> str | None:
+    """A warning when the last epoch's mean loss is far above the lowest of the fit (GOT_WORSE times it, and
+    GOT_WORSE_BY x ln(classes) above it), else None. Raw digits (pixels 0-16) at the default stepSize fell to
+    0.77 and ended at 2.02, 0.2 accuracy, short of the chance-level band: steps too large for the features
+    undo what the first epochs learned, and the returned model is the last epoch's, not the best one's."""
+    losses = [e["loss"] for e in epochs]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    last, low = losses[-1], losses[best]
+    if not (last > GOT_WORSE * low and last - low >= GOT_WORSE_BY * chance):
+        return None
+    return (f"training went back: the mean training loss fell to {low:.3f} in epoch {epochs[best]['epoch']} and "
+            f"ended at {last:.3f} in epoch {epochs[-1]['epoch']}; the model is the last epoch's. Steps too large for "
+            f"the features usually do this: scale the features (pyspark.ml.feature.StandardScaler) or lower "
+            f"stepSize ({step_size:g})")
 
 
 def check_task_slots(spark, num_workers: int) -> None:
