@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import numpy as np
 from pyspark.ml.util import DefaultParamsReader, MLReader, MLWriter
@@ -44,9 +45,38 @@ class ModelWriter(MLWriter):
             raise ValueError("this model has no layers to save: build it with layers=[...]")
         model._thresholds()
         fs_path = hadoop_path(self.sparkSession, path)     # None on Connect: its "error" mode refuses a model
-        if not self.shouldOverwrite and fs_path is not None and fs_path[0].exists(fs_path[1]):
+        exists = fs_path is not None and fs_path[0].exists(fs_path[1])
+        if not self.shouldOverwrite and exists:
             raise FileExistsError(exists_message(path))
+        if self.shouldOverwrite and exists:
+            self._replace(path, *fs_path)
+            return
         super().save(path)
+
+    def _replace(self, path: str, fs, target) -> None:
+        """Overwrite on a classic session: the new model is written beside PATH, and only once it is whole does
+        it take PATH's place (renames; the old one is deleted last). A write that fails midway (a full disk, a
+        lost executor) leaves the old model in place, where deleting it first, as Spark ML's writers do, lost
+        it. Spark Connect has no file system handle here: its writers replace metadata/ and data/ in turn."""
+        stem = path.rstrip("/") + f".ffps-{uuid.uuid4().hex[:12]}"
+        fresh, old = stem + ".saving", stem + ".replaced"
+        jvm = self.sparkSession._jvm
+        fresh_path, old_path = jvm.org.apache.hadoop.fs.Path(fresh), jvm.org.apache.hadoop.fs.Path(old)
+        try:
+            self.saveImpl(fresh)
+        except BaseException:
+            fs.delete(fresh_path, True)
+            raise
+        if not fs.rename(target, old_path):
+            fs.delete(fresh_path, True)
+            raise OSError(f"cannot overwrite {path}: it could not be moved aside (to {old}); the model there is "
+                          f"unchanged")
+        if not fs.rename(fresh_path, target):
+            fs.rename(old_path, target)
+            fs.delete(fresh_path, True)
+            raise OSError(f"cannot overwrite {path}: the new model could not be moved into its place; the old "
+                          f"model is back")
+        fs.delete(old_path, True)
 
     def _handleOverwrite(self, path: str) -> None:
         # classic: Spark's own (it deletes PATH through the JVM); Connect has no JVM handle here, and

@@ -203,6 +203,32 @@ def test_a_model_that_could_not_score_is_refused_when_built_loaded_or_saved(spar
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
+def test_an_overwrite_that_fails_midway_keeps_the_old_model(spark, tmp_path, monkeypatch):
+    """Classic sessions: the new model is written beside the path and swapped in whole. A write that failed after
+    its metadata (a full disk, a lost executor) had already deleted the old model, as Spark ML's writers do."""
+    from pyspark.sql import DataFrameWriter
+
+    Model = FeedForwardNetworkPSClassificationModel
+    old, w = small_model()
+    new = Model(weights=w * 2, layers=[4, 16, 3])
+    path = str(tmp_path / "m")
+    old.save(path)
+    parquet = DataFrameWriter.parquet
+
+    def disk_full(self, target, *a, **kw):
+        raise OSError(f"No space left on device: {target}")
+
+    monkeypatch.setattr(DataFrameWriter, "parquet", disk_full)
+    with pytest.raises(OSError, match="No space left on device: .*m.ffps-.*saving/data"):
+        new.write().overwrite().save(path)
+    monkeypatch.setattr(DataFrameWriter, "parquet", parquet)
+    np.testing.assert_array_equal(Model.load(path).weights.toArray(), w)
+    assert sorted(os.listdir(tmp_path)) == ["m"]                  # nothing written beside it is left
+    new.write().overwrite().save(path)
+    np.testing.assert_array_equal(Model.load(path).weights.toArray(), w * 2)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
 def test_model_and_estimator_pickle_and_repeated_transforms_share_one_broadcast(spark, digits_df):
     """A model goes into a UDF's closure or sc.broadcast: it pickles (a Param's converter was a closure), its
     summary's DataFrames stay behind; transforms of one model reuse one broadcast of the weights (each made a
