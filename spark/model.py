@@ -87,6 +87,13 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         state.update(_summary=None, _broadcast=None)
         return state
 
+    def __repr__(self):
+        """As MLlib's models print: the uid and the sizes (a Pipeline's stages list shows them)."""
+        if not self.isDefined("layers"):
+            return f"{type(self).__name__}: uid={self.uid}"
+        return (f"{type(self).__name__}: uid={self.uid}, layers={list(self.getLayers())}, "
+                f"numClasses={self.numClasses}, numFeatures={self.numFeatures}")
+
     @property
     def weights(self) -> DenseVector:
         return DenseVector(self._weights.astype(np.float64))

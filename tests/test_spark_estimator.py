@@ -287,6 +287,10 @@ def test_model_carries_params_and_weights(async_model):
     assert len(async_model.weights) == 64 * 100 + 100 + 100 * 10 + 10
     assert async_model.getMode() == "async" and async_model.getLayers() == [64, 100, 10]
     assert "maxIter" in async_model.explainParams()
+    assert repr(async_model) == (f"FeedForwardNetworkPSClassificationModel: uid={async_model.uid}, "
+                                 f"layers=[64, 100, 10], numClasses=10, numFeatures=64")     # as MLlib's models
+    empty = FeedForwardNetworkPSClassificationModel()
+    assert repr(empty) == f"FeedForwardNetworkPSClassificationModel: uid={empty.uid}"
 
 
 def test_initial_weights_are_used(spark, digits_df):
