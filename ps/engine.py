@@ -635,6 +635,20 @@ class Engine:
         """The per-push history as dicts of HISTORY_FIELDS (kept as tuples: one is appended per push)."""
         return [dict(zip(HISTORY_FIELDS, r)) for r in self.history]
 
+    def stalled(self, now: float) -> list[tuple[int, float]]:
+        """Asynchronous modes: [(worker, seconds silent)] of the workers registered in the current attempt that
+        have sent nothing for longer than the round timeout (spec.barrier_timeout) while another worker of this
+        attempt has finished: a frozen or lost task, which nothing else would end (a round mode's round times
+        out instead). Empty while no worker has finished: a slow peer still trains."""
+        if self.mode.rounds:
+            return []
+        current = {w: i for w, i in self.workers.items() if i.session is not None and i.attempt >= self.min_attempt}
+        if not any(i.done for i in current.values()):
+            return []
+        heard, limit = self.convergence.heard, self.spec.barrier_timeout
+        return [(w, now - heard[w]) for w, i in sorted(current.items())
+                if not i.done and 0 <= w < len(heard) and now - heard[w] > limit]
+
     def stats(self) -> dict:
         return {"mode": self.mode.name, "version": self.version, "num_workers": self.num_workers,
                 **self.counters, "rejected": dict(self.rejected),

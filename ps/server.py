@@ -343,6 +343,11 @@ class ParameterServer:
         with self._lock:
             return self.engine.history_records()
 
+    def stalled(self) -> list[tuple[int, float]]:
+        """:meth:`ps.engine.Engine.stalled` now: workers silent past the round timeout after a peer finished."""
+        with self._lock:
+            return self.engine.stalled(time.monotonic())
+
     def fence_below(self, attempt: int) -> int:
         """From now on refuse requests of attempts older than ``attempt``; drop those waiting (see Engine)."""
         with self._lock:

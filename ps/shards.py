@@ -163,6 +163,9 @@ class ShardedServer:
     def fence_below(self, attempt: int) -> int:
         return sum(s.fence_below(attempt) for s in self.shards)
 
+    def stalled(self) -> list:
+        return self.shards[0].stalled()       # every request of a worker goes to every shard
+
     def next_attempt(self) -> int:
         return max(s.next_attempt() for s in self.shards)
 

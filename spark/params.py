@@ -161,7 +161,9 @@ PARAMS = {
     "maxRetries": ("times the driver relaunches the barrier training stage after a failure; workers resume after "
                    "their last applied step (>= 0)", T.toInt, 2),
     "workerTimeout": ("seconds a worker waits for one server reply before retrying (> 0)", T.toFloat, 30.0),
-    "roundTimeout": ("seconds a sync/easgd round may wait for the slowest worker (> 0)", T.toFloat, 120.0),
+    "roundTimeout": ("seconds a sync/easgd round may wait for the slowest worker; in the asynchronous modes, "
+                     "seconds a worker may stay silent after its peers finished before its stage is cancelled and "
+                     "relaunched (> 0)", T.toFloat, 120.0),
     "forceRepartition": ("shuffle the training rows into numWorkers partitions even when the DataFrame already "
                          "has numWorkers partitions (it is always shuffled otherwise); set it when partitions are "
                          "not random samples of the data, e.g. sorted or split by label", T.toBoolean, False),

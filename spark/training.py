@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 
@@ -205,7 +206,10 @@ def input_error(prep) -> str | None:
             except Exception as exc:  # noqa: BLE001 - Py4JJavaError, Connect's SparkException, PythonException
                 causes.append(root_cause(exc))
     finally:
-        set_job_description(prep.sparkSession, None)
+        try:
+            set_job_description(prep.sparkSession, None)
+        except Exception:  # noqa: BLE001 - a stopped SparkContext: the failure at hand says more
+            log.debug("ffps: clearing the job description failed", exc_info=True)
     return causes[0] if causes[0] == causes[1] else None
 
 
@@ -231,6 +235,48 @@ def collect_or_cancel(stage, spark, tag: str) -> list:
             log.debug("ffps: removing the training stage's job tag failed", exc_info=True)
 
 
+class StallWatch:
+    """While a training stage runs, asks the server every ``period`` seconds for stalled workers
+    (:meth:`ps.engine.Engine.stalled`: in an asynchronous mode, registered but silent for longer than roundTimeout
+    after a peer finished) and cancels the stage's jobs (``tag``) when there are: Spark would wait for a frozen
+    task forever (a SIGSTOPped worker held an async fit for 143 s, until it was resumed), while a failed stage is
+    relaunched. ``reason`` says why it cancelled (None: it did not)."""
+
+    def __init__(self, server, spark, tag: str, period: float = 1.0):
+        self.server, self.spark, self.tag, self.period = server, spark, tag, period
+        self.reason = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ffps-stall-watch", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _watch(self) -> None:
+        from .session import cancel_tagged
+
+        while not self._stop.wait(self.period):
+            try:
+                stalled = self.server.stalled()
+            except Exception:  # noqa: BLE001 - a stopped server: the stage fails on its own
+                return
+            if not stalled:
+                continue
+            silent = ", ".join(f"worker {w} for {s:.0f}s" for w, s in stalled)
+            self.reason = (f"{silent} sent the parameter server nothing, longer than roundTimeout, after its peers "
+                           f"had finished: a frozen or lost task (or a window that takes longer than roundTimeout: "
+                           f"raise it); the stage was cancelled")
+            try:
+                cancel_tagged(self.spark, self.tag)
+            except Exception:  # noqa: BLE001 - the stage may have ended meanwhile
+                log.debug("ffps: cancelling a stalled training stage failed", exc_info=True)
+            return
+
+
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
                       description: str = "ffps training", first_attempt: int = 0):
     """Run the training stage, relaunching it (attempt + 1) after a failure -> (worker results, attempts).
@@ -244,7 +290,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     from .session import master, set_job_description
 
     spark = prep.sparkSession
-    errors = []
+    errors, failure = [], None
     for attempt in range(first_attempt, first_attempt + max_retries + 1):
         if attempt > first_attempt:
             server.fence_below(attempt)        # a straggling task of the failed attempt can hold no barrier
@@ -254,9 +300,17 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
             prep.mapInArrow(make_fn(attempt), RESULT_SCHEMA, barrier=True)
         set_job_description(spark, f"{description} (attempt {attempt})")
         t0 = time.perf_counter()
+        tag = f"ffps-training-{uuid.uuid4().hex}"
+        watch = StallWatch(server, spark, tag)
         try:
-            rows = collect_or_cancel(stage, spark, f"ffps-training-{uuid.uuid4().hex}")
+            with watch:
+                rows = collect_or_cancel(stage, spark, tag)
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
+            if watch.reason is not None:    # cancelled by the watch, not the user: relaunched like a failure
+                errors.append(f"attempt {attempt}: {watch.reason}")
+                log.warning("training stage stalled after %.1fs (%s); %s", time.perf_counter() - t0, watch.reason,
+                            "retrying" if attempt < first_attempt + max_retries else "giving up")
+                continue
             if cancelled(exc):          # the user stopped it: a relaunch would train on, and return a model
                 raise TrainingCancelled(f"training cancelled in attempt {attempt} after "
                                         f"{time.perf_counter() - t0:.1f}s: {short_error(exc)}") from exc
@@ -288,7 +342,10 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                         "retrying" if attempt < first_attempt + max_retries else "giving up")
             continue
         finally:
-            set_job_description(spark, None)
+            try:
+                set_job_description(spark, None)
+            except Exception:  # noqa: BLE001 - a stopped SparkContext: the stage's own error says what happened
+                log.debug("ffps: clearing the job description failed", exc_info=True)
         if not rows:                           # an empty frame can have no partitions, so no task ran
             raise ValueError("the training DataFrame has no rows")
         results = {int(r.worker): json.loads(r.stats) for r in rows}
@@ -301,6 +358,11 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         if uneven:
             raise UnevenPartitions(uneven[0])
         return results, attempt - first_attempt + 1
-    raise TrainingFailed(f"training failed in all {max_retries + 1} attempts of the barrier stage: "
-                         + "; ".join(errors) + ". If the stage waited for slots, numWorkers may exceed the "
-                         "cluster's free task slots (or GPUs).", failure, max_retries + 1)
+    tries = max_retries + 1
+    said = (f"training failed in all {tries} attempts of the barrier stage: " if tries > 1 else
+            "training failed in its one attempt of the barrier stage (maxRetries=0: not relaunched): ")
+    # where no task ever reached the server, the stage may have waited for task slots it could not get
+    slots = "" if server.stats().get("workers") else (". No task reached the parameter server: if the stage "
+                                                       "waited for slots, numWorkers may exceed the cluster's free "
+                                                       "task slots (or GPUs)")
+    raise TrainingFailed(said + "; ".join(errors) + slots, failure, tries)

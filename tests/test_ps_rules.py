@@ -350,6 +350,32 @@ def test_engine_wrong_mode_push():
     assert e.version == 0
 
 
+def test_stalled_names_a_worker_silent_past_the_round_timeout_after_a_peer_finished():
+    """What the driver cancels a training stage for (spark.training.StallWatch): in an asynchronous mode, a worker
+    of the current attempt silent for longer than barrier_timeout once a peer of that attempt has finished."""
+    e = engine("async", n=3, barrier_timeout=5.0)
+    for w in (0, 1, 2):
+        e.handle(b"%d" % w, msg(Op.HELLO, w), now=100.0)
+    assert e.stalled(200.0) == []                            # nobody finished: a slow peer still trains
+    e.handle(b"0", msg(Op.BYE, 0), now=101.0)
+    e.handle(b"1", msg(Op.PUSH, 1, 0, np.ones(4, np.float32), step=1), now=103.0)
+    assert e.stalled(104.0) == []
+    assert e.stalled(107.5) == [(2, 7.5)]                    # silent since 100; worker 1 since 103
+    assert [w for w, _ in e.stalled(110.0)] == [1, 2]
+    e.fence_below(1)                                         # a relaunched stage: the old attempt is not judged
+    assert e.stalled(200.0) == []
+    e.handle(b"0b", msg(Op.HELLO, 0, 1), now=201.0)
+    e.handle(b"0b", msg(Op.BYE, 0, 1), now=201.0)
+    assert e.stalled(300.0) == []                            # 1 and 2 have not registered in attempt 1 yet
+    e.handle(b"2b", msg(Op.HELLO, 2, 1), now=301.0)
+    assert e.stalled(307.0) == [(2, 6.0)]
+    sync = engine("sync", n=2, barrier_timeout=5.0)           # a round times out by itself
+    sync.handle(b"0", msg(Op.HELLO, 0), now=0.0)
+    sync.handle(b"1", msg(Op.HELLO, 1), now=0.0)
+    sync.handle(b"0", msg(Op.BYE, 0), now=1.0)
+    assert sync.stalled(100.0) == []
+
+
 def test_fused_sgd_step_equals_step_and_screens_nan_inf():
     """The server's one-pass SGD update: same weights as step(); NaN/inf gradients change nothing."""
     from core.backends import host_ops

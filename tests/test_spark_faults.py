@@ -58,6 +58,35 @@ def _raise_in(monkeypatch, worker, step, exc_factory, attempts=(0, 1, 2, 3)):
     monkeypatch.setattr(training, "make_train_function", with_error)
 
 
+def test_a_frozen_worker_of_an_async_fit_is_relaunched(digits_df, monkeypatch, caplog):
+    """A worker that stops (SIGSTOP: a frozen process, a hung device) held an async fit forever: its peer
+    finished, the server counted it as gone, and Spark waited for its task. Once it has been silent for
+    roundTimeout after its peer finished, the stage is cancelled and relaunched, and the fit completes."""
+    import logging
+    import os
+    import signal
+
+    from spark import training
+
+    real = training.make_train_function
+
+    def freezing(cfg, *, attempt, **kw):
+        def on_step(w, k):
+            if attempt == 0 and w == 1 and k == 5:
+                os.kill(os.getpid(), signal.SIGSTOP)
+        return real(cfg, attempt=attempt, on_step=on_step, **kw)
+    monkeypatch.setattr(training, "make_train_function", freezing)
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 32, 10], maxIter=20, blockSize=32, numWorkers=2, seed=3,
+                                         backend="numpy", mode="async", roundTimeout=3.0, maxRetries=1)
+    with caplog.at_level(logging.WARNING, logger="spark.training"):
+        model = clf.fit(digits_df[0])
+    assert model.trainingStats["attempts"] == 2
+    assert "worker 1 for " in caplog.text
+    assert "sent the parameter server nothing, longer than roundTimeout, after its peers" in caplog.text
+    assert model.trainingStats["workers"][1]["attempt"] == 1
+    assert accuracy(model.transform(digits_df[1])) >= 0.9
+
+
 def test_a_deterministic_task_failure_is_named_and_not_retried(digits_df, monkeypatch):
     """The driver's error names the failed task's Python exception, where in our code, and its executor; an
     import error would fail every attempt alike, so the stage is not relaunched."""
@@ -72,6 +101,28 @@ def test_a_deterministic_task_failure_is_named_and_not_retried(digits_df, monkey
     assert "task 1 on executor" in text and "ModuleNotFoundError: No module named 'fastmath_plugin'" in text
     assert "at spark/training.py:" in text and "Not retried" in text      # where our code called the hook
     assert err.value.attempts == 1 and err.value.failure.worker == 1 and err.value.failure.host
+
+
+def test_a_failed_cleanup_does_not_hide_the_stages_error(digits_df, monkeypatch):
+    """spark.stop() from another thread mid-fit: clearing the job description then failed ('NoneType' object has
+    no attribute 'setJobDescription') and that error replaced the stage's own."""
+    from spark import session
+    from spark.failures import TrainingFailed
+
+    real = session.set_job_description
+
+    def gone(spark, text):
+        if text is None:
+            raise AttributeError("'NoneType' object has no attribute 'setJobDescription'")
+        return real(spark, text)
+    monkeypatch.setattr(session, "set_job_description", gone)
+    _raise_in(monkeypatch, 1, 2, lambda: ModuleNotFoundError("No module named 'fastmath_plugin'"))
+    clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=2, blockSize=32, numWorkers=2,
+                                         backend="numpy", maxRetries=0)
+    with pytest.raises(TrainingFailed, match="No module named 'fastmath_plugin'"):
+        clf.fit(digits_df[0])
+    monkeypatch.setattr(session, "set_job_description", real)
+    real(digits_df[0].sparkSession, None)
 
 
 def test_a_failure_on_every_attempt_is_named_per_attempt(digits_df, monkeypatch):
