@@ -147,6 +147,11 @@ class ParameterServer:
             self.checkpoints = ckpt.CheckpointSchedule(checkpoint_dir, checkpoint_every, checkpoint_seconds,
                                                        checkpoint_on_stop)
             newest = ckpt.latest(checkpoint_dir)
+            if newest:                   # a running server's directory: say so, not "pass resume=True"
+                ckpt.DirectoryLock(checkpoint_dir).release()
+            elif resume:
+                log.warning("resume=True, but the checkpoint directory %r holds no checkpoint: training starts from "
+                            "the initial weights (a mistyped checkpointDir?)", checkpoint_dir)
             if newest and not resume:
                 raise ValueError(f"the checkpoint directory {checkpoint_dir!r} (checkpointDir, --checkpoint-dir) "
                                  f"already holds checkpoints (newest {os.path.basename(newest)}): pass resume=True "

@@ -196,12 +196,12 @@ def test_one_server_per_checkpoint_directory(tmp_path):
         push_n(first.client_config(), 3)
         first.save_checkpoint()
         kept = sorted(os.listdir(d))
-        second = ParameterServer(np.ones(16, np.float32), num_workers=1, checkpoint_dir=d, resume=True,
-                                 progress=False)
-        with pytest.raises(ValueError, match=f"'{d}' is in use by another running parameter server "
-                                             f"\\(process {os.getpid()}\\)"):
-            second.start()
-        assert not second.running and sorted(os.listdir(d)) == kept
+        for resume in (True, False):       # not told to pass resume=True: the directory is another run's
+            with pytest.raises(ValueError, match=f"'{d}' is in use by another running parameter server "
+                                                 f"\\(process {os.getpid()}\\)"):
+                ParameterServer(np.ones(16, np.float32), num_workers=1, checkpoint_dir=d, resume=resume,
+                                progress=False).start()
+        assert sorted(os.listdir(d)) == kept
     finally:
         first.stop()
     with ParameterServer(np.ones(16, np.float32), num_workers=1, checkpoint_dir=d, resume=True,
@@ -276,3 +276,14 @@ def test_a_resume_under_another_optimizer_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="made by an optimizer='nesterov' run; this run's optimizer is 'momentum'"):
         ParameterServer(np.zeros(16, np.float32), num_workers=1, optimizer="momentum", checkpoint_dir=d2,
                         resume=True, progress=False).start()
+
+
+def test_resume_in_a_directory_without_checkpoints_is_warned_about(tmp_path, caplog):
+    """A mistyped checkpointDir with resume=True started from the initial weights without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ps.server"):
+        with ParameterServer(np.zeros(4, np.float32), checkpoint_dir=str(tmp_path / "typo"), resume=True,
+                             progress=False) as s:
+            assert s.resumed_from is None
+    assert f"resume=True, but the checkpoint directory '{tmp_path / 'typo'}' holds no checkpoint" in caplog.text
