@@ -27,14 +27,25 @@ CRASHED = "Python worker exited unexpectedly"     # a task's Python process died
 _LOST_TASK = re.compile(r"Lost task \S+ in stage \S+ \(TID \d+\) \([^)]*\)")
 
 
+# Spark's abort of a barrier stage: "... Stage failed because barrier task ResultTask(17, 0) finished
+# unsuccessfully.", then the task's own failure on the next line (DAGScheduler: failure.toErrorString)
+_BARRIER_TASK = re.compile(r"barrier task (.+?) finished unsuccessfully\.\n([^\n]+)")
+
+
 def short_error(exc: BaseException) -> str:
     """First informative line of a (possibly Java) exception; for a crashed task's Python, that and the task
-    (Spark's first line is only 'Job aborted due to stage failure')."""
+    (Spark's first line is only 'Job aborted due to stage failure'); for a barrier stage whose task failed
+    otherwise (an executor lost), the task and Spark's reason."""
     text = str(exc)
     if CRASHED in text:
         lost = _LOST_TASK.search(text)
         said = text[text.index(CRASHED):].split("\n", 1)[0].strip()
         return (f"{lost.group(0)}: " if lost else "") + said[:300]
+    barrier = _BARRIER_TASK.search(text)
+    if barrier and barrier.group(2).strip():
+        reason = barrier.group(2).strip()
+        lost = "its executor was lost: " if reason.startswith("ExecutorLostFailure") else ""
+        return f"barrier task {barrier.group(1)} failed, {lost}{reason[:300]}"
     for line in text.splitlines():
         line = line.strip().removeprefix(": ").strip()
         if line and not line.startswith(("at ", "An error occurred while calling")):

@@ -272,6 +272,16 @@ def test_the_retry_warning_names_a_crashed_python_worker_and_its_task():
                                           "exited unexpectedly (crashed)")
     assert _short(RuntimeError("An error occurred while calling o1.x.\n: java.io.IOException: disk")) == \
         "java.io.IOException: disk"
+    # an executor killed under local-cluster: the retry warning said only 'Could not recover from a failed barrier
+    # ResultStage ... finished unsuccessfully.'; Spark's next line (DAGScheduler: the task's failure) says why
+    lost = ("An error occurred while calling o99.collectToPython.\n: org.apache.spark.SparkException: Job aborted "
+            "due to stage failure: Could not recover from a failed barrier ResultStage. Most recent failure reason: "
+            "Stage failed because barrier task ResultTask(17, 0) finished unsuccessfully.\nExecutorLostFailure "
+            "(executor 0 exited caused by one of the running tasks) Reason: Command exited with code 137\n\tat "
+            "org.apache.spark.scheduler.DAGScheduler.failJobAndIndependentStages(DAGScheduler.scala:2856)")
+    assert _short(RuntimeError(lost)) == ("barrier task ResultTask(17, 0) failed, its executor was lost: "
+                                          "ExecutorLostFailure (executor 0 exited caused by one of the running "
+                                          "tasks) Reason: Command exited with code 137")
 
 
 @pytest.mark.parametrize("upstream", ["assembler", "python_udf"])
