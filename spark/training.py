@@ -240,10 +240,15 @@ class StallWatch:
     (:meth:`ps.engine.Engine.stalled`: in an asynchronous mode, registered but silent for longer than roundTimeout
     after a peer finished) and cancels the stage's jobs (``tag``) when there are: Spark would wait for a frozen
     task forever (a SIGSTOPped worker held an async fit for 143 s, until it was resumed), while a failed stage is
-    relaunched. ``reason`` says why it cancelled (None: it did not)."""
+    relaunched. ``reason`` says why it cancelled (None: it did not). Where no task has reached the server after
+    ``note_s`` seconds, it logs once that the stage may be waiting for task slots (a fit whose slots another job
+    held waited 74 s without a word)."""
 
-    def __init__(self, server, spark, tag: str, period: float = 1.0):
+    NOTE_S = 30.0
+
+    def __init__(self, server, spark, tag: str, num_workers: int = 1, period: float = 1.0, note_s: float | None = None):
         self.server, self.spark, self.tag, self.period = server, spark, tag, period
+        self.num_workers, self.note_s = num_workers, self.NOTE_S if note_s is None else note_s
         self.reason = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ffps-stall-watch", daemon=True)
@@ -259,7 +264,11 @@ class StallWatch:
     def _watch(self) -> None:
         from .session import cancel_tagged
 
+        t0, noted = time.perf_counter(), False
         while not self._stop.wait(self.period):
+            if not noted and time.perf_counter() - t0 >= self.note_s:
+                noted = True
+                self._note_waiting(time.perf_counter() - t0)
             try:
                 stalled = self.server.stalled()
             except Exception:  # noqa: BLE001 - a stopped server: the stage fails on its own
@@ -275,6 +284,17 @@ class StallWatch:
             except Exception:  # noqa: BLE001 - the stage may have ended meanwhile
                 log.debug("ffps: cancelling a stalled training stage failed", exc_info=True)
             return
+
+    def _note_waiting(self, waited: float) -> None:
+        try:
+            reached = bool(self.server.stats().get("workers"))
+        except Exception:  # noqa: BLE001 - a stopped server: the stage fails on its own
+            return
+        if not reached:
+            log.warning("ffps: no training task has reached the parameter server after %.0fs: the barrier stage "
+                        "starts its %d tasks only when %d task slots are free at once (another job may hold them), "
+                        "or the tasks are still reading their partitions", waited, self.num_workers,
+                        self.num_workers)
 
 
 def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_gpu: bool, server,
@@ -301,7 +321,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         set_job_description(spark, f"{description} (attempt {attempt})")
         t0 = time.perf_counter()
         tag = f"ffps-training-{uuid.uuid4().hex}"
-        watch = StallWatch(server, spark, tag)
+        watch = StallWatch(server, spark, tag, num_workers)
         try:
             with watch:
                 rows = collect_or_cancel(stage, spark, tag)

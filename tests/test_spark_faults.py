@@ -87,6 +87,26 @@ def test_a_frozen_worker_of_an_async_fit_is_relaunched(digits_df, monkeypatch, c
     assert accuracy(model.transform(digits_df[1])) >= 0.9
 
 
+def test_a_stage_whose_tasks_never_reach_the_server_is_said_once(caplog):
+    """A fit whose task slots another job held waited 74 s without a word: the stage's watch says, once, that no
+    task has reached the server. (A real server; no stage needed for the watch's own clock.)"""
+    import logging
+    import time
+
+    import numpy as np
+
+    from ps import ParameterServer
+    from spark.training import StallWatch
+
+    with ParameterServer(np.zeros(4, np.float32), num_workers=2, progress=False) as server:
+        with caplog.at_level(logging.WARNING, logger="spark.training"):
+            with StallWatch(server, None, "unused", num_workers=2, period=0.02, note_s=0.1) as watch:
+                time.sleep(0.5)
+    said = [r.message for r in caplog.records if "no training task has reached" in r.message]
+    assert len(said) == 1 and "starts its 2 tasks only when 2 task slots are free at once" in said[0]
+    assert watch.reason is None
+
+
 def test_a_deterministic_task_failure_is_named_and_not_retried(digits_df, monkeypatch):
     """The driver's error names the failed task's Python exception, where in our code, and its executor; an
     import error would fail every attempt alike, so the stage is not relaunched."""
