@@ -635,6 +635,10 @@ class Engine:
         """The per-push history as dicts of HISTORY_FIELDS (kept as tuples: one is appended per push)."""
         return [dict(zip(HISTORY_FIELDS, r)) for r in self.history]
 
+    def registered(self) -> int:
+        """Workers registered (HELLO) in the current attempt (at or above the fence)."""
+        return sum(i.session is not None and i.attempt >= self.min_attempt for i in self.workers.values())
+
     def stalled(self, now: float) -> list[tuple[int, float]]:
         """Asynchronous modes: [(worker, seconds silent)] of the workers registered in the current attempt that
         have sent nothing for longer than the round timeout (spec.barrier_timeout) while another worker of this

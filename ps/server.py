@@ -348,6 +348,11 @@ class ParameterServer:
         with self._lock:
             return self.engine.history_records()
 
+    def registered(self) -> int:
+        """:meth:`ps.engine.Engine.registered`: workers registered in the current attempt."""
+        with self._lock:
+            return self.engine.registered()
+
     def stalled(self) -> list[tuple[int, float]]:
         """:meth:`ps.engine.Engine.stalled` now: workers silent past the round timeout after a peer finished."""
         with self._lock:

@@ -166,6 +166,9 @@ class ShardedServer:
     def stalled(self) -> list:
         return self.shards[0].stalled()       # every request of a worker goes to every shard
 
+    def registered(self) -> int:
+        return self.shards[0].registered()
+
     def next_attempt(self) -> int:
         return max(s.next_attempt() for s in self.shards)
 

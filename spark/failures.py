@@ -42,7 +42,8 @@ def short_error(exc: BaseException) -> str:
         said = text[text.index(CRASHED):].split("\n", 1)[0].strip()
         return (f"{lost.group(0)}: " if lost else "") + said[:300]
     barrier = _BARRIER_TASK.search(text)
-    if barrier and barrier.group(2).strip():
+    # (not a task's own Python error, whose next line is a traceback's header: from_spark_error reads those)
+    if barrier and barrier.group(2).strip() and "Traceback" not in barrier.group(2):
         reason = barrier.group(2).strip()
         lost = "its executor was lost: " if reason.startswith("ExecutorLostFailure") else ""
         return f"barrier task {barrier.group(1)} failed, {lost}{reason[:300]}"

@@ -14,6 +14,7 @@ the one ``DefaultParamsWriter.saveMetadata`` writes, and a model saved either wa
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
@@ -25,6 +26,7 @@ from .params import check_model_weights
 from .session import hadoop_path, is_connect
 
 FORMAT_VERSION = 1
+log = logging.getLogger("spark.persistence")
 
 
 class ModelWriter(MLWriter):
@@ -57,7 +59,8 @@ class ModelWriter(MLWriter):
         """Overwrite on a classic session: the new model is written beside PATH, and only once it is whole does
         it take PATH's place (renames; the old one is deleted last). A write that fails midway (a full disk, a
         lost executor) leaves the old model in place, where deleting it first, as Spark ML's writers do, lost
-        it. Spark Connect has no file system handle here: its writers replace metadata/ and data/ in turn."""
+        it; a rename that fails says where each model is. Spark Connect has no file system handle here: its
+        writers replace metadata/ and data/ in turn."""
         stem = path.rstrip("/") + f".ffps-{uuid.uuid4().hex[:12]}"
         fresh, old = stem + ".saving", stem + ".replaced"
         jvm = self.sparkSession._jvm
@@ -65,18 +68,24 @@ class ModelWriter(MLWriter):
         try:
             self.saveImpl(fresh)
         except BaseException:
-            fs.delete(fresh_path, True)
+            _delete(fs, fresh_path)
             raise
-        if not fs.rename(target, old_path):
-            fs.delete(fresh_path, True)
-            raise OSError(f"cannot overwrite {path}: it could not be moved aside (to {old}); the model there is "
-                          f"unchanged")
-        if not fs.rename(fresh_path, target):
-            fs.rename(old_path, target)
-            fs.delete(fresh_path, True)
-            raise OSError(f"cannot overwrite {path}: the new model could not be moved into its place; the old "
-                          f"model is back")
-        fs.delete(old_path, True)
+        why = _rename(fs, target, old_path)
+        if why is not None:
+            where = f"the old model is at {old}" if fs.exists(old_path) else f"{path} is as it was"
+            _delete(fs, fresh_path)
+            raise OSError(f"cannot overwrite {path}: it could not be moved aside to {old} ({why}); {where}; the new "
+                          f"model was not saved")
+        why = _rename(fs, fresh_path, target)
+        if why is not None:
+            back = _rename(fs, old_path, target)
+            if back is None:
+                _delete(fs, fresh_path)
+                raise OSError(f"cannot overwrite {path}: the new model could not be moved into its place ({why}); "
+                              f"the old model is back at {path}")
+            raise OSError(f"cannot overwrite {path}: the new model could not be moved into its place ({why}), nor "
+                          f"the old one back ({back}): the old model is at {old}, the new one at {fresh}")
+        _delete(fs, old_path)
 
     def _handleOverwrite(self, path: str) -> None:
         # classic: Spark's own (it deletes PATH through the JVM); Connect has no JVM handle here, and
@@ -98,6 +107,29 @@ class ModelWriter(MLWriter):
         frame = spark.createDataFrame([(list(model.getLayers()), bytearray(w.tobytes()))],
                                       "layers array<int>, weights binary")
         frame.coalesce(1).write.mode(mode).parquet(_join(path, "data"))
+
+
+def _rename(fs, src, dst) -> str | None:
+    """Rename ``src`` to ``dst``, which must not exist (Hadoop moves a directory into an existing one) -> None, or
+    why it did not happen whole."""
+    try:
+        if fs.exists(dst):
+            return f"{dst} exists"
+        if not fs.rename(src, dst):
+            return "the file system refused the rename"
+        if fs.exists(src):
+            return f"{src} was left behind"
+    except Exception as exc:  # noqa: BLE001 - Py4J's errors: S3A/GCS renames copy and can fail midway
+        return short_error(exc)
+    return None
+
+
+def _delete(fs, p) -> None:
+    """Delete ``p`` (recursively); a failure is a debug line, never the error at hand."""
+    try:
+        fs.delete(p, True)
+    except Exception:  # noqa: BLE001
+        log.debug("ffps: could not delete %s", p, exc_info=True)
 
 
 def exists_message(path: str) -> str:

@@ -276,7 +276,7 @@ class StallWatch:
             if not stalled:
                 continue
             silent = ", ".join(f"worker {w} for {s:.0f}s" for w, s in stalled)
-            self.reason = (f"{silent} sent the parameter server nothing, longer than roundTimeout, after its peers "
+            self.reason = (f"{silent} sent the parameter server nothing, longer than roundTimeout, after a peer "
                            f"had finished: a frozen or lost task (or a window that takes longer than roundTimeout: "
                            f"raise it); the stage was cancelled")
             try:
@@ -287,7 +287,7 @@ class StallWatch:
 
     def _note_waiting(self, waited: float) -> None:
         try:
-            reached = bool(self.server.stats().get("workers"))
+            reached = self.server.registered() > 0
         except Exception:  # noqa: BLE001 - a stopped server: the stage fails on its own
             return
         if not reached:
@@ -382,7 +382,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     said = (f"training failed in all {tries} attempts of the barrier stage: " if tries > 1 else
             "training failed in its one attempt of the barrier stage (maxRetries=0: not relaunched): ")
     # where no task ever reached the server, the stage may have waited for task slots it could not get
-    slots = "" if server.stats().get("workers") else (". No task reached the parameter server: if the stage "
+    slots = "" if server.registered() else (". No task reached the parameter server: if the stage "
                                                        "waited for slots, numWorkers may exceed the cluster's free "
                                                        "task slots (or GPUs)")
     raise TrainingFailed(said + "; ".join(errors) + slots, failure, tries)

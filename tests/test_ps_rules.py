@@ -356,14 +356,14 @@ def test_stalled_names_a_worker_silent_past_the_round_timeout_after_a_peer_finis
     e = engine("async", n=3, barrier_timeout=5.0)
     for w in (0, 1, 2):
         e.handle(b"%d" % w, msg(Op.HELLO, w), now=100.0)
-    assert e.stalled(200.0) == []                            # nobody finished: a slow peer still trains
+    assert e.stalled(200.0) == [] and e.registered() == 3    # nobody finished: a slow peer still trains
     e.handle(b"0", msg(Op.BYE, 0), now=101.0)
     e.handle(b"1", msg(Op.PUSH, 1, 0, np.ones(4, np.float32), step=1), now=103.0)
     assert e.stalled(104.0) == []
     assert e.stalled(107.5) == [(2, 7.5)]                    # silent since 100; worker 1 since 103
     assert [w for w, _ in e.stalled(110.0)] == [1, 2]
     e.fence_below(1)                                         # a relaunched stage: the old attempt is not judged
-    assert e.stalled(200.0) == []
+    assert e.stalled(200.0) == [] and e.registered() == 0
     e.handle(b"0b", msg(Op.HELLO, 0, 1), now=201.0)
     e.handle(b"0b", msg(Op.BYE, 0, 1), now=201.0)
     assert e.stalled(300.0) == []                            # 1 and 2 have not registered in attempt 1 yet

@@ -1,5 +1,6 @@
 """Persistence, Pipeline and CrossValidator on local[2]; loading what is not an ffps model is a clear error."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -227,6 +228,24 @@ def test_an_overwrite_that_fails_midway_keeps_the_old_model(spark, tmp_path, mon
     new.write().overwrite().save(path)
     np.testing.assert_array_equal(Model.load(path).weights.toArray(), w * 2)
     assert sorted(os.listdir(tmp_path)) == ["m"]
+
+    # another writer takes the path between the renames: nothing is lost, and the error says where each model is
+    from spark import persistence
+
+    real, calls = persistence._rename, []
+
+    def interloper(fs, src, dst):
+        calls.append(str(dst))
+        if len(calls) == 2:
+            os.makedirs(path)
+        return real(fs, src, dst)
+    monkeypatch.setattr(persistence, "_rename", interloper)
+    with pytest.raises(OSError, match=r"could not be moved into its place \(.* exists\), nor the old one back "
+                                      r"\(.* exists\): the old model is at (\S+), the new one at (\S+)") as err:
+        old.write().overwrite().save(path)
+    kept, fresh = re.search(r"the old model is at (\S+), the new one at (\S+)$", str(err.value)).groups()
+    np.testing.assert_array_equal(Model.load(kept).weights.toArray(), w * 2)
+    np.testing.assert_array_equal(Model.load(fresh).weights.toArray(), w)
 
 
 def test_model_and_estimator_pickle_and_repeated_transforms_share_one_broadcast(spark, digits_df):
