@@ -94,6 +94,15 @@ def cancelled(exc: BaseException) -> bool:
     return bool(CANCELLED.search(str(exc))) or type(exc).__name__ == "Py4JError"
 
 
+def cancel_reason(exc: BaseException) -> str:
+    """What stopped the fit, for its TrainingCancelled: Spark's cancel message, or for a py4j call broken
+    without a Java exception (PySpark 3.5's Ctrl-C handler) that the driver was interrupted; the bare 'Py4JError'
+    said nothing of it."""
+    if type(exc).__name__ == "Py4JError":
+        return "the driver was interrupted (Ctrl-C, SIGINT) while it waited for the training stage"
+    return short_error(exc)
+
+
 @dataclass
 class TaskFailure:
     type: str

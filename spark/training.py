@@ -16,8 +16,8 @@ import uuid
 
 import numpy as np
 
-from .failures import (CRASHED, TrainingCancelled, TrainingFailed, cancelled, from_reports, from_spark_error,
-                       root_cause, short_error)
+from .failures import (CRASHED, TrainingCancelled, TrainingFailed, cancel_reason, cancelled, from_reports,
+                       from_spark_error, root_cause, short_error)
 
 log = logging.getLogger("spark.training")
 
@@ -333,7 +333,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                 continue
             if cancelled(exc):          # the user stopped it: a relaunch would train on, and return a model
                 raise TrainingCancelled(f"training cancelled in attempt {attempt} after "
-                                        f"{time.perf_counter() - t0:.1f}s: {short_error(exc)}") from exc
+                                        f"{time.perf_counter() - t0:.1f}s: {cancel_reason(exc)}") from exc
             if "BarrierJobUnsupportedRDDChainException" in str(exc):
                 raise UnsupportedBarrierChain(short_error(exc)) from None      # nothing ran: the caller reshuffles
             if UNREACHABLE in str(exc):                                     # a relaunch would wait again

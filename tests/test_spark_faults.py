@@ -453,6 +453,10 @@ def test_an_error_in_the_driver_during_training_cancels_the_training_jobs(spark)
 ])
 def test_a_cancellation_is_told_from_a_failed_attempt(text, is_cancel):
     """The texts are what each Spark line raised when a running fit was cancelled (measured 2026-12-01)."""
-    from spark.failures import cancelled
+    from py4j.protocol import Py4JError
+
+    from spark.failures import cancel_reason, cancelled
 
     assert cancelled(RuntimeError(text)) is is_cancel
+    broken = Py4JError("An error occurred while calling o212.collectToPython")      # Ctrl-C on 3.5: no Java error
+    assert cancelled(broken) and cancel_reason(broken).startswith("the driver was interrupted (Ctrl-C, SIGINT)")

@@ -66,7 +66,8 @@ def test_transform_scores_sparse_rows_as_the_dense_ones(spark, digits_split):
     np.testing.assert_allclose(probabilities(sparse), probabilities(dense), rtol=1e-5, atol=1e-7)
     small_model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(5 * 2 + 2, np.float32), layers=[5, 2])
     for rows, message in (([Vectors.sparse(6, [2], [1.0])], "feature vectors have width 6 but the model expects 5"),
-                          ([Vectors.sparse(5, [2], [float("inf")])], r"rows with NaN or infinite values \(1 in a batch of 1 row,")):
+                          ([Vectors.sparse(5, [2], [float("inf")])],
+                           r"rows with NaN or infinite values \(1 in a batch of 1 row,")):
         with pytest.raises(Exception, match=message):
             small_model.transform(frame(spark, rows, [0])).select(F.count("prediction")).collect()
 
