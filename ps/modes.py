@@ -25,6 +25,7 @@ batches the worker kept (``keeps_window``) and pushes the step again.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -170,7 +171,18 @@ class Mode:
 
 class _GradientMode(Mode):
     """Workers push summed gradients; the server's optimizer applies them."""
-    stale_retries = 3          # recomputations of one window before a worker gives up on a staleness bound
+    stale_retries = 3          # recomputations of one window before a worker gives up on a staleness bound, and
+                               # only once they have also taken workerTimeout: with bound 0 two dense workers
+                               # refused each other in turn, and 4 losses in a row came in every fit
+
+    def _stale_tries(self, loop):
+        """Attempt numbers of a window's recomputation: at least ``stale_retries``, and on until workerTimeout
+        has passed since the first. Every refusal is another worker's accepted push, so the job moves on; only a
+        bound too tight for the workers keeps one refused that long."""
+        t0, attempt = time.monotonic(), 0
+        while attempt < self.stale_retries or time.monotonic() - t0 < loop.spec.worker_timeout:
+            attempt += 1
+            yield attempt
 
     def local_progress(self, spec) -> bool:
         """Whether a worker also steps its own copy of the weights inside a window."""
@@ -303,7 +315,7 @@ class _GradientMode(Mode):
         came back stale.) -> ((version, weights), the entries the pushed window changed: None where it stepped
         dense after all, and the caller copies the whole reply)."""
         trainer, client = loop.trainer, loop.client
-        for attempt in range(1, self.stale_retries + 1):
+        for attempt in self._stale_tries(loop):
             loop.stats["stale"] += 1
             version, wh = client.pull()
             changed = client.last_changed
@@ -331,14 +343,15 @@ class _GradientMode(Mode):
         raise self._too_stale(loop, out)
 
     def _too_stale(self, loop, out):
-        return StaleUpdate(Reason.STALE, f"step {out.step} was stale {self.stale_retries + 1} times in a row: the "
-                                         f"staleness bound {loop.spec.staleness} is too tight for "
-                                         f"{loop.spec.num_workers} workers; raise it")
+        return StaleUpdate(Reason.STALE, f"step {out.step} stayed stale for workerTimeout "
+                                         f"({loop.spec.worker_timeout:g}s) of recomputations: the staleness bound "
+                                         f"{loop.spec.staleness} is too tight for {loop.spec.num_workers} workers; "
+                                         f"raise it")
 
     def _push_recomputed(self, loop, out):
         """Pull, compute window ``out.step`` again from its kept batches on the weights pulled, push the same
-        step; up to ``stale_retries`` times -> (version, weights) as talk returns them."""
-        for attempt in range(1, self.stale_retries + 1):
+        step; as long as :meth:`_stale_tries` allows -> (version, weights) as talk returns them."""
+        for attempt in self._stale_tries(loop):
             loop.stats["stale"] += 1
             version, wh = loop.client.pull()
             w = loop.ops.asarray(np.array(wh, copy=True))

@@ -95,7 +95,8 @@ PARAMS = {
                "classes, e.g. [780, 100, 10]", T.toListInt, None),
     "initialWeights": ("initial flat weight vector (for each layer W row-major then b); default: He-normal from "
                        "seed", T.toListFloat, None),
-    "maxIter": (None, None, 100),
+    "maxIter": ("passes over the data (>= 1): each worker trains on its partition maxIter times, unless tol stops "
+                "it earlier", T.toInt, 100),
     "stepSize": (None, None, 0.1),
     "blockSize": ("rows of each mini-batch step of a worker (>= 1): the SGD batch size, so unlike MLlib's MLPC "
                   "(where it only stacks rows for speed; default 128) it changes what is learned",
@@ -258,6 +259,13 @@ def training_spec(p: Params) -> TrainingSpec:
         barrier_timeout=get("roundTimeout"), worker_timeout=get("workerTimeout"), backend=get("backend"),
         seed=get("seed"), tol=get("tol"), precision=get("precision"), cuda_graphs=get("cudaGraphs"),
         pipeline=get("pipelineExchange"), wire_dtype=get("wireDtype"))
+    # a setting the chosen mode never reads is refused, as maxStaleness in sync is, not ignored
+    if p.isDefined("rho") and spec.rule.pushes_gradients:
+        raise ValueError(f"rho={get('rho')!r} applies to the elastic modes (easgd, async-easgd, eamsgd), not "
+                         f"mode={get('mode')!r}")
+    if p.isSet(p.momentum) and not optimizer_options and spec.rule.local_optimizer == "sgd":
+        raise ValueError(f"momentum={get('momentum')!r} applies to optimizer='momentum' or 'nesterov' and to "
+                         f"mode='eamsgd', not optimizer={get('optimizer')!r} in mode={get('mode')!r}")
     if p.isDefined("thresholds"):
         check_thresholds(get("thresholds"), layers[-1])
     if get("psShards") > spec.num_params:
