@@ -368,8 +368,7 @@ class ParameterClient:
             payload, code = array, FLOAT32
         else:                               # a mostly-zero gradient goes as its non-zero entries
             payload, code = encode_push(array, self.spec.wire_dtype)
-        buf, n = array_frame(payload)
-        n = self.num_params if code in SPARSE_CODES else n
+        buf = array_frame(payload)[0]        # n_values: the model's size, whatever the frame (check_pushed)
         if kind not in KIND_FLAGS:
             raise ValueError(f"kind must be one of {', '.join(KIND_FLAGS)}, got {kind!r}")
         flags = KIND_FLAGS[kind]
@@ -385,7 +384,7 @@ class ParameterClient:
             check_int("epoch", epoch, 0, 0xFFFF)
         h = self._header(Op.PUSH, flags=flags, wversion=base,
                          step=step, loss=float(loss), accuracy=float(accuracy), batch_size=int(batch_size),
-                         dtype=code, n_values=n, epoch=int(epoch))
+                         dtype=code, n_values=self.num_params, epoch=int(epoch))
         # the weights held are of another version than the push's base (a pipelined window): say which
         extra = None if held is None or held == base else HELD_VERSION.pack(held)
         rh, frame, tries = self._request_tries(h, buf, timeout=self._push_timeout, extra=extra)

@@ -635,9 +635,13 @@ class Engine:
         """The per-push history as dicts of HISTORY_FIELDS (kept as tuples: one is appended per push)."""
         return [dict(zip(HISTORY_FIELDS, r)) for r in self.history]
 
+    def _current(self) -> dict:
+        """{worker: WorkerInfo} of the workers registered (HELLO) in the current attempt (at or above the fence)."""
+        return {w: i for w, i in self.workers.items() if i.session is not None and i.attempt >= self.min_attempt}
+
     def registered(self) -> int:
-        """Workers registered (HELLO) in the current attempt (at or above the fence)."""
-        return sum(i.session is not None and i.attempt >= self.min_attempt for i in self.workers.values())
+        """How many workers registered in the current attempt."""
+        return len(self._current())
 
     def stalled(self, now: float) -> list[tuple[int, float]]:
         """Asynchronous modes: [(worker, seconds silent)] of the workers registered in the current attempt that
@@ -646,7 +650,7 @@ class Engine:
         out instead). Empty while no worker has finished: a slow peer still trains."""
         if self.mode.rounds:
             return []
-        current = {w: i for w, i in self.workers.items() if i.session is not None and i.attempt >= self.min_attempt}
+        current = self._current()
         if not any(i.done for i in current.values()):
             return []
         heard, limit = self.convergence.heard, self.spec.barrier_timeout

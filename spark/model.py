@@ -146,9 +146,8 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
 
     def _one_row(self, value):
         """(logits (1, C), probabilities (1, C)) of one feature vector, checked like transform's rows."""
-        from core.validation import check_features
-
         from core import FeedForwardNetwork
+        from core.validation import check_features
 
         layers = self.getLayers()
         x = np.asarray(value.toArray() if hasattr(value, "toArray") else value)

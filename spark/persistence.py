@@ -63,8 +63,7 @@ class ModelWriter(MLWriter):
         writers replace metadata/ and data/ in turn."""
         stem = path.rstrip("/") + f".ffps-{uuid.uuid4().hex[:12]}"
         fresh, old = stem + ".saving", stem + ".replaced"
-        jvm = self.sparkSession._jvm
-        fresh_path, old_path = jvm.org.apache.hadoop.fs.Path(fresh), jvm.org.apache.hadoop.fs.Path(old)
+        fresh_path, old_path = (hadoop_path(self.sparkSession, p)[1] for p in (fresh, old))
         try:
             self.saveImpl(fresh)
         except BaseException:

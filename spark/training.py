@@ -206,11 +206,19 @@ def input_error(prep) -> str | None:
             except Exception as exc:  # noqa: BLE001 - Py4JJavaError, Connect's SparkException, PythonException
                 causes.append(root_cause(exc))
     finally:
-        try:
-            set_job_description(prep.sparkSession, None)
-        except Exception:  # noqa: BLE001 - a stopped SparkContext: the failure at hand says more
-            log.debug("ffps: clearing the job description failed", exc_info=True)
+        clear_job_description(prep.sparkSession)
     return causes[0] if causes[0] == causes[1] else None
+
+
+def clear_job_description(spark) -> None:
+    """Unset the job description in a ``finally``: on a SparkContext stopped meanwhile that fails, and its error
+    ('NoneType' object has no attribute 'setJobDescription') would replace the one at hand."""
+    from .session import set_job_description
+
+    try:
+        set_job_description(spark, None)
+    except Exception:  # noqa: BLE001 - the failure at hand says more
+        log.debug("ffps: clearing the job description failed", exc_info=True)
 
 
 def collect_or_cancel(stage, spark, tag: str) -> list:
@@ -362,10 +370,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                         "retrying" if attempt < first_attempt + max_retries else "giving up")
             continue
         finally:
-            try:
-                set_job_description(spark, None)
-            except Exception:  # noqa: BLE001 - a stopped SparkContext: the stage's own error says what happened
-                log.debug("ffps: clearing the job description failed", exc_info=True)
+            clear_job_description(spark)
         if not rows:                           # an empty frame can have no partitions, so no task ran
             raise ValueError("the training DataFrame has no rows")
         results = {int(r.worker): json.loads(r.stats) for r in rows}
@@ -382,7 +387,6 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     said = (f"training failed in all {tries} attempts of the barrier stage: " if tries > 1 else
             "training failed in its one attempt of the barrier stage (maxRetries=0: not relaunched): ")
     # where no task ever reached the server, the stage may have waited for task slots it could not get
-    slots = "" if server.registered() else (". No task reached the parameter server: if the stage "
-                                                       "waited for slots, numWorkers may exceed the cluster's free "
-                                                       "task slots (or GPUs)")
+    slots = "" if server.registered() else (". No task reached the parameter server: if the stage waited for "
+                                            "slots, numWorkers may exceed the cluster's free task slots (or GPUs)")
     raise TrainingFailed(said + "; ".join(errors) + slots, failure, tries)
