@@ -244,6 +244,9 @@ def training_spec(p: Params) -> TrainingSpec:
         raise ValueError(f"psPort must be 0..65535, got {get('psPort')}")
     if get("resume") and not get("checkpointDir"):
         raise ValueError("resume=True needs checkpointDir: the directory whose newest checkpoint the fit continues")
+    if p.isSet(p.checkpointInterval) and not get("checkpointDir"):     # as MLlib's trees would, ignored unsaid
+        raise ValueError(f"checkpointInterval={get('checkpointInterval')} needs checkpointDir: without a directory "
+                         f"no checkpoint is written")
     alpha = None
     if p.isDefined("rho"):
         rho = get("rho")

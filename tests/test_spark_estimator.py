@@ -332,6 +332,8 @@ BAD_PARAMS = [
     (dict(mode="sync", rho=0.5), "rho=0.5 applies to the elastic modes (easgd, async-easgd, eamsgd), not mode='sync'"),
     (dict(momentum=0.5), "momentum=0.5 applies to optimizer='momentum' or 'nesterov' and to mode='eamsgd', not "
                          "optimizer='sgd' in mode='async'"),
+    (dict(checkpointInterval=20), "checkpointInterval=20 needs checkpointDir: without a directory no checkpoint "
+                                  "is written"),
     (dict(initialWeights=[0.0] * 5), "initialWeights has 5 values but layers [3, 3] have 12 parameters"),
     (dict(psHost="no-such-host.invalid"), "psHost 'no-such-host.invalid' does not resolve"),
     (dict(numWorkers=3), "numWorkers=3 needs 3 training tasks running at once (a barrier stage), but master "
