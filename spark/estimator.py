@@ -3,7 +3,7 @@
     clf = FeedForwardNetworkPSClassifier(layers=[64, 100, 10], maxIter=30, stepSize=0.1, blockSize=64,
                                          seed=1, mode="async", numWorkers=2, backend="auto")
     model = clf.fit(df)          # featuresCol: Vector, labelCol: numeric class index 0..C-1
-    model.transform(df)          # + rawPrediction (logits), probability (softmax), prediction (double)
+    model.transform(df)          # + rawPrediction (centred logits), probability (softmax), prediction (double)
 
 ``fit`` checks the params (into one :class:`ps.spec.TrainingSpec`) and the schema before any job, starts the
 parameter server on the driver, runs one barrier stage of ``numWorkers`` tasks (relaunched by the driver after
@@ -33,6 +33,7 @@ from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
                      keyword_signature, output_columns, ps_bind, training_spec)
+from .persistence import EstimatorReader
 from .session import conf, connect_server_host, local_task_slots, master, num_partitions, require_connect_support
 from .tracking import log_fit
 
@@ -60,6 +61,11 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
     def __init__(self, **kwargs):
         super().__init__()
         self.setParams(**kwargs)
+
+    @classmethod
+    def read(cls):
+        """A reader that loads a saved estimator only (a saved model's path is refused by name)."""
+        return EstimatorReader(cls)
 
     @keyword_only
     def setParams(self, **kwargs):

@@ -157,6 +157,24 @@ def load_metadata(spark, path: str) -> dict:
     return json.loads(first[0])
 
 
+class EstimatorReader(DefaultParamsReader):
+    """The estimator's reader. DefaultParamsReader builds whatever class the metadata names: a saved model's path
+    gave a model without weights (MLlib's estimators refuse it)."""
+
+    def load(self, path: str):
+        expected = f"{self.cls.__module__}.{self.cls.__name__}"
+        try:
+            metadata = load_metadata(self.sparkSession, path)
+        except Exception as exc:  # noqa: BLE001 - missing dir, no metadata, unreadable JSON
+            raise ValueError(f"{path!r} is not a saved ffps estimator: no readable Spark ML metadata "
+                             f"({short_error(exc)})") from None
+        if metadata.get("class") != expected:
+            model = "; a trained model loads with its model class's load()" if "Model" in str(metadata.get("class")) \
+                else ""
+            raise ValueError(f"{path!r} holds a saved {metadata.get('class')!r}, not the estimator {expected}{model}")
+        return super().load(path)
+
+
 class ModelReader(MLReader):
     def __init__(self, cls):
         super().__init__()

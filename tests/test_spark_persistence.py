@@ -47,6 +47,14 @@ def test_estimator_save_load_round_trip(tmp_path):
     assert back.uid == clf.uid
     for name in ("layers", "mode", "communicationWindow", "rho", "initialWeights", "backend", "seed"):
         assert back.getOrDefault(name) == clf.getOrDefault(name), name
+    model = FeedForwardNetworkPSClassificationModel(weights=np.zeros(4 * 3 + 3, np.float32), layers=[4, 3])
+    model.save(str(tmp_path / "model"))
+    with pytest.raises(ValueError, match=r"holds a saved 'spark\.model\.FeedForwardNetworkPSClassificationModel', "
+                                         r"not the estimator spark\.estimator\.FeedForwardNetworkPSClassifier; a "
+                                         r"trained model loads with its model class's load\(\)"):
+        FeedForwardNetworkPSClassifier.load(str(tmp_path / "model"))      # it gave a model without weights
+    with pytest.raises(ValueError, match="is not a saved ffps estimator: no readable Spark ML metadata"):
+        FeedForwardNetworkPSClassifier.load(str(tmp_path / "nothing"))
 
 
 def test_pipeline_fit_save_load_identical_predictions(spark, digits_split, tmp_path):
