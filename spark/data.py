@@ -75,12 +75,18 @@ def check_width(schema, features_col: str, expected: int, what: str,
 
 
 def check_output_columns(columns, params: dict) -> None:
-    """{param: column name} of the output columns: none may be in the input already (MLlib's classifiers refuse
-    it too, "already exists"), at fit as at transform; '' names no column."""
+    """{param: column name} of the output columns: none may be in the input already, nor name another's column
+    (MLlib's classifiers refuse both, "already exists"), at fit as at transform; '' names no column."""
     for param, column in params.items():
         if column and column in columns:
             raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
                              f"name (or to '' for no such column)")
+    named = {}
+    for param, column in params.items():     # one output written over another would lose it without a word
+        if column and column in named:
+            raise ValueError(f"{named[column]} and {param} both name the column {column!r}; give each its own "
+                             f"name (or '' for no such column)")
+        named.setdefault(column, param)
 
 
 def _rows_per_batch(records: str) -> int:

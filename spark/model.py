@@ -1,6 +1,6 @@
 """``FeedForwardNetworkPSClassificationModel``: a trained network as a Spark ML Model.
 
-    model.transform(df)          # + rawPrediction (logits), probability (softmax), prediction (double)
+    model.transform(df)          # + rawPrediction (centred logits), probability (softmax), prediction (double)
     model.summary                # what the fit did (a model returned by fit only)
     model.save(path); FeedForwardNetworkPSClassificationModel.load(path)
 """
@@ -67,7 +67,7 @@ class TrainingFrame:
 
 
 class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams, MLReadable, MLWritable):
-    """Trained network: ``transform`` adds rawPrediction (logits), probability and prediction columns.
+    """Trained network: ``transform`` adds rawPrediction (centred logits), probability and prediction columns.
 
     ``weights``: the flat parameter vector (for each layer W row-major, then b) as a DenseVector.
     """
@@ -157,7 +157,7 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
         return logits_and_probabilities(net, self._weights, x)
 
     def predictRaw(self, value) -> DenseVector:
-        """Raw prediction (the logits) of one feature vector, as in the rawPrediction column."""
+        """Raw prediction (the logits less their mean) of one feature vector, as in the rawPrediction column."""
         return DenseVector(self._one_row(value)[0][0])
 
     def predictProbability(self, value) -> DenseVector:

@@ -38,14 +38,16 @@ class _choice:
         self.name, self.choices = name, tuple(choices)
 
     def __call__(self, value):
-        value = T.toString(value)
+        if not isinstance(value, str):    # pyspark 3.5's toString fails on NumPy 2 with an AttributeError
+            raise TypeError(f"{self.name} must be a string, one of {', '.join(self.choices)}; got {value!r}")
         if value not in self.choices:
             raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}")
         return value
 
 
 def _solver(value):
-    value = T.toString(value)
+    if not isinstance(value, str):
+        raise TypeError(f"solver must be a string, 'gd'; got {value!r}")
     if value == "l-bfgs":
         raise ValueError("solver 'l-bfgs' is not available: ffps trains by mini-batch gradient descent on a parameter "
                          "server (solver='gd'); drop solver, or use MLlib's MultilayerPerceptronClassifier for "

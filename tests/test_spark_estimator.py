@@ -119,6 +119,9 @@ def test_transform_columns_like_spark_probabilistic_classifiers(async_model, dig
     assert raw.shape == prob.shape == (test.count(), 10)
     np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-9)
     np.testing.assert_array_equal(pred, raw.argmax(axis=1))
+    np.testing.assert_allclose(raw.sum(axis=1), 0.0, atol=1e-9)             # the logits less their row mean
+    e = np.exp(raw - raw.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(e / e.sum(axis=1, keepdims=True), prob, rtol=1e-9)
     # the driver-side single-vector API agrees with the distributed transform
     first = test.first()
     assert async_model.predict(first.features) == pred[0]
@@ -271,6 +274,51 @@ def test_an_output_column_already_in_the_input_is_refused(async_model, digits_df
         make(maxIter=1).fit(scored)      # at fit too, as MLlib: the model could not score its training frame
 
 
+def test_two_outputs_of_one_name_are_refused_and_an_input_of_the_private_name_kept(async_model, digits_df):
+    """predictionCol == probabilityCol wrote one over the other without a word (MLlib refuses it); the scoring
+    struct's own column once took a user's column of its name and dropped it."""
+    from pyspark.sql import functions as F
+
+    test = digits_df[1]
+    for same in ({"predictionCol": "x", "probabilityCol": "x"}, {"rawPredictionCol": "x", "probabilityCol": "x"}):
+        first, second = [p for p in ("rawPredictionCol", "probabilityCol", "predictionCol") if p in same]
+        with pytest.raises(ValueError, match=f"^{first} and {second} both name the column 'x'"):
+            async_model.copy({getattr(async_model, k): v for k, v in same.items()}).transform(test)
+        with pytest.raises(ValueError, match=f"^{first} and {second} both name the column 'x'"):
+            make(maxIter=1, **same).fit(test)
+    both = test.withColumn("__ffps_out", F.lit(7.0)).withColumn("__ffps_out1", F.lit(8.0))
+    out = async_model.transform(both)
+    assert out.columns == both.columns + ["rawPrediction", "probability", "prediction"]
+    assert {(r["__ffps_out"], r["__ffps_out1"]) for r in out.select("__ffps_out", "__ffps_out1").collect()} \
+        == {(7.0, 8.0)}
+    mine = [r.prediction for r in out.select("prediction").collect()]
+    assert mine == [r.prediction for r in async_model.transform(test).select("prediction").collect()]
+
+
+def test_a_binary_models_raw_prediction_ranks_rows_as_its_probability(spark):
+    """BinaryClassificationEvaluator scores by rawPrediction[1] by default: centred, it is half the log-odds, so
+    the area under ROC is the probability's (on the logits themselves a weak model ranked rows otherwise)."""
+    from pyspark.ml.evaluation import BinaryClassificationEvaluator
+    from pyspark.ml.linalg import Vectors
+
+    from core import FeedForwardNetwork
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 6))
+    y = (X[:, 0] + 0.8 * rng.normal(size=300) > 0).astype(float)
+    frame = spark.createDataFrame([(float(t), Vectors.dense(r)) for r, t in zip(X, y)], ["label", "features"])
+    w = rng.normal(size=FeedForwardNetwork([6, 4, 2], backend="numpy").num_params).astype(np.float32)
+    w[-2:] = [3.0, -2.0]                           # biases far apart: logit[1] alone ranks rows by other means
+    out = FeedForwardNetworkPSClassificationModel(weights=w, layers=[6, 4, 2]).transform(frame)
+    rows = out.select("rawPrediction", "probability").collect()
+    raw = np.array([r.rawPrediction.toArray() for r in rows])
+    prob = np.array([r.probability.toArray() for r in rows])
+    np.testing.assert_allclose(raw[:, 1], 0.5 * np.log(prob[:, 1] / prob[:, 0]), rtol=1e-6, atol=1e-9)
+    by_raw = BinaryClassificationEvaluator().evaluate(out)
+    by_prob = BinaryClassificationEvaluator(rawPredictionCol="probability").evaluate(out)
+    assert by_raw == pytest.approx(by_prob, abs=1e-12)
+
+
 def test_summaries_of_a_model_without_a_prediction_column_use_a_temporary_one(async_model, digits_df):
     """predictionCol '' (no such column): summary() and evaluate() score with prediction_<uid>, as MLlib's."""
     train, test = digits_df
@@ -363,6 +411,11 @@ def test_bad_choice_params_fail_at_set_time():
         FeedForwardNetworkPSClassifier(backend="tpu")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         FeedForwardNetworkPSClassifier(optimizer="lbfgs")
+    # not a string: pyspark 3.5's own converter failed on NumPy 2 with "np.string_ was removed"
+    with pytest.raises(TypeError, match="mode must be a string, one of sync, .*; got 3"):
+        FeedForwardNetworkPSClassifier(mode=3)
+    with pytest.raises(TypeError, match="solver must be a string, 'gd'; got 1"):
+        FeedForwardNetworkPSClassifier().setSolver(1)
 
 
 def test_bad_columns(spark):
