@@ -92,6 +92,13 @@ class Mode:
         return not self.rounds
 
     @property
+    def shards_must_mix(self) -> bool:
+        """Whether workers' shards must each hold a mix of the classes: a worker's own steps move the model in
+        every mode but sync, whose every update is the mean of one batch from each worker (weighs_rows). Shards
+        that hold different classes pull such a model back and forth."""
+        return not self.weighs_rows
+
+    @property
     def equal_shards(self) -> bool:
         """Round modes need every worker to take the same number of steps: shards are cut to one size."""
         return self.rounds

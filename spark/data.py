@@ -300,6 +300,41 @@ def data_problem(reports: list, width: int, num_classes: int, features_col: str,
     return None
 
 
+LABEL_COUNTS_MAX = 1024   # classes up to which a task reports its rows per class (a JSON list within the
+                          # barrier report's 64 KiB)
+SPLIT_EXPECTED = 20       # a class absent from a partition where a random split would put this many of its rows
+
+
+def label_counts(y, num_classes: int) -> list | None:
+    """A partition's rows per class 0..num_classes-1 (others, the data check's business, left out), or None
+    past LABEL_COUNTS_MAX classes."""
+    if num_classes > LABEL_COUNTS_MAX:
+        return None
+    known = y[(y >= 0) & (y < num_classes) & (y == np.floor(y))]       # NaN fails every comparison
+    return np.bincount(known.astype(np.int64), minlength=num_classes).tolist()
+
+
+def label_split(counts: list) -> str | None:
+    """Rows per class of each partition (:func:`label_counts`, by worker) -> why the partitions hold different
+    classes, or None. A class with no row in a partition where a random split would put SPLIT_EXPECTED or more
+    of its rows (chance: about e^-20) means the input was partitioned, sorted or bucketed by label: each worker
+    would train on its own classes (digits split by label over 2 async workers: 0.73 accuracy, 0.98 shuffled)."""
+    if len(counts) < 2 or any(c is None for c in counts):
+        return None
+    k = np.asarray(counts, dtype=np.float64)
+    rows, per_class = k.sum(axis=1), k.sum(axis=0)
+    if rows.sum() == 0:
+        return None
+    expected = np.outer(rows, per_class) / rows.sum()
+    missing = np.where(k == 0, expected, 0.0)
+    if missing.max() < SPLIT_EXPECTED:
+        return None
+    w, c = np.unravel_index(missing.argmax(), missing.shape)
+    return (f"the training partitions hold different classes: class {c} has {int(per_class[c])} rows, none in "
+            f"partition {w} of {int(rows[w])} rows (a random split puts about {expected[w, c]:.0f} there), so each "
+            f"worker would train on its own classes")
+
+
 UNEVEN_SHARE = 0.01    # round modes: cutting every shard to the smallest may drop at most this share of the rows
 
 
@@ -307,7 +342,7 @@ def uneven_partitions(counts: list, equal_shards: bool) -> str | None:
     """Why the training partitions, as they are, would not train on all the data -> a sentence, or None: an
     empty partition leaves its worker nothing to do, and a mode whose shards must be equal (sync, easgd) cuts
     every one to the smallest, dropping rows. The driver then shuffles the rows into numWorkers partitions
-    and trains again (:class:`spark.training.UnevenPartitions`)."""
+    and trains again (:class:`spark.training.UnevenPartitions`), as it does for :func:`label_split`."""
     if min(counts) == 0:
         return f"a training partition is empty (rows per partition: {counts})"
     dropped = sum(counts) - len(counts) * min(counts)

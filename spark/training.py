@@ -39,9 +39,10 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
     task before any update and the row returned carries the message (``data_error``) for the driver to raise.
     Round modes need every worker to take the same number of steps, so all shards are cut to the smallest.
     may_reshuffle: the partitions are the input's own (the driver did not shuffle them), so a cut that would
-    leave rows unused stops the tasks and the driver shuffles (:func:`spark.data.uneven_partitions`); after the
-    driver's round-robin shuffle a few rows per worker may differ, and the cut goes ahead. An empty partition
-    stops the tasks either way.
+    leave rows unused, or partitions that hold different classes where each worker's steps move the model,
+    stop the tasks and the driver shuffles (:func:`spark.data.uneven_partitions`, :func:`spark.data.label_split`);
+    after the driver's round-robin shuffle a few rows per worker may differ, and the cut goes ahead. An empty
+    partition stops the tasks either way.
     on_step(worker, local_step): optional, picklable; called before each local step of each task.
     """
     spec = cfg["spec"]
@@ -70,10 +71,12 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
         from core import resolve_backend_name
         from ps.client import AuthenticationRefused, ServerUnavailable
         from ps.shards import connect
-        from spark.data import data_problem, read_partition, rows_for_the_gpu, uneven_partitions
+        from spark.data import (data_problem, label_counts, label_split, read_partition, rows_for_the_gpu,
+                                uneven_partitions)
 
         t_start = time.time()
         X, y, report = read_partition(batches, width)
+        report["label_counts"] = label_counts(y, layers[-1])
         backend, declined = resolve_backend_name(spec.backend), None
         if backend == "cupy" and X is not None:     # sparse vectors stay sparse on the CPU; a GPU takes dense rows
             X, backend, report["gpu_dense_bytes"] = rows_for_the_gpu(X, spec.backend)
@@ -102,6 +105,8 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
             problem = data_problem(reports, width, layers[-1], features_col, label_col)
             uneven = None if problem else uneven_partitions(stats["partition_rows"],
                                                               spec.rule.equal_shards and may_reshuffle)
+            if uneven is None and problem is None and may_reshuffle and spec.rule.shards_must_mix:
+                uneven = label_split([r["label_counts"] for r in reports])
             # no BYE where nothing trains: the driver drops this server (a resumed one completed the restored,
             # half-summed epoch when every worker retired, and logged it as trained)
             if uneven is not None:
@@ -175,7 +180,8 @@ class UnsupportedBarrierChain(RuntimeError):
 
 class UnevenPartitions(RuntimeError):
     """The partitions as they are would leave a worker without rows or rows unused
-    (:func:`spark.data.uneven_partitions`); nothing was trained. The caller shuffles them."""
+    (:func:`spark.data.uneven_partitions`), or hold different classes (:func:`spark.data.label_split`); nothing
+    was trained. The caller shuffles them."""
 
 
 def _maybe_the_input(exc, failure) -> bool:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from spark.data import data_problem, read_partition, uneven_partitions
+from spark.data import data_problem, label_counts, label_split, read_partition, uneven_partitions
 from tests.spark_helpers import vector_batch
 
 
@@ -57,6 +57,31 @@ def test_partitions_that_would_not_train_on_all_rows_are_told_apart_from_bad_dat
         "619 of 635 rows would go unused")
     assert uneven_partitions([500, 496], equal_shards=True) is None         # 4 of 996 rows: under 1 %
     assert uneven_partitions([3, 2], equal_shards=True) is None             # one row per worker: under the bar
+
+
+def test_partitions_that_hold_different_classes_are_told_from_a_random_split():
+    """A class with no row in a partition where a random split would put 20 or more of its rows: the input was
+    partitioned by label. Random splits of the same rows, small partitions and a lone worker pass."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 1800).astype(np.float64)
+    for seed in range(20):                        # random splits, 2 and 8 ways
+        shuffled = np.random.default_rng(seed).permutation(y)
+        for ways in (2, 8):
+            assert label_split([label_counts(p, 10) for p in np.array_split(shuffled, ways)]) is None
+    low, high = y[y < 5], y[y >= 5]
+    said = label_split([label_counts(low, 10), label_counts(high, 10)])
+    counts = np.bincount(y.astype(int))
+    c = int(counts[:5].argmax())                  # the gap named: the one a random split makes least likely
+    assert said == (f"the training partitions hold different classes: class {c} has {counts[c]} rows, none in "
+                    f"partition 1 of {high.size} rows (a random split puts about {counts[c] * high.size / y.size:.0f} "
+                    f"there), so each worker would train on its own classes")
+    sorted_rows = np.sort(y)                      # sorted by label, then cut in two: overlapping ranges
+    assert "hold different classes" in label_split([label_counts(p, 10) for p in np.array_split(sorted_rows, 2)])
+    assert label_split([label_counts(low[:20], 10), label_counts(high[:20], 10)]) is None   # about 4 a class
+    assert label_split([label_counts(y, 10)]) is None
+    assert label_split([None, label_counts(y, 10)]) is None
+    assert label_counts(np.array([0.0, 2.0, 2.0, np.nan, 1.5, -1.0, 3.0, 7.0]), 4) == [1, 0, 2, 1]
+    assert label_counts(y, 1025) is None          # past LABEL_COUNTS_MAX classes nothing is reported
 
 
 def test_a_row_of_float32_overflow_counts_as_infinite():

@@ -653,6 +653,23 @@ def test_partitions_that_would_leave_rows_unused_are_shuffled(digits_df):
         assert [stats["workers"][w]["rows"] for w in (0, 1)] == [200, 200] and stats["rows"] == 400
 
 
+def test_partitions_split_by_label_are_shuffled_where_each_worker_moves_the_model(digits_df):
+    """A frame hash-partitioned by label into numWorkers partitions trained each async worker on its own classes
+    (digits, [64,32,10]: 0.73 accuracy against 0.98 shuffled, no word said). Now shuffled and said; sync, whose
+    every update is the mean of a batch from each worker, keeps them."""
+    train, test = digits_df
+    by_label = train.repartition(2, "label")
+    classes = [{int(r.label) for r in part} for part in by_label.rdd.glom().collect()]
+    assert len(classes) == 2 and classes[0].isdisjoint(classes[1]), classes
+    model = make(mode="async", maxIter=10).fit(by_label)
+    assert "the training partitions hold different classes" in model.trainingStats["reshuffled"]
+    assert accuracy(model.transform(test)) >= 0.95
+    kept = make(mode="sync", maxIter=1).fit(by_label)
+    assert kept.trainingStats["reshuffled"] is None
+    rows = sorted(kept.trainingStats["workers"][w]["rows"] for w in (0, 1))
+    assert rows[0] == rows[1] >= min(len(part) for part in by_label.rdd.glom().collect())
+
+
 def test_an_unreachable_parameter_server_is_a_clear_error_not_a_hang(digits_df, monkeypatch, caplog):
     """Executors that cannot connect to the server (a wrong psHost, a firewall, a remote Spark Connect server)
     fail at registration with a message naming the address and psHost, and the stage is not relaunched: a
