@@ -486,9 +486,15 @@ class VectorRows:
 
     def matrix(self, rows: int, sparse_ok: bool):
         """-> (n, width) float32, or CsrRows where sparse rows are welcome and sparse enough."""
-        if not self.parts:
-            return np.ascontiguousarray(np.concatenate(self.dense) if self.dense
-                                        else np.empty((0, self.width)), dtype=np.float32)
+        if not self.parts:      # block by block, each freed once copied: the pages of X fill as the blocks go
+            blocks, self.dense = self.dense[::-1], []              # (concatenate held both whole: 2x at peak)
+            X = np.empty((sum(len(b) for b in blocks), self.width), dtype=np.float32)
+            at = 0
+            while blocks:
+                block = blocks.pop()
+                X[at:at + len(block)] = block
+                at += len(block)
+            return X
         lengths = np.concatenate([p[0] for p in self.parts])
         columns = np.concatenate([p[1] for p in self.parts])
         values = np.concatenate([p[2] for p in self.parts])
@@ -515,7 +521,9 @@ def read_partition(batches, width: int, sparse_ok: bool = True):
         rows += batch.num_rows
         feats, labels = batch.column(0), batch.column(1)
         null_labels += labels.null_count
-        ys.append(labels.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+        # a copy: a view of the batch's labels would hold its whole body, the float64 features included, until
+        # the read ends
+        ys.append(np.array(labels.to_numpy(zero_copy_only=False), dtype=np.float64))
         read.add_arrow(feats)
     y = np.concatenate(ys) if ys else np.empty(0)
     whole = read.nulls == 0 and read.min_width in (None, width) and read.max_width in (None, width)
