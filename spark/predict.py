@@ -24,6 +24,8 @@ def private_name(columns) -> str:
     while f"{OUT_PREFIX}{k or ''}" in taken:
         k += 1
     return f"{OUT_PREFIX}{k or ''}"
+
+
 LISTS_RESULT_TYPE = "struct<raw:array<double>,prob:array<double>,pred:double>"
 # PySpark hands a pandas UDF's array<double> results to Arrow through a Python list per row (3.5: one call
 # per element), half of transform's time on 1M rows of 2 classes; a double field per class goes to Arrow as
@@ -32,7 +34,7 @@ PER_CLASS_MAX = 256
 
 
 def result_type(classes):
-    """The scoring UDF's struct: raw logits, probabilities (a field per class: r0.., p0..; lists above
+    """The scoring UDF's struct: raw (centred logits), probabilities (a field per class: r0.., p0..; lists above
     PER_CLASS_MAX classes) and the prediction."""
     if classes > PER_CLASS_MAX:
         return LISTS_RESULT_TYPE
