@@ -112,7 +112,15 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
             log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
             with FITS.running() as fit:
                 model, stats = self._train(self._prepared(dataset, True), spec, bind, shuffled=True, fit=fit)
-        stats["rows"] = sum(stats["workers"][0]["partition_rows"])     # every worker holds the gathered counts
+        counts = stats["workers"][0]["partition_rows"]                 # every worker holds the gathered counts
+        stats["rows"] = sum(counts)
+        # round modes cut every shard to the smallest: rows of a partition kept as it is (under 1 %, or a few
+        # rows after the shuffle) that no worker trains on
+        stats["unused_rows"] = sum(counts) - nw * min(counts) if spec.rule.equal_shards else 0
+        if stats["unused_rows"]:
+            log.info("ffps: mode=%r trains each worker on as many rows as the smallest partition holds: %d of %d "
+                     "rows unused (rows per partition: %s; forceRepartition=True deals them out evenly)",
+                     spec.mode, stats["unused_rows"], sum(counts), counts)
         stats["reshuffled"] = reshuffled
         model.trainingStats = stats
         model._training_frame = TrainingFrame(dataset)   # the summary's classification figures, if asked

@@ -666,8 +666,10 @@ def test_partitions_split_by_label_are_shuffled_where_each_worker_moves_the_mode
     assert accuracy(model.transform(test)) >= 0.95
     kept = make(mode="sync", maxIter=1).fit(by_label)
     assert kept.trainingStats["reshuffled"] is None
-    rows = sorted(kept.trainingStats["workers"][w]["rows"] for w in (0, 1))
-    assert rows[0] == rows[1] >= min(len(part) for part in by_label.rdd.glom().collect())
+    sizes = [len(part) for part in by_label.rdd.glom().collect()]
+    assert [kept.trainingStats["workers"][w]["rows"] for w in (0, 1)] == [min(sizes)] * 2      # cut, under 1 %
+    assert kept.trainingStats["unused_rows"] == sum(sizes) - 2 * min(sizes) and kept.trainingStats["rows"] == 1257
+    assert model.trainingStats["unused_rows"] == 0                    # async trains every row
 
 
 def test_an_unreachable_parameter_server_is_a_clear_error_not_a_hang(digits_df, monkeypatch, caplog):
