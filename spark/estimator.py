@@ -34,7 +34,8 @@ from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
                      keyword_signature, output_columns, ps_bind, training_spec)
 from .persistence import EstimatorReader
-from .session import conf, connect_server_host, local_task_slots, master, num_partitions, require_connect_support
+from .session import (barrier_chain_problem, conf, connect_server_host, local_task_slots, master, num_partitions,
+                      require_connect_support)
 from .tracking import log_fit
 
 log = logging.getLogger("spark.estimator")
@@ -94,10 +95,15 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                        connect_server_host(spark))
         nw = spec.num_workers
         # one partition per worker: shuffled (round-robin) unless the frame already has numWorkers partitions,
-        # as xgboost.spark does; a frame whose lineage Spark will not run in a barrier stage (coalesce, limit)
-        # is shuffled too. Spark Connect shows no partition count without a job: shuffled there.
+        # as xgboost.spark does; a frame whose lineage Spark will not run in a barrier stage (coalesce, union,
+        # limit) is shuffled too, up front where its RDDs show it, else after Spark refuses the stage. Spark
+        # Connect shows no partition count without a job: shuffled there.
         shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
-        reshuffled = None
+        chain = None if shuffle else barrier_chain_problem(dataset)
+        reshuffled = None if chain is None else f"the input's partitions cannot run in a barrier stage ({chain})"
+        if chain is not None:
+            log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
+            shuffle = True
         try:
             with FITS.running() as fit:
                 model, stats = self._train(self._prepared(dataset, shuffle), spec, bind, shuffled=shuffle, fit=fit)

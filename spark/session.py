@@ -105,6 +105,32 @@ def num_partitions(dataset) -> int | None:
     return dataset._jdf.rdd().getNumPartitions()
 
 
+def barrier_chain_problem(dataset, limit: int = 1000) -> str | None:
+    """Classic sessions: why Spark would refuse the frame's own partitions in a barrier stage, or None (also on
+    Connect, and past ``limit`` RDDs). Spark's rule (DAGScheduler's checkBarrierStageWithRDDChainPattern): every
+    RDD of the stage, up to its shuffles, has the stage's partition count; a coalesce, a union or a limit breaks
+    it. Known before the stage, the rows are shuffled up front: Spark's refusal logs a stack trace at WARN."""
+    if is_connect(dataset):
+        return None
+    top = dataset._jdf.rdd()
+    n = top.getNumPartitions()
+    todo, seen = [top], 0
+    while todo and seen < limit:
+        rdd = todo.pop()
+        seen += 1
+        deps = rdd.dependencies().iterator()
+        while deps.hasNext():
+            dep = deps.next()
+            if dep.getClass().getName() == "org.apache.spark.ShuffleDependency":     # the stage's edge
+                continue
+            parent = dep.rdd()
+            if parent.getNumPartitions() != n:
+                return (f"its {rdd.getClass().getSimpleName()} of {rdd.getNumPartitions()} partitions reads a "
+                        f"{parent.getClass().getSimpleName()} of {parent.getNumPartitions()} in the same stage")
+            todo.append(parent)
+    return None
+
+
 def set_job_description(spark, text: str | None) -> None:
     """Label the next jobs in the Spark UI (classic sessions; Connect has no SparkContext to label them)."""
     if not is_connect(spark):

@@ -631,6 +631,31 @@ def test_partitions_are_kept_unless_their_count_differs_or_repartition_is_forced
     assert shard_rows(make(maxIter=1).fit(chained)) == [200, 200]     # coalesce in a barrier stage: shuffled
 
 
+def test_a_lineage_spark_would_refuse_in_a_barrier_stage_is_shuffled_up_front(digits_df, monkeypatch):
+    """A coalesce (or union) under numWorkers partitions: Spark refused the stage with a stack trace at WARN and
+    the fit shuffled after. Its RDDs show it before any stage now."""
+    from spark import training
+    from spark.session import barrier_chain_problem
+
+    train = digits_df[0]
+    chained = train.limit(400).repartition(4).coalesce(2)
+    assert barrier_chain_problem(chained) == ("its CoalescedRDD of 2 partitions reads a ShuffledRowRDD of 4 in the "
+                                              "same stage")
+    assert barrier_chain_problem(train.repartition(2)) is None and barrier_chain_problem(train) is None
+    stages = []
+    real = training.run_barrier_stage
+    monkeypatch.setattr(training, "run_barrier_stage", lambda *a, **kw: stages.append(1) or real(*a, **kw))
+    model = make(maxIter=1).fit(chained)
+    assert len(stages) == 1, "a stage Spark refused ran first"
+    assert model.trainingStats["reshuffled"] == ("the input's partitions cannot run in a barrier stage (its "
+                                                 "CoalescedRDD of 2 partitions reads a ShuffledRowRDD of 4 in the "
+                                                 "same stage)")
+    monkeypatch.setattr("spark.estimator.barrier_chain_problem", lambda dataset: None)   # unseen: Spark refuses
+    stages.clear()
+    model = make(maxIter=1).fit(chained)
+    assert len(stages) == 2 and "cannot run in a barrier stage" in model.trainingStats["reshuffled"]
+
+
 def test_partitions_that_would_leave_rows_unused_are_shuffled(digits_df):
     """sync and easgd cut every shard to the smallest: on partitions of 300 and 100 rows they trained on 200 of
     400, silently (and on 16 of 635 for a frame range-partitioned by label: test accuracy 0.44 against MLlib's
