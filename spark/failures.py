@@ -87,20 +87,44 @@ class TrainingCancelled(RuntimeError):
     """The training stage's job was cancelled (or the driver's call into Spark interrupted): not retried."""
 
 
+def _chain(exc: BaseException) -> list:
+    """exc and the exceptions it arose from (its cause, else its context), innermost last."""
+    found = []
+    while exc is not None and len(found) < 16 and all(exc is not e for e in found):
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def _cancellation(exc: BaseException) -> BaseException | None:
+    """The exception of exc's chain that says the job was cancelled, or a py4j call broken without any Java
+    exception (PySpark 3.5's Ctrl-C handler breaks the call it interrupts); None. The chain matters: PySpark
+    3.5's call-site guard raised AttributeError('setCallSite') over "Job 4 cancelled because SparkContext was
+    shut down" when another thread stopped the session."""
+    return next((e for e in _chain(exc) if CANCELLED.search(str(e)) or type(e).__name__ == "Py4JError"), None)
+
+
 def cancelled(exc: BaseException) -> bool:
     """Whether a failed ``collect`` of the training stage was the user's (or Spark's) cancellation rather than
-    a failed attempt: the job's cancel message, or a py4j call that failed without any Java exception (PySpark
-    3.5's Ctrl-C handler breaks the call it interrupts)."""
-    return bool(CANCELLED.search(str(exc))) or type(exc).__name__ == "Py4JError"
+    a failed attempt (:func:`_cancellation`)."""
+    return _cancellation(exc) is not None
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether the cancellation was Ctrl-C in the driver as PySpark 3.5 reports it (a broken py4j call): the
+    fit raises KeyboardInterrupt then, as Spark 4's does, so that ``except Exception`` does not swallow it."""
+    found = _cancellation(exc)
+    return found is not None and type(found).__name__ == "Py4JError"
 
 
 def cancel_reason(exc: BaseException) -> str:
     """What stopped the fit, for its TrainingCancelled: Spark's cancel message, or for a py4j call broken
     without a Java exception (PySpark 3.5's Ctrl-C handler) that the driver was interrupted; the bare 'Py4JError'
     said nothing of it."""
-    if type(exc).__name__ == "Py4JError":
+    found = _cancellation(exc) or exc
+    if type(found).__name__ == "Py4JError":
         return "the driver was interrupted (Ctrl-C, SIGINT) while it waited for the training stage"
-    return short_error(exc)
+    return short_error(found)
 
 
 @dataclass

@@ -131,10 +131,16 @@ def barrier_chain_problem(dataset, limit: int = 1000) -> str | None:
     return None
 
 
-def set_job_description(spark, text: str | None) -> None:
-    """Label the next jobs in the Spark UI (classic sessions; Connect has no SparkContext to label them)."""
-    if not is_connect(spark):
-        spark.sparkContext.setJobDescription(text)
+def set_job_description(spark, text: str | None) -> str | None:
+    """Label the next jobs in the Spark UI (classic sessions; Connect has no SparkContext to label them) -> the
+    description it replaced, for the caller to give back (one of the caller's own, as under setJobGroup, was
+    left unset after a fit)."""
+    if is_connect(spark):
+        return None
+    sc = spark.sparkContext
+    before = sc.getLocalProperty("spark.job.description")
+    sc.setJobDescription(text)
+    return before
 
 
 def tag_jobs(spark, tag: str) -> None:

@@ -17,7 +17,7 @@ import uuid
 import numpy as np
 
 from .failures import (CRASHED, TrainingCancelled, TrainingFailed, cancel_reason, cancelled, from_reports,
-                       from_spark_error, root_cause, short_error)
+                       from_spark_error, interrupted, root_cause, short_error)
 
 log = logging.getLogger("spark.training")
 
@@ -203,7 +203,10 @@ def input_error(prep) -> str | None:
     from .session import set_job_description
 
     causes = []
-    set_job_description(prep.sparkSession, "ffps: computing the input after a failed training attempt")
+    try:
+        before = set_job_description(prep.sparkSession, "ffps: computing the input after a failed training attempt")
+    except Exception:  # noqa: BLE001 - a session stopped meanwhile: the failure at hand says more
+        return None
     try:
         for _ in range(2):
             try:
@@ -212,19 +215,19 @@ def input_error(prep) -> str | None:
             except Exception as exc:  # noqa: BLE001 - Py4JJavaError, Connect's SparkException, PythonException
                 causes.append(root_cause(exc))
     finally:
-        clear_job_description(prep.sparkSession)
+        restore_job_description(prep.sparkSession, before)
     return causes[0] if causes[0] == causes[1] else None
 
 
-def clear_job_description(spark) -> None:
-    """Unset the job description in a ``finally``: on a SparkContext stopped meanwhile that fails, and its error
-    ('NoneType' object has no attribute 'setJobDescription') would replace the one at hand."""
+def restore_job_description(spark, before: str | None) -> None:
+    """Give the job description back in a ``finally``: on a SparkContext stopped meanwhile that fails, and its
+    error ('NoneType' object has no attribute 'setJobDescription') would replace the one at hand."""
     from .session import set_job_description
 
     try:
-        set_job_description(spark, None)
+        set_job_description(spark, before)
     except Exception:  # noqa: BLE001 - the failure at hand says more
-        log.debug("ffps: clearing the job description failed", exc_info=True)
+        log.debug("ffps: restoring the job description failed", exc_info=True)
 
 
 def collect_or_cancel(stage, spark, tag: str) -> list:
@@ -332,7 +335,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         # .rdd.barrier().mapPartitions); .rdd only where a GPU ResourceProfile must be attached
         stage = gpu_stage(prep, make_fn(attempt), RESULT_SCHEMA, master(spark)) if use_gpu else \
             prep.mapInArrow(make_fn(attempt), RESULT_SCHEMA, barrier=True)
-        set_job_description(spark, f"{description} (attempt {attempt})")
+        before = set_job_description(spark, f"{description} (attempt {attempt})")
         t0 = time.perf_counter()
         tag = f"ffps-training-{uuid.uuid4().hex}"
         watch = StallWatch(server, spark, tag, num_workers)
@@ -346,8 +349,9 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                             "retrying" if attempt < first_attempt + max_retries else "giving up")
                 continue
             if cancelled(exc):          # the user stopped it: a relaunch would train on, and return a model
-                raise TrainingCancelled(f"training cancelled in attempt {attempt} after "
-                                        f"{time.perf_counter() - t0:.1f}s: {cancel_reason(exc)}") from exc
+                said = (f"training cancelled in attempt {attempt} after {time.perf_counter() - t0:.1f}s: "
+                        f"{cancel_reason(exc)}")
+                raise (KeyboardInterrupt(said) if interrupted(exc) else TrainingCancelled(said)) from exc
             if "BarrierJobUnsupportedRDDChainException" in str(exc):
                 raise UnsupportedBarrierChain(short_error(exc)) from None      # nothing ran: the caller reshuffles
             if UNREACHABLE in str(exc):                                     # a relaunch would wait again
@@ -376,7 +380,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                         "retrying" if attempt < first_attempt + max_retries else "giving up")
             continue
         finally:
-            clear_job_description(spark)
+            restore_job_description(spark, before)
         if not rows:                           # an empty frame can have no partitions, so no task ran
             raise ValueError("the training DataFrame has no rows")
         results = {int(r.worker): json.loads(r.stats) for r in rows}

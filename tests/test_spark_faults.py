@@ -460,3 +460,51 @@ def test_a_cancellation_is_told_from_a_failed_attempt(text, is_cancel):
     assert cancelled(RuntimeError(text)) is is_cancel
     broken = Py4JError("An error occurred while calling o212.collectToPython")      # Ctrl-C on 3.5: no Java error
     assert cancelled(broken) and cancel_reason(broken).startswith("the driver was interrupted (Ctrl-C, SIGINT)")
+
+
+def test_a_cancellation_under_another_error_is_still_one():
+    """PySpark 3.5, spark.stop() from another thread mid-fit: its call-site guard raised AttributeError over the
+    job's "cancelled because SparkContext was shut down", and the fit took it for a failed attempt."""
+    from py4j.protocol import Py4JError
+
+    from spark.failures import cancel_reason, cancelled, interrupted
+
+    try:
+        try:
+            raise RuntimeError("org.apache.spark.SparkException: Job 4 cancelled because SparkContext was shut down")
+        except RuntimeError:
+            raise AttributeError("setCallSite")
+    except AttributeError as exc:
+        hidden = exc
+    assert cancelled(hidden) and not interrupted(hidden)
+    assert cancel_reason(hidden).endswith("Job 4 cancelled because SparkContext was shut down")
+    assert not cancelled(AttributeError("setCallSite"))
+    assert interrupted(Py4JError("An error occurred while calling o212.collectToPython"))
+
+
+def test_ctrl_c_in_the_driver_raises_keyboard_interrupt_and_keeps_the_callers_job_description(digits_df,
+                                                                                             monkeypatch):
+    """PySpark 3.5 breaks the py4j call Ctrl-C interrupts (Py4JError): the fit said TrainingCancelled, a
+    RuntimeError that ``except Exception`` swallowed; Spark 4 raises KeyboardInterrupt, and so does the fit now.
+    The caller's job description (under setJobGroup) was left unset after every fit; it is given back."""
+    from py4j.protocol import Py4JError
+
+    from spark import training
+
+    sc = digits_df[0].sparkSession.sparkContext
+    sc.setJobDescription("nightly training run")
+    try:
+        clf = FeedForwardNetworkPSClassifier(layers=[64, 16, 10], maxIter=1, numWorkers=2, backend="numpy")
+        clf.fit(digits_df[0])
+        assert sc.getLocalProperty("spark.job.description") == "nightly training run"
+
+        def broken(stage, spark, tag):
+            assert sc.getLocalProperty("spark.job.description") == "ffps training (attempt 0)"
+            raise Py4JError("An error occurred while calling o212.collectToPython")
+        monkeypatch.setattr(training, "collect_or_cancel", broken)
+        with pytest.raises(KeyboardInterrupt, match=r"training cancelled in attempt 0 after [\d.]+s: the driver "
+                                                    r"was interrupted \(Ctrl-C, SIGINT\)"):
+            clf.fit(digits_df[0])
+        assert sc.getLocalProperty("spark.job.description") == "nightly training run"
+    finally:
+        sc.setJobDescription(None)
