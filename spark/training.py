@@ -324,7 +324,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     naming the task's Python exception. first_attempt: above the attempts a restored checkpoint recorded.
     """
     from .gpu import gpu_stage
-    from .session import master, set_job_description
+    from .session import conf, master, set_job_description
 
     spark = prep.sparkSession
     errors, failure = [], None
@@ -396,7 +396,23 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     tries = max_retries + 1
     said = (f"training failed in all {tries} attempts of the barrier stage: " if tries > 1 else
             "training failed in its one attempt of the barrier stage (maxRetries=0: not relaunched): ")
-    # where no task ever reached the server, the stage may have waited for task slots it could not get
-    slots = "" if server.registered() else (". No task reached the parameter server: if the stage waited for "
-                                            "slots, numWorkers may exceed the cluster's free task slots (or GPUs)")
-    raise TrainingFailed(said + "; ".join(errors) + slots, failure, tries)
+    hint = why_none_trained(conf(spark, "spark.executor.pyspark.memory"), server.registered(), errors)
+    raise TrainingFailed(said + "; ".join(errors) + hint, failure, tries)
+
+
+def why_none_trained(cap: str | None, registered: bool, errors: list) -> str:
+    """A hint for a stage whose every attempt failed: where the Python workers crashed under a cap on their
+    memory (or raised MemoryError), the cap (libzmq aborted creating a thread under
+    spark.executor.pyspark.memory=300m and 512m, numba's import raised MemoryError under 768m; 1g trained);
+    where no task reached the server, the slots it may have waited for. cap: spark.executor.pyspark.memory;
+    registered: whether any task reached the server."""
+    starved = any(CRASHED in e or "MemoryError" in e for e in errors)
+    if cap and starved:
+        return (f". spark.executor.pyspark.memory={cap} caps each Python worker's address space, and a worker "
+                f"that dies at once (or runs out of memory) is what a cap too small for a training task looks like "
+                f"(its sockets' threads and numba's compiler need room): raise it (1g trained digits where 300m, "
+                f"512m and 768m failed) or unset it")
+    if registered or starved:
+        return ""
+    return (". No task reached the parameter server: if the stage waited for slots, numWorkers may exceed the "
+            "cluster's free task slots (or GPUs)")

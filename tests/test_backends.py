@@ -139,6 +139,16 @@ def test_limit_cpu_threads_caps_blas_and_numba():
     assert out.stdout.split() == ["[1]", "1"]
 
 
+def test_a_cap_set_before_numba_loads_holds_and_numpy_workers_never_load_it():
+    """limit_cpu_threads imported numba wherever it was installed: a numpy worker under a small
+    spark.executor.pyspark.memory failed in that import. numba now loads with the backend, under the cap."""
+    code = ("import sys, core; core.limit_cpu_threads(1); core.get_backend('numpy');"
+            "print('numba' in sys.modules); core.get_backend('numba'); import numba; print(numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "1"]
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True])
 def test_limit_cpu_threads_rejects_bad_counts(bad):
     from core import limit_cpu_threads

@@ -462,6 +462,20 @@ def test_a_cancellation_is_told_from_a_failed_attempt(text, is_cancel):
     assert cancelled(broken) and cancel_reason(broken).startswith("the driver was interrupted (Ctrl-C, SIGINT)")
 
 
+def test_a_stage_that_never_trained_says_what_may_have_stopped_it():
+    """Workers crashing at once under spark.executor.pyspark.memory=300m were told to check their task slots;
+    the hint names the cap now, and the slots only where no task crashed or reached the server."""
+    from spark.training import why_none_trained
+
+    crashed = ["attempt 0: task 1 failed: Python worker exited unexpectedly (crashed)"]
+    assert why_none_trained("300m", False, crashed).startswith(
+        ". spark.executor.pyspark.memory=300m caps each Python worker's address space")
+    assert why_none_trained(None, False, crashed) == ""
+    assert "768m caps" in why_none_trained("768m", True, ["attempt 0: task 0 failed with MemoryError:  at x"])
+    assert "free task slots" in why_none_trained(None, False, ["attempt 0: stalled"])
+    assert why_none_trained("300m", True, ["attempt 0: ValueError: bad"]) == ""
+
+
 def test_a_cancellation_under_another_error_is_still_one():
     """PySpark 3.5, spark.stop() from another thread mid-fit: its call-site guard raised AttributeError over the
     job's "cancelled because SparkContext was shut down", and the fit took it for a failed attempt."""

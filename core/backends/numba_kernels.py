@@ -15,6 +15,10 @@ import numba
 import numpy as np
 from numba import prange
 
+from .threads import cap_numba_threads
+
+cap_numba_threads()            # a cap set before numba loaded (limit_cpu_threads) holds for its pool too
+
 # Fast-math that keeps NaN/inf semantics: no 'nnan'/'ninf', so a diverging loss is still seen as NaN.
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL_MIN_ELEMENTS = 1 << 15   # below this, the serial kernel wins on 2 cores (bench/step_bench.py)

@@ -1,8 +1,8 @@
 """The process's thread model for CPU math: who gets the cores (BLAS), and the call that caps them."""
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 
 # One thread model per process: BLAS owns the cores. numba's elementwise kernels run in parallel only where
 # BLAS is single-threaded; beside a threaded BLAS they run serially, because the two pools spin on the same
@@ -10,6 +10,7 @@ import os
 # pools at 2 threads, 86.9k with one thread each, and the numba SGD update of 269k floats took 3-7 ms instead
 # of ~0.05 ms once OpenBLAS's threads were spinning beside numba's.
 _blas_threads: int | None = None
+_numba_threads: int | None = None     # the cap limit_cpu_threads set, for numba's pool once numba loads
 
 
 def blas_threads() -> int:
@@ -36,7 +37,7 @@ def limit_cpu_threads(n: int) -> None:
     helper thread: a digits step was seen going from 0.15 to 24 ms that way. Within the share, BLAS takes the
     threads and numba's kernels stay serial unless n is 1 for BLAS (the module's thread model above).
     """
-    global _blas_threads
+    global _blas_threads, _numba_threads
     from ..validation import check_int          # core.validation imports core.backends: bound at the call
 
     check_int("thread count", n)
@@ -44,7 +45,15 @@ def limit_cpu_threads(n: int) -> None:
 
     threadpool_limits(limits=n)
     _blas_threads = None
-    if importlib.util.find_spec("numba") is not None:
+    _numba_threads = n
+    cap_numba_threads()
+
+
+def cap_numba_threads() -> None:
+    """numba's pool within limit_cpu_threads's cap, where numba is loaded; its kernels' module calls this when
+    it loads. A process that never trains on numba never loads it: a numpy worker under
+    spark.executor.pyspark.memory=512m failed here, in numba's import (its LLVM library could not be mapped)."""
+    if _numba_threads is not None and "numba" in sys.modules:
         import numba
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(_numba_threads, numba.config.NUMBA_NUM_THREADS))
