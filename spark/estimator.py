@@ -159,7 +159,14 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         first_attempt = server.next_attempt()
         if server.resumed_from:
             log.info("ffps: resuming from %s (version %d)", server.resumed_from, server.version)
-        server.start()
+        try:
+            server.start()
+        except OSError as exc:
+            if self.getPsPort() and FITS.concurrent():     # CrossValidator(parallelism=2) under a fixed psPort
+                raise OSError(f"{exc}; another ffps fit runs in this process (a CrossValidator or "
+                              f"TrainValidationSplit with parallelism > 1, a thread), and each fit's server needs a "
+                              f"port of its own: leave psPort at 0 (any free port), or fit one at a time") from exc
+            raise
         cfg = server.client_config()
         features_col, label_col = self.getFeaturesCol(), self.getLabelCol()   # plain locals: pickled to executors
 

@@ -404,6 +404,27 @@ def test_bad_params_fail_before_any_job(spark, params, message):
     assert set(tracker.getJobIdsForGroup()) == jobs_before, "a Spark job ran before the error"
 
 
+def test_a_fixed_ps_port_taken_by_a_concurrent_fit_says_so(spark, monkeypatch):
+    """CrossValidator(parallelism=2) under a fixed psPort: the second fit could not bind, with nothing saying
+    that the other fit held the port. The clash is staged here: the port taken by a socket, a fit beside."""
+    import socket
+
+    from spark import estimator
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        clf = FeedForwardNetworkPSClassifier(layers=[3, 3], numWorkers=1, backend="numpy", psPort=port)
+        with pytest.raises(OSError, match="cannot bind parameter server") as alone:
+            clf.fit(small(spark))
+        assert "another ffps fit" not in str(alone.value)
+        monkeypatch.setattr(estimator.FITS, "concurrent", lambda: True)
+        with pytest.raises(OSError, match="another ffps fit runs in this process .* each fit's server needs a port "
+                                          "of its own: leave psPort at 0"):
+            clf.fit(small(spark))
+
+
 def test_bad_choice_params_fail_at_set_time():
     with pytest.raises(ValueError, match="mode must be one of .* got 'downpour'"):
         FeedForwardNetworkPSClassifier(mode="downpour")
