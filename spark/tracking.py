@@ -10,7 +10,9 @@ When a fit is logged: the estimator Param ``mlflowTracking`` decides.
 * ``False``: never.
 
 An active run takes the first fit logged into it; a later fit while the same run is active (a loop over
-settings, a CrossValidator) gets a nested child run, so the params of different fits do not collide. Without
+settings, a CrossValidator) gets a nested child run, so the params of different fits do not collide. A fit in
+a thread without a run of its own (a CrossValidator's folds run in a pool) gets a child run of the one run
+active in another thread of the process. Without
 mlflow (``pip install ffps[mlflow]``) nothing is imported and nothing happens. A logging failure (tracking
 server down, a param clash, ...) is logged as a warning: ``fit`` always returns the trained model.
 
@@ -58,7 +60,24 @@ def _wanted(estimator) -> bool:
             return False
         return True
     mlflow = sys.modules.get("mlflow")
-    return getattr(mlflow, "active_run", None) is not None and mlflow.active_run() is not None
+    if getattr(mlflow, "active_run", None) is None:
+        return False
+    return mlflow.active_run() is not None or _run_of_another_thread() is not None
+
+
+def _run_of_another_thread() -> str | None:
+    """The id of the run active in another thread of this process, where exactly one run is active there, else
+    None. MLflow keeps the active run per thread, and a CrossValidator fits its folds in pool threads: inside
+    ``with mlflow.start_run(): cv.fit(df)`` the fold fits saw no run and were not logged. Read from MLflow's
+    thread-local run stack (mlflow.tracking.fluent, 2.x-3.x); where that is not there, None."""
+    try:
+        from mlflow.tracking import fluent
+
+        stacks = fluent._active_run_stack.get_all_thread_values().values()
+        ids = {stack[-1].info.run_id for stack in stacks if stack}
+    except Exception:  # noqa: BLE001 - another MLflow's internals: no parent found, as before
+        return None
+    return next(iter(ids)) if len(ids) == 1 else None
 
 
 def training_params(estimator) -> dict:
@@ -86,7 +105,9 @@ def _log(estimator, model) -> None:
     client = mlflow.MlflowClient()
     active = mlflow.active_run()
     own = active is None or _TAG in client.get_run(active.info.run_id).data.tags
-    run = mlflow.start_run(run_name=estimator.uid, nested=True) if own else active
+    parent = _run_of_another_thread() if active is None else None     # a CrossValidator's fold, in a pool thread
+    run = (mlflow.start_run(run_name=estimator.uid, nested=True, parent_run_id=parent) if parent else
+           mlflow.start_run(run_name=estimator.uid, nested=True) if own else active)
     status = "FAILED"
     try:
         mlflow.set_tag(_TAG, model.uid)
