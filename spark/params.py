@@ -311,6 +311,12 @@ def ps_bind(master: str, driver_host: str | None, host: str, port: int, connect_
                 f"open to them). Where executors cannot open connections to the client (serverless or NAT'ed "
                 f"notebooks), ffps cannot train over Spark Connect: run the fit in a classic session on the driver")
         host = "127.0.0.1"
+    if host in ("0.0.0.0", "*"):
+        raise ValueError(f"psHost {host!r} is a wildcard: executors connect to psHost, so it must be an address of "
+                         f"the driver they can reach (e.g. its LAN IP); the server binds that address")
+    if ":" in host:
+        raise ValueError(f"psHost {host!r} looks like an IPv6 address, which the parameter server does not support; "
+                         f"give an IPv4 address or a host name of the driver")
     if not host:
         host = "127.0.0.1" if master.startswith("local") else (driver_host or socket.gethostname())
     try:

@@ -384,6 +384,8 @@ BAD_PARAMS = [
                                   "is written"),
     (dict(initialWeights=[0.0] * 5), "initialWeights has 5 values but layers [3, 3] have 12 parameters"),
     (dict(psHost="no-such-host.invalid"), "psHost 'no-such-host.invalid' does not resolve"),
+    (dict(psHost="0.0.0.0"), "psHost '0.0.0.0' is a wildcard: executors connect to psHost"),
+    (dict(psHost="::1"), "psHost '::1' looks like an IPv6 address, which the parameter server does not support"),
     (dict(numWorkers=3), "numWorkers=3 needs 3 training tasks running at once (a barrier stage), but master "
                          "'local[2]' runs at most 2 (spark.task.cpus=1); set numWorkers to 2 or less"),
 ]
