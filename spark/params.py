@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import socket
+import zlib
 
 import numpy as np
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -109,7 +110,9 @@ PARAMS = {
                    "one value >= 0 per class (layers[-1]), at most one of them 0; the class with the largest p/t "
                    "is predicted, where p is its probability and t its threshold (as MLlib's classifiers)",
                    _thresholds, None),
-    "seed": (None, None, None),
+    # HasSeed's default is hash() of the class name, which Python salts per process: the same script trained
+    # another model each run (MLlib's Python wrappers too; Scala's MLlib uses the name's stable hashCode)
+    "seed": (None, None, zlib.crc32(b"FeedForwardNetworkPSClassifier")),
     "tol": ("stop when the relative change of the epoch's mean training loss falls below tol (>= 0; 0 = always "
             "run maxIter passes); checked at each epoch boundary by the parameter server", T.toFloat, 1e-6),
     "mode": ("how workers combine their work on the parameter server: sync (averaged gradients, one step per "

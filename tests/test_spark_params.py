@@ -1,9 +1,15 @@
 """Params: Spark's names and ours, defaults, doc strings, converters, keyword-only constructors, copy."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("pyspark")
 
 from spark import FeedForwardNetworkPSClassificationModel, FeedForwardNetworkPSClassifier  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SPARK_NAMES = ["layers", "maxIter", "stepSize", "blockSize", "seed", "tol", "initialWeights", "featuresCol",
                "labelCol", "predictionCol", "probabilityCol", "rawPredictionCol"]
@@ -64,9 +70,14 @@ def test_one_table_gives_every_param_its_getter_setter_argument_and_default():
         cap = name[0].upper() + name[1:]
         assert callable(getattr(clf, "get" + cap)) and callable(getattr(clf, "set" + cap)), name
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-        if clf.hasDefault(name) and name != "seed":
+        if clf.hasDefault(name):
             assert sig.parameters[name].default == clf.getOrDefault(name), name
     assert sig.parameters["maxIter"].default == 100 and sig.parameters["mode"].default == "async"
+    # the default seed is the same in every process (pyspark's is hash() of the class name, salted per process)
+    code = "from spark import FeedForwardNetworkPSClassifier as F; print(F().getSeed())"
+    seeds = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONHASHSEED": salt}).stdout.strip() for salt in ("1", "2")}
+    assert seeds == {str(clf.getSeed())}
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['stepsize'\]"):
         FeedForwardNetworkPSClassifier(stepsize=0.1)
     model = FeedForwardNetworkPSClassificationModel()
