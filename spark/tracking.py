@@ -42,6 +42,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 import time
 
 log = logging.getLogger("spark.tracking")
@@ -65,16 +66,22 @@ def _wanted(estimator) -> bool:
     return mlflow.active_run() is not None or _run_of_another_thread() is not None
 
 
+_started: set = set()             # ids of the runs _log has open (a fold's child run, in its pool thread)
+_started_lock = threading.RLock()        # held while a run starts or ends, so no fit sees it half-open
+
+
 def _run_of_another_thread() -> str | None:
-    """The id of the run active in another thread of this process, where exactly one run is active there, else
-    None. MLflow keeps the active run per thread, and a CrossValidator fits its folds in pool threads: inside
-    ``with mlflow.start_run(): cv.fit(df)`` the fold fits saw no run and were not logged. Read from MLflow's
-    thread-local run stack (mlflow.tracking.fluent, 2.x-3.x); where that is not there, None."""
+    """The id of the run active in another thread of this process, where exactly one is (a thread's outermost
+    run; the child runs ffps itself has open for other fits left out), else None. MLflow keeps the active run
+    per thread, and a CrossValidator fits its folds in pool threads: inside ``with mlflow.start_run():
+    cv.fit(df)`` the fold fits saw no run and were not logged. Read from MLflow's thread-local run stack
+    (mlflow.tracking.fluent, 2.x-3.x); where that is not there, None."""
     try:
         from mlflow.tracking import fluent
 
         stacks = fluent._active_run_stack.get_all_thread_values().values()
-        ids = {stack[-1].info.run_id for stack in stacks if stack}
+        with _started_lock:
+            ids = {stack[0].info.run_id for stack in stacks if stack} - _started
     except Exception:  # noqa: BLE001 - another MLflow's internals: no parent found, as before
         return None
     return next(iter(ids)) if len(ids) == 1 else None
@@ -105,9 +112,12 @@ def _log(estimator, model) -> None:
     client = mlflow.MlflowClient()
     active = mlflow.active_run()
     own = active is None or _TAG in client.get_run(active.info.run_id).data.tags
-    parent = _run_of_another_thread() if active is None else None     # a CrossValidator's fold, in a pool thread
-    run = (mlflow.start_run(run_name=estimator.uid, nested=True, parent_run_id=parent) if parent else
-           mlflow.start_run(run_name=estimator.uid, nested=True) if own else active)
+    with _started_lock:
+        parent = _run_of_another_thread() if active is None else None   # a CrossValidator's fold, in a pool thread
+        run = (mlflow.start_run(run_name=estimator.uid, nested=True, parent_run_id=parent) if parent else
+               mlflow.start_run(run_name=estimator.uid, nested=True) if own else active)
+        if own:
+            _started.add(run.info.run_id)
     status = "FAILED"
     try:
         mlflow.set_tag(_TAG, model.uid)
@@ -130,8 +140,10 @@ def _log(estimator, model) -> None:
                 mlflow.log_artifact(summary.plot(os.path.join(tmp, "training_summary.png")))
         status = "FINISHED"
     finally:
-        if own:
-            mlflow.end_run(status)
+        with _started_lock:
+            _started.discard(run.info.run_id)
+            if own:
+                mlflow.end_run(status)
 
 
 def load_model(model_uri: str, dst_path: str | None = None):

@@ -102,7 +102,8 @@ def test_active_run_takes_the_fit_and_a_second_fit_gets_a_child_run(store, digit
     assert child.data.tags["mlflow.parentRunId"] == outer.info.run_id and child.data.params["stepSize"] == "0.05"
 
 
-def test_a_crossvalidators_fold_fits_are_child_runs_of_the_callers_run(store, digits_df):
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_a_crossvalidators_fold_fits_are_child_runs_of_the_callers_run(store, digits_df, parallelism):
     """PySpark's CrossValidator fits its folds in pool threads, and MLflow's active run is per thread: inside
     ``with mlflow.start_run()`` the fold fits were not logged at all (with mlflowTracking=True: top-level runs
     without a parent). Now each fold is a child run of the caller's; the final refit takes the run itself."""
@@ -111,7 +112,8 @@ def test_a_crossvalidators_fold_fits_are_child_runs_of_the_callers_run(store, di
 
     clf = FeedForwardNetworkPSClassifier(layers=[64, 10], maxIter=1, blockSize=64, numWorkers=1, backend="numpy")
     cv = CrossValidator(estimator=clf, estimatorParamMaps=ParamGridBuilder().addGrid(clf.stepSize, [0.1]).build(),
-                        evaluator=MulticlassClassificationEvaluator(), numFolds=2, parallelism=1, seed=3)
+                        evaluator=MulticlassClassificationEvaluator(), numFolds=2, parallelism=parallelism,
+                        seed=3)
     with mlflow.start_run(run_name="tuning") as outer:
         cv.fit(digits_df[0])
     children = [r for r in runs(store) if r.data.tags.get("mlflow.parentRunId") == outer.info.run_id]
