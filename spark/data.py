@@ -76,17 +76,22 @@ def check_width(schema, features_col: str, expected: int, what: str,
 
 def check_output_columns(columns, params: dict) -> None:
     """{param: column name} of the output columns: none may be in the input already, nor name another's column
-    (MLlib's classifiers refuse both, "already exists"), at fit as at transform; '' names no column."""
+    (MLlib's classifiers refuse both, "already exists"), at fit as at transform; '' names no column. Names are
+    compared regardless of case, as Spark resolves them by default (spark.sql.caseSensitive=false): a
+    probabilityCol 'X' beside a predictionCol 'x' was written over without a word."""
+    held = {c.lower(): c for c in columns}
     for param, column in params.items():
-        if column and column in columns:
-            raise ValueError(f"column {column!r} already exists in the input; drop it, or set {param} to another "
-                             f"name (or to '' for no such column)")
+        if column and column.lower() in held:
+            same = "" if held[column.lower()] == column else f" (as {held[column.lower()]!r}: Spark matches names " \
+                                                               f"regardless of case)"
+            raise ValueError(f"column {column!r} already exists in the input{same}; drop it, or set {param} to "
+                             f"another name (or to '' for no such column)")
     named = {}
     for param, column in params.items():     # one output written over another would lose it without a word
-        if column and column in named:
-            raise ValueError(f"{named[column]} and {param} both name the column {column!r}; give each its own "
-                             f"name (or '' for no such column)")
-        named.setdefault(column, param)
+        if column and column.lower() in named:
+            raise ValueError(f"{named[column.lower()]} and {param} both name the column {column!r} (names are "
+                             f"matched regardless of case); give each its own name (or '' for no such column)")
+        named.setdefault(column.lower(), param)
 
 
 def _rows_per_batch(records: str) -> int:

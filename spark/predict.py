@@ -18,9 +18,9 @@ OUT_PREFIX = "__ffps_out"
 
 
 def private_name(columns) -> str:
-    """The scoring struct's column: a name the input does not hold (one of the user's would be written over and
-    dropped)."""
-    taken, k = set(columns), 0
+    """The scoring struct's column: a name none of ``columns`` (the input's and the outputs') holds, whatever
+    the case (one of the user's would be written over and dropped)."""
+    taken, k = {c.lower() for c in columns if c}, 0
     while f"{OUT_PREFIX}{k or ''}" in taken:
         k += 1
     return f"{OUT_PREFIX}{k or ''}"
@@ -197,7 +197,7 @@ def transform_frame(dataset, w_bc, layers, features_col, raw_col, prob_col, pred
         return scored(batches, VectorRows.add_pandas_arrays)
 
     vector_attrs = {"ml_attr": {"num_attrs": classes}}
-    struct_col = private_name(dataset.columns)
+    struct_col = private_name([*dataset.columns, raw_col, prob_col, pred_col])
     out = dataset.withColumn(struct_col, score_arrays(vector_arrays(features_col)) if arrays
                              else score(F.col(features_col)))
     # withMetadata, not alias(metadata=): Spark Connect drops an alias's metadata inside withColumn

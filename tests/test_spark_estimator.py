@@ -280,19 +280,24 @@ def test_two_outputs_of_one_name_are_refused_and_an_input_of_the_private_name_ke
     from pyspark.sql import functions as F
 
     test = digits_df[1]
-    for same in ({"predictionCol": "x", "probabilityCol": "x"}, {"rawPredictionCol": "x", "probabilityCol": "x"}):
+    for same in ({"predictionCol": "x", "probabilityCol": "x"}, {"rawPredictionCol": "x", "probabilityCol": "X"}):
         first, second = [p for p in ("rawPredictionCol", "probabilityCol", "predictionCol") if p in same]
-        with pytest.raises(ValueError, match=f"^{first} and {second} both name the column 'x'"):
+        with pytest.raises(ValueError, match=f"^{first} and {second} both name the column '[xX]'"):
             async_model.copy({getattr(async_model, k): v for k, v in same.items()}).transform(test)
-        with pytest.raises(ValueError, match=f"^{first} and {second} both name the column 'x'"):
+        with pytest.raises(ValueError, match=f"^{first} and {second} both name the column '[xX]'"):
             make(maxIter=1, **same).fit(test)
-    both = test.withColumn("__ffps_out", F.lit(7.0)).withColumn("__ffps_out1", F.lit(8.0))
+    with pytest.raises(ValueError, match="column 'FEATURES' already exists in the input \\(as 'features': Spark"):
+        async_model.copy({async_model.predictionCol: "FEATURES"}).transform(test)
+    both = test.withColumn("__ffps_out", F.lit(7.0)).withColumn("__FFPS_OUT1", F.lit(8.0))
     out = async_model.transform(both)
     assert out.columns == both.columns + ["rawPrediction", "probability", "prediction"]
-    assert {(r["__ffps_out"], r["__ffps_out1"]) for r in out.select("__ffps_out", "__ffps_out1").collect()} \
+    assert {(r["__ffps_out"], r["__FFPS_OUT1"]) for r in out.select("__ffps_out", "__FFPS_OUT1").collect()} \
         == {(7.0, 8.0)}
     mine = [r.prediction for r in out.select("prediction").collect()]
     assert mine == [r.prediction for r in async_model.transform(test).select("prediction").collect()]
+    named = async_model.copy({async_model.predictionCol: "__ffps_out"}).transform(test)   # an output's name
+    assert named.columns == test.columns + ["rawPrediction", "probability", "__ffps_out"]
+    assert [r["__ffps_out"] for r in named.select("__ffps_out").collect()] == mine
 
 
 def test_a_binary_models_raw_prediction_ranks_rows_as_its_probability(spark):
