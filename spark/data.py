@@ -307,7 +307,8 @@ def data_problem(reports: list, width: int, num_classes: int, features_col: str,
 
 LABEL_COUNTS_MAX = 1024   # classes up to which a task reports its rows per class (a JSON list within the
                           # barrier report's 64 KiB)
-SPLIT_EXPECTED = 20       # a class absent from a partition where a random split would put this many of its rows
+SPLIT_MISSING_ROWS = 20   # rows a random split would put in a partition's absent classes, at least, and
+SPLIT_SIGMAS = 10         # this many standard deviations above what a random split leaves absent
 
 
 def label_counts(y, num_classes: int) -> list | None:
@@ -321,9 +322,14 @@ def label_counts(y, num_classes: int) -> list | None:
 
 def label_split(counts: list) -> str | None:
     """Rows per class of each partition (:func:`label_counts`, by worker) -> why the partitions hold different
-    classes, or None. A class with no row in a partition where a random split would put SPLIT_EXPECTED or more
-    of its rows (chance: about e^-20) means the input was partitioned, sorted or bucketed by label: each worker
-    would train on its own classes (digits split by label over 2 async workers: 0.73 accuracy, 0.98 shuffled)."""
+    classes, or None: the input was partitioned, sorted or bucketed by label, and each worker would train on
+    its own classes (digits split by label over 2 async workers: 0.73 accuracy, 0.98 shuffled).
+
+    A partition is judged by the rows a random split would put in the classes it lacks: e rows expected of a
+    class go missing with chance about e^-e, so a random split leaves sum(e e^-e) rows' worth absent, with
+    variance sum(e^2 e^-e (1 - e^-e)). At least SPLIT_MISSING_ROWS of them, and SPLIT_SIGMAS standard
+    deviations above that, is no chance: one class of 20 expected rows missing, or 100 classes sorted into 8
+    partitions (each holds 13 of them, none expected above 10 rows), but not many rare classes."""
     if len(counts) < 2 or any(c is None for c in counts):
         return None
     k = np.asarray(counts, dtype=np.float64)
@@ -331,13 +337,20 @@ def label_split(counts: list) -> str | None:
     if rows.sum() == 0:
         return None
     expected = np.outer(rows, per_class) / rows.sum()
-    missing = np.where(k == 0, expected, 0.0)
-    if missing.max() < SPLIT_EXPECTED:
+    lost = np.exp(-expected)
+    chance = (expected * lost).sum(axis=1)
+    spread = np.sqrt((expected ** 2 * lost * (1 - lost)).sum(axis=1))
+    missing = np.where(k == 0, expected, 0.0).sum(axis=1)
+    odd = (missing >= SPLIT_MISSING_ROWS) & (missing - chance > SPLIT_SIGMAS * spread)
+    if not odd.any():
         return None
-    w, c = np.unravel_index(missing.argmax(), missing.shape)
-    return (f"the training partitions hold different classes: class {c} has {int(per_class[c])} rows, none in "
-            f"partition {w} of {int(rows[w])} rows (a random split puts about {expected[w, c]:.0f} there), so each "
-            f"worker would train on its own classes")
+    w = int(np.argmax(np.where(odd, missing, -1.0)))
+    absent = np.flatnonzero((k[w] == 0) & (per_class > 0))
+    c = int(absent[np.argmax(expected[w, absent])])
+    return (f"the training partitions hold different classes: partition {w} of {int(rows[w])} rows has no row of "
+            f"{absent.size} class{'es' * (absent.size > 1)} where a random split puts about {missing[w]:.0f} "
+            f"(class {c}: {int(per_class[c])} rows, about {expected[w, c]:.0f} expected there), so each worker "
+            f"would train on its own classes")
 
 
 UNEVEN_SHARE = 0.01    # round modes: cutting every shard to the smallest may drop at most this share of the rows

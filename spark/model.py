@@ -145,7 +145,7 @@ class FeedForwardNetworkPSClassificationModel(Model, FeedForwardNetworkPSParams,
                                 self.numClasses)
 
     def _one_row(self, value):
-        """(logits (1, C), probabilities (1, C)) of one feature vector, checked like transform's rows."""
+        """(raw: centred logits (1, C), probabilities (1, C)) of one feature vector, checked like transform's rows."""
         from core import FeedForwardNetwork
         from core.validation import check_features
 

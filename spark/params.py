@@ -171,8 +171,9 @@ PARAMS = {
                      "seconds a worker may stay silent after its peers finished before its stage is cancelled and "
                      "relaunched (> 0)", T.toFloat, 120.0),
     "forceRepartition": ("shuffle the training rows into numWorkers partitions even when the DataFrame already "
-                         "has numWorkers partitions (it is always shuffled otherwise); set it when partitions are "
-                         "not random samples of the data, e.g. sorted or split by label", T.toBoolean, False),
+                         "has numWorkers partitions (it is always shuffled otherwise, and where its partitions "
+                         "turn out empty, too uneven for sync/easgd, or split by label outside sync); set it when "
+                         "partitions are not random samples of the data in other ways", T.toBoolean, False),
     "mlflowTracking": ("log the fit to MLflow (params, per-epoch loss and accuracy, the model): true = always, "
                        "into the active run or else a new run named after the estimator uid; false = never; "
                        "unset (the default) = only when an MLflow run is active", T.toBoolean, None),
@@ -249,7 +250,7 @@ def training_spec(p: Params) -> TrainingSpec:
         raise ValueError(f"psPort must be 0..65535, got {get('psPort')}")
     if get("resume") and not get("checkpointDir"):
         raise ValueError("resume=True needs checkpointDir: the directory whose newest checkpoint the fit continues")
-    if p.isSet(p.checkpointInterval) and not get("checkpointDir"):     # as MLlib's trees would, ignored unsaid
+    if p.isSet(p.checkpointInterval) and not get("checkpointDir"):     # it was ignored without a word
         raise ValueError(f"checkpointInterval={get('checkpointInterval')} needs checkpointDir: without a directory "
                          f"no checkpoint is written")
     alpha = None
@@ -317,6 +318,8 @@ def ps_bind(master: str, driver_host: str | None, host: str, port: int, connect_
     if host in ("0.0.0.0", "*"):
         raise ValueError(f"psHost {host!r} is a wildcard: executors connect to psHost, so it must be an address of "
                          f"the driver they can reach (e.g. its LAN IP); the server binds that address")
+    if host.count(":") == 1:
+        raise ValueError(f"psHost {host!r} has a port: psHost takes the address alone; set psPort for the port")
     if ":" in host:
         raise ValueError(f"psHost {host!r} looks like an IPv6 address, which the parameter server does not support; "
                          f"give an IPv4 address or a host name of the driver")

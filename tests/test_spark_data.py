@@ -60,23 +60,33 @@ def test_partitions_that_would_not_train_on_all_rows_are_told_apart_from_bad_dat
 
 
 def test_partitions_that_hold_different_classes_are_told_from_a_random_split():
-    """A class with no row in a partition where a random split would put 20 or more of its rows: the input was
-    partitioned by label. Random splits of the same rows, small partitions and a lone worker pass."""
+    """A partition lacking classes where a random split would put 20 or more rows, far more than chance leaves
+    out: the input was partitioned or sorted by label. Random splits of the same rows (many rare classes too),
+    small partitions and a lone worker pass."""
+    import re
+
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, 1800).astype(np.float64)
     for seed in range(20):                        # random splits, 2 and 8 ways
         shuffled = np.random.default_rng(seed).permutation(y)
         for ways in (2, 8):
             assert label_split([label_counts(p, 10) for p in np.array_split(shuffled, ways)]) is None
+    for seed in range(20):                        # rare classes go missing by chance: 1000 classes, skewed sizes
+        r = np.random.default_rng(seed)
+        rare = np.minimum(r.zipf(1.5, 5000), 1000).astype(np.float64) - 1
+        assert label_split([label_counts(p, 1000) for p in np.array_split(r.permutation(rare), 8)]) is None
     low, high = y[y < 5], y[y >= 5]
     said = label_split([label_counts(low, 10), label_counts(high, 10)])
-    counts = np.bincount(y.astype(int))
-    c = int(counts[:5].argmax())                  # the gap named: the one a random split makes least likely
-    assert said == (f"the training partitions hold different classes: class {c} has {counts[c]} rows, none in "
-                    f"partition 1 of {high.size} rows (a random split puts about {counts[c] * high.size / y.size:.0f} "
-                    f"there), so each worker would train on its own classes")
+    w = re.match(r"the training partitions hold different classes: partition ([01]) of (\d+) rows has no row of 5 "
+                 r"classes where a random split puts about (\d+) \(class (\d): (\d+) rows, about (\d+) expected "
+                 r"there\), so each worker would train on its own classes$", said)
+    assert w, said
+    part, rows, c = int(w[1]), int(w[2]), int(w[4])
+    assert rows == [low, high][part].size and (c >= 5) == (part == 0) and int(w[5]) == (y == c).sum()
     sorted_rows = np.sort(y)                      # sorted by label, then cut in two: overlapping ranges
     assert "hold different classes" in label_split([label_counts(p, 10) for p in np.array_split(sorted_rows, 2)])
+    many = np.repeat(np.arange(100), 80).astype(np.float64)      # 100 classes sorted into 8: none expects 20 rows
+    assert "has no row of 87 classes" in label_split([label_counts(p, 100) for p in np.array_split(many, 8)])
     assert label_split([label_counts(low[:20], 10), label_counts(high[:20], 10)]) is None   # about 4 a class
     assert label_split([label_counts(y, 10)]) is None
     assert label_split([None, label_counts(y, 10)]) is None

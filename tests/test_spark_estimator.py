@@ -391,6 +391,7 @@ BAD_PARAMS = [
     (dict(psHost="no-such-host.invalid"), "psHost 'no-such-host.invalid' does not resolve"),
     (dict(psHost="0.0.0.0"), "psHost '0.0.0.0' is a wildcard: executors connect to psHost"),
     (dict(psHost="::1"), "psHost '::1' looks like an IPv6 address, which the parameter server does not support"),
+    (dict(psHost="10.0.0.7:40123"), "psHost '10.0.0.7:40123' has a port: psHost takes the address alone; set psPort"),
     (dict(numWorkers=3), "numWorkers=3 needs 3 training tasks running at once (a barrier stage), but master "
                          "'local[2]' runs at most 2 (spark.task.cpus=1); set numWorkers to 2 or less"),
 ]
