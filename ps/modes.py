@@ -7,6 +7,8 @@ called from here, so the tested math is the math that runs. A new mode is one cl
     mode = get_mode("easgd")
     mode.rounds            # True: the server combines one push per worker per step; shards are cut equal
     mode.push_flag         # what a push carries on the wire (0 = a gradient)
+    mode.shards_must_mix   # True but in sync: each worker's own steps move the model, so a shard of its own
+                           # classes pulls it aside (spark.data.label_split then reshuffles the input)
 
 Worker hooks take the worker's loop (:class:`ps.worker.WorkerLoop`: ``net``, ``trainer``, ``client``,
 ``spec``, ``w`` on the backend, ``acc``, ``version``, ``stats``, ``to_host``); server hooks take the

@@ -356,6 +356,11 @@ def label_split(counts: list) -> str | None:
 UNEVEN_SHARE = 0.01    # round modes: cutting every shard to the smallest may drop at most this share of the rows
 
 
+def rows_cut(counts: list) -> int:
+    """The rows a mode whose shards must be equal leaves out: each partition is cut to the smallest."""
+    return sum(counts) - len(counts) * min(counts)
+
+
 def uneven_partitions(counts: list, equal_shards: bool) -> str | None:
     """Why the training partitions, as they are, would not train on all the data -> a sentence, or None: an
     empty partition leaves its worker nothing to do, and a mode whose shards must be equal (sync, easgd) cuts
@@ -363,7 +368,7 @@ def uneven_partitions(counts: list, equal_shards: bool) -> str | None:
     and trains again (:class:`spark.training.UnevenPartitions`), as it does for :func:`label_split`."""
     if min(counts) == 0:
         return f"a training partition is empty (rows per partition: {counts})"
-    dropped = sum(counts) - len(counts) * min(counts)
+    dropped = rows_cut(counts)
     if equal_shards and dropped > max(len(counts), UNEVEN_SHARE * sum(counts)):
         return (f"the training partitions are uneven (rows per partition: {counts}) and this mode cuts each to "
                 f"the smallest: {dropped} of {sum(counts)} rows would go unused")

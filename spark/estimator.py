@@ -28,7 +28,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import training
 from .data import (batches_bounded_while_fitting, check_output_columns, check_schema, check_width, prepared,
-                   reads_arrays)
+                   reads_arrays, rows_cut)
 from .gpu import unused_gpu_warning
 from .model import FeedForwardNetworkPSClassificationModel, TrainingFrame
 from .params import (COLUMN_PARAMS, TRAINING_PARAMS, FeedForwardNetworkPSParams, add_setters, initial_weights,
@@ -100,10 +100,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # Connect shows no partition count without a job: shuffled there.
         shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
         chain = None if shuffle else barrier_chain_problem(dataset)
-        reshuffled = None if chain is None else f"the input's partitions cannot run in a barrier stage ({chain})"
-        if chain is not None:
-            log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
-            shuffle = True
+        reshuffled = None if chain is None else _unrunnable(chain, nw)
+        shuffle = shuffle or chain is not None
         try:
             with FITS.running() as fit:
                 model, stats = self._train(self._prepared(dataset, shuffle), spec, bind, shuffled=shuffle, fit=fit)
@@ -113,20 +111,23 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                     raise ValueError(f"{exc} after shuffling the rows into numWorkers={nw} partitions; use fewer "
                                      f"workers") from None
                 raise
-            reshuffled = str(exc) if isinstance(exc, training.UnevenPartitions) else \
-                f"the input's partitions cannot run in a barrier stage ({exc})"
-            log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
+            if isinstance(exc, training.UnevenPartitions):
+                reshuffled = str(exc)
+                log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
+            else:
+                reshuffled = _unrunnable(exc, nw)
+            shuffle = True
             with FITS.running() as fit:
                 model, stats = self._train(self._prepared(dataset, True), spec, bind, shuffled=True, fit=fit)
         counts = stats["workers"][0]["partition_rows"]                 # every worker holds the gathered counts
         stats["rows"] = sum(counts)
-        # round modes cut every shard to the smallest: rows of a partition kept as it is (under 1 %, or a few
-        # rows after the shuffle) that no worker trains on
-        stats["unused_rows"] = sum(counts) - nw * min(counts) if spec.rule.equal_shards else 0
+        # round modes cut every shard to the smallest: rows of a partition kept as it is (under 1 %), or the
+        # remainder of a round-robin shuffle, that no worker trains on
+        stats["unused_rows"] = rows_cut(counts) if spec.rule.equal_shards else 0
         if stats["unused_rows"]:
             log.info("ffps: mode=%r trains each worker on as many rows as the smallest partition holds: %d of %d "
-                     "rows unused (rows per partition: %s; forceRepartition=True deals them out evenly)",
-                     spec.mode, stats["unused_rows"], sum(counts), counts)
+                     "rows unused (rows per partition: %s%s)", spec.mode, stats["unused_rows"], sum(counts), counts,
+                     "" if shuffle else "; forceRepartition=True deals them out evenly")
         stats["reshuffled"] = reshuffled
         model.trainingStats = stats
         model._training_frame = TrainingFrame(dataset)   # the summary's classification figures, if asked
@@ -347,6 +348,13 @@ class Fits:
 
 
 FITS = Fits()
+
+
+def _unrunnable(why, num_workers: int) -> str:
+    """trainingStats["reshuffled"] for an input whose lineage Spark will not run in a barrier stage, logged."""
+    said = f"the input's partitions cannot run in a barrier stage ({why})"
+    log.info("ffps: %s; shuffling the rows into %d partitions", said, num_workers)
+    return said
 
 
 def epoch_logger(epochs: int, fit: int | None = None, fits: Fits = FITS):

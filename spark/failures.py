@@ -101,7 +101,13 @@ def _cancellation(exc: BaseException) -> BaseException | None:
     exception (PySpark 3.5's Ctrl-C handler breaks the call it interrupts); None. The chain matters: PySpark
     3.5's call-site guard raised AttributeError('setCallSite') over "Job 4 cancelled because SparkContext was
     shut down" when another thread stopped the session."""
-    return next((e for e in _chain(exc) if CANCELLED.search(str(e)) or type(e).__name__ == "Py4JError"), None)
+    return next((e for e in _chain(exc) if CANCELLED.search(str(e)) or _broken_call(e)), None)
+
+
+def _broken_call(exc: BaseException) -> bool:
+    """A py4j call that failed without any Java exception: PySpark 3.5's Ctrl-C handler breaks the call it
+    interrupts that way (a Java failure is a Py4JJavaError)."""
+    return type(exc).__name__ == "Py4JError"
 
 
 def cancelled(exc: BaseException) -> bool:
@@ -114,7 +120,7 @@ def interrupted(exc: BaseException) -> bool:
     """Whether the cancellation was Ctrl-C in the driver as PySpark 3.5 reports it (a broken py4j call): the
     fit raises KeyboardInterrupt then, as Spark 4's does, so that ``except Exception`` does not swallow it."""
     found = _cancellation(exc)
-    return found is not None and type(found).__name__ == "Py4JError"
+    return found is not None and _broken_call(found)
 
 
 def cancel_reason(exc: BaseException) -> str:
@@ -122,7 +128,7 @@ def cancel_reason(exc: BaseException) -> str:
     without a Java exception (PySpark 3.5's Ctrl-C handler) that the driver was interrupted; the bare 'Py4JError'
     said nothing of it."""
     found = _cancellation(exc) or exc
-    if type(found).__name__ == "Py4JError":
+    if _broken_call(found):
         return "the driver was interrupted (Ctrl-C, SIGINT) while it waited for the training stage"
     return short_error(found)
 

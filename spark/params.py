@@ -47,8 +47,6 @@ class _choice:
 
 
 def _solver(value):
-    if not isinstance(value, str):
-        raise TypeError(f"solver must be a string, 'gd'; got {value!r}")
     if value == "l-bfgs":
         raise ValueError("solver 'l-bfgs' is not available: ffps trains by mini-batch gradient descent on a parameter "
                          "server (solver='gd'); drop solver, or use MLlib's MultilayerPerceptronClassifier for "

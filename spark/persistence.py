@@ -172,7 +172,10 @@ class EstimatorReader(DefaultParamsReader):
             model = "; a trained model loads with its model class's load()" if "Model" in str(metadata.get("class")) \
                 else ""
             raise ValueError(f"{path!r} holds a saved {metadata.get('class')!r}, not the estimator {expected}{model}")
-        return super().load(path)
+        instance = self.cls()                   # DefaultParamsReader.load's steps, on the metadata read once
+        instance._resetUid(metadata["uid"])
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        return instance
 
 
 class ModelReader(MLReader):

@@ -10,9 +10,12 @@ partition count from the JVM); a Connect session gets DataFrame-only ones.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
+
+log = logging.getLogger("spark.session")
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
 
@@ -112,22 +115,26 @@ def barrier_chain_problem(dataset, limit: int = 1000) -> str | None:
     it. Known before the stage, the rows are shuffled up front: Spark's refusal logs a stack trace at WARN."""
     if is_connect(dataset):
         return None
-    top = dataset._jdf.rdd()
-    n = top.getNumPartitions()
-    todo, seen = [top], 0
-    while todo and seen < limit:
-        rdd = todo.pop()
-        seen += 1
-        deps = rdd.dependencies().iterator()
-        while deps.hasNext():
-            dep = deps.next()
-            if dep.getClass().getName() == "org.apache.spark.ShuffleDependency":     # the stage's edge
-                continue
-            parent = dep.rdd()
-            if parent.getNumPartitions() != n:
-                return (f"its {rdd.getClass().getSimpleName()} of {rdd.getNumPartitions()} partitions reads a "
-                        f"{parent.getClass().getSimpleName()} of {parent.getNumPartitions()} in the same stage")
-            todo.append(parent)
+    try:
+        top = dataset._jdf.rdd()
+        n = top.getNumPartitions()
+        todo, seen = [top], {top.id()}
+        while todo and len(seen) < limit:
+            rdd = todo.pop()
+            deps = rdd.dependencies().iterator()
+            while deps.hasNext():
+                dep = deps.next()
+                if dep.getClass().getName() == "org.apache.spark.ShuffleDependency":     # the stage's edge
+                    continue
+                parent = dep.rdd()
+                if parent.getNumPartitions() != n:
+                    return (f"its {rdd.getClass().getSimpleName()} of {rdd.getNumPartitions()} partitions reads a "
+                            f"{parent.getClass().getSimpleName()} of {parent.getNumPartitions()} in the same stage")
+                if parent.id() not in seen:          # a shared parent (a self-union) is walked once
+                    seen.add(parent.id())
+                    todo.append(parent)
+    except Exception:  # noqa: BLE001 - an RDD py4j cannot walk: Spark's own refusal still reshuffles
+        log.debug("ffps: the input's RDDs could not be walked", exc_info=True)
     return None
 
 

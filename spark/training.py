@@ -76,7 +76,8 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
 
         t_start = time.time()
         X, y, report = read_partition(batches, width)
-        report["label_counts"] = label_counts(y, layers[-1])
+        mix = may_reshuffle and spec.rule.shards_must_mix           # whether label_split judges the partitions
+        report["label_counts"] = label_counts(y, layers[-1]) if mix else None
         backend, declined = resolve_backend_name(spec.backend), None
         if backend == "cupy" and X is not None:     # sparse vectors stay sparse on the CPU; a GPU takes dense rows
             X, backend, report["gpu_dense_bytes"] = rows_for_the_gpu(X, spec.backend)
@@ -105,7 +106,7 @@ def make_train_function(cfg: dict, *, attempt: int, features_col: str, label_col
             problem = data_problem(reports, width, layers[-1], features_col, label_col)
             uneven = None if problem else uneven_partitions(stats["partition_rows"],
                                                               spec.rule.equal_shards and may_reshuffle)
-            if uneven is None and problem is None and may_reshuffle and spec.rule.shards_must_mix:
+            if uneven is None and problem is None and mix:
                 uneven = label_split([r["label_counts"] for r in reports])
             # no BYE where nothing trains: the driver drops this server (a resumed one completed the restored,
             # half-summed epoch when every worker retired, and logged it as trained)
@@ -396,7 +397,11 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
     tries = max_retries + 1
     said = (f"training failed in all {tries} attempts of the barrier stage: " if tries > 1 else
             "training failed in its one attempt of the barrier stage (maxRetries=0: not relaunched): ")
-    hint = why_none_trained(conf(spark, "spark.executor.pyspark.memory"), server.registered(), errors)
+    try:
+        cap = conf(spark, "spark.executor.pyspark.memory")
+    except Exception:  # noqa: BLE001 - a session stopped meanwhile: the failure at hand says more
+        cap = None
+    hint = why_none_trained(cap, server.registered(), errors)
     raise TrainingFailed(said + "; ".join(errors) + hint, failure, tries)
 
 

@@ -3,6 +3,7 @@ conformance: every backend method keeps the reference signature (checked from so
 CI verifies the GPU backend's interface too)."""
 import ast
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +145,8 @@ def test_a_cap_set_before_numba_loads_holds_and_numpy_workers_never_load_it():
     spark.executor.pyspark.memory failed in that import. numba now loads with the backend, under the cap."""
     code = ("import sys, core; core.limit_cpu_threads(1); core.get_backend('numpy');"
             "print('numba' in sys.modules); core.get_backend('numba'); import numba; print(numba.get_num_threads())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "2"})      # a pool of 2 on any machine
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "1"]
 

@@ -39,7 +39,7 @@ def test_model_save_load_round_trip(model, digits_df, tmp_path):
     model.write().overwrite().save(path)       # overwrite works like every Spark ML writer
 
 
-def test_estimator_save_load_round_trip(tmp_path):
+def test_estimator_save_load_round_trip(spark, tmp_path):
     clf = FeedForwardNetworkPSClassifier(layers=[4, 8, 3], mode="eamsgd", communicationWindow=8, rho=0.5,
                                          initialWeights=[0.1] * (4 * 8 + 8 + 8 * 3 + 3), backend="numpy")
     clf.save(str(tmp_path / "clf"))
