@@ -46,6 +46,19 @@ class _choice:
         return value
 
 
+class _text:
+    """A free-text Param's converter: a str, else a TypeError naming the Param (pyspark 3.5's toString failed
+    on NumPy 2 with an AttributeError)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, value):
+        if not isinstance(value, str):
+            raise TypeError(f"{self.name} must be a string, got {value!r}")
+        return value
+
+
 def _solver(value):
     if value == "l-bfgs":
         raise ValueError("solver 'l-bfgs' is not available: ffps trains by mini-batch gradient descent on a parameter "
@@ -148,7 +161,7 @@ PARAMS = {
     "psHost": ("address the parameter server binds and the training tasks connect to; empty = 127.0.0.1 in "
                "local mode, else spark.driver.host. On Spark Connect the server runs in the client process: "
                "empty works only with a local Connect server and a local master; else give an address of the "
-               "client machine that the executors can reach", T.toString, ""),
+               "client machine that the executors can reach", _text("psHost"), ""),
     "psPort": ("parameter server TCP port; 0 = any free port (with psShards > 1 shard k listens on psPort + k)",
                T.toInt, 0),
     "psShards": ("slices of the weight vector the parameter server serves with a socket, thread and core each, "
@@ -156,7 +169,8 @@ PARAMS = {
                  "parameters, else up to 4 and half the driver's cores", T.toInt, 0),
     "secure": ("encrypt and authenticate parameter-server traffic with per-job CURVE keys; turn off only on a "
                "trusted network", T.toBoolean, True),
-    "checkpointDir": ("driver-local directory for parameter-server checkpoints; empty = none", T.toString, ""),
+    "checkpointDir": ("driver-local directory for parameter-server checkpoints; empty = none", _text("checkpointDir"),
+                      ""),
     "checkpointInterval": ("server updates between checkpoints when checkpointDir is set (>= 1)", T.toInt, 100),
     "resume": ("continue from the newest checkpoint in checkpointDir (a fit whose driver died): weights, "
                "optimizer state and every worker's last applied step; refused for a checkpoint of other layers "

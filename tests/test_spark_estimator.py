@@ -443,6 +443,8 @@ def test_bad_choice_params_fail_at_set_time():
     # not a string: pyspark 3.5's own converter failed on NumPy 2 with "np.string_ was removed"
     with pytest.raises(TypeError, match="mode must be a string, one of sync, .*; got 3"):
         FeedForwardNetworkPSClassifier(mode=3)
+    with pytest.raises(TypeError, match="psHost must be a string, got 10"):
+        FeedForwardNetworkPSClassifier(psHost=10)
     with pytest.raises(TypeError, match="solver must be a string, one of gd; got 1"):
         FeedForwardNetworkPSClassifier().setSolver(1)
 
