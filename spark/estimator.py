@@ -100,7 +100,7 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
         # Connect shows no partition count without a job: shuffled there.
         shuffle = self.getForceRepartition() or num_partitions(dataset) != nw
         chain = None if shuffle else barrier_chain_problem(dataset)
-        reshuffled = None if chain is None else _unrunnable(chain, nw)
+        reshuffled = None if chain is None else _shuffling(UNRUNNABLE.format(chain), nw)
         shuffle = shuffle or chain is not None
         try:
             with FITS.running() as fit:
@@ -111,11 +111,8 @@ class FeedForwardNetworkPSClassifier(Estimator, FeedForwardNetworkPSParams, Defa
                     raise ValueError(f"{exc} after shuffling the rows into numWorkers={nw} partitions; use fewer "
                                      f"workers") from None
                 raise
-            if isinstance(exc, training.UnevenPartitions):
-                reshuffled = str(exc)
-                log.info("ffps: %s; shuffling the rows into %d partitions", reshuffled, nw)
-            else:
-                reshuffled = _unrunnable(exc, nw)
+            reshuffled = _shuffling(str(exc) if isinstance(exc, training.UnevenPartitions) else
+                                    UNRUNNABLE.format(exc), nw)
             shuffle = True
             with FITS.running() as fit:
                 model, stats = self._train(self._prepared(dataset, True), spec, bind, shuffled=True, fit=fit)
@@ -276,7 +273,7 @@ def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
     if not math.isfinite(last):
         return None
     if last < CHANCE_MARGIN * chance:
-        return got_worse(epochs, chance, step_size)
+        return got_worse(epochs, losses, chance, step_size)
     said = (f"the model has learned next to nothing: the mean training loss of epoch {epochs[-1]['epoch']} is "
             f"{last:.3f}, against ln({classes}) = {chance:.3f} for a uniform guess among {classes} classes. ")
     if max(losses) > BLOWN_UP * chance:
@@ -291,12 +288,12 @@ def not_learned(epochs: list, classes: int, step_size: float) -> str | None:
                    f"(pyspark.ml.feature.StandardScaler), or try another stepSize")
 
 
-def got_worse(epochs: list, chance: float, step_size: float) -> str | None:
+def got_worse(epochs: list, losses: list, chance: float, step_size: float) -> str | None:
     """A warning when the last epoch's mean loss is far above the lowest of the fit (GOT_WORSE times it, and
     GOT_WORSE_BY x ln(classes) above it), else None. Raw digits (pixels 0-16) at the default stepSize fell to
     0.77 and ended at 2.02, 0.2 accuracy, short of the chance-level band: steps too large for the features
-    undo what the first epochs learned, and the returned model is the last epoch's, not the best one's."""
-    losses = [e["loss"] for e in epochs]
+    undo what the first epochs learned, and the returned model is the last epoch's, not the best one's.
+    losses: the epochs' mean losses, as not_learned has them."""
     best = min(range(len(losses)), key=losses.__getitem__)
     last, low = losses[-1], losses[best]
     if not (last > GOT_WORSE * low and last - low >= GOT_WORSE_BY * chance):
@@ -350,11 +347,13 @@ class Fits:
 FITS = Fits()
 
 
-def _unrunnable(why, num_workers: int) -> str:
-    """trainingStats["reshuffled"] for an input whose lineage Spark will not run in a barrier stage, logged."""
-    said = f"the input's partitions cannot run in a barrier stage ({why})"
-    log.info("ffps: %s; shuffling the rows into %d partitions", said, num_workers)
-    return said
+UNRUNNABLE = "the input's partitions cannot run in a barrier stage ({})"
+
+
+def _shuffling(reason: str, num_workers: int) -> str:
+    """Why the rows are shuffled (trainingStats["reshuffled"]), logged once."""
+    log.info("ffps: %s; shuffling the rows into %d partitions", reason, num_workers)
+    return reason
 
 
 def epoch_logger(epochs: int, fit: int | None = None, fits: Fits = FITS):

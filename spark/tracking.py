@@ -114,8 +114,7 @@ def _log(estimator, model) -> None:
     own = active is None or _TAG in client.get_run(active.info.run_id).data.tags
     with _started_lock:
         parent = _run_of_another_thread() if active is None else None   # a CrossValidator's fold, in a pool thread
-        run = (mlflow.start_run(run_name=estimator.uid, nested=True, parent_run_id=parent) if parent else
-               mlflow.start_run(run_name=estimator.uid, nested=True) if own else active)
+        run = mlflow.start_run(run_name=estimator.uid, nested=True, parent_run_id=parent) if own else active
         if own:
             _started.add(run.info.run_id)
     status = "FAILED"

@@ -329,6 +329,11 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
 
     spark = prep.sparkSession
     errors, failure = [], None
+
+    def said_next(how, reason):         # the attempt (and its start, t0) of the loop below
+        log.warning("training stage %s after %.1fs (%s); %s", how, time.perf_counter() - t0, reason,
+                    "retrying" if attempt < first_attempt + max_retries else "giving up")
+
     for attempt in range(first_attempt, first_attempt + max_retries + 1):
         if attempt > first_attempt:
             server.fence_below(attempt)        # a straggling task of the failed attempt can hold no barrier
@@ -346,8 +351,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
         except Exception as exc:  # noqa: BLE001 - Py4JJavaError and friends: the stage failed
             if watch.reason is not None:    # cancelled by the watch, not the user: relaunched like a failure
                 errors.append(f"attempt {attempt}: {watch.reason}")
-                log.warning("training stage stalled after %.1fs (%s); %s", time.perf_counter() - t0, watch.reason,
-                            "retrying" if attempt < first_attempt + max_retries else "giving up")
+                said_next("stalled", watch.reason)
                 continue
             if cancelled(exc):          # the user stopped it: a relaunch would train on, and return a model
                 said = (f"training cancelled in attempt {attempt} after {time.perf_counter() - t0:.1f}s: "
@@ -377,8 +381,7 @@ def run_barrier_stage(prep, make_fn, *, num_workers: int, max_retries: int, use_
                 raise TrainingFailed(f"the input DataFrame fails before ffps reads it: {broken.rstrip('.')}. Not "
                                      f"retried: the stages before ffps fail every attempt the same way", None,
                                      len(errors)) from None
-            log.warning("training stage failed after %.1fs (%s); %s", time.perf_counter() - t0, reason,
-                        "retrying" if attempt < first_attempt + max_retries else "giving up")
+            said_next("failed", reason)
             continue
         finally:
             restore_job_description(spark, before)
